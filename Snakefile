@@ -1,0 +1,26 @@
+# medprobe: linear probes on vision-language model activations for medical images.
+# The default config is the embedded offline demo; `--configfile config/paper.yaml` is the paper's study.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/extract.smk"
+include: "workflow/rules/probe.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/figures.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+rule all:
+    default_target: True
+    input:
+        all_tables(),
+        all_figures(),

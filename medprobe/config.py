@@ -1,0 +1,150 @@
+"""Configuration: schema validation with defaults, cross-reference checks, and lookups used by the rules.
+
+The JSON schema (``workflow/schemas/config.schema.yaml``) says what each key is and fills defaults; the
+checks here cover what a schema cannot express (references between sections).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+# Figures and the tasks they draw (the paper's panels); a figure whose tasks are all absent from the
+# config is simply not built.
+FIGURE_TASKS = {
+    "figure3": ["T1", "T2", "T3", "T4"],
+    "figure4": ["T5", "T6", "T8"],
+    "figure5": ["T7"],
+    "figure6": None,  # every task
+    "figureS5": None,
+    "figureS6": ["T2"],
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+def validate(config: dict[str, Any], schema_path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
+    """Validate ``config`` in place against the schema (filling defaults), then check cross-references.
+
+    Uses ``snakemake.utils.validate`` so that the workflow and the package agree on what is valid.
+    Returns the same dict for convenience.
+    """
+    from snakemake.utils import validate as snakemake_validate
+
+    try:
+        snakemake_validate(config, str(schema_path), set_default=True)
+    except Exception as error:  # WorkflowError wraps jsonschema's ValidationError
+        raise ConfigError(_describe_schema_error(config, schema_path) or str(error)) from None
+    check_references(config)
+    return config
+
+
+def _describe_schema_error(config: dict[str, Any], schema_path: str | Path) -> str | None:
+    """One line naming the offending key and what was expected (jsonschema's own text is long)."""
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    if error is None:
+        return None
+    key = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+    expected = error.schema.get("description") if isinstance(error.schema, dict) else None
+    hint = f" ({expected.strip()})" if expected and error.validator in ("enum", "type", "pattern") else ""
+    return f"invalid config key {key}: {error.message}{hint}"
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML config file, apply ``overrides`` (top-level keys), validate and return it."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(config).__name__}")
+    config = copy.deepcopy(config)
+    config.update(overrides or {})
+    return validate(config)
+
+
+def check_references(config: dict[str, Any]) -> None:
+    """Checks the schema cannot express: names that refer to other sections must exist."""
+    tasks, models = config["tasks"], config["models"]
+    for model_name, model in models.items():
+        for task in model.get("tasks", []):
+            if task not in tasks:
+                raise ConfigError(
+                    f"models.{model_name}.tasks: unknown task {task!r}; configured tasks are {sorted(tasks)}"
+                )
+    for model_name, model in models.items():
+        if "demo_build" in model and model["checkpoint"] != f"resources/models/{model['demo_build']}":
+            raise ConfigError(
+                f"models.{model_name}.checkpoint: a demo_build model is built into "
+                f"resources/models/{model['demo_build']}, got {model['checkpoint']!r}"
+            )
+    baseline = config.get("baseline_model")
+    if baseline is not None and baseline not in models:
+        raise ConfigError(f"baseline_model: unknown model {baseline!r}; configured models are {sorted(models)}")
+    for model_name in config.get("nejm", {}).get("models", []):
+        if model_name not in models:
+            raise ConfigError(f"nejm.models: unknown model {model_name!r}; configured models are {sorted(models)}")
+    for task_name, task in tasks.items():
+        if task["kind"] == "binary" and len(task["classes"]) != 2:
+            raise ConfigError(
+                f"tasks.{task_name}.classes: a binary task needs exactly two classes "
+                f"(negative, positive), got {task['classes']}"
+            )
+        if task["dataset"] == "demo" and "demo_patients" not in task:
+            raise ConfigError(f"tasks.{task_name}.demo_patients: required for the demo dataset")
+    fractions = config.get("efficiency", {}).get("fractions", [])
+    if fractions and max(fractions) != 1.0:
+        raise ConfigError(
+            f"efficiency.fractions: must include 1.0 (the full-data reference the retained share is "
+            f"computed against), got {fractions}"
+        )
+
+
+def model_tasks(config: dict[str, Any], model: str) -> list[str]:
+    """Tasks a model runs on, in config order."""
+    selected = config["models"][model].get("tasks")
+    return [task for task in config["tasks"] if selected is None or task in selected]
+
+
+def model_task_pairs(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every (model, task) pair the config asks for."""
+    return [(model, task) for model in config["models"] for task in model_tasks(config, model)]
+
+
+def task_models(config: dict[str, Any], task: str) -> list[str]:
+    """Models that run on a task, in config order."""
+    return [model for model in config["models"] if task in model_tasks(config, model)]
+
+
+def figures(config: dict[str, Any]) -> list[str]:
+    """Figures the config can draw (at least one of their tasks is configured)."""
+    names = []
+    for name, tasks in FIGURE_TASKS.items():
+        if name == "figure5":
+            tasks = [config["figures"]["figure5_task"]]
+        elif name == "figureS6":
+            tasks = [config["figures"]["figureS6_task"]]
+        if tasks is None or any(task in config["tasks"] for task in tasks):
+            names.append(name)
+    return names
+
+
+def raw_dir(config: dict[str, Any], task: str) -> str:
+    """Folder that holds a task's raw ``metadata.csv``."""
+    entry = config["tasks"][task]
+    if "raw_dir" in entry:
+        return entry["raw_dir"]
+    if entry["dataset"] == "demo":
+        return f"resources/demo/raw/{task}"
+    return f"resources/raw/{task}"

@@ -1,0 +1,194 @@
+"""Probe predictions -> long-format result tables (the ``evaluate`` stage).
+
+Every number comes from :func:`medprobe.stats.score_predictions` on the per-sample test predictions the
+probe stage saved, so any table can be recomputed without refitting. Bootstrap resamples are drawn from
+the test set (clustered by patient where patient ids exist) with the config's seed, so every model of a
+task is scored on the very same resamples and paired comparisons are meaningful.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from medprobe.labels import encode_targets, load_manifest
+from medprobe.stats import Scores, compare, score_predictions
+
+TABLE_COLUMNS = [
+    "task", "model", "layer", "fraction", "seed", "class", "metric",
+    "value", "sd", "ci_low", "ci_high", "n_train", "n_test", "n_degenerate",
+]
+COMPARISON_COLUMNS = [
+    "task", "class", "metric", "model", "baseline", "difference", "ci_low", "ci_high", "p_value", "test",
+]
+
+
+def _decode(values: Iterable) -> list[str]:
+    return [value.decode() if isinstance(value, bytes) else str(value) for value in values]
+
+
+def test_set(manifest_path: str | Path, kind: str, classes: list[str], ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Targets and bootstrap groups (patient ids, or None) for the test ids, in the order of ``ids``."""
+    manifest = load_manifest(manifest_path)
+    test = manifest[manifest["split"] == "test"].set_index("image_id")
+    ids = list(ids)
+    missing = [image_id for image_id in ids if image_id not in test.index]
+    if missing:
+        raise ValueError(f"{manifest_path}: prediction ids not in the test split: {missing[:10]}")
+    rows = test.loc[ids].reset_index()
+    targets = encode_targets(rows, kind, classes)
+    patients = rows["patient_id"].to_numpy()
+    groups = patients if (patients != "").all() else None
+    return targets, groups
+
+
+def _score(probabilities: np.ndarray, targets: np.ndarray, groups: np.ndarray | None, task_config: dict[str, Any],
+           evaluation: dict[str, Any], seed: int) -> Scores:
+    return score_predictions(
+        task_config["kind"], task_config["classes"], targets, probabilities,
+        n_boot=evaluation["bootstrap"], seed=seed, groups=groups, ci=evaluation["ci"],
+        graded=task_config.get("graded", False),
+    )
+
+
+def _rows(scores: Scores, **fixed: Any) -> list[dict[str, Any]]:
+    return [{**fixed, **row} for row in scores.rows()]
+
+
+def load_predictions(path: str | Path) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """(ids, probabilities, attrs) of a probe's ``predictions.h5``."""
+    with h5py.File(path, "r") as handle:
+        return _decode(handle["ids"][:]), handle["probabilities"][:].astype(np.float64), dict(handle.attrs)
+
+
+def evaluate_model_task(
+    *,
+    task: str,
+    model: str,
+    task_config: dict[str, Any],
+    manifest: str | Path,
+    probe_dir: str | Path,
+    evaluation: dict[str, Any],
+    seed: int,
+    out_dir: str | Path,
+) -> dict[str, pd.DataFrame]:
+    """Write ``metrics.csv``, ``layers.csv``, ``efficiency.csv`` and ``groups.csv`` for one model x task."""
+    probe_dir, out_dir = Path(probe_dir), Path(out_dir)
+    kind, classes = task_config["kind"], task_config["classes"]
+    summary = json.loads((probe_dir / "probe.json").read_text())
+    n_train = int(summary["n_train"])
+
+    ids, probabilities, attrs = load_predictions(probe_dir / "predictions.h5")
+    _check_classes(probe_dir / "predictions.h5", _decode(attrs["classes"]), classes)
+    targets, groups = test_set(manifest, kind, classes, ids)
+    common = dict(task=task, model=model, n_test=len(ids))
+    headline = _score(probabilities, targets, groups, task_config, evaluation, seed)
+    metrics = _rows(headline, **common, layer=summary["layer"], fraction=1.0, seed=seed, n_train=n_train)
+
+    layer_rows: list[dict[str, Any]] = []
+    with h5py.File(probe_dir / "layers.h5", "r") as handle:
+        if _decode(handle["ids"][:]) != ids:
+            raise ValueError(f"{probe_dir / 'layers.h5'}: ids differ from predictions.h5")
+        for index, layer in enumerate(_decode(handle.attrs["layer_names"])):
+            scores = _score(handle["probabilities"][index].astype(np.float64), targets, groups, task_config, evaluation, seed)
+            layer_rows += _rows(scores, **common, layer=layer, fraction=1.0, seed=seed, n_train=n_train)
+
+    efficiency_rows: list[dict[str, Any]] = []
+    efficiency_path = probe_dir / "efficiency.h5"
+    if efficiency_path.exists():
+        with h5py.File(efficiency_path, "r") as handle:
+            fractions, seeds = handle.attrs["fractions"], handle.attrs["seeds"]
+            subset_sizes = handle["n_train"][:]
+            for f_index, fraction in enumerate(fractions):
+                for s_index, subset_seed in enumerate(seeds):
+                    scores = _score(handle["probabilities"][f_index, s_index].astype(np.float64), targets, groups,
+                                    task_config, evaluation, seed)
+                    efficiency_rows += _rows(scores, **common, layer=summary["layer"], fraction=float(fraction),
+                                             seed=int(subset_seed), n_train=int(subset_sizes[f_index, s_index]))
+
+    group_rows: list[dict[str, Any]] = []
+    test_manifest = load_manifest(manifest).set_index("image_id").loc[ids]
+    group_labels = test_manifest["group"].to_numpy()
+    for group in sorted(set(group_labels) - {""}):
+        mask = group_labels == group
+        scores = _score(probabilities[mask], targets[mask], None if groups is None else groups[mask],
+                        task_config, evaluation, seed)
+        group_rows += [{**row, "group": group} for row in _rows(scores, **{**common, "n_test": int(mask.sum())},
+                                                                layer=summary["layer"], fraction=1.0, seed=seed, n_train=n_train)]
+
+    tables = {
+        "metrics": pd.DataFrame(metrics, columns=TABLE_COLUMNS),
+        "layers": pd.DataFrame(layer_rows, columns=TABLE_COLUMNS),
+        "efficiency": pd.DataFrame(efficiency_rows, columns=TABLE_COLUMNS),
+        "groups": pd.DataFrame(group_rows, columns=TABLE_COLUMNS + ["group"]),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        write_table(table, out_dir / f"{name}.csv")
+    return tables
+
+
+def compare_models(
+    *,
+    task: str,
+    task_config: dict[str, Any],
+    manifest: str | Path,
+    predictions: dict[str, str | Path],
+    baseline: str,
+    evaluation: dict[str, Any],
+    seed: int,
+    out_path: str | Path,
+) -> pd.DataFrame:
+    """Paired comparisons of every model with ``baseline`` on one task (shared bootstrap resamples)."""
+    kind, classes = task_config["kind"], task_config["classes"]
+    if baseline not in predictions:
+        rows: list[dict[str, Any]] = []
+    else:
+        scored = {}
+        reference_ids = None
+        for model, path in predictions.items():
+            ids, probabilities, _ = load_predictions(path)
+            if reference_ids is None:
+                reference_ids = ids
+            elif ids != reference_ids:
+                raise ValueError(f"{path}: test ids differ from {predictions[next(iter(predictions))]}; "
+                                 "models must be compared on the same test images")
+            targets, groups = test_set(manifest, kind, classes, ids)
+            scored[model] = _score(probabilities, targets, groups, task_config, evaluation, seed)
+        rows = [
+            {"task": task, "model": model, "baseline": baseline, **row}
+            for model in predictions if model != baseline
+            for row in compare(scored[model], scored[baseline], ci=evaluation["ci"])
+        ]
+    table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    write_table(table, Path(out_path))
+    return table
+
+
+def collect(paths: Iterable[str | Path], out_path: str | Path) -> pd.DataFrame:
+    """Concatenate per-job tables into one results table (rows keep the order of ``paths``)."""
+    frames = [pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"class": str, "layer": str, "group": str})
+              for path in paths]
+    frames = [frame for frame in frames if len(frame)]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    write_table(table, Path(out_path))
+    return table
+
+
+def write_table(table: pd.DataFrame, path: Path) -> None:
+    """Write a CSV atomically with fixed float formatting so reruns are byte-identical."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    table.to_csv(temporary, index=False, float_format="%.6g", lineterminator="\n")
+    os.replace(temporary, path)
+
+
+def _check_classes(path: Path, found: list[str], expected: list[str]) -> None:
+    if list(found) != list(expected):
+        raise ValueError(f"{path}: classes {found} differ from the task's configured classes {expected}")

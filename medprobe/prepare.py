@@ -1,0 +1,243 @@
+"""Raw metadata table -> manifest, preprocessed images and sidecar (the ``prepare`` stage).
+
+Every dataset recipe (the synthetic demo, and the real archives) ends in the same raw table, described
+in docs/architecture.md; this module turns it into the manifest contract:
+
+* train/test come from the dataset's own partition where it has one; otherwise patients are split;
+* validation patients are carved out of train;
+* all splits are grouped by patient (no patient in two splits) and stratified by each patient's
+  majority label, with scikit-learn's StratifiedGroupKFold;
+* every image goes through :func:`medprobe.images.preprocess`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from medprobe.images import BadImageError, preprocess
+
+log = logging.getLogger("medprobe.prepare")
+
+RECIPE_VERSION = "1"
+RAW_COLUMNS = ["image_id", "file", "patient_id", "source", "partition"]
+MANIFEST_COLUMNS = ["image_id", "path", "split", "patient_id", "label", "labels", "source", "group"]
+SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_raw_table(path: str | Path, kind: str, classes: list[str]) -> pd.DataFrame:
+    """Read and check a raw ``metadata.csv``; errors name the file, column and offending values."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: raw metadata table not found")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    label_column = "labels" if kind == "multilabel" else "label"
+    missing = [column for column in RAW_COLUMNS + [label_column] if column not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {list(table.columns)}")
+    for column in ("label", "labels", "group"):
+        if column not in table.columns:
+            table[column] = ""
+    duplicated = table["image_id"][table["image_id"].duplicated()].unique()
+    if len(duplicated):
+        raise ValueError(f"{path}: duplicate image_id values {list(duplicated[:10])}")
+    unsafe = [image_id for image_id in table["image_id"] if not SAFE_ID.match(image_id)]
+    if unsafe:
+        raise ValueError(f"{path}: image_id values must match {SAFE_ID.pattern}; offending: {unsafe[:10]}")
+    bad_partition = sorted(set(table["partition"]) - {"train", "test", ""})
+    if bad_partition:
+        raise ValueError(f"{path}: column partition must be train, test or empty; found {bad_partition}")
+    known = set(classes)
+    if kind == "multilabel":
+        found = {name for value in table["labels"] for name in value.split("|") if name}
+    else:
+        found = set(table["label"])
+    unknown = sorted(found - known)
+    if unknown:
+        raise ValueError(f"{path}: column {label_column} has values {unknown} not in the task's classes {classes}")
+    mixed = table[table["partition"] != ""].groupby("patient_id")["partition"].nunique()
+    mixed = mixed[mixed > 1]
+    if len(mixed):
+        raise ValueError(
+            f"{path}: patient(s) {list(mixed.index[:10])} appear in both the train and the test partition"
+        )
+    return table
+
+
+def patient_strata(table: pd.DataFrame, kind: str) -> pd.Series:
+    """One stratum per image: the majority label of its patient (multilabel: the most common finding)."""
+    if kind == "multilabel":
+        per_image = table["labels"].map(lambda value: value.split("|")[0] if value else "none")
+    else:
+        per_image = table["label"]
+    majority = per_image.groupby(table["patient_id"]).agg(lambda values: Counter(values).most_common(1)[0][0])
+    return table["patient_id"].map(majority)
+
+
+def grouped_holdout(table: pd.DataFrame, fraction: float, kind: str, seed: int) -> np.ndarray:
+    """Boolean mask of rows held out: about ``fraction`` of the patients, stratified by label.
+
+    Rows without a patient id are their own group. StratifiedGroupKFold with round(1/fraction) folds;
+    the first fold is the holdout.
+    """
+    if len(table) == 0:
+        return np.zeros(0, dtype=bool)
+    groups = table["patient_id"].where(table["patient_id"] != "", "image:" + table["image_id"])
+    n_groups = groups.nunique()
+    n_splits = max(2, min(round(1 / fraction), n_groups))
+    if n_groups < 2:
+        raise ValueError(f"cannot hold out {fraction:.0%} of patients: only {n_groups} patient(s)")
+    strata = patient_strata(table.assign(patient_id=groups), kind)
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, holdout = next(splitter.split(np.zeros(len(table)), strata.to_numpy(), groups.to_numpy()))
+    mask = np.zeros(len(table), dtype=bool)
+    mask[holdout] = True
+    return mask
+
+
+def assign_splits(table: pd.DataFrame, kind: str, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
+    """Split column (train/val/test), grouped by patient; the dataset's own partition is respected."""
+    split = pd.Series("train", index=table.index, dtype=object)
+    split[table["partition"] == "test"] = "test"
+    unassigned = table["partition"] == ""
+    if unassigned.any():
+        pool = table[unassigned]
+        held = grouped_holdout(pool, test_fraction, kind, seed)
+        split[pool.index[held]] = "test"
+    train = table[split == "train"]
+    if len(train):
+        held = grouped_holdout(train, val_fraction, kind, seed + 1)
+        split[train.index[held]] = "val"
+    return split
+
+
+def check_patients_disjoint(manifest: pd.DataFrame, where: str = "manifest") -> None:
+    """Raise if a patient appears in two splits."""
+    with_id = manifest[manifest["patient_id"] != ""]
+    counts = with_id.groupby("patient_id")["split"].nunique()
+    leaking = list(counts[counts > 1].index)
+    if leaking:
+        raise ValueError(f"{where}: patient(s) {leaking[:10]} appear in more than one split")
+
+
+def class_counts(manifest: pd.DataFrame, kind: str) -> dict[str, dict[str, int]]:
+    """Images per split and class (multilabel: per finding, plus ``none``)."""
+    counts: dict[str, dict[str, int]] = {}
+    for split, rows in manifest.groupby("split", sort=False):
+        if kind == "multilabel":
+            findings = Counter(name for value in rows["labels"] for name in (value.split("|") if value else ["none"]))
+        else:
+            findings = Counter(rows["label"])
+        counts[str(split)] = {"images": int(len(rows)), "patients": int(rows["patient_id"].nunique()), **dict(sorted(findings.items()))}
+    return counts
+
+
+def prepare_task(
+    task: str,
+    task_config: dict[str, Any],
+    raw_dir: str | Path,
+    manifest_path: str | Path,
+    sidecar_path: str | Path,
+    images_dir: str | Path,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    on_bad_image: str = "error",
+    threads: int = 1,
+) -> pd.DataFrame:
+    """Build the manifest, the preprocessed images and the sidecar for one task.
+
+    The manifest is written last and atomically: if anything fails, no manifest exists, so Snakemake
+    never takes a half-prepared task as complete.
+    """
+    raw_dir, images_dir = Path(raw_dir), Path(images_dir)
+    metadata_path = raw_dir / "metadata.csv"
+    kind, classes = task_config["kind"], task_config["classes"]
+    table = read_raw_table(metadata_path, kind, classes)
+    images_dir.mkdir(parents=True, exist_ok=True)
+
+    def convert(row: tuple[str, str]) -> str | None:
+        image_id, relative = row
+        source = Path(relative) if Path(relative).is_absolute() else raw_dir / relative
+        try:
+            preprocess(source, images_dir / f"{image_id}.png")
+        except BadImageError as error:
+            if on_bad_image == "error":
+                raise BadImageError(error.path, f"{error.reason} (image_id {image_id}, task {task}; set "
+                                    "on_bad_image: skip to leave such images out)") from None
+            log.warning("skipping %s", error)
+            return error.reason
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        failures = list(pool.map(convert, zip(table["image_id"], table["file"])))
+    skipped = [
+        {"image_id": image_id, "file": file, "reason": reason}
+        for image_id, file, reason in zip(table["image_id"], table["file"], failures)
+        if reason is not None
+    ]
+    kept = table[[reason is None for reason in failures]].reset_index(drop=True)
+    if kept.empty:
+        raise ValueError(f"{metadata_path}: no usable image left for task {task}")
+
+    manifest = pd.DataFrame(
+        {
+            "image_id": kept["image_id"],
+            "path": [str(images_dir / f"{image_id}.png") for image_id in kept["image_id"]],
+            "split": assign_splits(kept, kind, val_fraction, test_fraction, seed),
+            "patient_id": kept["patient_id"],
+            "label": kept["label"] if kind != "multilabel" else "",
+            "labels": kept["labels"] if kind == "multilabel" else "",
+            "source": kept["source"],
+            "group": kept["group"],
+        },
+        columns=MANIFEST_COLUMNS,
+    )
+    check_patients_disjoint(manifest, str(manifest_path))
+    for split in ("train", "val", "test"):
+        if not (manifest["split"] == split).any():
+            raise ValueError(f"{metadata_path}: split {split!r} is empty for task {task}; add patients or change split fractions")
+
+    sidecar = {
+        "task": task,
+        "recipe_version": RECIPE_VERSION,
+        "dataset": task_config["dataset"],
+        "kind": kind,
+        "classes": classes,
+        "counts": class_counts(manifest, kind),
+        "sources": {"metadata.csv": {"path": str(metadata_path), "sha256": sha256_file(metadata_path)}},
+        "skipped": skipped,
+        "split_settings": {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed},
+    }
+    _write_atomic(Path(sidecar_path), json.dumps(sidecar, indent=2) + "\n")
+    _write_atomic(Path(manifest_path), manifest.to_csv(index=False, lineterminator="\n"))
+    log.info("%s: %d images (%d skipped) -> %s", task, len(manifest), len(skipped), manifest_path)
+    return manifest
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

@@ -1,0 +1,52 @@
+# Raw data -> manifest + preprocessed images. The demo generates its raw data; real recipes (issue 3)
+# produce the same raw table from the publishers' archives.
+
+
+rule demo_data:
+    output:
+        "resources/demo/raw/{task}/metadata.csv",
+    log:
+        "logs/demo_data/{task}.log",
+    conda:
+        ENV
+    params:
+        task=task_config,
+        seed=config["seed"],
+        images_per_patient=config["demo"]["images_per_patient"],
+    script:
+        "../scripts/demo_data.py"
+
+
+rule demo_nejm:
+    output:
+        directory("resources/demo/nejm"),
+    log:
+        "logs/demo_nejm.log",
+    conda:
+        ENV
+    params:
+        n_cases=config["demo"]["nejm_cases"],
+        seed=config["seed"],
+    script:
+        "../scripts/demo_nejm.py"
+
+
+rule prepare:
+    input:
+        raw_metadata,
+    output:
+        manifest="results/manifests/{task}.csv",
+        sidecar="results/manifests/{task}.json",
+        images=directory("results/images/{task}"),
+    log:
+        "logs/prepare/{task}.log",
+    conda:
+        ENV
+    threads: 2
+    params:
+        task=task_config,
+        split=config["split"],
+        seed=config["seed"],
+        on_bad_image=config["on_bad_image"],
+    script:
+        "../scripts/prepare.py"

@@ -1,0 +1,15 @@
+"""Paired comparisons of every model with the baseline model on one task."""
+from medprobe.evaluate import compare_models
+from medprobe.workflow import rule_logging
+
+with rule_logging(snakemake):
+    compare_models(
+        task=snakemake.wildcards.task,
+        task_config=snakemake.params.task,
+        manifest=snakemake.input.manifest,
+        predictions={model: snakemake.input[model] for model in snakemake.params.models},
+        baseline=snakemake.params.baseline,
+        evaluation=snakemake.params.evaluation,
+        seed=snakemake.params.seed,
+        out_path=snakemake.output[0],
+    )
