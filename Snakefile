@@ -4,8 +4,8 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-
-configfile: "config/config.yaml"
+# The default config (the demo) comes from profiles/default/config.yaml, so that
+# `--configfile config/paper.yaml` replaces it instead of being merged into it.
 
 
 include: "workflow/rules/common.smk"

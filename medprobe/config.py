@@ -38,6 +38,11 @@ def validate(config: dict[str, Any], schema_path: str | Path = SCHEMA_PATH) -> d
     """
     from snakemake.utils import validate as snakemake_validate
 
+    if not config:
+        raise ConfigError(
+            "no configuration given: run from the repository root (profiles/default supplies "
+            "config/config.yaml) or pass --configfile config/paper.yaml"
+        )
     try:
         snakemake_validate(config, str(schema_path), set_default=True)
     except Exception as error:  # WorkflowError wraps jsonschema's ValidationError

@@ -50,3 +50,16 @@ rule prepare:
         on_bad_image=config["on_bad_image"],
     script:
         "../scripts/prepare.py"
+
+
+rule raw_dataset:
+    output:
+        "resources/raw/{task}/metadata.csv",
+    log:
+        "logs/raw_dataset/{task}.log",
+    conda:
+        ENV
+    params:
+        task=task_config,
+    script:
+        "../scripts/raw_dataset.py"
