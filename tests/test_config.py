@@ -1,0 +1,81 @@
+"""Config validation: defaults, messages that name the key, cross-references, paper config."""
+
+import copy
+
+import pytest
+import yaml
+
+from medprobe import config as medprobe_config
+from medprobe.config import ConfigError
+
+
+@pytest.fixture()
+def demo(repo):
+    return yaml.safe_load((repo / "config" / "config.yaml").read_text())
+
+
+def test_demo_config_validates_and_fills_defaults(demo):
+    del demo["evaluation"]
+    config = medprobe_config.validate(demo)
+    assert config["evaluation"] == {"bootstrap": 1000, "ci": 0.95}
+    assert config["models"]["clip"]["revision"] == "main"
+    assert config["models"]["clip"]["trust_remote_code"] is False
+    assert config["tasks"]["T1"]["graded"] is False
+
+
+def test_paper_config_states_the_paper(repo):
+    config = medprobe_config.load(repo / "config" / "paper.yaml")
+    tasks, models = config["tasks"], config["models"]
+    assert list(tasks) == [f"T{i}" for i in range(1, 9)]
+    assert {t: tasks[t]["metric"] for t in tasks} == {
+        "T1": "f1", "T2": "f1", **{f"T{i}": "auc" for i in range(3, 9)}
+    }
+    assert tasks["T7"]["kind"] == "multilabel" and tasks["T2"]["kind"] == "binary"
+    assert tasks["T1"]["classes"] == ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
+    assert models["idefics_80b"]["checkpoint"] == "HuggingFaceM4/idefics-80b-instruct"
+    assert models["idefics_80b"]["layer"] == 32
+    assert models["idefics_9b"]["checkpoint"] == "HuggingFaceM4/idefics-9b-instruct"
+    assert models["clip"]["checkpoint"] == "openai/clip-vit-base-patch32"
+    assert models["plip"]["checkpoint"] == "vinid/plip" and models["plip"]["tasks"] == ["T1", "T2"]
+    assert config["evaluation"]["bootstrap"] == 1000
+    assert config["efficiency"]["fractions"] == [0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]
+    assert config["nejm"]["shots"] == 2 and config["nejm"]["models"] == ["idefics_80b"]
+    assert medprobe_config.task_models(config, "T3") == ["idefics_80b", "idefics_9b", "clip"]
+    assert medprobe_config.task_models(config, "T1") == ["idefics_80b", "idefics_9b", "clip", "plip"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["tasks"]["T1"].update(kind="multi"), "tasks.T1.kind"),
+        (lambda c: c["probe"].update(C_grid="x"), "probe.C_grid"),
+        (lambda c: c["efficiency"].update(fractions=[0.1, 1.5]), "efficiency.fractions"),
+        (lambda c: c["efficiency"].update(fractions=[0.0, 1.0]), "efficiency.fractions"),
+        (lambda c: c.update(bogus=1), "'bogus' was unexpected"),
+        (lambda c: c["models"]["clip"].update(layer="middle"), "models.clip.layer"),
+        (lambda c: c.update(baseline_model="gpt"), "baseline_model: unknown model 'gpt'"),
+        (lambda c: c["models"]["clip"].update(tasks=["T9"]), "models.clip.tasks: unknown task 'T9'"),
+        (lambda c: c["tasks"]["T2"].update(classes=["a", "b", "c"]), "tasks.T2.classes"),
+        (lambda c: c["models"]["clip"].update(checkpoint="elsewhere"), "models.clip.checkpoint"),
+        (lambda c: c["efficiency"].update(fractions=[0.1, 0.5]), "must include 1.0"),
+    ],
+)
+def test_bad_values_name_the_key(demo, change, message):
+    config = copy.deepcopy(demo)
+    change(config)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        medprobe_config.validate(config)
+
+
+def test_empty_config_says_what_to_do():
+    with pytest.raises(ConfigError, match="--configfile"):
+        medprobe_config.validate({})
+
+
+def test_figures_follow_configured_tasks(demo):
+    config = medprobe_config.validate(demo)
+    assert medprobe_config.figures(config) == ["figure3", "figure4", "figure5", "figure6", "figureS5", "figureS6"]
+    only_t5 = copy.deepcopy(demo)
+    only_t5["tasks"] = {"T5": demo["tasks"]["T5"]}
+    config = medprobe_config.validate(only_t5)
+    assert medprobe_config.figures(config) == ["figure4", "figure6", "figureS5"]

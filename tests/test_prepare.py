@@ -1,0 +1,136 @@
+"""prepare: raw table -> manifest; splits grouped by patient and stratified; atomic, clear errors."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from medprobe.images import BadImageError
+from medprobe.prepare import MANIFEST_COLUMNS, assign_splits, check_patients_disjoint, prepare_task
+
+TASK = {"kind": "multiclass", "classes": ["a", "b", "c"], "dataset": "demo"}
+
+
+def write_raw(folder, n_patients=30, per_patient=3, partition=lambda p: "", kind="multiclass", big=False):
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for patient in range(n_patients):
+        for image in range(per_patient):
+            image_id = f"p{patient:03d}_{image}"
+            file = f"images/{image_id}.png"
+            size = (1300, 700) if big and patient == 0 and image == 0 else (32, 32)
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0]), dtype=np.uint8)).save(folder / file)
+            label = "abc"[(patient + image) % 3]
+            rows.append({
+                "image_id": image_id, "file": file, "patient_id": f"P{patient}",
+                "label": label if kind != "multilabel" else "",
+                "labels": "|".join(sorted({label, "b"} if image == 0 else {label})) if kind == "multilabel" else "",
+                "source": "s1" if patient % 2 else "s2", "partition": partition(patient), "group": f"g{patient % 2}",
+            })
+    pd.DataFrame(rows).to_csv(folder / "metadata.csv", index=False)
+    return pd.DataFrame(rows)
+
+
+def run(tmp_path, raw, task=TASK, **kwargs):
+    options = dict(val_fraction=0.2, test_fraction=0.25, seed=0, on_bad_image="error")
+    options.update(kwargs)
+    return prepare_task("T", task, raw, tmp_path / "m.csv", tmp_path / "m.json", tmp_path / "images", **options)
+
+
+def test_manifest_contract_and_patient_grouped_splits(tmp_path):
+    raw = tmp_path / "raw"
+    table = write_raw(raw, big=True)
+    manifest = run(tmp_path, raw)
+    on_disk = pd.read_csv(tmp_path / "m.csv", dtype=str, keep_default_na=False)
+    assert list(on_disk.columns) == MANIFEST_COLUMNS
+    assert list(on_disk["image_id"]) == list(table["image_id"])  # stable raw order
+    assert set(on_disk["split"]) == {"train", "val", "test"}
+    assert (on_disk.groupby("patient_id")["split"].nunique() == 1).all()
+    share = on_disk.drop_duplicates("patient_id")["split"].value_counts(normalize=True)
+    assert 0.15 <= share["test"] <= 0.35
+    for path in on_disk["path"]:
+        assert Image.open(path).format == "PNG"
+    assert Image.open(on_disk["path"][0]).size == (1024, 551)
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    assert sum(split["images"] for split in sidecar["counts"].values()) == len(manifest) == 90
+    assert sidecar["sources"]["metadata.csv"]["sha256"]
+    assert sidecar["skipped"] == []
+
+
+def test_official_partition_is_respected_and_val_comes_from_train(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw(raw, partition=lambda p: "test" if p < 8 else "train")
+    manifest = run(tmp_path, raw)
+    test_patients = set(manifest.loc[manifest["split"] == "test", "patient_id"])
+    assert test_patients == {f"P{p}" for p in range(8)}
+    assert (manifest["split"] == "val").any()
+
+
+def test_splits_are_deterministic_and_stratified():
+    rng = np.random.default_rng(1)
+    table = pd.DataFrame({
+        "image_id": [f"i{i}" for i in range(600)],
+        "patient_id": [f"P{i // 3}" for i in range(600)],
+        "label": rng.choice(["a", "b", "c"], 600, p=[0.6, 0.3, 0.1]),
+        "partition": "",
+    })
+    first = assign_splits(table, "multiclass", 0.2, 0.25, seed=3)
+    second = assign_splits(table, "multiclass", 0.2, 0.25, seed=3)
+    assert first.equals(second)
+    check_patients_disjoint(table.assign(split=first))
+    overall = table["label"].value_counts(normalize=True)
+    test = table.loc[first == "test", "label"].value_counts(normalize=True)
+    assert (abs(test - overall) < 0.08).all()
+
+
+def test_multilabel_manifest_keeps_findings(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw(raw, kind="multilabel")
+    manifest = run(tmp_path, raw, task={"kind": "multilabel", "classes": ["a", "b", "c"], "dataset": "demo"})
+    assert (manifest["labels"].str.contains(r"\|")).any() and (manifest["label"] == "").all()
+
+
+def test_bad_image_stops_naming_file_and_leaves_no_manifest(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw(raw, n_patients=12)
+    (raw / "images" / "p003_1.png").write_bytes(b"garbage")
+    with pytest.raises(BadImageError, match=r"p003_1\.png.*image_id p003_1"):
+        run(tmp_path, raw)
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_skip_policy_lists_skipped_images(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw(raw, n_patients=12)
+    (raw / "images" / "p003_1.png").unlink()
+    manifest = run(tmp_path, raw, on_bad_image="skip")
+    assert "p003_1" not in set(manifest["image_id"])
+    skipped = json.loads((tmp_path / "m.json").read_text())["skipped"]
+    assert [entry["image_id"] for entry in skipped] == ["p003_1"]
+    assert "does not exist" in skipped[0]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.assign(label=t["label"].where(t.index != 4, "zebra")), "zebra"),
+        (lambda t: pd.concat([t, t.iloc[:1]]), "duplicate image_id"),
+        (lambda t: t.drop(columns=["patient_id"]), "missing column"),
+        (lambda t: t.assign(partition=["train", "test"] * (len(t) // 2)), "both the train and the test partition"),
+    ],
+)
+def test_bad_raw_tables_name_the_problem(tmp_path, edit, message):
+    raw = tmp_path / "raw"
+    table = write_raw(raw, n_patients=6)
+    edit(table).to_csv(raw / "metadata.csv", index=False)
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, raw)
+
+
+def test_patient_leak_is_detected():
+    manifest = pd.DataFrame({"patient_id": ["A", "A", "B"], "split": ["train", "test", "val"]})
+    with pytest.raises(ValueError, match="'A'"):
+        check_patients_disjoint(manifest)
