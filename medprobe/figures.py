@@ -1,0 +1,935 @@
+"""Figures 3, 4, 5, 6, S5 and S6 of Han et al. (2023), drawn from the result tables alone.
+
+Every figure reads only the long-format result tables (``results/tables/*.csv``, see
+docs/architecture.md, "Result tables"), so figures can be redrawn without touching activations or
+probes. Each figure is saved as ``<out_stem>.pdf`` and ``<out_stem>.png`` (200 dpi).
+
+Figures are built as :class:`matplotlib.figure.Figure` objects rendered by the Agg canvas, never
+through ``pyplot``: that keeps the global backend untouched (the workflow and notebooks may import
+this module) and nothing is registered in pyplot's figure manager, so a figure is released as soon
+as it has been saved and :func:`_save` has cleared it.
+
+Missing data is tolerated: a task or model absent from a table is skipped (logged), and only a
+figure with nothing at all to draw raises :class:`ValueError`, naming the figure and the tasks it
+looked for. Users rerun subsets of tasks and models, so partial tables are normal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+log = logging.getLogger(__name__)
+
+#: Columns every result table has (groups.csv adds ``group``).
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "task",
+    "model",
+    "layer",
+    "fraction",
+    "seed",
+    "class",
+    "metric",
+    "value",
+    "sd",
+    "ci_low",
+    "ci_high",
+    "n_train",
+    "n_test",
+)
+#: Identifier columns, read as text so that class names such as "0" or "NA" survive unchanged.
+TEXT_COLUMNS: tuple[str, ...] = ("task", "model", "layer", "class", "metric", "group")
+NUMERIC_COLUMNS: tuple[str, ...] = (
+    "fraction",
+    "seed",
+    "value",
+    "sd",
+    "ci_low",
+    "ci_high",
+    "n_train",
+    "n_test",
+)
+#: Spellings of "no value" accepted in numeric columns (support rows have no CI, metrics.csv no seed).
+_MISSING_SPELLINGS = {"", "nan", "NaN", "NA", "N/A", "None", "null"}
+
+DISCIPLINES: tuple[str, ...] = ("pathology", "dermatology", "ophthalmology", "radiology")
+METRIC_LABELS: dict[str, str] = {
+    "auc": "AUC",
+    "f1": "F1",
+    "balanced_accuracy": "Balanced accuracy",
+    "auprc": "AUPRC",
+    "kappa_quadratic": "Quadratic kappa",
+}
+MACRO = "macro"
+EMBEDDINGS_LAYER = "image_embeds"
+PNG_DPI = 200
+#: y limits for metrics in [0, 1]; a little headroom so a bar at 1.0 keeps its error bar visible.
+UNIT_YLIM = (0.0, 1.05)
+
+_LAYER_INDEX = re.compile(r"(\d+)$")
+# Fixed palettes so that a model keeps its colour in every figure (models dict order = colour order).
+_MODEL_COLOURS = (
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+_TASK_LINESTYLES = ("-", "--", ":", "-.")
+_TASK_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def load_table(path: str | Path, extra_columns: Sequence[str] = ()) -> pd.DataFrame:
+    """Read a long-format result table and check its columns.
+
+    Args:
+        path: CSV file (``metrics.csv``, ``layers.csv``, ``efficiency.csv``, ``groups.csv``).
+        extra_columns: columns required on top of :data:`REQUIRED_COLUMNS`. ``group`` is
+            required automatically for a file named ``groups.csv``.
+
+    Returns:
+        The table with identifier columns as strings and metric columns as floats (missing = NaN).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a required column is missing or a numeric column holds text; the message
+            names the file and the column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"result table {path} does not exist")
+    # keep_default_na=False: a class called "NA" or "None" must stay a class name, not NaN.
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    required = list(REQUIRED_COLUMNS) + list(extra_columns)
+    if path.name == "groups.csv" and "group" not in required:
+        required.append("group")
+    _require_columns(table, required, f"result table {path}")
+    for column in NUMERIC_COLUMNS:
+        table[column] = _to_float(table[column], f"result table {path}", column)
+    return table
+
+
+def _to_float(column: pd.Series, where: str, name: str) -> pd.Series:
+    text = column.astype(str).str.strip()
+    text = text.where(~text.isin(_MISSING_SPELLINGS), "nan")
+    numbers = pd.to_numeric(text, errors="coerce")
+    bad = numbers.isna() & (text != "nan")
+    if bad.any():
+        examples = ", ".join(repr(v) for v in text[bad].unique()[:3])
+        raise ValueError(f"{where}: column {name!r} must be numeric, found {examples}")
+    return numbers.astype(float)
+
+
+def _require_columns(table: pd.DataFrame, required: Sequence[str], where: str) -> None:
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"{where} lacks required column(s) {', '.join(repr(c) for c in missing)}; "
+            f"it has {', '.join(map(str, table.columns))}"
+        )
+
+
+def _prepare(table: pd.DataFrame, where: str, extra: Sequence[str] = ()) -> pd.DataFrame:
+    """Check columns and normalise dtypes of a table handed in as a DataFrame.
+
+    Tables built in memory may carry integer class names (0..4) or integer seeds; figures compare
+    identifiers as strings and numbers as floats, whichever way the table was made.
+    """
+    if not isinstance(table, pd.DataFrame):
+        raise TypeError(f"{where} must be a pandas DataFrame, got {type(table).__name__}")
+    _require_columns(table, list(REQUIRED_COLUMNS) + list(extra), where)
+    table = table.copy()
+    for column in TEXT_COLUMNS:
+        if column in table.columns:
+            table[column] = table[column].astype(str)
+    for column in NUMERIC_COLUMNS:
+        if not pd.api.types.is_float_dtype(table[column]):
+            table[column] = _to_float(table[column], where, column)
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Config lookups
+# --------------------------------------------------------------------------------------------
+
+
+def headline_metric(tasks: Mapping[str, Mapping[str, Any]], task: str) -> str:
+    """The task's headline metric (``f1`` or ``auc``) from the tasks config."""
+    if task not in tasks:
+        raise ValueError(f"task {task!r} is not in the tasks config (known: {', '.join(tasks)})")
+    metric = tasks[task].get("metric")
+    if not metric:
+        raise ValueError(f"tasks.{task}: key 'metric' is missing")
+    return str(metric)
+
+
+def _metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
+
+
+def _model_label(models: Mapping[str, Mapping[str, Any]], model: str) -> str:
+    return str(models[model].get("label", model))
+
+
+def _model_colour(models: Mapping[str, Mapping[str, Any]], model: str) -> str:
+    return _MODEL_COLOURS[list(models).index(model) % len(_MODEL_COLOURS)]
+
+
+def _class_axis_label(task_conf: Mapping[str, Any]) -> str:
+    if task_conf.get("kind") == "multilabel":
+        return "finding"
+    if task_conf.get("graded"):
+        return "grade"
+    return "class"
+
+
+def _macro_tick_label(task_conf: Mapping[str, Any]) -> str:
+    # For binary tasks the macro row is the positive class's score (architecture.md).
+    classes = list(task_conf.get("classes", []))
+    if task_conf.get("kind") == "binary" and len(classes) == 2:
+        return f"{classes[1]} vs {classes[0]}"
+    return "macro average"
+
+
+def _panel_title(letter: str, task: str, task_conf: Mapping[str, Any], suffix: str = "") -> str:
+    name = task_conf.get("name", task)
+    title = f"({letter}) {task}: {name}"
+    return f"{title}{suffix}"
+
+
+# --------------------------------------------------------------------------------------------
+# Data behind the plots (public so tests and notebooks can check what is drawn)
+# --------------------------------------------------------------------------------------------
+
+
+def bar_table(
+    table: pd.DataFrame,
+    task: str,
+    metric: str,
+    models: Mapping[str, Mapping[str, Any]],
+    categories: Sequence[str] | None,
+    category_column: str = "class",
+    class_name: str | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Bar heights and SDs of one panel: rows = categories, columns = models (dict order).
+
+    Args:
+        table: a result table (already checked).
+        task: task id.
+        metric: metric to plot.
+        models: models config; only models in it are plotted, in its order.
+        categories: the x-axis categories in order (values of ``category_column``); ``None``
+            takes the categories present in the table, sorted.
+        category_column: ``class`` for per-class panels, ``group`` for Figure S6.
+        class_name: when grouping by something other than class, keep only rows of this class.
+
+    Returns:
+        ``(values, sds)``, two DataFrames of the same shape; NaN where a model lacks a category.
+        Categories and models with no row at all are dropped.
+
+    Raises:
+        ValueError: more than one row for the same task, model, category and metric (e.g. an
+            efficiency table handed to a headline figure).
+    """
+    rows = table[(table["task"] == task) & (table["metric"] == metric)]
+    if class_name is not None:
+        rows = rows[rows["class"] == class_name]
+    rows = rows[rows["model"].isin(list(models))]
+    duplicated = rows.duplicated(["model", category_column], keep=False)
+    if duplicated.any():
+        first = rows[duplicated].iloc[0]
+        count = int(((rows["model"] == first["model"]) & (rows[category_column] == first[category_column])).sum())
+        raise ValueError(
+            f"task {task}, model {first['model']}, {category_column} {first[category_column]!r}, "
+            f"metric {metric}: {count} rows where one is expected "
+            "(is this a layers or efficiency table instead of metrics?)"
+        )
+    if categories is None:
+        categories = sorted(rows[category_column].unique())
+    values = rows.pivot(index=category_column, columns="model", values="value")
+    sds = rows.pivot(index=category_column, columns="model", values="sd")
+    present_categories = [c for c in categories if c in values.index]
+    present_models = [m for m in models if m in values.columns]
+    values = values.reindex(index=present_categories, columns=present_models)
+    sds = sds.reindex(index=present_categories, columns=present_models)
+    values.index.name = sds.index.name = category_column
+    values.columns.name = sds.columns.name = "model"
+    return values, sds
+
+
+def class_order(table: pd.DataFrame, task: str, task_conf: Mapping[str, Any]) -> list[str]:
+    """Classes of a task in config order, then any extra classes found in the table (sorted)."""
+    configured = [str(c) for c in task_conf.get("classes", [])]
+    in_table = set(table.loc[table["task"] == task, "class"]) - {MACRO}
+    extra = sorted(in_table - set(configured))
+    return configured + extra
+
+
+def support_filter(
+    metrics: pd.DataFrame, task: str, models: Mapping[str, Mapping[str, Any]], min_positives: int
+) -> pd.Series:
+    """Findings with at least ``min_positives`` test positives, sorted by support (descending).
+
+    Support comes from the ``support`` rows of the table (value = number of test positives). All
+    models share the test set, so their counts agree; if they do not (a model skipped images), the
+    smallest count is used, so that a finding is kept only where every model's AUC rests on enough
+    positives.
+
+    Returns:
+        Series finding -> support, sorted by support descending, then finding name.
+    """
+    rows = metrics[
+        (metrics["task"] == task)
+        & (metrics["metric"] == "support")
+        & (metrics["class"] != MACRO)
+        & metrics["model"].isin(list(models))
+    ]
+    if rows.empty:
+        raise ValueError(
+            f"figure5: the metrics table has no 'support' rows for task {task}; "
+            "they are needed to filter findings by number of positives"
+        )
+    support = rows.groupby("class")["value"].min()
+    kept = support[support >= min_positives]
+    order = sorted(kept.index, key=lambda finding: (-kept[finding], finding))
+    return kept.reindex(order).rename("support")
+
+
+def efficiency_curves(
+    efficiency: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+) -> pd.DataFrame:
+    """Label-efficiency curves: headline metric (class ``macro``) per task, model and fraction.
+
+    The band half-width combines both sources of spread by the law of total variance:
+    ``band_sd = sqrt(var_seeds + mean(sd_bootstrap**2))``, where ``var_seeds`` is the variance of
+    the metric across training-subset seeds (ddof=1; 0 with a single seed) and ``sd_bootstrap``
+    is each seed's bootstrap SD over the test set (NaN SDs are ignored).
+
+    Returns:
+        Columns ``task, model, fraction, mean, band_sd, sd_seeds, sd_bootstrap, n_seeds``, one
+        row per task x model x fraction, tasks and models in config order, fractions ascending.
+    """
+    frames = []
+    for task in tasks:
+        metric = headline_metric(tasks, task)
+        rows = efficiency[
+            (efficiency["task"] == task)
+            & (efficiency["class"] == MACRO)
+            & (efficiency["metric"] == metric)
+            & efficiency["model"].isin(list(models))
+            & efficiency["value"].notna()
+        ]
+        if rows.empty:
+            continue
+        grouped = rows.groupby(["model", "fraction"])
+        summary = grouped.agg(
+            mean=("value", "mean"),
+            sd_seeds=("value", lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0),
+            sd_bootstrap=("sd", lambda s: float(np.sqrt(np.nanmean(s**2))) if s.notna().any() else 0.0),
+            n_seeds=("value", "size"),
+        ).reset_index()
+        summary["band_sd"] = np.sqrt(summary["sd_seeds"] ** 2 + summary["sd_bootstrap"] ** 2)
+        summary.insert(0, "task", task)
+        frames.append(summary)
+    columns = ["task", "model", "fraction", "mean", "band_sd", "sd_seeds", "sd_bootstrap", "n_seeds"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    curves = pd.concat(frames, ignore_index=True)[columns]
+    # Config order for tasks and models (the plotting order), numeric order for fractions.
+    curves["_task_rank"] = curves["task"].map({t: i for i, t in enumerate(tasks)})
+    curves["_model_rank"] = curves["model"].map({m: i for i, m in enumerate(models)})
+    curves = curves.sort_values(["_task_rank", "_model_rank", "fraction"], kind="stable")
+    return curves[columns].reset_index(drop=True)
+
+
+def layer_index(name: str) -> int:
+    """Integer index of a layer name such as ``hidden.12`` (the trailing number).
+
+    Raises:
+        ValueError: the name ends in no number and is not ``image_embeds``.
+    """
+    match = _LAYER_INDEX.search(str(name))
+    if match is None:
+        raise ValueError(
+            f"layer name {name!r} has no trailing layer index (expected e.g. 'hidden.3' or "
+            f"'{EMBEDDINGS_LAYER}')"
+        )
+    return int(match.group(1))
+
+
+def order_layers(names: Sequence[str]) -> list[str]:
+    """Layer names ordered by integer index (``hidden.9`` before ``hidden.10``), ``image_embeds`` last."""
+    unique = list(dict.fromkeys(str(n) for n in names))
+    hidden = [n for n in unique if n != EMBEDDINGS_LAYER]
+    ordered = sorted(hidden, key=lambda n: (layer_index(n), n))
+    if EMBEDDINGS_LAYER in unique:
+        ordered.append(EMBEDDINGS_LAYER)
+    return ordered
+
+
+def relative_depths(names: Sequence[str]) -> dict[str, float]:
+    """Relative depth of each layer: index / largest index, so models of any depth share an axis.
+
+    ``image_embeds`` (CLIP's projection after the last hidden layer) is placed one layer step past
+    the last hidden layer, i.e. at ``(max_index + 1) / max_index``.
+    """
+    ordered = order_layers(names)
+    hidden = [n for n in ordered if n != EMBEDDINGS_LAYER]
+    max_index = max((layer_index(n) for n in hidden), default=0)
+    scale = max(max_index, 1)  # a single layer 0 sits at depth 0 instead of dividing by zero
+    depths = {n: layer_index(n) / scale for n in hidden}
+    if EMBEDDINGS_LAYER in ordered:
+        depths[EMBEDDINGS_LAYER] = (max_index + 1) / scale
+    return depths
+
+
+def layer_curves(
+    layers: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+) -> pd.DataFrame:
+    """Per-layer headline metric (class ``macro``) with its CI, in layer order.
+
+    Returns:
+        Columns ``task, model, layer, index, depth, value, ci_low, ci_high``; tasks and models in
+        config order, layers by integer index with ``image_embeds`` last.
+    """
+    frames = []
+    for task in tasks:
+        metric = headline_metric(tasks, task)
+        for model in models:
+            rows = layers[
+                (layers["task"] == task)
+                & (layers["model"] == model)
+                & (layers["class"] == MACRO)
+                & (layers["metric"] == metric)
+            ]
+            if rows.empty:
+                continue
+            if rows["layer"].duplicated().any():
+                layer = rows.loc[rows["layer"].duplicated(), "layer"].iloc[0]
+                raise ValueError(
+                    f"layers table: task {task}, model {model}, layer {layer!r}, metric {metric} "
+                    "appears more than once"
+                )
+            depths = relative_depths(rows["layer"].tolist())
+            ordered = order_layers(rows["layer"].tolist())
+            rows = rows.set_index("layer").loc[ordered].reset_index()
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "task": task,
+                        "model": model,
+                        "layer": ordered,
+                        "index": [
+                            -1 if n == EMBEDDINGS_LAYER else layer_index(n) for n in ordered
+                        ],
+                        "depth": [depths[n] for n in ordered],
+                        "value": rows["value"].to_numpy(),
+                        "ci_low": rows["ci_low"].to_numpy(),
+                        "ci_high": rows["ci_high"].to_numpy(),
+                    }
+                )
+            )
+    columns = ["task", "model", "layer", "index", "depth", "value", "ci_low", "ci_high"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)  # Agg canvas without pyplot: no global backend switch, no registry
+    return figure
+
+
+def _save(figure: Figure, out_stem: str | Path) -> None:
+    """Write ``<out_stem>.pdf`` and ``<out_stem>.png`` and free the figure."""
+    stem = Path(out_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # No creation date in the PDF, so that reruns write identical files.
+        figure.savefig(f"{stem}.pdf", metadata={"CreationDate": None})
+        figure.savefig(f"{stem}.png", dpi=PNG_DPI)
+    finally:
+        figure.clear()
+
+
+def _grouped_bars(
+    ax: Any,
+    values: pd.DataFrame,
+    sds: pd.DataFrame,
+    models: Mapping[str, Mapping[str, Any]],
+    tick_labels: Sequence[str],
+) -> None:
+    """Grouped bars: one group per row of ``values``, one bar per model, SD error bars."""
+    n_models = values.shape[1]
+    width = 0.8 / max(n_models, 1)
+    centres = np.arange(values.shape[0], dtype=float)
+    for position, model in enumerate(values.columns):
+        heights = values[model].to_numpy(dtype=float)
+        errors = sds[model].to_numpy(dtype=float)
+        x = centres + (position - (n_models - 1) / 2) * width
+        drawn = np.isfinite(heights)
+        if not drawn.any():
+            continue
+        ax.bar(
+            x[drawn],
+            heights[drawn],
+            width=width,
+            color=_model_colour(models, model),
+            label=_model_label(models, model),
+            gid=model,
+        )
+        with_error = drawn & np.isfinite(errors)
+        if with_error.any():
+            ax.errorbar(
+                x[with_error],
+                heights[with_error],
+                yerr=errors[with_error],
+                fmt="none",
+                ecolor="black",
+                elinewidth=0.8,
+                capsize=2,
+            )
+    ax.set_xticks(centres)
+    longest_line = max((len(line) for label in tick_labels for line in label.split("\n")), default=0)
+    rotate = longest_line > 8 and len(tick_labels) > 4
+    ax.set_xticklabels(tick_labels, rotation=35 if rotate else 0, ha="right" if rotate else "center")
+    ax.set_xlim(-0.6, values.shape[0] - 0.4)
+    ax.set_ylim(*UNIT_YLIM)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.grid(axis="y", linewidth=0.4, alpha=0.5)
+    ax.set_axisbelow(True)
+
+
+def _figure_legend(figure: Figure, models: Mapping[str, Mapping[str, Any]], present: Sequence[str]) -> float:
+    """One legend for all panels above them; returns the top of the panel area (figure fraction)."""
+    handles = [
+        Line2D([], [], color=_model_colour(models, m), linewidth=8, label=_model_label(models, m))
+        for m in models
+        if m in present
+    ]
+    # As many columns as fit the figure width (about 0.075 in per character at 8 pt, plus the key).
+    entry_width = 0.9 + 0.075 * max((len(h.get_label()) for h in handles), default=1)
+    columns = max(1, min(len(handles), int(figure.get_figwidth() // entry_width)))
+    rows = math.ceil(len(handles) / columns)
+    figure.legend(handles=handles, loc="upper center", ncol=columns, frameon=False, fontsize=8)
+    height_in = figure.get_figheight()
+    return 1.0 - (0.12 + 0.22 * rows) / height_in
+
+
+def _no_data(figure_name: str, tasks_wanted: Sequence[str], table_name: str, detail: str = "") -> ValueError:
+    return ValueError(
+        f"{figure_name}: nothing to draw: the {table_name} table has no rows for task(s) "
+        f"{', '.join(tasks_wanted)} with the configured models{detail}"
+    )
+
+
+# A bar panel: (letter, task, per-class or macro).
+_BarPanel = tuple[str, str, bool]
+
+
+def _bar_figure(
+    figure_name: str,
+    metrics: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    panels: Sequence[_BarPanel],
+) -> Figure:
+    metrics = _prepare(metrics, f"{figure_name}: metrics table")
+    drawable = []
+    for letter, task, per_class in panels:
+        if task not in tasks:
+            log.warning("%s: task %s is not in the tasks config; panel (%s) skipped", figure_name, task, letter)
+            continue
+        task_conf = tasks[task]
+        metric = headline_metric(tasks, task)
+        if per_class:
+            categories = class_order(metrics, task, task_conf)
+            values, sds = bar_table(metrics, task, metric, models, categories)
+            tick_labels = list(values.index)
+        else:
+            values, sds = bar_table(metrics, task, metric, models, [MACRO])
+            tick_labels = [_macro_tick_label(task_conf)] * len(values.index)
+        if values.empty or values.isna().all().all():
+            log.warning("%s: no %s rows for task %s; panel (%s) skipped", figure_name, metric, task, letter)
+            continue
+        drawable.append((letter, task, per_class, metric, values, sds, tick_labels))
+    if not drawable:
+        raise _no_data(figure_name, [task for _, task, _ in panels], "metrics")
+
+    # Per-class panels get width in proportion to their number of classes.
+    widths = [max(len(values.index), 1) if per_class else 1.4 for _, _, per_class, _, values, _, _ in drawable]
+    figure = _new_figure(width=min(max(6.0, 2.0 + 0.55 * sum(widths) + 0.9 * len(drawable)), 18.0), height=4.2)
+    axes = figure.subplots(1, len(drawable), gridspec_kw={"width_ratios": widths}, squeeze=False)[0]
+    present_models: set[str] = set()
+    for ax, (letter, task, per_class, metric, values, sds, tick_labels) in zip(axes, drawable):
+        _grouped_bars(ax, values, sds, models, tick_labels)
+        ax.set_title(_panel_title(letter, task, tasks[task]), fontsize=9)
+        ax.set_ylabel(_metric_label(metric))
+        if per_class:
+            ax.set_xlabel(_class_axis_label(tasks[task]))
+        present_models.update(values.columns[values.notna().any()])
+    top = _figure_legend(figure, models, list(present_models))
+    figure.tight_layout(rect=(0, 0, 1, top))
+    return figure
+
+
+# --------------------------------------------------------------------------------------------
+# Figures: build_* returns the Figure (for inspection), figure* saves it
+# --------------------------------------------------------------------------------------------
+
+
+def build_figure3(
+    metrics: pd.DataFrame, tasks: Mapping[str, Mapping[str, Any]], models: Mapping[str, Mapping[str, Any]]
+) -> Figure:
+    """Figure 3 (pathology and dermatology): T1 per class, T2 overall, T3 per class, T4 overall."""
+    panels = [("a", "T1", True), ("b", "T2", False), ("c", "T3", True), ("d", "T4", False)]
+    return _bar_figure("figure3", metrics, tasks, models, panels)
+
+
+def figure3(
+    metrics: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    out_stem: str | Path,
+) -> None:
+    """Draw Figure 3 from the metrics table into ``<out_stem>.pdf`` / ``.png``.
+
+    Panels: (a) T1 per-class, (b) T2 overall, (c) T3 per-class, (d) T4 overall, each in the task's
+    headline metric; grouped bars per model with bootstrap-SD error bars.
+    """
+    _save(build_figure3(metrics, tasks, models), out_stem)
+
+
+def build_figure4(
+    metrics: pd.DataFrame, tasks: Mapping[str, Mapping[str, Any]], models: Mapping[str, Mapping[str, Any]]
+) -> Figure:
+    """Figure 4 (ophthalmology, knee): T5 per grade, T6 overall, T8 per grade."""
+    panels = [("a", "T5", True), ("b", "T6", False), ("c", "T8", True)]
+    return _bar_figure("figure4", metrics, tasks, models, panels)
+
+
+def figure4(
+    metrics: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    out_stem: str | Path,
+) -> None:
+    """Draw Figure 4 (T5 per-grade, T6 overall, T8 per-grade headline metric) from the metrics table."""
+    _save(build_figure4(metrics, tasks, models), out_stem)
+
+
+def build_figure5(
+    metrics: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    task: str = "T7",
+    min_positives: int = 50,
+) -> Figure:
+    """Figure 5: per-finding headline metric of a multilabel task, findings with enough positives.
+
+    Findings with support >= ``min_positives`` are sorted by support (descending) and split into
+    two panels (first half = the most frequent findings).
+    """
+    metrics = _prepare(metrics, "figure5: metrics table")
+    if task not in tasks:
+        raise ValueError(f"figure5: task {task!r} is not in the tasks config (known: {', '.join(tasks)})")
+    metric = headline_metric(tasks, task)
+    support = support_filter(metrics, task, models, min_positives)
+    if support.empty:
+        raise ValueError(
+            f"figure5: no finding of task {task} has at least {min_positives} test positives "
+            "(figures.figure5_min_positives); lower the threshold or use more test data"
+        )
+    values, sds = bar_table(metrics, task, metric, models, list(support.index))
+    values = values.dropna(how="all")
+    sds = sds.reindex(index=values.index)
+    if values.empty:
+        raise _no_data("figure5", [task], "metrics", f" (metric {metric})")
+    findings = list(values.index)
+    half = math.ceil(len(findings) / 2)
+    halves = [findings[:half], findings[half:]] if len(findings) > 1 else [findings]
+
+    figure = _new_figure(width=min(max(6.0, 2.5 + half * (0.35 * values.shape[1] + 0.4)), 18.0), height=3.6 * len(halves) + 0.6)
+    axes = figure.subplots(len(halves), 1, squeeze=False)[:, 0]
+    for ax, letter, part in zip(axes, "ab", halves):
+        labels = [f"{finding}\n(n={int(support[finding])})" for finding in part]
+        # Keep bar widths equal in both panels: pad the shorter half with empty slots.
+        padded = list(part) + [f"__pad{i}" for i in range(half - len(part))]
+        _grouped_bars(ax, values.reindex(padded), sds.reindex(padded), models, labels + [""] * (half - len(part)))
+        ax.set_title(_panel_title(letter, task, tasks[task], f" (findings with >= {min_positives} positives)"), fontsize=9)
+        ax.set_ylabel(_metric_label(metric))
+        ax.set_xlabel("finding (test positives)")
+    top = _figure_legend(figure, models, list(values.columns[values.notna().any()]))
+    figure.tight_layout(rect=(0, 0, 1, top))
+    return figure
+
+
+def figure5(
+    metrics: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    out_stem: str | Path,
+    task: str = "T7",
+    min_positives: int = 50,
+) -> None:
+    """Draw Figure 5 (per-finding AUC of T7, findings with >= ``min_positives`` test positives)."""
+    _save(build_figure5(metrics, tasks, models, task=task, min_positives=min_positives), out_stem)
+
+
+def _disciplines(tasks: Mapping[str, Mapping[str, Any]], present_tasks: Sequence[str]) -> list[str]:
+    found = [str(tasks[t].get("discipline", "other")) for t in tasks if t in present_tasks]
+    known = [d for d in DISCIPLINES if d in found]
+    return known + [d for d in dict.fromkeys(found) if d not in DISCIPLINES]
+
+
+def _discipline_axes(figure: Figure, n_panels: int) -> list[Any]:
+    rows, columns = (1, n_panels) if n_panels <= 2 else (2, 2) if n_panels <= 4 else (math.ceil(n_panels / 3), 3)
+    axes = list(figure.subplots(rows, columns, squeeze=False).ravel())
+    for spare in axes[n_panels:]:
+        spare.remove()
+    return axes[:n_panels]
+
+
+def _task_style(tasks: Mapping[str, Mapping[str, Any]], discipline: str, task: str) -> tuple[str, str]:
+    # Colour = model, line style and marker = task within its discipline panel.
+    same_discipline = [t for t in tasks if tasks[t].get("discipline", "other") == discipline]
+    position = same_discipline.index(task)
+    return _TASK_LINESTYLES[position % len(_TASK_LINESTYLES)], _TASK_MARKERS[position % len(_TASK_MARKERS)]
+
+
+def _panel_metric_label(tasks: Mapping[str, Mapping[str, Any]], panel_tasks: Sequence[str]) -> str:
+    metrics = dict.fromkeys(_metric_label(headline_metric(tasks, t)) for t in panel_tasks)
+    return " / ".join(metrics)
+
+
+def build_figure6(
+    efficiency: pd.DataFrame, tasks: Mapping[str, Mapping[str, Any]], models: Mapping[str, Mapping[str, Any]]
+) -> Figure:
+    """Figure 6: label efficiency, one panel per discipline, a line per task and model.
+
+    Mean over seeds of the headline metric (class ``macro``) against the training fraction (log
+    axis); the band is mean +- ``band_sd`` of :func:`efficiency_curves` (seed spread and bootstrap
+    SD combined).
+    """
+    efficiency = _prepare(efficiency, "figure6: efficiency table")
+    curves = efficiency_curves(efficiency, tasks, models)
+    if curves.empty:
+        raise _no_data("figure6", list(tasks), "efficiency", " (class 'macro', headline metric)")
+    present_tasks = list(dict.fromkeys(curves["task"]))
+    disciplines = _disciplines(tasks, present_tasks)
+    figure = _new_figure(width=11.0 if len(disciplines) > 1 else 6.0, height=4.2 * math.ceil(len(disciplines) / 2) + 0.3)
+    axes = _discipline_axes(figure, len(disciplines))
+    fractions = sorted(curves["fraction"].unique())
+    for letter, ax, discipline in zip("abcdefghij", axes, disciplines):
+        panel_tasks = [t for t in present_tasks if tasks[t].get("discipline", "other") == discipline]
+        for task in panel_tasks:
+            linestyle, marker = _task_style(tasks, discipline, task)
+            for model in models:
+                line = curves[(curves["task"] == task) & (curves["model"] == model)]
+                if line.empty:
+                    continue
+                x = line["fraction"].to_numpy(float)
+                mean = line["mean"].to_numpy(float)
+                band = line["band_sd"].to_numpy(float)
+                colour = _model_colour(models, model)
+                ax.plot(
+                    x, mean, color=colour, linestyle=linestyle, marker=marker, markersize=4,
+                    label=f"{task} · {_model_label(models, model)}",
+                )
+                ax.fill_between(x, mean - band, mean + band, color=colour, alpha=0.15, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_xticks(fractions)
+        ax.set_xticklabels([f"{f:g}" for f in fractions])
+        ax.minorticks_off()
+        ax.set_ylim(*UNIT_YLIM)
+        ax.set_xlabel("fraction of training data (log scale)")
+        ax.set_ylabel(f"{_panel_metric_label(tasks, panel_tasks)} (mean ± SD)")
+        ax.set_title(f"({letter}) {discipline}", fontsize=10)
+        ax.grid(linewidth=0.4, alpha=0.5)
+        ax.legend(fontsize=7, loc="best", frameon=True, framealpha=0.8)
+    figure.tight_layout()
+    return figure
+
+
+def figure6(
+    efficiency: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    out_stem: str | Path,
+) -> None:
+    """Draw Figure 6 (label efficiency) from the efficiency table.
+
+    Band: mean +- sqrt(var across seeds + mean bootstrap variance); see :func:`efficiency_curves`.
+    """
+    _save(build_figure6(efficiency, tasks, models), out_stem)
+
+
+def build_figureS5(
+    layers: pd.DataFrame, tasks: Mapping[str, Mapping[str, Any]], models: Mapping[str, Mapping[str, Any]]
+) -> Figure:
+    """Figure S5: headline metric (macro) against relative layer depth, CI band, panel per discipline."""
+    layers = _prepare(layers, "figureS5: layers table")
+    curves = layer_curves(layers, tasks, models)
+    if curves.empty:
+        raise _no_data("figureS5", list(tasks), "layers", " (class 'macro', headline metric)")
+    present_tasks = list(dict.fromkeys(curves["task"]))
+    disciplines = _disciplines(tasks, present_tasks)
+    figure = _new_figure(width=11.0 if len(disciplines) > 1 else 6.0, height=4.2 * math.ceil(len(disciplines) / 2) + 0.3)
+    axes = _discipline_axes(figure, len(disciplines))
+    for letter, ax, discipline in zip("abcdefghij", axes, disciplines):
+        panel_tasks = [t for t in present_tasks if tasks[t].get("discipline", "other") == discipline]
+        has_embeddings = False
+        for task in panel_tasks:
+            linestyle, _ = _task_style(tasks, discipline, task)
+            for model in models:
+                line = curves[(curves["task"] == task) & (curves["model"] == model)]
+                if line.empty:
+                    continue
+                colour = _model_colour(models, model)
+                x = line["depth"].to_numpy(float)
+                ax.plot(
+                    x, line["value"].to_numpy(float), color=colour, linestyle=linestyle, linewidth=1.2,
+                    label=f"{task} · {_model_label(models, model)}",
+                )
+                ax.fill_between(
+                    x, line["ci_low"].to_numpy(float), line["ci_high"].to_numpy(float),
+                    color=colour, alpha=0.15, linewidth=0,
+                )
+                embeds = line[line["layer"] == EMBEDDINGS_LAYER]
+                if not embeds.empty:
+                    has_embeddings = True
+                    ax.plot(embeds["depth"], embeds["value"], color=colour, marker="*", markersize=9, linestyle="none")
+        handles, labels = ax.get_legend_handles_labels()
+        if has_embeddings:
+            handles.append(Line2D([], [], color="black", marker="*", markersize=9, linestyle="none"))
+            labels.append(f"{EMBEDDINGS_LAYER} (projection)")
+        ax.legend(handles, labels, fontsize=7, loc="best", frameon=True, framealpha=0.8)
+        ax.set_ylim(*UNIT_YLIM)
+        ax.set_xlabel("relative layer depth (layer index / last index)")
+        ax.set_ylabel(f"{_panel_metric_label(tasks, panel_tasks)} (95% CI)")
+        ax.set_title(f"({letter}) {discipline}", fontsize=10)
+        ax.grid(linewidth=0.4, alpha=0.5)
+    figure.tight_layout()
+    return figure
+
+
+def figureS5(
+    layers: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    out_stem: str | Path,
+) -> None:
+    """Draw Figure S5 (headline metric per layer, relative depth, CI band) from the layers table."""
+    _save(build_figureS5(layers, tasks, models), out_stem)
+
+
+def build_figureS6(
+    groups: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    task: str = "T2",
+) -> Figure:
+    """Figure S6: headline metric (macro) of ``task`` per sub-group (organ), grouped bars per model."""
+    groups = _prepare(groups, "figureS6: groups table", extra=("group",))
+    if task not in tasks:
+        raise ValueError(f"figureS6: task {task!r} is not in the tasks config (known: {', '.join(tasks)})")
+    metric = headline_metric(tasks, task)
+    # Rows without a group (empty in the CSV, NaN in a DataFrame built in memory) belong to no bar.
+    rows = groups[~groups["group"].str.strip().isin(["", "nan"])]
+    values, sds = bar_table(rows, task, metric, models, None, category_column="group", class_name=MACRO)
+    if values.empty or values.isna().all().all():
+        raise _no_data("figureS6", [task], "groups", f" (class 'macro', metric {metric})")
+    figure = _new_figure(width=min(max(6.0, 3.0 + 0.45 * values.size), 18.0), height=4.4)
+    ax = figure.subplots()
+    _grouped_bars(ax, values, sds, models, list(values.index))
+    ax.set_title(f"{task}: {tasks[task].get('name', task)}, by {'organ' if task == 'T2' else 'group'}", fontsize=10)
+    ax.set_ylabel(_metric_label(metric))
+    ax.set_xlabel("organ" if task == "T2" else "group")
+    top = _figure_legend(figure, models, list(values.columns[values.notna().any()]))
+    figure.tight_layout(rect=(0, 0, 1, top))
+    return figure
+
+
+def figureS6(
+    groups: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    out_stem: str | Path,
+    task: str = "T2",
+) -> None:
+    """Draw Figure S6 (T2 headline metric per organ group) from the groups table."""
+    _save(build_figureS6(groups, tasks, models, task=task), out_stem)
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------
+
+#: Figure name -> (drawing function, the result table it reads).
+FIGURES: dict[str, tuple[Callable[..., None], str]] = {
+    "figure3": (figure3, "metrics"),
+    "figure4": (figure4, "metrics"),
+    "figure5": (figure5, "metrics"),
+    "figure6": (figure6, "efficiency"),
+    "figureS5": (figureS5, "layers"),
+    "figureS6": (figureS6, "groups"),
+}
+
+
+def draw(
+    name: str,
+    tables: Mapping[str, pd.DataFrame],
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    out_stem: str | Path,
+    **options: Any,
+) -> None:
+    """Draw the figure called ``name`` (``figure3`` ... ``figureS6``) from ``tables``.
+
+    Args:
+        name: one of :data:`FIGURES`.
+        tables: result tables by name (``metrics``, ``layers``, ``efficiency``, ``groups``); only
+            the one the figure reads is needed.
+        tasks, models: the config's ``tasks`` and ``models`` sections.
+        out_stem: output path without extension.
+        **options: passed on (``task`` and ``min_positives`` for figure5, ``task`` for figureS6).
+    """
+    if name not in FIGURES:
+        raise ValueError(f"unknown figure {name!r}; known figures: {', '.join(FIGURES)}")
+    function, table_name = FIGURES[name]
+    if table_name not in tables:
+        raise ValueError(
+            f"{name} needs the {table_name!r} table (results/tables/{table_name}.csv); "
+            f"given: {', '.join(tables) or 'none'}"
+        )
+    function(tables[table_name], tasks, models, out_stem, **options)
