@@ -33,8 +33,8 @@ def _decode(values: Iterable) -> list[str]:
     return [value.decode() if isinstance(value, bytes) else str(value) for value in values]
 
 
-def test_set(manifest_path: str | Path, kind: str, classes: list[str], ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Targets and bootstrap groups (patient ids, or None) for the test ids, in the order of ``ids``."""
+def test_set(manifest_path: str | Path, kind: str, classes: list[str], ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Targets and bootstrap groups (patient ids) for the test ids, in the order of ``ids``."""
     manifest = load_manifest(manifest_path)
     test = manifest[manifest["split"] == "test"].set_index("image_id")
     ids = list(ids)
@@ -43,9 +43,8 @@ def test_set(manifest_path: str | Path, kind: str, classes: list[str], ids: Iter
         raise ValueError(f"{manifest_path}: prediction ids not in the test split: {missing[:10]}")
     rows = test.loc[ids].reset_index()
     targets = encode_targets(rows, kind, classes)
-    patients = rows["patient_id"].to_numpy()
-    groups = patients if (patients != "").all() else None
-    return targets, groups
+    # rows without a patient id become one-row clusters in the bootstrap
+    return targets, rows["patient_id"].to_numpy()
 
 
 def _score(probabilities: np.ndarray, targets: np.ndarray, groups: np.ndarray | None, task_config: dict[str, Any],

@@ -1,0 +1,367 @@
+"""medprobe.stats against independent computations: scikit-learn, scipy and plain loops over the same resamples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+from sklearn.metrics import (
+    average_precision_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    f1_score,
+    roc_auc_score,
+)
+
+from medprobe import stats
+
+
+def _multiclass_case(n: int, n_classes: int, seed: int, signal: float = 1.5, decimals: int | None = 2):
+    """Targets (n,) and softmax probabilities (n, C); rounding makes many ties on purpose."""
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, n_classes, n)
+    logits = rng.normal(size=(n, n_classes))
+    logits[np.arange(n), targets] += signal
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    if decimals is not None:
+        probabilities = np.round(probabilities, decimals)
+    return targets, probabilities
+
+
+def _loop_auc(truth: np.ndarray, scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    out = np.full((len(indices), truth.shape[1]), np.nan)
+    for b, rows in enumerate(indices):
+        for c in range(truth.shape[1]):
+            y = truth[rows, c]
+            if 0 < y.sum() < len(y):
+                out[b, c] = roc_auc_score(y, scores[rows, c])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- point metrics
+
+def test_auc_per_class_matches_sklearn_with_ties():
+    targets, probabilities = _multiclass_case(300, 4, seed=1, decimals=1)  # decimals=1: heavy ties
+    truth = np.eye(4, dtype=int)[targets]
+    expected = [roc_auc_score(truth[:, c], probabilities[:, c]) for c in range(4)]
+    np.testing.assert_allclose(stats.auc_per_class(truth, probabilities), expected, rtol=0, atol=1e-12)
+
+
+def test_auc_per_class_is_nan_without_positives_or_negatives():
+    truth = np.array([[1, 0, 1], [1, 0, 0], [1, 0, 1]])
+    scores = np.array([[0.2, 0.1, 0.9], [0.4, 0.5, 0.1], [0.3, 0.2, 0.8]])
+    auc = stats.auc_per_class(truth, scores)
+    assert np.isnan(auc[0]) and np.isnan(auc[1])
+    assert auc[2] == roc_auc_score(truth[:, 2], scores[:, 2]) == 1.0
+
+
+def test_auprc_per_class_matches_sklearn_with_ties():
+    targets, probabilities = _multiclass_case(250, 3, seed=2, decimals=1)
+    truth = np.eye(3, dtype=int)[targets]
+    expected = [average_precision_score(truth[:, c], probabilities[:, c]) for c in range(3)]
+    np.testing.assert_allclose(stats.auprc_per_class(truth, probabilities), expected, rtol=0, atol=1e-12)
+
+
+def test_f1_per_class_matches_sklearn_including_zero_division():
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 2, (80, 5))
+    predicted = rng.integers(0, 2, (80, 5))
+    truth[:, 4] = 0
+    predicted[:, 4] = 0  # tp + fp + fn == 0: sklearn's zero_division=0 gives 0
+    expected = f1_score(truth, predicted, average=None, zero_division=0)
+    np.testing.assert_allclose(stats.f1_per_class(truth, predicted), expected, rtol=0, atol=1e-12)
+    assert stats.f1_per_class(truth, predicted)[4] == 0.0
+
+
+def test_confusion_metrics_match_sklearn():
+    targets, probabilities = _multiclass_case(200, 5, seed=4, signal=1.0)
+    predicted = probabilities.argmax(axis=1)
+    confusion = stats.confusion_matrix(targets, predicted, 5)
+    assert stats.balanced_accuracy_from_confusion(confusion) == pytest.approx(balanced_accuracy_score(targets, predicted), abs=1e-12)
+    assert stats.quadratic_kappa_from_confusion(confusion) == pytest.approx(
+        cohen_kappa_score(targets, predicted, weights="quadratic", labels=list(range(5))), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap engine
+
+def test_bootstrap_auc_matches_sklearn_loop_on_same_indices():
+    targets, probabilities = _multiclass_case(120, 4, seed=5, decimals=1)
+    truth = np.eye(4, dtype=int)[targets]
+    indices = stats.bootstrap_indices(120, 40, seed=9)
+    np.testing.assert_allclose(stats.bootstrap_auc(truth, probabilities, indices),
+                               _loop_auc(truth, probabilities, indices), rtol=0, atol=1e-12)
+
+
+def test_bootstrap_auc_marks_degenerate_resamples_nan():
+    # one positive in 15 samples: about a third of resamples miss it entirely
+    truth = np.zeros((15, 1), dtype=int)
+    truth[3] = 1
+    scores = np.linspace(0, 1, 15)[:, None]
+    indices = stats.bootstrap_indices(15, 200, seed=1)
+    boot = stats.bootstrap_auc(truth, scores, indices)
+    expected = _loop_auc(truth, scores, indices)
+    np.testing.assert_array_equal(np.isnan(boot), np.isnan(expected))
+    np.testing.assert_allclose(boot[~np.isnan(boot)], expected[~np.isnan(expected)], atol=1e-12)
+    assert 0 < np.isnan(boot).sum() == int((truth[indices, 0].sum(axis=1) == 0).sum())
+
+
+def test_bootstrap_auprc_matches_sklearn_loop():
+    targets, probabilities = _multiclass_case(100, 3, seed=6, decimals=1)
+    truth = np.eye(3, dtype=int)[targets]
+    indices = stats.bootstrap_indices(100, 30, seed=2)
+    expected = np.array([[average_precision_score(truth[rows, c], probabilities[rows, c]) for c in range(3)]
+                         for rows in indices])
+    np.testing.assert_allclose(stats.bootstrap_auprc(truth, probabilities, indices), expected, rtol=0, atol=1e-12)
+
+
+def test_bootstrap_f1_matches_sklearn_loop():
+    rng = np.random.default_rng(7)
+    truth = rng.integers(0, 2, (60, 4))
+    predicted = np.where(rng.random((60, 4)) < 0.8, truth, 1 - truth)
+    truth[:, 3] = (np.arange(60) == 0).astype(int)  # rare class: some resamples have tp + fp + fn == 0
+    predicted[:, 3] = 0
+    indices = stats.bootstrap_indices(60, 50, seed=3)
+    expected = np.array([f1_score(truth[rows], predicted[rows], average=None, zero_division=0) for rows in indices])
+    np.testing.assert_allclose(stats.bootstrap_f1(truth, predicted, indices), expected, rtol=0, atol=1e-12)
+
+
+def test_bootstrap_indices_are_deterministic_and_seeded():
+    a = stats.bootstrap_indices(50, 20, seed=11)
+    assert a.shape == (20, 50) and a.dtype == np.int64
+    np.testing.assert_array_equal(a, stats.bootstrap_indices(50, 20, seed=11))
+    assert not np.array_equal(a, stats.bootstrap_indices(50, 20, seed=12))
+    assert a.min() >= 0 and a.max() < 50
+    groups = np.repeat(np.arange(10), 5)
+    np.testing.assert_array_equal(stats.bootstrap_indices(50, 20, 11, groups), stats.bootstrap_indices(50, 20, 11, groups))
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        stats.bootstrap_indices(50, 20, None)
+
+
+def test_clustered_bootstrap_keeps_patients_whole():
+    rng = np.random.default_rng(8)
+    sizes = rng.integers(1, 6, 40)
+    patients = np.array([f"p{i:02d}" for i in rng.permutation(np.repeat(np.arange(40), sizes))])  # interleaved rows
+    n = len(patients)
+    rows_of = {p: list(np.flatnonzero(patients == p)) for p in np.unique(patients)}
+    indices = stats.bootstrap_indices(n, 100, seed=4, groups=patients)
+    assert indices.shape == (100, n)
+    for replicate in indices:
+        position = 0
+        while position < n:
+            patient_rows = rows_of[patients[replicate[position]]]
+            run = list(replicate[position:position + len(patient_rows)])
+            if position + len(patient_rows) <= n:
+                assert run == patient_rows  # a drawn patient brings all of its rows
+            else:
+                assert run == patient_rows[:len(run)]  # only the last draw may be cut to keep n rows
+            position += len(patient_rows)
+
+
+def test_clustered_bootstrap_with_equal_patients_resamples_whole_patients_only():
+    patients = np.repeat(np.arange(12), 3)
+    indices = stats.bootstrap_indices(36, 50, seed=0, groups=patients)
+    for replicate in indices:
+        counts = np.bincount(replicate, minlength=36).reshape(12, 3)
+        assert (counts == counts[:, :1]).all()  # all three rows of a patient drawn equally often
+        assert counts[:, 0].sum() == 12
+
+
+def test_clustered_bootstrap_treats_missing_patient_ids_as_singletons():
+    patients = np.array(["a", "a", "", "", None, "b", "b"], dtype=object)
+    codes = stats._group_codes(patients, 7)
+    assert codes[0] == codes[1] and codes[5] == codes[6]
+    assert len({codes[2], codes[3], codes[4], codes[0], codes[5]}) == 5
+
+
+def test_percentile_ci_matches_numpy_and_skips_nan():
+    values = np.random.default_rng(9).normal(size=500)
+    values[::50] = np.nan
+    low, high = stats.percentile_ci(values, 0.9)
+    expected = np.percentile(values[~np.isnan(values)], [5, 95])
+    assert (low, high) == pytest.approx(tuple(expected), abs=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------- score_predictions
+
+def test_score_predictions_multiclass_matches_sklearn():
+    targets, probabilities = _multiclass_case(150, 5, seed=10, signal=1.0)
+    classes = ["0", "1", "2", "3", "4"]
+    scores = stats.score_predictions("multiclass", classes, targets, probabilities, n_boot=60, seed=3, graded=True)
+    predicted = probabilities.argmax(axis=1)
+    truth = np.eye(5, dtype=int)[targets]
+    for c, name in enumerate(classes):
+        assert scores.point[(name, "auc")] == pytest.approx(roc_auc_score(truth[:, c], probabilities[:, c]), abs=1e-12)
+        assert scores.point[(name, "support")] == truth[:, c].sum()
+    assert scores.point[("macro", "auc")] == pytest.approx(
+        np.mean([roc_auc_score(truth[:, c], probabilities[:, c]) for c in range(5)]), abs=1e-12)
+    assert scores.point[("macro", "f1")] == pytest.approx(f1_score(targets, predicted, average="macro"), abs=1e-12)
+    assert scores.point[("macro", "balanced_accuracy")] == pytest.approx(balanced_accuracy_score(targets, predicted), abs=1e-12)
+    assert scores.point[("macro", "kappa_quadratic")] == pytest.approx(
+        cohen_kappa_score(targets, predicted, weights="quadratic", labels=list(range(5))), abs=1e-12)
+
+    # replicates of the macro metrics vs sklearn on the same resamples
+    indices = stats.bootstrap_indices(150, 60, seed=3)
+    for b in (0, 17, 59):
+        rows = indices[b]
+        assert scores.replicates[("macro", "f1")][b] == pytest.approx(
+            f1_score(targets[rows], predicted[rows], average="macro"), abs=1e-12)
+        assert scores.replicates[("macro", "balanced_accuracy")][b] == pytest.approx(
+            balanced_accuracy_score(targets[rows], predicted[rows]), abs=1e-12)
+        assert scores.replicates[("macro", "kappa_quadratic")][b] == pytest.approx(
+            cohen_kappa_score(targets[rows], predicted[rows], weights="quadratic", labels=list(range(5))), abs=1e-12)
+        assert scores.replicates[("2", "f1")][b] == pytest.approx(
+            f1_score(targets[rows] == 2, predicted[rows] == 2, zero_division=0), abs=1e-12)
+
+
+def test_score_predictions_binary_uses_positive_class_and_paper_convention():
+    rng = np.random.default_rng(11)
+    targets = rng.integers(0, 2, 120)
+    positive = np.clip(0.3 * targets + rng.random(120) * 0.7, 0, 1).round(2)
+    probabilities = np.column_stack([1 - positive, positive])
+    scores = stats.score_predictions("binary", ["benign", "malignant"], targets, probabilities, n_boot=50, seed=0)
+    predicted = probabilities.argmax(axis=1)
+    assert scores.point[("malignant", "auc")] == pytest.approx(roc_auc_score(targets, positive), abs=1e-12)
+    assert scores.point[("malignant", "f1")] == pytest.approx(f1_score(targets, predicted), abs=1e-12)
+    assert scores.point[("malignant", "auprc")] == pytest.approx(average_precision_score(targets, positive), abs=1e-12)
+    assert scores.point[("malignant", "support")] == targets.sum()
+    assert scores.point[("macro", "balanced_accuracy")] == pytest.approx(balanced_accuracy_score(targets, predicted), abs=1e-12)
+    assert not any(name == "benign" for name, _ in scores.point)
+    for metric in ("auc", "f1", "auprc"):
+        assert scores.point[("macro", metric)] == scores.point[("malignant", metric)]
+        np.testing.assert_array_equal(scores.replicates[("macro", metric)], scores.replicates[("malignant", metric)])
+
+
+def test_score_predictions_multilabel_matches_sklearn():
+    rng = np.random.default_rng(12)
+    truth = (rng.random((140, 4)) < [0.5, 0.3, 0.1, 0.2]).astype(int)
+    probabilities = np.clip(0.4 * truth + 0.6 * rng.random((140, 4)), 0, 1).round(2)
+    findings = ["effusion", "nodule", "fracture", "scoliosis"]
+    scores = stats.score_predictions("multilabel", findings, truth, probabilities, n_boot=40, seed=5)
+    flagged = (probabilities >= 0.5).astype(int)
+    for c, name in enumerate(findings):
+        assert scores.point[(name, "auc")] == pytest.approx(roc_auc_score(truth[:, c], probabilities[:, c]), abs=1e-12)
+        assert scores.point[(name, "auprc")] == pytest.approx(average_precision_score(truth[:, c], probabilities[:, c]), abs=1e-12)
+    assert scores.point[("macro", "auc")] == pytest.approx(roc_auc_score(truth, probabilities, average="macro"), abs=1e-12)
+    assert scores.point[("macro", "f1")] == pytest.approx(f1_score(truth, flagged, average="macro", zero_division=0), abs=1e-12)
+    assert scores.point[("macro", "auprc")] == pytest.approx(average_precision_score(truth, probabilities, average="macro"), abs=1e-12)
+
+
+def test_rows_report_nan_sd_and_percentile_ci():
+    targets, probabilities = _multiclass_case(90, 3, seed=13)
+    scores = stats.score_predictions("multiclass", ["a", "b", "c"], targets, probabilities, n_boot=80, seed=1, ci=0.9)
+    rows = {(row["class"], row["metric"]): row for row in scores.rows()}
+    assert set(rows) == set(scores.point)
+    row = rows[("b", "auc")]
+    replicates = scores.replicates[("b", "auc")]
+    assert row["sd"] == pytest.approx(np.nanstd(replicates, ddof=1), abs=1e-15)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(np.percentile(replicates, [5, 95])), abs=1e-15)
+    assert np.isnan(rows[("a", "support")]["sd"]) and np.isnan(rows[("a", "support")]["ci_low"])
+    assert list(rows[("a", "auc")]) == ["class", "metric", "value", "sd", "ci_low", "ci_high", "n_degenerate"]
+
+
+def test_degenerate_replicates_are_counted_not_dropped():
+    # class "rare" has two positives in 20 samples, so many resamples contain none of them
+    targets = np.zeros(20, dtype=int)
+    targets[[4, 11]] = 1
+    targets[10:] = np.where(targets[10:] == 1, 1, 2)
+    probabilities = np.full((20, 3), 0.2)
+    probabilities[np.arange(20), targets] = 0.6
+    scores = stats.score_predictions("multiclass", ["common", "rare", "other"], targets, probabilities, n_boot=300, seed=2)
+    indices = stats.bootstrap_indices(20, 300, seed=2)
+    missing_rare = (targets[indices] == 1).sum(axis=1) == 0
+    assert missing_rare.sum() > 0
+    assert scores.n_degenerate[("rare", "auc")] == missing_rare.sum()
+    assert np.isnan(scores.replicates[("rare", "auc")]).sum() == missing_rare.sum()
+    assert len(scores.replicates[("rare", "auc")]) == 300  # kept as NaN, not removed
+    # perfect predictions: F1 is undefined (0 by convention) exactly where the class is absent
+    assert scores.n_degenerate[("rare", "f1")] == missing_rare.sum()
+    assert scores.n_degenerate[("macro", "auc")] == missing_rare.sum()
+    row = next(r for r in scores.rows() if (r["class"], r["metric"]) == ("rare", "auc"))
+    assert row["n_degenerate"] == missing_rare.sum()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kind="ordinal"), "kind must be one of"),
+    (dict(targets=np.array([0, 1, 5, 0])), "class index 5"),
+    (dict(probabilities=np.ones((4, 2))), r"shape \(n, 3\)"),
+    (dict(ci=1.5), "ci must lie"),
+    (dict(n_boot=0), "n_boot must be a positive integer"),
+    (dict(groups=np.array(["a", "b"])), "groups must be a 1-D array"),
+])
+def test_score_predictions_rejects_bad_input_with_named_value(kwargs, message):
+    arguments = dict(kind="multiclass", classes=["x", "y", "z"], targets=np.array([0, 1, 2, 0]),
+                     probabilities=np.full((4, 3), 1 / 3))
+    arguments.update(kwargs)
+    options = {key: arguments.pop(key) for key in ("n_boot", "ci", "groups") if key in arguments}
+    with pytest.raises(ValueError, match=message):
+        stats.score_predictions(arguments["kind"], arguments["classes"], arguments["targets"],
+                                arguments["probabilities"], **options)
+
+
+# ---------------------------------------------------------------------------------------------- comparisons
+
+def test_compare_identical_predictions_gives_zero_difference_and_p_one():
+    targets, probabilities = _multiclass_case(100, 3, seed=14)
+    a = stats.score_predictions("multiclass", ["a", "b", "c"], targets, probabilities, n_boot=100, seed=0)
+    b = stats.score_predictions("multiclass", ["a", "b", "c"], targets, probabilities, n_boot=100, seed=0)
+    rows = stats.compare(a, b)
+    assert {row["test"] for row in rows} == {"bootstrap", "paired_t"}
+    assert not any(row["metric"] == "support" for row in rows)
+    assert len(rows) == 2 * sum(metric != "support" for _, metric in a.point)
+    for row in rows:
+        assert row["difference"] == 0.0 and row["p_value"] == 1.0
+        assert row["ci_low"] == 0.0 and row["ci_high"] == 0.0
+
+
+def test_compare_detects_clearly_better_model():
+    rng = np.random.default_rng(15)
+    targets = rng.integers(0, 2, 300)
+    good = np.clip(0.5 * targets + 0.5 * rng.random(300), 0, 1)
+    weak = np.clip(0.1 * targets + 0.9 * rng.random(300), 0, 1)
+    groups = np.repeat(np.arange(100), 3)
+    better = stats.score_predictions("binary", ["no", "yes"], targets, np.column_stack([1 - good, good]),
+                                     n_boot=200, seed=1, groups=groups)
+    worse = stats.score_predictions("binary", ["no", "yes"], targets, np.column_stack([1 - weak, weak]),
+                                    n_boot=200, seed=1, groups=groups)
+    rows = {(r["class"], r["metric"], r["test"]): r for r in stats.compare(better, worse)}
+    boot = rows[("macro", "auc", "bootstrap")]
+    assert boot["difference"] == pytest.approx(better.point[("macro", "auc")] - worse.point[("macro", "auc")])
+    assert boot["difference"] > 0.2 and boot["ci_low"] > 0
+    assert boot["p_value"] == pytest.approx(1 / 200)  # every replicate difference > 0: floored at 1/B
+    deltas = better.replicates[("macro", "auc")] - worse.replicates[("macro", "auc")]
+    assert (boot["ci_low"], boot["ci_high"]) == pytest.approx(tuple(np.percentile(deltas, [2.5, 97.5])))
+    t_row = rows[("macro", "auc", "paired_t")]
+    expected_t = scipy_stats.ttest_rel(better.replicates[("macro", "auc")], worse.replicates[("macro", "auc")])
+    assert t_row["p_value"] == pytest.approx(expected_t.pvalue) and t_row["p_value"] < 1e-10
+
+
+def test_compare_bootstrap_p_value_is_two_sided_share():
+    targets, probabilities = _multiclass_case(60, 2, seed=16, signal=0.3)
+    other = np.round(np.clip(probabilities + np.random.default_rng(1).normal(0, 0.15, probabilities.shape), 0, 1), 2)
+    a = stats.score_predictions("binary", ["n", "p"], targets, probabilities, n_boot=150, seed=4)
+    b = stats.score_predictions("binary", ["n", "p"], targets, other, n_boot=150, seed=4)
+    row = next(r for r in stats.compare(a, b) if (r["class"], r["metric"], r["test"]) == ("p", "auc", "bootstrap"))
+    deltas = a.replicates[("p", "auc")] - b.replicates[("p", "auc")]
+    deltas = deltas[~np.isnan(deltas)]
+    expected = min(1.0, max(2 * min(np.mean(deltas <= 0), np.mean(deltas >= 0)), 1 / len(deltas)))
+    assert row["p_value"] == pytest.approx(expected)
+
+
+def test_compare_rejects_unpaired_scores():
+    targets, probabilities = _multiclass_case(40, 2, seed=17)
+    base = stats.score_predictions("binary", ["n", "p"], targets, probabilities, n_boot=30, seed=0)
+    with pytest.raises(ValueError, match="n=39"):
+        stats.compare(base, stats.score_predictions("binary", ["n", "p"], targets[:39], probabilities[:39], n_boot=30))
+    with pytest.raises(ValueError, match="n_boot=31"):
+        stats.compare(base, stats.score_predictions("binary", ["n", "p"], targets, probabilities, n_boot=31))
+    with pytest.raises(ValueError, match="different bootstrap resamples"):
+        stats.compare(base, stats.score_predictions("binary", ["n", "p"], targets, probabilities, n_boot=30, seed=1))
+
+
+def test_holm_matches_hand_computation():
+    p = np.array([0.01, 0.04, 0.03, 0.005, np.nan])
+    # sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    np.testing.assert_allclose(stats.holm(p), [0.03, 0.06, 0.06, 0.02, np.nan])
+    np.testing.assert_allclose(stats.holm(np.array([0.5, 0.9])), [1.0, 1.0])
+    with pytest.raises(ValueError, match="p_values must lie in"):
+        stats.holm(np.array([0.2, 1.3]))
