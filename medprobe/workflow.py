@@ -24,12 +24,8 @@ def rule_logging(snakemake: Any) -> Iterator[logging.Logger]:
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").addHandler(handler)
     threads = int(getattr(snakemake, "threads", 1) or 1)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover - torch is a hard dependency, but scripts without it still log
-        pass
+    if "torch" in sys.modules:  # only rules that use torch pay for importing it
+        sys.modules["torch"].set_num_threads(threads)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         yield root
