@@ -1,0 +1,420 @@
+"""Batched, resumable extraction of per-layer activations into the activations HDF5.
+
+The file layout (see ``docs/architecture.md``)::
+
+    ids           (N,)       UTF-8 image_id, manifest order
+    activations   (N, L, D)  float16 (or float32), chunks (min(N, 256), 1, D) so one layer reads fast
+    embeddings    (N, E)     only for models with their own projected image embedding (CLIP)
+    attrs: layer_names, model, checkpoint, revision, prompt, pooling, dtype, software_version, manifest_sha256
+
+Resume: the file is written as ``<out_path>.partial``; after every batch the rows are flushed and the
+attribute ``rows_done`` is advanced.  A rerun for the same manifest, model, prompt, layers and dtype
+continues at ``rows_done`` (any difference starts over), and the finished file is renamed onto
+``out_path``, so ``out_path`` exists only when complete.  Batches always start at a multiple of the
+batch size, so a resumed run with the same ``batch_size`` writes bit-identical data.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+
+import medprobe
+from medprobe.models import Adapter, load_adapter
+
+__all__ = ["ImageReadError", "extract_activations", "layer_names", "read_activations"]
+
+logger = logging.getLogger("medprobe.extract")
+
+EMBEDDINGS_LAYER = "image_embeds"
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+_CHUNK_ROWS = 256
+# Enough chunk cache to keep one row of chunks (all layers) in memory between batches, so that a
+# batch write does not read-modify-write every chunk; capped for 80-layer, 8192-wide models.
+_MAX_CHUNK_CACHE_BYTES = 1 << 30
+
+
+class ImageReadError(RuntimeError):
+    """An image named in the manifest is missing or cannot be decoded."""
+
+
+def _read_manifest(manifest: Path, root: Path) -> list[tuple[str, Path]]:
+    """``(image_id, resolved path)`` for every manifest row, in manifest order."""
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest {manifest} does not exist")
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"image_id", "path"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"manifest {manifest} lacks column(s) {sorted(missing)}; it has {reader.fieldnames}")
+        entries: list[tuple[str, Path]] = []
+        seen: set[str] = set()
+        for line_number, row in enumerate(reader, start=2):
+            image_id, path = row["image_id"], row["path"]
+            if not image_id or not path:
+                raise ValueError(f"manifest {manifest} line {line_number}: empty image_id or path ({row})")
+            if image_id in seen:
+                raise ValueError(f"manifest {manifest} line {line_number}: duplicate image_id {image_id!r}")
+            seen.add(image_id)
+            resolved = Path(path) if os.path.isabs(path) else root / path
+            entries.append((image_id, resolved))
+    if not entries:
+        raise ValueError(f"manifest {manifest} has no rows")
+    return entries
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _resolve_layers(layers: Sequence[int] | None, num_hidden_states: int) -> list[int]:
+    """Sorted, unique, non-negative hidden-state indices (negative ones count from the end)."""
+    if layers is None:
+        return list(range(num_hidden_states))
+    resolved = set()
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise ValueError(f"layers must be integers (hidden-state indices), got {layer!r}")
+        if not -num_hidden_states <= layer < num_hidden_states:
+            raise ValueError(
+                f"layer {layer} is out of range: the model has {num_hidden_states} hidden states "
+                f"(indices 0..{num_hidden_states - 1})"
+            )
+        resolved.add(int(layer) % num_hidden_states)
+    if not resolved:
+        raise ValueError("layers is empty; pass None for all layers")
+    return sorted(resolved)
+
+
+def software_version() -> str:
+    """medprobe, torch and transformers versions, as recorded in every activations file."""
+    import transformers
+
+    return f"medprobe {medprobe.__version__}; torch {torch.__version__}; transformers {transformers.__version__}"
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Loads manifest images as RGB; item ``i`` is ``(offset + i, image)``."""
+
+    def __init__(self, entries: Sequence[tuple[str, Path]], offset: int = 0) -> None:
+        self.entries = list(entries)
+        self.offset = offset
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> tuple[int, Image.Image | ImageReadError]:
+        image_id, path = self.entries[index]
+        try:
+            with Image.open(path) as image:
+                return self.offset + index, image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            # Returned, not raised: an exception raised inside a DataLoader worker reaches the caller
+            # re-wrapped, and the abandoned worker then holds up shutdown for seconds.
+            return self.offset + index, ImageReadError(f"cannot read image {image_id!r} at {path}: {error}")
+
+
+class _Collate:
+    """Preprocesses a list of ``(row, image)`` into ``(rows, model inputs)``; runs in DataLoader workers."""
+
+    def __init__(self, adapter: Adapter, prompt: str) -> None:
+        self.adapter = adapter
+        self.prompt = prompt
+
+    def __call__(
+        self, items: list[tuple[int, Image.Image | ImageReadError]]
+    ) -> tuple[list[int], dict[str, torch.Tensor] | ImageReadError]:
+        rows = [row for row, _ in items]
+        images = [image for _, image in items]
+        for image in images:
+            if isinstance(image, ImageReadError):
+                return rows, image
+        return rows, self.adapter.preprocess(images, self.prompt)
+
+
+def _rows_done_in_partial(partial: Path, fingerprint: str, n_rows: int) -> int | None:
+    """Rows a matching ``.partial`` file already holds; ``None`` (file removed) when it must start over."""
+    if not partial.exists():
+        return None
+    try:
+        with h5py.File(partial, "r") as handle:
+            stored = handle.attrs.get("fingerprint")
+            rows_done = int(handle.attrs.get("rows_done", -1))
+    except OSError as error:  # e.g. killed while HDF5 metadata was being written
+        logger.warning("cannot reopen %s (%s); starting over", partial, error)
+        partial.unlink()
+        return None
+    if stored != fingerprint or not 0 <= rows_done <= n_rows:
+        logger.warning(
+            "%s was written for a different manifest, model, prompt, layers or dtype; starting over", partial
+        )
+        partial.unlink()
+        return None
+    return rows_done
+
+
+def _create_partial(
+    partial: Path,
+    ids: Sequence[str],
+    *,
+    n_layers: int,
+    hidden_dim: int,
+    embedding_dim: int | None,
+    storage_dtype: np.dtype,
+    attrs: Mapping[str, Any],
+    fingerprint: str,
+) -> None:
+    """Create the ``.partial`` file: ids, empty activations (and embeddings), attributes, ``rows_done`` 0."""
+    with h5py.File(partial, "w") as handle:
+        n_rows = len(ids)
+        chunk_rows = min(n_rows, _CHUNK_ROWS)
+        handle.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        handle.create_dataset(
+            "activations", shape=(n_rows, n_layers, hidden_dim), dtype=storage_dtype, chunks=(chunk_rows, 1, hidden_dim)
+        )
+        if embedding_dim is not None:
+            handle.create_dataset(
+                "embeddings", shape=(n_rows, embedding_dim), dtype=storage_dtype, chunks=(chunk_rows, embedding_dim)
+            )
+        for key, value in attrs.items():
+            handle.attrs[key] = value
+        handle.attrs["fingerprint"] = fingerprint
+        handle.attrs["rows_done"] = 0
+
+
+def extract_activations(
+    manifest: str | Path,
+    out_path: str | Path,
+    *,
+    model_name: str,
+    model_cfg: Mapping[str, Any],
+    prompt: str,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    dtype: str = "float16",
+    layers: list[int] | None = None,
+    device: str | None = None,
+    root: str | Path = ".",
+    progress: bool = True,
+) -> Path:
+    """Run every manifest image through the model and store its pooled per-layer activations.
+
+    Args:
+        manifest: manifest CSV with at least ``image_id`` and ``path`` (relative to ``root`` unless absolute).
+        out_path: the activations HDF5 to write (written as ``<out_path>.partial``, renamed when complete).
+        model_name: the config's model key, stored as the ``model`` attribute.
+        model_cfg: the model's config entry (see :func:`medprobe.models.load_adapter`).
+        prompt: the task prompt; the adapter wraps it (attribute ``prompt`` holds the exact text).
+        batch_size: images per forward pass.
+        num_workers: DataLoader worker processes for image loading and preprocessing (0 = in-process).
+        dtype: storage dtype, ``float16`` or ``float32``.
+        layers: hidden-state indices to keep (default all).
+        device: ``cuda``, ``cuda:1``, ``cpu``...; default CUDA when available.
+        root: directory that relative manifest paths are relative to.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        FileNotFoundError: the manifest or an image is missing (the message names image_id and path).
+        ImageReadError: an image cannot be decoded.
+        ValueError: bad manifest, ``dtype``, ``layers`` or ``batch_size``.
+    """
+    from tqdm import tqdm
+
+    manifest, out_path, root = Path(manifest), Path(out_path), Path(root)
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype is {dtype!r}; valid storage dtypes: {', '.join(STORAGE_DTYPES)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    storage_dtype = np.dtype(STORAGE_DTYPES[dtype])
+    entries = _read_manifest(manifest, root)
+    for image_id, path in entries:  # fail before loading a large model, not hours into the run
+        if not path.is_file():
+            raise FileNotFoundError(f"image {image_id!r} listed in {manifest} not found at {path}")
+    manifest_sha256 = _sha256(manifest)
+    ids = [image_id for image_id, _ in entries]
+    n_rows = len(entries)
+
+    started = time.perf_counter()
+    adapter = load_adapter(model_cfg, device=device)
+    logger.info("loaded %r in %.1f s on %s", adapter, time.perf_counter() - started, adapter.device)
+    layer_indices = _resolve_layers(layers, adapter.num_hidden_states)
+    stored_layer_names = [adapter.layer_names[i] for i in layer_indices]
+    attrs = {
+        "layer_names": stored_layer_names,
+        "model": model_name,
+        "checkpoint": str(model_cfg["checkpoint"]),
+        "revision": str(model_cfg.get("revision") or ""),
+        "prompt": adapter.prompt_text(prompt),
+        "pooling": adapter.pooling,
+        "dtype": dtype,
+        "software_version": software_version(),
+        "manifest_sha256": manifest_sha256,
+    }
+    fingerprint = json.dumps(
+        {
+            "manifest_sha256": manifest_sha256,
+            "model": model_name,
+            "checkpoint": attrs["checkpoint"],
+            "revision": attrs["revision"],
+            "adapter": adapter.name,
+            "prompt": attrs["prompt"],
+            "layers": layer_indices,
+            "dtype": dtype,
+            "shape": [n_rows, len(layer_indices), adapter.hidden_dim, adapter.embedding_dim],
+        },
+        sort_keys=True,
+    )
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".partial")
+    rows_done = _rows_done_in_partial(partial, fingerprint, n_rows)
+    if rows_done is None:
+        rows_done = 0
+        _create_partial(
+            partial,
+            ids,
+            n_layers=len(layer_indices),
+            hidden_dim=adapter.hidden_dim,
+            embedding_dim=adapter.embedding_dim,
+            storage_dtype=storage_dtype,
+            attrs=attrs,
+            fingerprint=fingerprint,
+        )
+    elif rows_done:
+        logger.info("resuming %s at row %d of %d", partial, rows_done, n_rows)
+    # A chunk cache that holds one row of chunks of every layer (see _MAX_CHUNK_CACHE_BYTES).
+    chunk_bytes = min(n_rows, _CHUNK_ROWS) * adapter.hidden_dim * storage_dtype.itemsize
+    cache_bytes = int(min(_MAX_CHUNK_CACHE_BYTES, max(1 << 20, 2 * len(layer_indices) * chunk_bytes)))
+    handle = h5py.File(partial, "r+", rdcc_nbytes=cache_bytes, rdcc_nslots=100_003)
+
+    on_cuda = adapter.device.type == "cuda"
+    loader = torch.utils.data.DataLoader(
+        _ImageDataset(entries[rows_done:], offset=rows_done),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_Collate(adapter, prompt),
+        pin_memory=on_cuda,
+    )
+    activations, embeddings = handle["activations"], handle.get("embeddings")
+    expected_shape = (len(layer_indices), adapter.hidden_dim)
+    warned_overflow = False
+    new_rows = 0
+    started = time.perf_counter()
+    try:
+        with tqdm(
+            total=n_rows, initial=rows_done, unit="img", desc=model_name, disable=not progress, dynamic_ncols=True
+        ) as bar:
+            for rows, batch in loader:
+                if isinstance(batch, ImageReadError):
+                    raise batch
+                pooled, embedded = adapter.forward(batch, layers=layer_indices)
+                if tuple(pooled.shape[1:]) != expected_shape:
+                    raise RuntimeError(
+                        f"{type(adapter).__name__} returned activations of shape {tuple(pooled.shape)}, "
+                        f"expected (batch, {expected_shape[0]}, {expected_shape[1]})"
+                    )
+                start, stop = rows[0], rows[-1] + 1
+                stored = pooled.numpy().astype(storage_dtype)
+                if not warned_overflow and not np.isfinite(stored).all():
+                    warned_overflow = True
+                    logger.warning(
+                        "non-finite activations in rows %d-%d (float16 range exceeded?); consider dtype float32",
+                        start,
+                        stop - 1,
+                    )
+                activations[start:stop] = stored
+                if embeddings is not None:
+                    if embedded is None:
+                        raise RuntimeError(
+                            f"{type(adapter).__name__} returned no embeddings for rows {start}-{stop - 1}"
+                        )
+                    embeddings[start:stop] = embedded.numpy().astype(storage_dtype)
+                # Rows count as done only once their data is on disk.
+                handle.flush()
+                handle.attrs["rows_done"] = stop
+                handle.flush()
+                new_rows += stop - start
+                bar.update(stop - start)
+        del handle.attrs["rows_done"]
+        del handle.attrs["fingerprint"]
+    finally:
+        handle.close()
+    os.replace(partial, out_path)
+    elapsed = time.perf_counter() - started
+    logger.info(
+        "extracted %d images (%d new) with %s in %.1f s, %.2f images/s -> %s",
+        n_rows,
+        new_rows,
+        model_name,
+        elapsed,
+        new_rows / elapsed if elapsed > 0 else float("nan"),
+        out_path,
+    )
+    return out_path
+
+
+def _stored_layer_names(handle: h5py.File) -> list[str]:
+    names = [str(name) for name in handle.attrs["layer_names"]]
+    if "embeddings" in handle:
+        names.append(EMBEDDINGS_LAYER)
+    return names
+
+
+def layer_names(path: str | Path) -> list[str]:
+    """Layer names of an activations file: its ``hidden.i`` layers, plus ``image_embeds`` when present."""
+    with h5py.File(path, "r") as handle:
+        return _stored_layer_names(handle)
+
+
+def read_activations(path: str | Path, layer: int | str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one layer of an activations file without loading the others.
+
+    Args:
+        path: the activations HDF5.
+        layer: a name from :func:`layer_names` (``hidden.3``, ``image_embeds``) or a position in that
+            list (negative counts from the end, so -1 is ``image_embeds`` when the file has embeddings).
+
+    Returns:
+        ``(ids, X)``: ids (N,) str in manifest order, X (N, D) float32.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"activations file {path} does not exist")
+    with h5py.File(path, "r") as handle:
+        names = _stored_layer_names(handle)
+        if isinstance(layer, str):
+            if layer not in names:
+                raise ValueError(f"layer {layer!r} is not in {path}; its layers: {', '.join(names)}")
+            name = layer
+        elif isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+            if not -len(names) <= layer < len(names):
+                raise ValueError(f"layer index {layer} is out of range for {path}, which has {len(names)} layers")
+            name = names[layer]
+        else:
+            raise ValueError(f"layer must be a name or an integer position, got {layer!r}")
+        ids = np.asarray(handle["ids"].asstr()[()], dtype=str)
+        if name == EMBEDDINGS_LAYER:
+            values = handle["embeddings"][()]
+        else:
+            values = handle["activations"][:, names.index(name), :]
+    return ids, values.astype(np.float32, copy=False)

@@ -1,0 +1,221 @@
+"""The adapter base class and the adapter registry.
+
+An adapter wraps one family of Hugging Face models behind the four things extraction needs: the exact
+prompt text, CPU preprocessing of a batch of images, a forward pass that returns one pooled vector per
+hidden state, and a description of the layers.  Adding a model family is one module in this package
+that subclasses :class:`Adapter` and decorates it with :func:`register`; the package imports every
+module in it, so nothing else needs editing.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+__all__ = ["ADAPTERS", "Adapter", "TORCH_DTYPES", "register", "resolve_device", "resolve_torch_dtype"]
+
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def register(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
+    """Class decorator that registers an :class:`Adapter` subclass under ``name`` (the config's ``adapter``)."""
+
+    def decorator(cls: type[Adapter]) -> type[Adapter]:
+        if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+            raise TypeError(f"@register({name!r}) must decorate a subclass of Adapter, got {cls!r}")
+        if name in ADAPTERS and ADAPTERS[name] is not cls:
+            raise ValueError(f"adapter name {name!r} is already registered by {ADAPTERS[name].__qualname__}")
+        ADAPTERS[name] = cls
+        cls.name = name
+        return cls
+
+    return decorator
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` means the first CUDA device when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_torch_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """Map the config's ``torch_dtype`` to a torch dtype; the default is float32 on CPU, bfloat16 on CUDA."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"model config key 'torch_dtype' is {name!r}; valid values: {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
+
+
+class Adapter(abc.ABC):
+    """A loaded model + processor that turns images and a prompt into per-layer pooled activations.
+
+    Attributes:
+        name: the registry name (set by :func:`register`).
+        pooling: ``"last"`` (the last real prompt token) or ``"cls"`` (a vision tower's CLS token).
+        layer_names: ``hidden.i`` for every entry ``i`` of the model's ``hidden_states``.
+        hidden_dim: width of the hidden states.
+        embedding_dim: width of the model's own projected image embedding (CLIP), else ``None``.
+        checkpoint: hub id or local directory the model was loaded from.
+        revision: the hub revision, or ``None``.
+        model: the ``torch.nn.Module`` (in eval mode).
+        processor: the Hugging Face processor / image processor.
+        device: where inputs go.
+        dtype: the model's floating dtype; floating inputs are cast to it.
+    """
+
+    name: ClassVar[str] = ""
+    pooling: ClassVar[str] = "last"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        *,
+        checkpoint: str,
+        revision: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.checkpoint = checkpoint
+        self.revision = revision
+        first_param = next(model.parameters())
+        # With a device_map the model is already placed; inputs go where its first parameters live.
+        self.device = torch.device(device) if device is not None else first_param.device
+        self.dtype = dtype if dtype is not None else first_param.dtype
+        self.layer_names: list[str] = [f"hidden.{i}" for i in range(self.num_hidden_states)]
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_config(cls, model_cfg: Mapping[str, Any], device: str | torch.device | None = None) -> Adapter:
+        """Load the checkpoint named in ``model_cfg`` (see :func:`medprobe.models.load_adapter`)."""
+        checkpoint = model_cfg.get("checkpoint")
+        if not isinstance(checkpoint, str) or not checkpoint:
+            raise ValueError(f"model config key 'checkpoint' must be a hub id or directory, got {checkpoint!r}")
+        revision = model_cfg.get("revision") or None
+        device_map = model_cfg.get("device_map")
+        target = resolve_device(device)
+        dtype = resolve_torch_dtype(model_cfg.get("torch_dtype"), target)
+        trust_remote_code = bool(model_cfg.get("trust_remote_code", False))
+        load_kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+        model_kwargs: dict[str, Any] = {"dtype": dtype}
+        if device_map is not None:
+            model_kwargs["device_map"] = device_map
+        model = cls.load_model(checkpoint, **load_kwargs, **model_kwargs)
+        if device_map is None:
+            model = model.to(target)
+        processor = cls.load_processor(checkpoint, **load_kwargs)
+        return cls(
+            model,
+            processor,
+            checkpoint=checkpoint,
+            revision=revision,
+            device=None if device_map is not None else target,
+            dtype=dtype,
+        )
+
+    @classmethod
+    @abc.abstractmethod
+    def load_model(cls, checkpoint: str, **kwargs: Any) -> torch.nn.Module:
+        """``from_pretrained`` of the model class; kwargs: revision, trust_remote_code, dtype, device_map."""
+
+    @classmethod
+    @abc.abstractmethod
+    def load_processor(cls, checkpoint: str, **kwargs: Any) -> Any:
+        """``from_pretrained`` of the processor; kwargs: revision, trust_remote_code."""
+
+    # ------------------------------------------------------------------ description
+    @property
+    @abc.abstractmethod
+    def num_hidden_states(self) -> int:
+        """Length of the model's ``hidden_states`` tuple (layers + the embedding output)."""
+
+    @property
+    @abc.abstractmethod
+    def hidden_dim(self) -> int:
+        """Width of the hidden states."""
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """Width of the model's projected image embedding, ``None`` when it has none."""
+        return None
+
+    # ------------------------------------------------------------------ running
+    @abc.abstractmethod
+    def prompt_text(self, prompt: str) -> str:
+        """The exact text given to the processor after the image (empty for image-only models)."""
+
+    @abc.abstractmethod
+    def preprocess(self, images: Sequence[Image.Image], prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """Turn RGB images (and the prompt, one string for all or one per image) into CPU tensors.
+
+        Uses only the processor, never the model, so it is safe to call in DataLoader workers.
+        """
+
+    @abc.abstractmethod
+    def _pooled_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the model on a batch already on ``self.device``: (B, L, D) pooled states, (B, E) or None."""
+
+    def forward(
+        self, batch: Mapping[str, torch.Tensor], layers: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pooled activations of every hidden state (or of ``layers``, indices into ``hidden_states``).
+
+        Returns:
+            ``(activations, embeddings)``: activations (B, L, D) float32 on the CPU, embeddings (B, E)
+            float32 on the CPU or ``None``.  The pooling and layer selection happen on the device so
+            that only the pooled vectors are copied back, once per batch.
+        """
+        on_device = {
+            key: (
+                value.to(self.device, dtype=self.dtype, non_blocking=True)
+                if value.is_floating_point()
+                else value.to(self.device, non_blocking=True)
+            )
+            for key, value in batch.items()
+        }
+        with torch.inference_mode():
+            pooled, embeddings = self._pooled_states(on_device)
+            if layers is not None:
+                pooled = pooled[:, torch.as_tensor(list(layers), device=pooled.device)]
+            pooled = pooled.float().cpu()
+            if embeddings is not None:
+                embeddings = embeddings.float().cpu()
+        return pooled, embeddings
+
+    __call__ = forward
+
+    def _gather_positions(self, hidden_states: Sequence[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+        """Stack ``hidden_states[i][b, positions[b]]`` into (B, L, D) on ``self.device``.
+
+        With a ``device_map`` the hidden states of different layers live on different GPUs, so every
+        layer is indexed where it lives and only the (B, D) slice moves.
+        """
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        gathered = []
+        for state in hidden_states:
+            if state.device != positions.device:
+                rows_here, positions_here = rows.to(state.device), positions.to(state.device)
+            else:
+                rows_here, positions_here = rows, positions
+            gathered.append(state[rows_here, positions_here].to(self.device))
+        return torch.stack(gathered, dim=1)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(checkpoint={self.checkpoint!r}, revision={self.revision!r}, "
+            f"layers={len(self.layer_names)}, hidden_dim={self.hidden_dim}, pooling={self.pooling!r})"
+        )

@@ -1,0 +1,66 @@
+"""CLIP adapter: the vision tower of a ``CLIPModel`` (openai/clip-vit-base-patch32, PLIP, ...).
+
+Image-only: the pooled vector of each vision hidden state is its CLS token, and the model's own
+``image_embeds`` (the visual projection of the pooled output) are returned as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from medprobe.models.base import Adapter, register
+
+__all__ = ["ClipAdapter"]
+
+
+@register("clip")
+class ClipAdapter(Adapter):
+    """CLIP's vision tower; ``layer_names`` index ``vision_model(...).hidden_states``."""
+
+    pooling = "cls"
+
+    @classmethod
+    def load_model(cls, checkpoint: str, **kwargs: Any) -> torch.nn.Module:
+        from transformers import CLIPModel
+
+        return CLIPModel.from_pretrained(checkpoint, **kwargs)
+
+    @classmethod
+    def load_processor(cls, checkpoint: str, **kwargs: Any) -> Any:
+        # Image-only, so the image processor alone (no tokenizer needed in the checkpoint).
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(checkpoint, **kwargs)
+
+    @property
+    def num_hidden_states(self) -> int:
+        return int(self.model.config.vision_config.num_hidden_layers) + 1
+
+    @property
+    def hidden_dim(self) -> int:
+        return int(self.model.config.vision_config.hidden_size)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    def prompt_text(self, prompt: str) -> str:
+        return ""  # the vision tower sees no text
+
+    def preprocess(self, images: Sequence[Image.Image], prompt: str | Sequence[str] = "") -> dict[str, torch.Tensor]:
+        image_processor = getattr(self.processor, "image_processor", self.processor)
+        encoded = image_processor(images=list(images), return_tensors="pt")
+        return {"pixel_values": encoded["pixel_values"]}
+
+    def _pooled_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self.model.vision_model(
+            pixel_values=batch["pixel_values"], output_hidden_states=True, return_dict=True
+        )
+        cls_position = torch.zeros(batch["pixel_values"].shape[0], dtype=torch.long, device=self.device)
+        pooled = self._gather_positions(outputs.hidden_states, cls_position)
+        image_embeds = self.model.visual_projection(outputs.pooler_output)
+        return pooled, image_embeds.to(self.device)

@@ -1,0 +1,356 @@
+"""Extraction into the activations HDF5 (medprobe.extract)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import medprobe
+from medprobe.demo.models import build
+from medprobe.extract import ImageReadError, extract_activations, layer_names, read_activations
+from medprobe.models import load_adapter
+from medprobe.models.base import Adapter
+
+torch.set_num_threads(1)
+
+PROMPT = "What can you see on this fundus photograph?"
+N_IMAGES = 10
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: build(name, root / name, seed=0) for name in ("tiny-idefics-small", "tiny-clip")}
+
+
+@pytest.fixture(scope="session")
+def idefics_cfg(checkpoints) -> dict:
+    return {"adapter": "idefics", "checkpoint": str(checkpoints["tiny-idefics-small"]), "label": "ignored"}
+
+
+@pytest.fixture(scope="session")
+def clip_cfg(checkpoints) -> dict:
+    return {"adapter": "clip", "checkpoint": str(checkpoints["tiny-clip"]), "revision": "main"}
+
+
+def write_dataset(root: Path, n: int = N_IMAGES) -> Path:
+    """PNG images under root/images and a manifest with relative paths (and the other manifest columns)."""
+    rng = np.random.default_rng(7)
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        image = Image.fromarray(rng.integers(0, 256, (60, 70, 3), dtype=np.uint8))
+        ImageDraw.Draw(image).rectangle((i * 5, i * 3, i * 5 + 20, i * 3 + 15), fill=(255, 255, 0))
+        # A grey-scale image too: extraction must convert it to RGB.
+        if i == 3:
+            image = image.convert("L")
+        image_id = f"img_{(7 * i) % n:02d}"  # manifest order is not sorted order
+        image.save(root / "images" / f"{image_id}.png")
+        rows.append(
+            {
+                "image_id": image_id,
+                "path": f"images/{image_id}.png",
+                "split": "train",
+                "patient_id": f"p{i // 2}",
+                "label": "0",
+                "labels": "",
+                "source": "demo",
+                "group": "",
+            }
+        )
+    manifest = root / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def manifest_ids(manifest: Path) -> list[str]:
+    with manifest.open() as handle:
+        return [row["image_id"] for row in csv.DictReader(handle)]
+
+
+def load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> Path:
+    return write_dataset(tmp_path)
+
+
+def test_idefics_file_matches_the_contract(dataset, tmp_path, idefics_cfg):
+    out = extract_activations(
+        dataset,
+        tmp_path / "act" / "T5.h5",
+        model_name="idefics_9b",
+        model_cfg=idefics_cfg,
+        prompt=PROMPT,
+        batch_size=4,
+        device="cpu",
+        root=tmp_path,
+        progress=False,
+    )
+    assert out == tmp_path / "act" / "T5.h5" and sorted(p.name for p in out.parent.iterdir()) == ["T5.h5"]
+    with h5py.File(out, "r") as handle:
+        assert set(handle) == {"ids", "activations"}
+        assert list(handle["ids"].asstr()[()]) == manifest_ids(dataset)
+        activations = handle["activations"]
+        assert activations.shape == (N_IMAGES, 5, 64) and activations.dtype == np.float16
+        assert activations.chunks == (N_IMAGES, 1, 64)
+        attrs = dict(handle.attrs)
+        stored = activations[()]
+    assert list(attrs["layer_names"]) == [f"hidden.{i}" for i in range(5)]
+    assert attrs["model"] == "idefics_9b" and attrs["checkpoint"] == idefics_cfg["checkpoint"]
+    assert attrs["revision"] == "" and attrs["pooling"] == "last" and attrs["dtype"] == "float16"
+    assert attrs["prompt"] == f"{PROMPT}<end_of_utterance>\nAssistant:"
+    assert attrs["manifest_sha256"] == hashlib.sha256(dataset.read_bytes()).hexdigest()
+    assert (
+        f"medprobe {medprobe.__version__}" in attrs["software_version"] and "transformers" in attrs["software_version"]
+    )
+    assert set(attrs) == {
+        "layer_names",
+        "model",
+        "checkpoint",
+        "revision",
+        "prompt",
+        "pooling",
+        "dtype",
+        "software_version",
+        "manifest_sha256",
+    }
+    # Independent: each image alone through the adapter, in manifest order, then rounded to float16.
+    adapter = load_adapter(idefics_cfg, device="cpu")
+    for row, image_id in enumerate(manifest_ids(dataset)):
+        single, _ = adapter.forward(adapter.preprocess([load_rgb(tmp_path / "images" / f"{image_id}.png")], PROMPT))
+        np.testing.assert_allclose(stored[row].astype(np.float32), single[0].numpy(), rtol=2e-3, atol=1e-4)
+    ids, layer2 = read_activations(out, "hidden.2")
+    assert list(ids) == manifest_ids(dataset) and layer2.dtype == np.float32
+    np.testing.assert_array_equal(layer2, stored[:, 2].astype(np.float32))
+    np.testing.assert_array_equal(read_activations(out, -1)[1], stored[:, 4].astype(np.float32))
+    assert layer_names(out) == [f"hidden.{i}" for i in range(5)]
+
+
+def test_clip_embeddings_layer_subset_and_float32(dataset, tmp_path, clip_cfg, checkpoints):
+    from transformers import CLIPModel
+
+    out = extract_activations(
+        dataset,
+        tmp_path / "clip.h5",
+        model_name="clip",
+        model_cfg=clip_cfg,
+        prompt=PROMPT,
+        batch_size=3,
+        dtype="float32",
+        layers=[-1, 0, 2],
+        device="cpu",
+        root=tmp_path,
+        progress=False,
+    )
+    with h5py.File(out, "r") as handle:
+        assert handle["activations"].shape == (N_IMAGES, 3, 64) and handle["activations"].dtype == np.float32
+        assert handle["embeddings"].shape == (N_IMAGES, 32) and handle["embeddings"].dtype == np.float32
+        assert handle.attrs["prompt"] == "" and handle.attrs["pooling"] == "cls" and handle.attrs["revision"] == "main"
+        assert list(handle.attrs["layer_names"]) == ["hidden.0", "hidden.2", "hidden.4"]
+    assert layer_names(out) == ["hidden.0", "hidden.2", "hidden.4", "image_embeds"]
+    # Independent: the HF CLIP model on every image.
+    model = CLIPModel.from_pretrained(checkpoints["tiny-clip"]).eval()
+    adapter = load_adapter(clip_cfg, device="cpu")
+    images = [load_rgb(tmp_path / "images" / f"{i}.png") for i in manifest_ids(dataset)]
+    pixels = adapter.preprocess(images, "")["pixel_values"]
+    with torch.inference_mode():
+        states = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        features = model.get_image_features(pixel_values=pixels)
+    features = (features if torch.is_tensor(features) else features.pooler_output).numpy()
+    for name, index in (("hidden.0", 0), ("hidden.2", 2), ("hidden.4", 4)):
+        ids, values = read_activations(out, name)
+        np.testing.assert_allclose(values, states[index][:, 0].numpy(), atol=1e-5, rtol=0)
+    assert list(ids) == manifest_ids(dataset)
+    np.testing.assert_allclose(read_activations(out, "image_embeds")[1], features, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(read_activations(out, -1)[1], read_activations(out, "image_embeds")[1])
+    np.testing.assert_array_equal(read_activations(out, 1)[1], read_activations(out, "hidden.2")[1])
+    with pytest.raises(ValueError, match="hidden.3.*hidden.0, hidden.2, hidden.4, image_embeds"):
+        read_activations(out, "hidden.3")
+    with pytest.raises(ValueError, match="out of range"):
+        read_activations(out, 4)
+    # Worker processes load and preprocess the same way.
+    with_workers = extract_activations(
+        dataset,
+        tmp_path / "clip_workers.h5",
+        model_name="clip",
+        model_cfg=clip_cfg,
+        prompt=PROMPT,
+        batch_size=3,
+        num_workers=2,
+        dtype="float32",
+        layers=[-1, 0, 2],
+        device="cpu",
+        root=tmp_path,
+        progress=False,
+    )
+    for name in layer_names(out):
+        np.testing.assert_array_equal(read_activations(with_workers, name)[1], read_activations(out, name)[1])
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+def count_forwards(monkeypatch, fail_after: int | None = None) -> list[int]:
+    """Count Adapter.forward calls (batch sizes); raise Interrupt once ``fail_after`` batches are done."""
+    calls: list[int] = []
+    original = Adapter.forward
+
+    def forward(self, batch, layers=None):
+        if fail_after is not None and len(calls) == fail_after:
+            raise Interrupt(f"interrupted after {fail_after} batches")
+        calls.append(len(next(iter(batch.values()))))
+        return original(self, batch, layers)
+
+    monkeypatch.setattr(Adapter, "forward", forward)
+    return calls
+
+
+def read_all(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as handle:
+        return {key: handle[key][()] for key in handle} | {f"attr:{k}": v for k, v in handle.attrs.items()}
+
+
+def test_interrupted_extraction_resumes_to_identical_data(dataset, tmp_path, idefics_cfg, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="medprobe.extract")
+    kwargs = dict(
+        model_name="idefics_9b",
+        model_cfg=idefics_cfg,
+        prompt=PROMPT,
+        batch_size=3,
+        device="cpu",
+        root=tmp_path,
+        progress=False,
+    )
+    reference = read_all(extract_activations(dataset, tmp_path / "reference.h5", **kwargs))
+    out = tmp_path / "resumed.h5"
+    partial = tmp_path / "resumed.h5.partial"
+
+    with monkeypatch.context() as patch:
+        count_forwards(patch, fail_after=2)
+        with pytest.raises(Interrupt):
+            extract_activations(dataset, out, **kwargs)
+    assert not out.exists() and partial.exists()
+    with h5py.File(partial, "r") as handle:
+        assert handle.attrs["rows_done"] == 6
+
+    with monkeypatch.context() as patch:
+        calls = count_forwards(patch)
+        extract_activations(dataset, out, **kwargs)
+    assert calls == [3, 1]  # only rows 6..9 were computed again
+    assert not partial.exists()
+    assert "resuming" in caplog.text and "images/s" in caplog.text
+    resumed = read_all(out)
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        if key != "attr:software_version":
+            np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
+
+
+def test_a_partial_file_for_other_settings_is_started_over(dataset, tmp_path, idefics_cfg, monkeypatch, caplog):
+    kwargs = dict(
+        model_name="idefics_9b", model_cfg=idefics_cfg, batch_size=4, device="cpu", root=tmp_path, progress=False
+    )
+    out = tmp_path / "act.h5"
+    with monkeypatch.context() as patch:
+        count_forwards(patch, fail_after=1)
+        with pytest.raises(Interrupt):
+            extract_activations(dataset, out, prompt="Another prompt?", layers=[0, 1], **kwargs)
+    with monkeypatch.context() as patch:
+        calls = count_forwards(patch)
+        extract_activations(dataset, out, prompt=PROMPT, **kwargs)
+    assert calls == [4, 4, 2]  # everything recomputed
+    assert "different manifest, model, prompt, layers or dtype; starting over" in caplog.text
+    fresh = read_all(extract_activations(dataset, tmp_path / "fresh.h5", prompt=PROMPT, **kwargs))
+    np.testing.assert_array_equal(read_all(out)["activations"], fresh["activations"])
+
+
+def test_missing_image_is_named_before_the_model_loads(dataset, tmp_path, idefics_cfg, monkeypatch):
+    (tmp_path / "images" / "img_07.png").unlink()
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("model loaded although an image is missing")
+
+    monkeypatch.setattr("medprobe.extract.load_adapter", must_not_load)
+    with pytest.raises(FileNotFoundError, match=r"'img_07'.*images/img_07\.png"):
+        extract_activations(
+            dataset,
+            tmp_path / "x.h5",
+            model_name="m",
+            model_cfg=idefics_cfg,
+            prompt=PROMPT,
+            root=tmp_path,
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_unreadable_image_is_named(dataset, tmp_path, clip_cfg, num_workers):
+    (tmp_path / "images" / "img_04.png").write_bytes(b"not a png")
+    with pytest.raises(ImageReadError, match=r"'img_04'.*images/img_04\.png"):
+        extract_activations(
+            dataset,
+            tmp_path / "x.h5",
+            model_name="clip",
+            model_cfg=clip_cfg,
+            prompt="",
+            batch_size=4,
+            num_workers=num_workers,
+            device="cpu",
+            root=tmp_path,
+            progress=False,
+        )
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_bad_arguments_are_named(dataset, tmp_path, clip_cfg):
+    common = dict(model_name="clip", model_cfg=clip_cfg, prompt="", device="cpu", root=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="'bfloat16'.*float16, float32"):
+        extract_activations(dataset, tmp_path / "x.h5", dtype="bfloat16", **common)
+    with pytest.raises(ValueError, match="layer 5 is out of range.*5 hidden states"):
+        extract_activations(dataset, tmp_path / "x.h5", layers=[0, 5], **common)
+    bad_manifest = tmp_path / "bad.csv"
+    bad_manifest.write_text("image_id,file\na,b.png\n")
+    with pytest.raises(ValueError, match=r"bad\.csv.*\['path'\]"):
+        extract_activations(bad_manifest, tmp_path / "x.h5", **common)
+    duplicate = tmp_path / "dup.csv"
+    duplicate.write_text("image_id,path\na,images/img_00.png\na,images/img_01.png\n")
+    with pytest.raises(ValueError, match="duplicate image_id 'a'"):
+        extract_activations(duplicate, tmp_path / "x.h5", **common)
+    with pytest.raises(FileNotFoundError, match="nope.h5"):
+        read_activations(tmp_path / "nope.h5", 0)
+
+
+def test_absolute_paths_and_single_row_chunks(tmp_path, clip_cfg):
+    image_path = tmp_path / "one.png"
+    Image.new("RGB", (30, 40), (10, 200, 30)).save(image_path)
+    manifest = tmp_path / "one.csv"
+    manifest.write_text(f"image_id,path\nonly,{image_path}\n")
+    out = extract_activations(
+        manifest,
+        tmp_path / "one.h5",
+        model_name="clip",
+        model_cfg=clip_cfg,
+        prompt="",
+        device="cpu",
+        root=tmp_path / "elsewhere",
+        progress=False,
+    )
+    with h5py.File(out, "r") as handle:
+        assert handle["activations"].chunks == (1, 1, 64) and handle["embeddings"].chunks == (1, 32)
+        assert list(handle["ids"].asstr()[()]) == ["only"]
