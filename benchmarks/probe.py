@@ -1,0 +1,138 @@
+"""Benchmark: medprobe's torch L-BFGS probe against scikit-learn's LogisticRegression(lbfgs).
+
+Random multiclass data with a planted linear signal, several "layers" (independent feature matrices),
+the same C and tol for both solvers. Both fit on standardised features (the timed scikit-learn run
+includes its StandardScaler, as our fit includes its own standardisation). The models must agree:
+test log-loss within 1e-3 on every layer, otherwise the script exits with status 1.
+
+    python benchmarks/probe.py            # n_train=20000, d=4096, 9 classes, 3 layers (minutes)
+    python benchmarks/probe.py --quick    # small sizes, seconds
+
+The last line is ``speedup=<x>``: median scikit-learn time per layer / median medprobe ``fit`` time
+per layer in float64 (the default, and the path ``probe_task`` uses). The float32 variant is
+reported on the line before. On a shared machine, ``--threads 1`` gives steadier timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from medprobe.probe import fit, fit_layers  # noqa: E402
+
+
+def make_layers(n: int, d: int, n_classes: int, n_layers: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(L, n, d) float32 features and (n,) labels: each layer sees the labels through its own linear
+    map with a different signal strength, plus per-feature offsets and scales like real activations."""
+    rng = np.random.default_rng(seed)
+    signal_rank = 32
+    latent = rng.normal(size=(n, signal_rank))
+    y = np.argmax(latent @ rng.normal(size=(signal_rank, n_classes)) + rng.gumbel(size=(n, n_classes)), axis=1)
+    layers = np.empty((n_layers, n, d), dtype=np.float32)
+    for layer in range(n_layers):
+        strength = 1.0 + 1.0 * layer
+        mixing = rng.normal(size=(signal_rank, d)).astype(np.float32) * strength / np.sqrt(signal_rank)
+        noise = rng.standard_normal(size=(n, d), dtype=np.float32)
+        scale = rng.uniform(0.2, 5.0, size=d).astype(np.float32)
+        offset = rng.normal(scale=3.0, size=d).astype(np.float32)
+        layers[layer] = ((latent.astype(np.float32) @ mixing + noise) * scale) + offset
+    return layers, y
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes (n_train=3000, d=512)")
+    parser.add_argument("--C", type=float, default=0.1)
+    parser.add_argument("--tol", type=float, default=1e-6)
+    parser.add_argument("--max-iter", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per layer (default 3 quick, 1 full)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for torch and BLAS alike (default: library defaults)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        threadpool_limits(limits=args.threads)  # numpy/scipy BLAS under scikit-learn
+    if args.quick:
+        n_train, n_test, d, n_classes, n_layers = 3000, 1000, 512, 9, 3
+    else:
+        n_train, n_test, d, n_classes, n_layers = 20000, 5000, 4096, 9, 3
+    repeats = args.repeats or (3 if args.quick else 1)
+    print(
+        f"n_train={n_train} n_test={n_test} d={d} classes={n_classes} layers={n_layers} C={args.C} tol={args.tol} "
+        f"max_iter={args.max_iter} repeats={repeats} torch_threads={torch.get_num_threads()}",
+        flush=True,
+    )
+    layers, y = make_layers(n_train + n_test, d, n_classes, n_layers, args.seed)
+    train, test = slice(0, n_train), slice(n_train, None)
+    y_train, y_test = y[train], y[test]
+    labels = np.arange(n_classes)
+    settings = dict(max_iter=args.max_iter, tol=args.tol, n_classes=n_classes)
+
+    times: dict[str, list[float]] = {"ours": [], "ours_float32": [], "sklearn": []}
+    failures = 0
+    for layer in range(n_layers):
+        X_train, X_test = layers[layer, train], layers[layer, test]
+        # Interleaved repeats, so that load from other processes hits all solvers alike.
+        for _ in range(repeats):
+            start = time.perf_counter()
+            probe = fit(X_train, y_train, "multiclass", args.C, **settings)
+            times["ours"].append(time.perf_counter() - start)
+
+            start = time.perf_counter()
+            probe32 = fit(X_train, y_train, "multiclass", args.C, dtype="float32", **settings)
+            times["ours_float32"].append(time.perf_counter() - start)
+
+            start = time.perf_counter()
+            scaler = StandardScaler().fit(X_train)
+            # float64, like our default, so both solve the same problem at the same precision
+            reference = LogisticRegression(C=args.C, tol=args.tol, max_iter=args.max_iter).fit(
+                scaler.transform(X_train).astype(np.float64), y_train
+            )
+            times["sklearn"].append(time.perf_counter() - start)
+        loss_ours = log_loss(y_test, probe.predict_proba(X_test), labels=labels)
+        loss_32 = log_loss(y_test, probe32.predict_proba(X_test), labels=labels)
+        loss_ref = log_loss(y_test, reference.predict_proba(scaler.transform(X_test).astype(np.float64)), labels=labels)
+        ok = abs(loss_ours - loss_ref) <= 1e-3
+        failures += not ok
+        print(
+            f"layer {layer}: test log-loss ours={loss_ours:.6f} sklearn={loss_ref:.6f} diff={loss_ours - loss_ref:+.2e} "
+            f"{'OK' if ok else 'MISMATCH'} (float32 diff={loss_32 - loss_ref:+.2e}); iterations ours={probe.n_iter} "
+            f"float32={probe32.n_iter} sklearn={int(reference.n_iter_[0])}; last times ours={times['ours'][-1]:.2f}s "
+            f"float32={times['ours_float32'][-1]:.2f}s sklearn={times['sklearn'][-1]:.2f}s",
+            flush=True,
+        )
+
+    start = time.perf_counter()
+    batched = fit_layers(layers[:, train], y_train, "multiclass", args.C, **settings)
+    batched_per_layer = (time.perf_counter() - start) / n_layers
+    batched_losses = [log_loss(y_test, p.predict_proba(layers[i, test]), labels=labels) for i, p in enumerate(batched)]
+    print(
+        f"fit_layers (all {n_layers} layers in one L-BFGS run, float64): {batched_per_layer:.3f}s per layer, "
+        f"test log-loss {np.round(batched_losses, 6).tolist()}"
+    )
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print(
+        f"median seconds per layer: medprobe fit float64={medians['ours']:.3f} float32={medians['ours_float32']:.3f} "
+        f"sklearn lbfgs={medians['sklearn']:.3f} (float32 speedup={medians['sklearn'] / medians['ours_float32']:.2f})"
+    )
+    if failures:
+        print(f"{failures} layer(s) disagree with scikit-learn beyond 1e-3 test log-loss", file=sys.stderr)
+    print(f"speedup={medians['sklearn'] / medians['ours']:.2f}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

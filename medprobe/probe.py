@@ -1,0 +1,1072 @@
+"""Linear probes: L2-regularised logistic regression in torch, C and layer selection, label efficiency.
+
+The objective is scikit-learn's ``LogisticRegression(C=C, l2, fit_intercept=True)`` so that the same C
+means the same model::
+
+    sum_i w_i * loss_i  +  0.5 / C * ||W||^2          (intercept unpenalised)
+
+with ``w_i`` = sample weight x class weight. Like scikit-learn's lbfgs solver we minimise it divided by
+``sum_i w_i`` (same minimiser) and stop when the largest absolute gradient entry of that scaled
+objective is <= ``tol``, so ``tol`` also means the same thing in both.
+
+* ``multiclass``: softmax over all C classes (the over-parametrised multinomial scikit-learn uses);
+* ``binary``: one logit with a sigmoid (``classes[1]`` is the positive class);
+* ``multilabel``: independent binary problems, one per finding, solved together (sum of losses).
+
+Features are standardised with the training mean and (population) standard deviation; the stored
+``coef`` acts on standardised features. Several layers are solved as one block-diagonal problem by
+:func:`fit_layers`, so one L-BFGS run and batched matrix products serve all of them.
+
+Precision: ``dtype="float64"`` (default) holds the standardised features in float64 and reproduces
+scikit-learn to ~1e-6. ``dtype="float32"`` holds them in float32 (half the memory, ~3x faster on
+CPU) while parameters, loss and line search stay float64; probabilities then differ from the float64
+solution by ~1e-4. Tensors on a CUDA device (or ``device="cuda"``) are solved there.
+
+File contracts (``layers.h5``, ``predictions.h5``, ``probe.json``, ``efficiency.h5``) are in
+docs/architecture.md, section "Probes".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from medprobe.labels import KINDS, encode_targets, load_manifest
+
+logger = logging.getLogger(__name__)
+
+EMBEDDINGS_LAYER = "image_embeds"
+ArrayLike = np.ndarray | torch.Tensor
+
+# L-BFGS memory: scikit-learn/scipy keep 10 pairs; a few more cost nothing next to the n x d products
+# and cut iterations on the ill-conditioned large-C problems.
+_HISTORY_SIZE = 20
+# torch's LBFGS counts function evaluations against max_eval; the strong-Wolfe line search may need
+# several per iteration, so allow more than torch's default of 1.25 x max_iter.
+_EVALS_PER_ITER = 4
+# Parameters, targets, loss and residuals are always float64; only the features may be float32.
+_PARAM_DTYPE = torch.float64
+# Rows per block when computing float64 feature statistics without a float64 copy of the features.
+_STATS_BLOCK = 4096
+
+
+# --------------------------------------------------------------------------------------------------
+# The fitted model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LogisticProbe:
+    """A fitted probe. ``coef`` is ``(K, d)`` and acts on standardised features ``(x - mean) / std``.
+
+    ``K`` is 1 for binary tasks (the positive class's logit), the number of classes for multiclass
+    and the number of findings for multilabel tasks.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
+    kind: str
+    C: float
+    n_iter: int
+    converged: bool
+    absent_classes: tuple[int, ...] = field(default=())
+
+    def decision_function(self, X: ArrayLike) -> torch.Tensor:
+        """Logits ``(n, K)`` as a float64 tensor on the device of ``X`` (CPU for numpy input)."""
+        device = X.device if isinstance(X, torch.Tensor) else torch.device("cpu")
+        features = torch.as_tensor(X, device=device).to(torch.float64)
+        if features.ndim != 2 or features.shape[1] != self.coef.shape[1]:
+            raise ValueError(
+                f"X has shape {tuple(features.shape)}; this probe expects (n, {self.coef.shape[1]})"
+            )
+        mean = torch.as_tensor(self.mean, device=device)
+        std = torch.as_tensor(self.std, device=device)
+        coef = torch.as_tensor(self.coef, device=device)
+        intercept = torch.as_tensor(self.intercept, device=device)
+        return torch.addmm(intercept, (features - mean) / std, coef.T)
+
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
+        """Class probabilities as float64 numpy: binary ``(n, 2)`` = ``[1 - p, p]``; multiclass
+        ``(n, C)``; multilabel ``(n, F)`` (one independent probability per finding)."""
+        logits = self.decision_function(X)
+        if self.kind == "multiclass":
+            proba = torch.softmax(logits, dim=1)
+        elif self.kind == "binary":
+            # sigmoid(-z) rather than 1 - sigmoid(z) keeps small P(negative) accurate.
+            proba = torch.cat([torch.sigmoid(-logits), torch.sigmoid(logits)], dim=1)
+        else:
+            proba = torch.sigmoid(logits)
+        return proba.cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Problem preparation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Targets:
+    """Targets and per-sample weights in the layout the loss needs.
+
+    multiclass: ``values`` (n,) int64, ``weights`` (n,), ``weight_sum`` scalar.
+    binary / multilabel: ``values`` (n, K) float, ``weights`` (n, K), ``weight_sum`` (K,) — each
+    column is its own binary problem with its own normalisation, as K separate scikit-learn fits.
+    """
+
+    kind: str
+    n_outputs: int
+    values: torch.Tensor
+    weights: torch.Tensor
+    weight_sum: torch.Tensor
+    absent: tuple[int, ...]
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; expected one of {list(KINDS)}")
+
+
+def _normalise_class_weight(class_weight: str | None) -> str | None:
+    if class_weight is None or class_weight == "none":
+        return None
+    if class_weight == "balanced":
+        return "balanced"
+    raise ValueError(f"class_weight must be None, 'none' or 'balanced', got {class_weight!r}")
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        resolved = {"float64": torch.float64, "float32": torch.float32}.get(str(dtype))
+    if resolved not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be float64 or float32, got {dtype!r}")
+    return resolved
+
+
+def _resolve_device(X: ArrayLike, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return X.device if isinstance(X, torch.Tensor) else torch.device("cpu")
+
+
+def _balanced_factors(counts: torch.Tensor) -> torch.Tensor:
+    """scikit-learn's 'balanced' class weights, total / (n_present * count), over present classes."""
+    present = counts > 0
+    factors = torch.zeros_like(counts)
+    factors[present] = counts.sum() / (present.sum() * counts[present])
+    return factors
+
+
+def _prepare_targets(
+    y: ArrayLike,
+    n_samples: int,
+    kind: str,
+    n_classes: int | None,
+    class_weight: str | None,
+    sample_weight: ArrayLike | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> _Targets:
+    y_np = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if y_np.shape[0] != n_samples:
+        raise ValueError(f"y has {y_np.shape[0]} rows but X has {n_samples}")
+    if sample_weight is None:
+        base = torch.ones(n_samples, dtype=dtype, device=device)
+    else:
+        base = torch.as_tensor(np.asarray(sample_weight, dtype=np.float64), device=device).to(dtype)
+        if base.shape != (n_samples,) or bool((base < 0).any()):
+            raise ValueError(f"sample_weight must be (n,) = ({n_samples},) and non-negative")
+
+    if kind in ("binary", "multiclass"):
+        if y_np.ndim != 1 or not np.issubdtype(y_np.dtype, np.integer):
+            raise ValueError(f"{kind} y must be a 1-d integer array of class indices, got {y_np.dtype} {y_np.shape}")
+        K = 2 if kind == "binary" else (int(y_np.max()) + 1 if n_classes is None else int(n_classes))
+        if kind == "binary" and n_classes not in (None, 2):
+            raise ValueError(f"binary task has 2 classes, got n_classes={n_classes}")
+        if y_np.size and (y_np.min() < 0 or y_np.max() >= K):
+            raise ValueError(f"{kind} y holds class indices outside [0, {K - 1}]: {sorted(set(y_np.tolist()) - set(range(K)))[:10]}")
+        labels = torch.as_tensor(y_np.astype(np.int64), device=device)
+        counts = torch.zeros(K, dtype=dtype, device=device).index_add_(0, labels, base)
+        absent = tuple(int(k) for k in torch.nonzero(counts == 0).flatten().tolist())
+        weights = base * _balanced_factors(counts)[labels] if class_weight == "balanced" else base
+        if kind == "multiclass":
+            return _Targets(kind, K, labels, weights, weights.sum(), absent)
+        values = (labels == 1).to(dtype)[:, None]
+        return _Targets(kind, 1, values, weights[:, None], weights.sum()[None], absent)
+
+    if y_np.ndim != 2 or not np.isin(y_np, (0, 1)).all():
+        raise ValueError(f"multilabel y must be an (n, F) array of 0/1, got {y_np.dtype} {y_np.shape}")
+    values = torch.as_tensor(y_np.astype(np.float64), device=device).to(dtype)
+    if n_classes is not None and values.shape[1] != n_classes:
+        raise ValueError(f"multilabel y has {values.shape[1]} columns but n_classes={n_classes}")
+    positives = (base[:, None] * values).sum(0)
+    negatives = (base[:, None] * (1 - values)).sum(0)
+    # A finding with no positive (or no negative) example cannot be learnt; its intercept alone
+    # carries the (near-0 or near-1) probability.
+    absent = tuple(int(k) for k in torch.nonzero((positives == 0) | (negatives == 0)).flatten().tolist())
+    weights = base[:, None].expand_as(values).clone()
+    if class_weight == "balanced":
+        for k in range(values.shape[1]):
+            factors = _balanced_factors(torch.stack([negatives[k], positives[k]]))
+            weights[:, k] = base * torch.where(values[:, k] > 0, factors[1], factors[0])
+    return _Targets(kind, values.shape[1], values, weights, weights.sum(0), absent)
+
+
+def _standardise(X: ArrayLike, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy ``X`` (L, n, d) to ``dtype``/``device`` and standardise it in place with its own mean and
+    population std (zero std -> 1, as scikit-learn's StandardScaler).
+
+    The statistics are float64 whatever ``dtype`` is, accumulated in row blocks (two passes) so a
+    float32 copy never needs a float64 twin. Returns (Z, mean, std), the latter two float64 (L, d).
+    """
+    if isinstance(X, torch.Tensor):
+        Z = X.detach().to(device=device, dtype=dtype, copy=True)
+    else:
+        Z = torch.tensor(np.asarray(X), dtype=dtype, device=device)
+    if Z.ndim != 3:
+        raise ValueError(f"expected features of shape (L, n, d), got {tuple(Z.shape)}")
+    if Z.shape[1] == 0:
+        raise ValueError("no training samples")
+    if not bool(torch.isfinite(Z).all()):
+        raise ValueError("features contain NaN or infinite values")
+    n = Z.shape[1]
+    total = torch.zeros(Z.shape[0], Z.shape[2], dtype=_PARAM_DTYPE, device=device)
+    for start in range(0, n, _STATS_BLOCK):
+        total += Z[:, start : start + _STATS_BLOCK].sum(1, dtype=_PARAM_DTYPE)
+    mean = total / n
+    squares = torch.zeros_like(total)
+    for start in range(0, n, _STATS_BLOCK):
+        squares += (Z[:, start : start + _STATS_BLOCK].to(_PARAM_DTYPE) - mean[:, None, :]).square_().sum(1)
+    std = (squares / n).sqrt_()
+    # A constant column's computed std is round-off, not signal: treat it as exactly constant.
+    constant = std <= 1e3 * torch.finfo(_PARAM_DTYPE).eps * mean.abs()
+    std = torch.where(constant | (std == 0), torch.ones_like(std), std)
+    Z.sub_(mean[:, None, :].to(dtype)).div_(std[:, None, :].to(dtype))
+    return Z, mean, std
+
+
+def _initial_parameters(targets: _Targets, L: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero weights ``(L, K, d)`` and intercepts ``(L, K)`` at the smoothed log prior odds (saves iterations).
+
+    Multiclass intercepts are centred: the softmax gradient never changes their sum, so centring puts
+    the solution in scikit-learn's (zero-initialised) parametrisation.
+    """
+    W = torch.zeros(L, targets.n_outputs, d, dtype=dtype, device=device)
+    if targets.kind == "multiclass":
+        counts = torch.zeros(targets.n_outputs, dtype=dtype, device=device).index_add_(0, targets.values, targets.weights)
+        b = torch.log((counts + 0.5) / (counts.sum() + 0.5 * targets.n_outputs))
+        b = b - b.mean()
+    else:
+        positives = (targets.weights * targets.values).sum(0)
+        b = torch.log((positives + 0.5) / (targets.weight_sum - positives + 0.5))
+    return W, b.expand(L, -1).clone()
+
+
+@torch.no_grad()
+def _objective_and_gradient(
+    Z: torch.Tensor, targets: _Targets, inv_C: torch.Tensor, W: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum over layers (and findings) of each independent problem's scaled objective, with its
+    gradient wrt W ``(L, K, d)`` and b ``(L, K)``.
+
+    Logits are kept as ``(L, K, n)`` so that both products read Z row-major (``W @ Z^T`` and
+    ``G @ Z``), ~2-3x faster with MKL than autograd's ``Z @ W^T`` / ``Z^T @ G`` for K << d; the
+    gradient is written out, so nothing is stored for a backward pass. Z may be float32 (half the
+    memory traffic): only the two products then run in float32, while parameters, loss and
+    residuals stay in float64 so that the L-BFGS steps and stopping tests keep their precision.
+    """
+    L = Z.shape[0]
+    logits = torch.bmm(W.to(Z.dtype), Z.transpose(1, 2)).to(W.dtype).add_(b[:, :, None])  # (L, K, n)
+    if targets.kind == "multiclass":
+        index = targets.values.view(1, 1, -1).expand(L, 1, -1)
+        log_norm = torch.logsumexp(logits, dim=1, keepdim=True)  # (L, 1, n)
+        nll = (log_norm - logits.gather(1, index)).squeeze(1)  # (L, n)
+        data = (nll * targets.weights).sum(1) / targets.weight_sum  # (L,)
+        residual = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
+        residual.scatter_add_(1, index, torch.full(index.shape, -1.0, dtype=residual.dtype, device=residual.device))
+        residual.mul_((targets.weights / targets.weight_sum).view(1, 1, -1))
+        reg = (inv_C / targets.weight_sum).view(L, 1, 1)  # penalty 0.5/C ||W||^2, scaled like the data term
+        penalty = 0.5 * reg.view(L) * W.square().sum((1, 2))
+    else:
+        values = targets.values.T  # (K, n): each finding is its own problem
+        scale = (targets.weights / targets.weight_sum).T
+        nll = F.binary_cross_entropy_with_logits(logits, values.expand_as(logits), reduction="none")
+        data = (nll * scale).sum(2)  # (L, K)
+        residual = logits.sigmoid_().sub_(values).mul_(scale)
+        reg = (inv_C[:, None] / targets.weight_sum[None, :]).unsqueeze(2)  # (L, K, 1)
+        penalty = 0.5 * reg.squeeze(2) * W.square().sum(2)
+    grad_W = torch.bmm(residual.to(Z.dtype), Z).to(W.dtype).add_(reg * W)  # G Z + W / C, (L, K, d)
+    grad_b = residual.sum(2)
+    return (data + penalty).sum(), grad_W, grad_b
+
+
+def _solve(
+    Z: torch.Tensor,
+    targets: _Targets,
+    Cs: torch.Tensor,
+    W0: torch.Tensor,
+    b0: torch.Tensor,
+    max_iter: int,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, bool]:
+    """One full-batch L-BFGS run over all layers.
+
+    Returns W, b, iterations, per-layer max |gradient| and whether the iteration/evaluation budget
+    ran out (rather than the gradient or a stalled objective stopping the run).
+    """
+    W = W0.clone()
+    b = b0.clone()
+    inv_C = 1.0 / Cs
+    optimizer = torch.optim.LBFGS(
+        [W, b],
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=max_iter * _EVALS_PER_ITER,
+        tolerance_grad=tol,
+        # Stop on a stalled objective at 64 float64 eps (scipy's ftol under scikit-learn). The loss is
+        # float64 even for float32 features; a looser float32-level threshold stops far too early.
+        tolerance_change=64 * torch.finfo(_PARAM_DTYPE).eps,
+        history_size=_HISTORY_SIZE,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        loss, W.grad, b.grad = _objective_and_gradient(Z, targets, inv_C, W, b)
+        return loss
+
+    if max_iter > 0:
+        optimizer.step(closure)
+    state = optimizer.state[W] if W in optimizer.state else {}
+    n_iter = int(state.get("n_iter", 0))
+    budget_spent = n_iter >= max_iter or int(state.get("func_evals", 0)) >= max_iter * _EVALS_PER_ITER
+    _, grad_W, grad_b = _objective_and_gradient(Z, targets, inv_C, W, b)  # for the convergence verdict
+    grad_max = torch.maximum(grad_W.abs().amax((1, 2)), grad_b.abs().amax(1))
+    return W, b, n_iter, grad_max, budget_spent
+
+
+def _as_C_vector(C: float | Sequence[float], L: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    values = np.atleast_1d(np.asarray(C, dtype=np.float64))
+    if values.size == 1:
+        values = np.repeat(values, L)
+    if values.shape != (L,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"C must be a positive finite number or a sequence of {L} of them, got {C!r}")
+    return torch.as_tensor(values, dtype=dtype, device=device)
+
+
+def _warn_absent(targets: _Targets, class_names: Sequence[str] | None) -> None:
+    if not targets.absent:
+        return
+    names = [class_names[k] if class_names is not None else str(k) for k in targets.absent]
+    if targets.kind == "multilabel":
+        logger.warning(
+            "finding(s) %s have no positive (or no negative) training example; their probability "
+            "comes from the intercept alone",
+            ", ".join(names),
+        )
+    else:
+        logger.warning(
+            "class(es) %s have no training example; the regulariser pushes their logit towards -inf",
+            ", ".join(names),
+        )
+
+
+def _fit_prepared(
+    Z: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    targets: _Targets,
+    Cs: torch.Tensor,
+    *,
+    max_iter: int,
+    tol: float,
+    init: Sequence[LogisticProbe] | None = None,
+) -> list[LogisticProbe]:
+    L, _, d = Z.shape
+    if init is None:
+        W0, b0 = _initial_parameters(targets, L, d, _PARAM_DTYPE, Z.device)
+    else:
+        W0 = torch.stack([torch.as_tensor(p.coef, dtype=_PARAM_DTYPE, device=Z.device) for p in init])
+        b0 = torch.stack([torch.as_tensor(p.intercept, dtype=_PARAM_DTYPE, device=Z.device) for p in init])
+    W, b, n_iter, grad_max, budget_spent = _solve(Z, targets, Cs, W0, b0, max_iter, tol)
+    if targets.kind == "multiclass":
+        b = b - b.mean(1, keepdim=True)
+    probes = []
+    for layer in range(L):
+        # Like scipy's L-BFGS-B (scikit-learn's solver), an objective that stops decreasing at the
+        # dtype's resolution counts as converged; only an exhausted budget with a large gradient does not.
+        converged = bool(grad_max[layer] <= tol) or not budget_spent
+        if not converged:
+            logger.warning(
+                "L-BFGS did not converge in %d iterations (layer %d, C=%g, max |gradient| %.3g > tol %g)",
+                n_iter, layer, float(Cs[layer]), float(grad_max[layer]), tol,
+            )
+        probes.append(
+            LogisticProbe(
+                mean=mean[layer].double().cpu().numpy(),
+                std=std[layer].double().cpu().numpy(),
+                coef=W[layer].double().cpu().numpy().copy(),
+                intercept=b[layer].double().cpu().numpy().copy(),
+                kind=targets.kind,
+                C=float(Cs[layer]),
+                n_iter=n_iter,
+                converged=converged,
+                absent_classes=targets.absent,
+            )
+        )
+    return probes
+
+
+# --------------------------------------------------------------------------------------------------
+# Public fitting API
+# --------------------------------------------------------------------------------------------------
+
+
+def fit_layers(
+    Xs: ArrayLike,
+    y: ArrayLike,
+    kind: str,
+    C: float | Sequence[float],
+    *,
+    max_iter: int = 200,
+    tol: float = 1e-6,
+    class_weight: str | None = None,
+    sample_weight: ArrayLike | None = None,
+    n_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    dtype: torch.dtype | str = torch.float64,
+    device: str | torch.device | None = None,
+) -> list[LogisticProbe]:
+    """Fit one probe per layer of ``Xs`` ``(L, n, d)`` in a single batched L-BFGS run.
+
+    The L problems are independent (block-diagonal objective), so the solution equals L separate
+    :func:`fit` calls up to the tolerance. ``C`` is one value or one per layer. Memory: one copy of
+    ``Xs`` in ``dtype``. ``n_classes`` is needed for multiclass tasks whose training labels miss
+    the last class(es); ``class_names`` only makes warnings readable.
+    """
+    _check_kind(kind)
+    class_weight = _normalise_class_weight(class_weight)
+    dtype = _resolve_dtype(dtype)
+    device = _resolve_device(Xs, device)
+    if max_iter < 0 or not tol > 0:
+        raise ValueError(f"max_iter must be >= 0 and tol > 0, got max_iter={max_iter}, tol={tol}")
+    Z, mean, std = _standardise(Xs, dtype, device)
+    targets = _prepare_targets(y, Z.shape[1], kind, n_classes, class_weight, sample_weight, _PARAM_DTYPE, device)
+    _warn_absent(targets, class_names)
+    Cs = _as_C_vector(C, Z.shape[0], _PARAM_DTYPE, device)
+    return _fit_prepared(Z, mean, std, targets, Cs, max_iter=max_iter, tol=tol)
+
+
+def fit(
+    X: ArrayLike,
+    y: ArrayLike,
+    kind: str,
+    C: float,
+    *,
+    max_iter: int = 200,
+    tol: float = 1e-6,
+    class_weight: str | None = None,
+    sample_weight: ArrayLike | None = None,
+    n_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    dtype: torch.dtype | str = torch.float64,
+    device: str | torch.device | None = None,
+) -> LogisticProbe:
+    """Fit one probe on ``X`` ``(n, d)``.
+
+    ``y``: binary/multiclass ``(n,)`` class indices (binary: 1 = positive); multilabel ``(n, F)`` 0/1.
+    Same objective and stopping rule as ``sklearn.linear_model.LogisticRegression(C=C, tol=tol)``
+    on standardised features. ``class_weight``: None/"none" or "balanced" (scikit-learn's
+    definition, per finding for multilabel); ``dtype``: feature precision, see the module docstring.
+    ``converged`` is False only when ``max_iter`` ran out with the gradient still above ``tol``.
+    """
+    X3 = X[None] if isinstance(X, torch.Tensor) else np.asarray(X)[None]
+    if X3.ndim != 3:
+        raise ValueError(f"X must be (n, d), got shape {tuple(X3.shape[1:])}")
+    return fit_layers(
+        X3, y, kind, C, max_iter=max_iter, tol=tol, class_weight=class_weight, sample_weight=sample_weight,
+        n_classes=n_classes, class_names=class_names, dtype=dtype, device=device,
+    )[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation metrics and C selection
+# --------------------------------------------------------------------------------------------------
+
+
+def log_loss(probe: LogisticProbe, X: ArrayLike, y: ArrayLike, *, class_weight: str | None = None) -> float:
+    """Mean negative log-likelihood of ``y`` under the probe, computed from logits (no clipping).
+
+    Binary/multiclass: mean over samples (as ``sklearn.metrics.log_loss``). Multilabel: the mean over
+    findings of each finding's binary log-loss. With ``class_weight='balanced'`` every sample is
+    weighted by the balanced weights of ``y`` itself, mirroring the training objective.
+    """
+    class_weight = _normalise_class_weight(class_weight)
+    logits = probe.decision_function(X)
+    n_outputs = probe.coef.shape[0] if probe.kind == "multiclass" else None
+    targets = _prepare_targets(y, logits.shape[0], probe.kind, n_outputs, class_weight, None, torch.float64, logits.device)
+    if probe.kind == "multiclass":
+        nll = -torch.log_softmax(logits, dim=1).gather(1, targets.values[:, None]).squeeze(1)
+        return float((nll * targets.weights).sum() / targets.weight_sum)
+    nll = F.binary_cross_entropy_with_logits(logits, targets.values, reduction="none")
+    per_output = (nll * targets.weights).sum(0) / targets.weight_sum
+    return float(per_output.mean())
+
+
+def macro_auc(y: np.ndarray, probabilities: np.ndarray, kind: str) -> float:
+    """Validation macro AUC: binary -> the positive class's AUC; multiclass -> mean one-vs-rest AUC;
+    multilabel -> mean per-finding AUC. Classes without both positives and negatives in ``y`` are
+    skipped; NaN when none is left."""
+    _check_kind(kind)
+    y = np.asarray(y)
+    if kind == "binary":
+        indicator, scores = (y == 1)[:, None].astype(int), probabilities[:, 1:2]
+    elif kind == "multiclass":
+        indicator = (y[:, None] == np.arange(probabilities.shape[1])[None, :]).astype(int)
+        scores = probabilities
+    else:
+        indicator, scores = y.astype(int), probabilities
+    aucs = [
+        roc_auc_score(indicator[:, k], scores[:, k])
+        for k in range(indicator.shape[1])
+        if 0 < indicator[:, k].sum() < indicator.shape[0]
+    ]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+@dataclass
+class _Selection:
+    C: float
+    val_auc: float
+    val_log_loss: float
+    probe: LogisticProbe
+    table: list[tuple[float, float]]  # (C, validation log-loss) for every C tried, in order tried
+
+
+def _check_grid(grid: Sequence[float]) -> np.ndarray:
+    values = np.asarray(list(grid), dtype=np.float64)
+    if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"C grid must be a non-empty list of positive numbers, got {list(grid)!r}")
+    return np.unique(values)  # sorted ascending: strong to weak regularisation, for warm starts
+
+
+def _select(
+    Z: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    targets: _Targets,
+    X_val: ArrayLike,
+    y_val: np.ndarray,
+    grid: Sequence[float],
+    *,
+    refine: bool,
+    refine_points: int,
+    max_iter: int,
+    tol: float,
+    class_weight: str | None,
+) -> _Selection:
+    """C search on prepared training data (one layer); warm starts along increasing C."""
+    grid_values = _check_grid(grid)
+    tried: dict[float, tuple[float, LogisticProbe]] = {}
+    previous: LogisticProbe | None = None
+
+    def evaluate(C: float) -> None:
+        nonlocal previous
+        Cs = torch.tensor([C], dtype=_PARAM_DTYPE, device=Z.device)
+        init = None if previous is None else [previous]
+        probe = _fit_prepared(Z, mean, std, targets, Cs, max_iter=max_iter, tol=tol, init=init)[0]
+        tried[C] = (log_loss(probe, X_val, y_val, class_weight=class_weight), probe)
+        previous = probe
+
+    def best_of(candidates: Sequence[float]) -> float:
+        # Lowest validation log-loss; ties go to the smaller C (the more regularised model).
+        return min(candidates, key=lambda c: (tried[c][0], c))
+
+    for C in grid_values:
+        evaluate(float(C))
+    best = best_of([float(c) for c in grid_values])
+    if refine and refine_points > 0 and grid_values.size > 1:
+        position = int(np.searchsorted(grid_values, best))
+        low = grid_values[max(position - 1, 0)]
+        high = grid_values[min(position + 1, grid_values.size - 1)]
+        fine = np.geomspace(low, high, refine_points + 2)[1:-1]
+        # Warm-start the refinement from the nearest smaller C already fitted.
+        previous = tried[float(low)][1]
+        for C in fine:
+            C = float(C)
+            if not any(math.isclose(C, done, rel_tol=1e-9) for done in tried):
+                evaluate(C)
+        best = best_of(list(tried))
+    loss, probe = tried[best]
+    auc = macro_auc(y_val, probe.predict_proba(X_val), probe.kind)
+    return _Selection(best, auc, loss, probe, [(c, tried[c][0]) for c in tried])
+
+
+def select_C(
+    X_train: ArrayLike,
+    y_train: ArrayLike,
+    X_val: ArrayLike,
+    y_val: ArrayLike,
+    kind: str,
+    grid: Sequence[float],
+    *,
+    refine: bool = True,
+    refine_points: int = 5,
+    max_iter: int = 200,
+    tol: float = 1e-6,
+    class_weight: str | None = None,
+    sample_weight: ArrayLike | None = None,
+    n_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    dtype: torch.dtype | str = torch.float64,
+    device: str | torch.device | None = None,
+) -> tuple[float, float]:
+    """Pick C by validation log-loss (lower is better) over the log ``grid``.
+
+    With ``refine``, ``refine_points`` log-spaced values strictly between the best grid point's
+    neighbours are tried as well. Returns ``(C, validation macro AUC at that C)``.
+    """
+    _check_kind(kind)
+    class_weight = _normalise_class_weight(class_weight)
+    dtype = _resolve_dtype(dtype)
+    device = _resolve_device(X_train, device)
+    X3 = X_train[None] if isinstance(X_train, torch.Tensor) else np.asarray(X_train)[None]
+    Z, mean, std = _standardise(X3, dtype, device)
+    targets = _prepare_targets(y_train, Z.shape[1], kind, n_classes, class_weight, sample_weight, _PARAM_DTYPE, device)
+    _warn_absent(targets, class_names)
+    y_val_np = y_val.cpu().numpy() if isinstance(y_val, torch.Tensor) else np.asarray(y_val)
+    selection = _select(
+        Z, mean, std, targets, X_val, y_val_np, grid, refine=refine, refine_points=refine_points,
+        max_iter=max_iter, tol=tol, class_weight=class_weight,
+    )
+    return selection.C, selection.val_auc
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: activations in, probes out
+# --------------------------------------------------------------------------------------------------
+
+
+def _decode_strings(values: Any) -> list[str]:
+    if isinstance(values, (str, bytes)):
+        values = [values]
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(values).tolist()]
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open_checked(activations_h5: str | os.PathLike, manifest_csv: str | os.PathLike):
+    """Open the activations file, check it against the manifest, return (h5 file, manifest, layer names)."""
+    manifest = load_manifest(manifest_csv)
+    handle = h5py.File(activations_h5, "r")
+    try:
+        for key in ("ids", "activations"):
+            if key not in handle:
+                raise ValueError(f"activations file {activations_h5}: missing dataset {key!r}")
+        ids = _decode_strings(handle["ids"][:])
+        if ids != manifest["image_id"].tolist():
+            mismatch = next(
+                (i for i, (a, b) in enumerate(zip(ids, manifest["image_id"])) if a != b),
+                min(len(ids), len(manifest)),
+            )
+            raise ValueError(
+                f"activations file {activations_h5} ids do not match manifest {manifest_csv} image_id "
+                f"({len(ids)} vs {len(manifest)} rows; first difference at row {mismatch})"
+            )
+        stored_hash = handle.attrs.get("manifest_sha256")
+        stored_hash = _decode_strings(stored_hash)[0] if stored_hash is not None else None
+        actual_hash = _sha256(manifest_csv)
+        if stored_hash != actual_hash:
+            raise ValueError(
+                f"activations file {activations_h5} was extracted from a different manifest: its "
+                f"manifest_sha256 is {stored_hash!r} but {manifest_csv} hashes to {actual_hash!r}"
+            )
+        shape = handle["activations"].shape
+        if "layer_names" not in handle.attrs:
+            raise ValueError(f"activations file {activations_h5}: missing attribute 'layer_names'")
+        layer_names = _decode_strings(handle.attrs["layer_names"])
+        if len(shape) != 3 or shape[0] != len(ids) or shape[1] != len(layer_names):
+            raise ValueError(
+                f"activations file {activations_h5}: 'activations' has shape {shape}, expected "
+                f"({len(ids)}, {len(layer_names)}, D) for {len(layer_names)} layer_names"
+            )
+        if "embeddings" in handle:
+            if handle["embeddings"].shape[0] != len(ids):
+                raise ValueError(f"activations file {activations_h5}: 'embeddings' has {handle['embeddings'].shape[0]} rows, ids {len(ids)}")
+            layer_names = layer_names + [EMBEDDINGS_LAYER]
+    except BaseException:
+        handle.close()
+        raise
+    return handle, manifest, layer_names
+
+
+def _read_layer(handle: h5py.File, layer_names: list[str], name: str) -> np.ndarray:
+    """One layer's features (N, D) — never the whole activations array."""
+    if name == EMBEDDINGS_LAYER and "embeddings" in handle:
+        return handle["embeddings"][:]
+    return handle["activations"][:, layer_names.index(name), :]
+
+
+def _resolve_layer(layer: int | str, layer_names: list[str], activations_h5: Any) -> str:
+    name = f"hidden.{layer}" if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) else str(layer)
+    if name not in layer_names:
+        raise ValueError(f"layer {layer!r} is not in activations file {activations_h5}; valid layers: {layer_names}")
+    return name
+
+
+def _split_masks(manifest, manifest_csv: Any, need_val: bool = True) -> dict[str, np.ndarray]:
+    masks = {split: (manifest["split"] == split).to_numpy() for split in ("train", "val", "test")}
+    for split in ("train", "val", "test") if need_val else ("train", "test"):
+        if not masks[split].any():
+            raise ValueError(f"manifest {manifest_csv} has no rows with split == {split!r}")
+    return masks
+
+
+def _atomic_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def _write_strings(group: h5py.Group, name: str, values: Sequence[str]) -> None:
+    group.create_dataset(name, data=np.array(list(values), dtype=object), dtype=h5py.string_dtype("utf-8"))
+
+
+def _json_number(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _n_outputs(kind: str, classes: Sequence[str]) -> int | None:
+    return len(classes) if kind != "binary" else None
+
+
+def probe_task(
+    activations_h5: str | os.PathLike,
+    manifest_csv: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    kind: str,
+    classes: Sequence[str],
+    C_grid: Sequence[float],
+    refine: bool = True,
+    max_iter: int = 200,
+    tol: float = 1e-6,
+    class_weight: str | None = None,
+    layer: int | str = "validation",
+    seed: int = 0,
+    dtype: torch.dtype | str = torch.float64,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Probe every layer of an activations file and write ``layers.h5``, ``predictions.h5`` and
+    ``probe.json`` into ``out_dir`` (contract: docs/architecture.md, "Probes").
+
+    Per layer (read one at a time): C is selected on the val split, the probe at that C (fitted on
+    train) predicts val and test. The headline layer is the best validation macro AUC (ties go to the
+    shallower layer) when ``layer == "validation"``, otherwise the fixed layer (int ``i`` means
+    ``hidden.i``). ``seed`` is only recorded: the full-batch solver draws nothing at random, so
+    reruns are identical. ``dtype``/``device`` choose the feature precision and where to solve.
+    Returns the probe.json content.
+    """
+    _check_kind(kind)
+    classes = [str(c) for c in classes]
+    class_weight = _normalise_class_weight(class_weight)
+    grid = _check_grid(C_grid)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    handle, manifest, layer_names = _open_checked(activations_h5, manifest_csv)
+    with handle:
+        fixed_layer = None if layer == "validation" else _resolve_layer(layer, layer_names, activations_h5)
+        targets_all = encode_targets(manifest, kind, classes)
+        masks = _split_masks(manifest, manifest_csv)
+        ids_test = manifest["image_id"][masks["test"]].tolist()
+        y_train, y_val = targets_all[masks["train"]], targets_all[masks["val"]]
+        n_columns = len(classes)
+        test_probabilities = np.empty((len(layer_names), len(ids_test), n_columns), dtype=np.float32)
+        per_layer: list[dict] = []
+        resolved_dtype = _resolve_dtype(dtype)
+        target_device = torch.device(device) if device is not None else torch.device("cpu")
+        for index, name in enumerate(layer_names):
+            features = _read_layer(handle, layer_names, name)
+            X_train = features[masks["train"]]
+            X_val = features[masks["val"]]
+            X_test = features[masks["test"]]
+            del features
+            Z, mean, std = _standardise(X_train[None], resolved_dtype, target_device)
+            targets = _prepare_targets(
+                y_train, Z.shape[1], kind, _n_outputs(kind, classes), class_weight, None, _PARAM_DTYPE, target_device
+            )
+            if index == 0:
+                _warn_absent(targets, classes)
+            selection = _select(
+                Z, mean, std, targets, X_val, y_val, grid, refine=refine, refine_points=5,
+                max_iter=max_iter, tol=tol, class_weight=class_weight,
+            )
+            del Z
+            test_probabilities[index] = selection.probe.predict_proba(X_test)
+            per_layer.append(
+                {
+                    "name": name,
+                    "C": selection.C,
+                    "val_score": _json_number(selection.val_auc),
+                    "val_log_loss": _json_number(selection.val_log_loss),
+                    "n_iter": selection.probe.n_iter,
+                    "converged": selection.probe.converged,
+                    "C_tried": [[c, _json_number(v)] for c, v in selection.table],
+                }
+            )
+            logger.info("layer %s: C=%g val macro AUC=%.4f", name, selection.C, selection.val_auc)
+        absent = [classes[k] for k in targets.absent]
+
+    val_scores = np.array([np.nan if r["val_score"] is None else r["val_score"] for r in per_layer])
+    note = None
+    if fixed_layer is not None:
+        selected, selection_method = fixed_layer, "fixed"
+    elif np.isfinite(val_scores).any():
+        # argmax returns the first maximum: ties go to the shallower layer.
+        selected = layer_names[int(np.argmax(np.where(np.isfinite(val_scores), val_scores, -np.inf)))]
+        selection_method = "validation"
+    else:
+        losses = np.array([np.inf if r["val_log_loss"] is None else r["val_log_loss"] for r in per_layer])
+        selected = layer_names[int(np.argmin(losses))]
+        selection_method = "validation"
+        note = "validation macro AUC undefined on every layer (a class lacks val positives or negatives); selected by validation log-loss"
+        logger.warning("%s: %s", activations_h5, note)
+    selected_index = layer_names.index(selected)
+    selected_C = per_layer[selected_index]["C"]
+
+    with h5py.File(tmp := _atomic_path(out_dir / "layers.h5"), "w") as out:
+        _write_strings(out, "ids", ids_test)
+        out.create_dataset("probabilities", data=test_probabilities, dtype=np.float32)
+        out.create_dataset("val_score", data=val_scores.astype(np.float64))
+        out.create_dataset("C", data=np.array([r["C"] for r in per_layer], dtype=np.float64))
+        out.attrs["layer_names"] = layer_names
+        out.attrs["classes"] = classes
+        out.attrs["kind"] = kind
+    os.replace(tmp, out_dir / "layers.h5")
+
+    with h5py.File(tmp := _atomic_path(out_dir / "predictions.h5"), "w") as out:
+        _write_strings(out, "ids", ids_test)
+        out.create_dataset("probabilities", data=test_probabilities[selected_index], dtype=np.float32)
+        out.attrs["classes"] = classes
+        out.attrs["layer"] = selected
+        out.attrs["kind"] = kind
+        out.attrs["C"] = float(selected_C)
+    os.replace(tmp, out_dir / "predictions.h5")
+
+    result = {
+        "layer": selected,
+        "selection": selection_method,
+        "C": selected_C,
+        "val_score": per_layer[selected_index]["val_score"],
+        "val_metric": "macro_auc",
+        "kind": kind,
+        "classes": classes,
+        "layers": per_layer,
+        "n_train": int(masks["train"].sum()),
+        "n_val": int(masks["val"].sum()),
+        "n_test": int(masks["test"].sum()),
+        "absent_train_classes": absent,
+        "activations": os.fspath(activations_h5),
+        "manifest": os.fspath(manifest_csv),
+        "manifest_sha256": _sha256(manifest_csv),
+        "settings": {
+            "C_grid": [float(c) for c in grid],
+            "refine": bool(refine),
+            "max_iter": int(max_iter),
+            "tol": float(tol),
+            "class_weight": class_weight or "none",
+            "seed": int(seed),
+            "dtype": str(resolved_dtype).replace("torch.", ""),
+        },
+    }
+    if note:
+        result["note"] = note
+    tmp = _atomic_path(out_dir / "probe.json")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out_dir / "probe.json")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Label efficiency
+# --------------------------------------------------------------------------------------------------
+
+
+def nested_subsets(
+    patient_ids: Sequence[str] | np.ndarray,
+    strata: Sequence[Any] | np.ndarray,
+    fractions: Sequence[float],
+    seed: int,
+) -> list[np.ndarray]:
+    """Nested, patient-grouped, stratified training subsets.
+
+    ``patient_ids`` and ``strata`` are per sample; a patient's stratum is its most frequent value
+    (ties -> the smallest). Returns one boolean sample mask per fraction (in the given order) that
+    keeps ``round(f * n_patients)`` whole patients, at least one patient per stratum (so tiny fractions
+    may exceed ``f``). A larger fraction's subset always contains a smaller one's: patients are put in
+    one random order (interleaved across strata so that every prefix is stratified) and each fraction
+    takes a prefix. Deterministic given ``seed``.
+    """
+    patient_ids = np.asarray(patient_ids).astype(str)
+    strata = np.asarray(strata)
+    if patient_ids.ndim != 1 or strata.shape != patient_ids.shape:
+        raise ValueError(f"patient_ids and strata must be 1-d of equal length, got {patient_ids.shape} and {strata.shape}")
+    fractions_arr = np.asarray(list(fractions), dtype=np.float64)
+    if fractions_arr.ndim != 1 or fractions_arr.size == 0 or np.any(~(fractions_arr > 0)) or np.any(fractions_arr > 1):
+        raise ValueError(f"fractions must be in (0, 1], got {list(fractions)!r}")
+    if patient_ids.size == 0:
+        return [np.zeros(0, dtype=bool) for _ in fractions_arr]
+
+    patients, patient_of_sample = np.unique(patient_ids, return_inverse=True)
+    _, stratum_of_sample = np.unique(strata.astype(str), return_inverse=True)
+    counts = np.zeros((patients.size, stratum_of_sample.max() + 1), dtype=np.int64)
+    np.add.at(counts, (patient_of_sample, stratum_of_sample), 1)
+    patient_stratum = counts.argmax(axis=1)  # first maximum: ties -> smallest stratum
+
+    rng = np.random.default_rng(seed)
+    # Systematic stratified ordering: the r-th of n_s shuffled patients of a stratum gets the key
+    # (r + u) / n_s, so sorting by key interleaves strata in proportion at every prefix length.
+    key = np.empty(patients.size)
+    leads_stratum = np.zeros(patients.size, dtype=bool)
+    present_strata = np.unique(patient_stratum)
+    for stratum in present_strata:
+        members = rng.permutation(np.flatnonzero(patient_stratum == stratum))
+        key[members] = (np.arange(members.size) + rng.random(members.size)) / members.size
+        leads_stratum[members[0]] = True
+    # One patient of every stratum first, so even the smallest subset represents every stratum.
+    order = np.lexsort((key, ~leads_stratum))
+
+    masks = []
+    for fraction in fractions_arr:
+        n_keep = patients.size if fraction >= 1 else int(np.floor(fraction * patients.size + 0.5))
+        n_keep = min(patients.size, max(n_keep, present_strata.size, 1))
+        keep_patient = np.zeros(patients.size, dtype=bool)
+        keep_patient[order[:n_keep]] = True
+        masks.append(keep_patient[patient_of_sample])
+    return masks
+
+
+def _efficiency_strata(targets: np.ndarray, kind: str) -> np.ndarray:
+    """Per-sample stratum: the class index; for multilabel the rarest finding present (-1 = none),
+    so that patients carrying rare findings are spread over the subsets."""
+    if kind != "multilabel":
+        return targets
+    prevalence = targets.sum(0).astype(np.float64)
+    rarity = np.where(targets > 0, prevalence[None, :], np.inf)
+    return np.where(targets.any(1), rarity.argmin(1), -1)
+
+
+def efficiency_task(
+    activations_h5: str | os.PathLike,
+    manifest_csv: str | os.PathLike,
+    probe_json: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    kind: str,
+    classes: Sequence[str],
+    fractions: Sequence[float],
+    seeds: int | Sequence[int],
+    max_iter: int = 200,
+    tol: float = 1e-6,
+    class_weight: str | None = None,
+    dtype: torch.dtype | str = torch.float64,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Label-efficiency sweep at probe.json's selected layer and C; writes ``efficiency.h5``.
+
+    For every seed, :func:`nested_subsets` draws nested patient subsets of the train split (one per
+    fraction, stratified by each patient's majority class); a probe is refitted on each and predicts
+    the test split. ``seeds`` is a list of seeds or a count (``n`` -> ``0..n-1``). Classes missing from
+    a subset are logged and recorded in the ``missing_classes`` attribute (JSON). Returns a summary.
+    """
+    _check_kind(kind)
+    classes = [str(c) for c in classes]
+    class_weight = _normalise_class_weight(class_weight)
+    seed_list = list(range(int(seeds))) if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
+    if not seed_list:
+        raise ValueError("seeds must name at least one seed")
+    fraction_list = [float(f) for f in fractions]
+    probe_info = json.loads(Path(probe_json).read_text())
+    for key in ("layer", "C"):
+        if key not in probe_info:
+            raise ValueError(f"probe file {probe_json} lacks key {key!r}")
+    C = float(probe_info["C"])
+
+    handle, manifest, layer_names = _open_checked(activations_h5, manifest_csv)
+    with handle:
+        layer = _resolve_layer(probe_info["layer"], layer_names, activations_h5)
+        features = _read_layer(handle, layer_names, layer)
+    targets = encode_targets(manifest, kind, classes)
+    masks = _split_masks(manifest, manifest_csv, need_val=False)
+    train_rows = np.flatnonzero(masks["train"])
+    X_train, y_train = features[train_rows], targets[train_rows]
+    X_test = features[masks["test"]]
+    ids_test = manifest["image_id"][masks["test"]].tolist()
+    del features
+
+    # A sample without patient_id is its own patient.
+    patients = manifest["patient_id"].to_numpy()[train_rows].astype(object)
+    no_patient = patients == ""
+    patients[no_patient] = ["\x00image:" + i for i in manifest["image_id"].to_numpy()[train_rows][no_patient]]
+    strata = _efficiency_strata(y_train, kind)
+    present_in_train = set(np.flatnonzero(y_train.sum(0) > 0) if kind == "multilabel" else np.unique(y_train))
+
+    probabilities = np.empty((len(fraction_list), len(seed_list), len(ids_test), len(classes)), dtype=np.float32)
+    n_train = np.zeros((len(fraction_list), len(seed_list)), dtype=np.int64)
+    missing: dict[str, list[str]] = {}
+    cache: dict[bytes, np.ndarray] = {}  # identical subsets (e.g. fraction 1.0) are fitted once
+    for s, seed in enumerate(seed_list):
+        subsets = nested_subsets(patients, strata, fraction_list, seed)
+        for f, subset in enumerate(subsets):
+            n_train[f, s] = int(subset.sum())
+            y_subset = y_train[subset]
+            present = set(np.flatnonzero(y_subset.sum(0) > 0) if kind == "multilabel" else np.unique(y_subset))
+            lost = sorted(present_in_train - present)
+            if lost:
+                names = [classes[k] for k in lost]
+                missing[f"fraction={fraction_list[f]:g},seed={seed}"] = names
+                logger.warning("efficiency subset fraction=%g seed=%d has no sample of %s", fraction_list[f], seed, names)
+            key = np.packbits(subset).tobytes()
+            if key not in cache:
+                probe = fit(
+                    X_train[subset], y_subset, kind, C, max_iter=max_iter, tol=tol, class_weight=class_weight,
+                    n_classes=_n_outputs(kind, classes), class_names=classes, dtype=dtype, device=device,
+                )
+                cache[key] = probe.predict_proba(X_test).astype(np.float32)
+            probabilities[f, s] = cache[key]
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(tmp := _atomic_path(out_path), "w") as out:
+        out.create_dataset("probabilities", data=probabilities, dtype=np.float32)
+        out.create_dataset("n_train", data=n_train)
+        _write_strings(out, "ids", ids_test)
+        out.attrs["fractions"] = np.asarray(fraction_list, dtype=np.float64)
+        out.attrs["seeds"] = np.asarray(seed_list, dtype=np.int64)
+        out.attrs["classes"] = classes
+        out.attrs["kind"] = kind
+        out.attrs["layer"] = layer
+        out.attrs["C"] = C
+        out.attrs["missing_classes"] = json.dumps(missing)
+    os.replace(tmp, out_path)
+    return {"layer": layer, "C": C, "fractions": fraction_list, "seeds": seed_list, "n_train": n_train.tolist(), "missing_classes": missing}

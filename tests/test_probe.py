@@ -1,0 +1,485 @@
+"""Tests for medprobe.labels and medprobe.probe, checked against scikit-learn and direct computations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss as sk_log_loss
+from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from medprobe.labels import encode_targets, load_manifest
+from medprobe.probe import (
+    efficiency_task,
+    fit,
+    fit_layers,
+    log_loss,
+    macro_auc,
+    nested_subsets,
+    probe_task,
+    select_C,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The test machine is shared; one thread keeps these small problems fast and polite.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_data(kind: str, n: int, d: int, n_out: int, seed: int, noise: float = 1.0):
+    """Separable-but-noisy synthetic data with non-zero feature means and unequal scales."""
+    rng = np.random.default_rng(seed)
+    scales = rng.uniform(0.3, 4.0, size=d)
+    offsets = rng.normal(scale=5.0, size=d)
+    latent = rng.normal(size=(n, d))
+    W = rng.normal(size=(d, n_out)) * 1.5
+    scores = latent @ W + noise * rng.logistic(size=(n, n_out))
+    X = latent * scales + offsets
+    if kind == "multiclass":
+        y = scores.argmax(1)
+    elif kind == "binary":
+        y = (scores[:, 0] > 0).astype(np.int64)
+    else:
+        y = (scores > 0.5).astype(np.uint8)
+    return X, y
+
+
+def sklearn_reference(X_train, y_train, kind, C, **kwargs):
+    """scikit-learn models on train-standardised features (multilabel: one per finding)."""
+    scaler = StandardScaler().fit(X_train)
+    Z = scaler.transform(X_train)
+    if kind == "multilabel":
+        models = [LogisticRegression(C=C, tol=1e-8, max_iter=5000, **kwargs).fit(Z, y_train[:, k]) for k in range(y_train.shape[1])]
+    else:
+        models = [LogisticRegression(C=C, tol=1e-8, max_iter=5000, **kwargs).fit(Z, y_train)]
+    return scaler, models
+
+
+def sklearn_proba(scaler, models, X, kind):
+    Z = scaler.transform(X)
+    if kind == "multilabel":
+        return np.column_stack([m.predict_proba(Z)[:, 1] for m in models])
+    return models[0].predict_proba(Z)
+
+
+def sklearn_metrics(y, proba, kind):
+    """(macro AUC, log-loss) computed with sklearn.metrics directly."""
+    if kind == "binary":
+        return roc_auc_score(y, proba[:, 1]), sk_log_loss(y, proba, labels=[0, 1])
+    if kind == "multiclass":
+        return roc_auc_score(y, proba, multi_class="ovr", average="macro"), sk_log_loss(y, proba, labels=np.arange(proba.shape[1]))
+    aucs = [roc_auc_score(y[:, k], proba[:, k]) for k in range(y.shape[1])]
+    losses = [sk_log_loss(y[:, k], proba[:, k], labels=[0, 1]) for k in range(y.shape[1])]
+    return float(np.mean(aucs)), float(np.mean(losses))
+
+
+# --------------------------------------------------------------------------------------------------
+# Agreement with scikit-learn
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,n_out", [("binary", 1), ("multiclass", 4), ("multilabel", 3)])
+def test_fit_matches_sklearn(kind, n_out):
+    X, y = make_data(kind, 500, 12, n_out, seed=1)
+    X_train, y_train, X_test, y_test = X[:300], y[:300], X[300:], y[300:]
+    C = 0.3
+    probe = fit(X_train, y_train, kind, C, max_iter=1000, tol=1e-8, n_classes=n_out if kind == "multiclass" else None)
+    scaler, models = sklearn_reference(X_train, y_train, kind, C)
+    assert probe.converged
+
+    coef_ref = np.vstack([m.coef_ for m in models])
+    intercept_ref = np.concatenate([m.intercept_ for m in models])
+    assert probe.coef.shape == coef_ref.shape
+    np.testing.assert_allclose(probe.coef, coef_ref, atol=2e-5)
+    np.testing.assert_allclose(probe.intercept, intercept_ref, atol=2e-5)
+
+    ours = probe.predict_proba(X_test)
+    ref = sklearn_proba(scaler, models, X_test, kind)
+    assert ours.shape == ((len(X_test), 2) if kind == "binary" else ref.shape)
+    auc_ours, loss_ours = sklearn_metrics(y_test, ours, kind)
+    auc_ref, loss_ref = sklearn_metrics(y_test, ref, kind)
+    assert abs(auc_ours - auc_ref) < 0.002
+    assert abs(loss_ours - loss_ref) < 1e-3
+    # Our own metric helpers agree with sklearn.metrics.
+    assert macro_auc(y_test, ours, kind) == pytest.approx(auc_ours, abs=1e-12)
+    assert log_loss(probe, X_test, y_test) == pytest.approx(loss_ours, abs=1e-9)
+
+
+def test_class_and_sample_weights_match_sklearn():
+    X, y = make_data("multiclass", 300, 8, 3, seed=2)
+    # Imbalance so that 'balanced' matters.
+    keep = (y != 2) | (np.arange(len(y)) % 4 == 0)
+    X, y = X[keep], y[keep]
+    weights = np.random.default_rng(3).uniform(0.2, 2.0, size=len(y))
+    probe = fit(X, y, "multiclass", 0.5, max_iter=1000, tol=1e-8, class_weight="balanced", sample_weight=weights)
+    Z = StandardScaler().fit_transform(X)
+    ref = LogisticRegression(C=0.5, tol=1e-8, max_iter=5000, class_weight="balanced").fit(Z, y, sample_weight=weights)
+    np.testing.assert_allclose(probe.coef, ref.coef_, atol=2e-5)
+    np.testing.assert_allclose(probe.intercept, ref.intercept_, atol=2e-5)
+
+
+def test_float32_close_to_float64():
+    X, y = make_data("multiclass", 300, 10, 3, seed=4)
+    exact = fit(X, y, "multiclass", 0.2, tol=1e-8, max_iter=1000)
+    single = fit(X.astype(np.float32), y, "multiclass", 0.2, dtype="float32")
+    np.testing.assert_allclose(single.predict_proba(X), exact.predict_proba(X), atol=1e-3)
+
+
+def test_standardisation_uses_train_statistics_only():
+    X, y = make_data("binary", 200, 6, 1, seed=5)
+    X[:, 2] = 7.25  # constant column: std must become 1, not 0
+    X_train, y_train = X[:120], y[:120]
+    X_test = X[120:] * 3.0 + 100.0  # wildly different test distribution must not leak in
+    probe = fit(X_train, y_train, "binary", 1.0)
+    np.testing.assert_allclose(probe.mean, X_train.mean(0), rtol=1e-12, atol=1e-12)
+    expected_std = X_train.std(0)
+    expected_std[2] = 1.0
+    np.testing.assert_allclose(probe.std, expected_std, rtol=1e-12)
+    # predict_proba = sigmoid(((x - train mean) / train std) . coef + intercept), computed directly.
+    logits = ((X_test - X_train.mean(0)) / expected_std) @ probe.coef[0] + probe.intercept[0]
+    p = 1.0 / (1.0 + np.exp(-logits))
+    np.testing.assert_allclose(probe.predict_proba(X_test), np.column_stack([1 - p, p]), rtol=1e-10, atol=1e-12)
+
+
+def test_fit_layers_equals_per_layer_fits():
+    rng = np.random.default_rng(6)
+    X, y = make_data("multiclass", 250, 9, 3, seed=6)
+    layers = np.stack([X, X[:, ::-1] * 2.0 + 1.0, rng.normal(size=X.shape)])
+    Cs = [0.05, 1.0, 0.3]
+    batched = fit_layers(layers, y, "multiclass", Cs, max_iter=2000, tol=1e-9)
+    assert len(batched) == 3
+    for layer, C, probe in zip(layers, Cs, batched):
+        single = fit(layer, y, "multiclass", C, max_iter=2000, tol=1e-9)
+        assert probe.C == C
+        np.testing.assert_allclose(probe.coef, single.coef, atol=1e-6)
+        np.testing.assert_allclose(probe.intercept, single.intercept, atol=1e-6)
+    # Torch input (the CUDA path takes the same route) gives the same models.
+    from_tensor = fit_layers(torch.from_numpy(layers), torch.from_numpy(y), "multiclass", Cs, max_iter=2000, tol=1e-9)
+    np.testing.assert_allclose(from_tensor[1].coef, batched[1].coef, atol=1e-9)
+
+
+def test_multilabel_batched_equals_independent_binary_fits():
+    X, y = make_data("multilabel", 300, 7, 3, seed=7)
+    joint = fit(X, y, "multilabel", 0.4, tol=1e-9, max_iter=2000)
+    for k in range(3):
+        alone = fit(X, y[:, k].astype(np.int64), "binary", 0.4, tol=1e-9, max_iter=2000)
+        np.testing.assert_allclose(joint.coef[k], alone.coef[0], atol=1e-6)
+        np.testing.assert_allclose(joint.predict_proba(X)[:, k], alone.predict_proba(X)[:, 1], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# C selection
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,n_out", [("multiclass", 4), ("multilabel", 3)])
+def test_select_C_picks_grid_minimum_of_validation_log_loss(kind, n_out):
+    X, y = make_data(kind, 260, 30, n_out, seed=8, noise=2.5)
+    X_train, y_train, X_val, y_val = X[:110], y[:110], X[110:], y[110:]
+    grid = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    # Direct loop: cold-started fits, log-loss from sklearn.metrics.
+    losses = []
+    for C in grid:
+        proba = fit(X_train, y_train, kind, C, tol=1e-8, max_iter=2000).predict_proba(X_val)
+        losses.append(sklearn_metrics(y_val, proba, kind)[1])
+    expected = grid[int(np.argmin(losses))]
+    assert expected not in (grid[0], grid[-1]), "fixture should have an interior optimum"
+
+    C, auc = select_C(X_train, y_train, X_val, y_val, kind, grid, refine=False, tol=1e-8, max_iter=2000)
+    assert C == expected
+    best_proba = fit(X_train, y_train, kind, C, tol=1e-8, max_iter=2000).predict_proba(X_val)
+    assert auc == pytest.approx(sklearn_metrics(y_val, best_proba, kind)[0], abs=1e-6)
+
+    refined, _ = select_C(X_train, y_train, X_val, y_val, kind, grid, refine=True, tol=1e-8, max_iter=2000)
+    position = grid.index(expected)
+    assert grid[position - 1] < refined < grid[position + 1]
+    refined_proba = fit(X_train, y_train, kind, refined, tol=1e-8, max_iter=2000).predict_proba(X_val)
+    assert sklearn_metrics(y_val, refined_proba, kind)[1] <= min(losses) + 1e-9
+
+
+def test_select_C_rejects_bad_grid():
+    X, y = make_data("binary", 40, 3, 1, seed=9)
+    with pytest.raises(ValueError, match="C grid"):
+        select_C(X, y, X, y, "binary", [0.1, -1.0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Classes without training examples
+# --------------------------------------------------------------------------------------------------
+
+
+def test_absent_multiclass_class_is_handled(caplog):
+    X, y = make_data("multiclass", 200, 5, 3, seed=10)
+    with caplog.at_level(logging.WARNING, logger="medprobe.probe"):
+        probe = fit(X, y, "multiclass", 1.0, n_classes=4, class_names=["a", "b", "c", "ghost"])
+    assert "ghost" in caplog.text
+    assert probe.absent_classes == (3,)
+    proba = probe.predict_proba(X)
+    assert proba.shape == (200, 4) and np.all(np.isfinite(proba))
+    assert proba[:, 3].max() < 1e-4
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-12)
+
+
+def test_multilabel_finding_without_positives_uses_intercept(caplog):
+    X, y = make_data("multilabel", 200, 5, 3, seed=11)
+    y[:, 1] = 0
+    with caplog.at_level(logging.WARNING, logger="medprobe.probe"):
+        probe = fit(X, y, "multilabel", 1.0, class_names=["x", "never_seen", "z"])
+    assert "never_seen" in caplog.text
+    proba = probe.predict_proba(X)
+    assert np.all(np.isfinite(proba)) and proba[:, 1].max() < 1e-3
+    # The regulariser keeps the finding's weights near zero: the probability is the intercept's.
+    assert np.abs(probe.coef[1]).max() < 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# Labels and manifests
+# --------------------------------------------------------------------------------------------------
+
+
+def test_encode_targets_values_and_errors():
+    frame = pd.DataFrame({"image_id": ["a", "b", "c"], "label": ["1", "0", "1"], "labels": ["x|z", "", "y"]})
+    np.testing.assert_array_equal(encode_targets(frame, "binary", ["0", "1"]), [1, 0, 1])
+    assert encode_targets(frame, "multiclass", ["1", "0"]).dtype == np.int64
+    multi = encode_targets(frame, "multilabel", ["x", "y", "z"])
+    assert multi.dtype == np.uint8
+    np.testing.assert_array_equal(multi, [[1, 0, 1], [0, 0, 0], [0, 1, 0]])
+    with pytest.raises(ValueError, match=r"'1'.*image_id 'a'.*\['0', '2'\]"):
+        encode_targets(frame, "multiclass", ["0", "2"])
+    with pytest.raises(ValueError, match=r"'y'.*\['x', 'z'\]"):
+        encode_targets(frame, "multilabel", ["x", "z"])
+    with pytest.raises(ValueError, match="unknown task kind 'ordinal'"):
+        encode_targets(frame, "ordinal", ["0", "1"])
+
+
+def test_load_manifest_keeps_strings_and_checks(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("image_id,path,split,patient_id,label,source\n001,a.png,train,p1,NA,s\n002,b.png,test,,0,s\n")
+    manifest = load_manifest(good)
+    assert manifest["image_id"].tolist() == ["001", "002"]
+    assert manifest["label"].tolist() == ["NA", "0"] and manifest["patient_id"].tolist() == ["p1", ""]
+    duplicate = tmp_path / "dup.csv"
+    duplicate.write_text("image_id,path,split,patient_id,label,source\nx,a,train,p,0,s\nx,b,test,q,1,s\n")
+    with pytest.raises(ValueError, match=r"dup\.csv.*duplicate image_id.*'x'"):
+        load_manifest(duplicate)
+    missing = tmp_path / "missing.csv"
+    missing.write_text("image_id,path,split,patient_id,source\nx,a,train,p,s\n")
+    with pytest.raises(ValueError, match=r"missing\.csv.*'label'"):
+        load_manifest(missing)
+
+
+# --------------------------------------------------------------------------------------------------
+# Nested subsets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_nested_subsets_properties():
+    rng = np.random.default_rng(12)
+    n_patients = 400
+    images = rng.integers(1, 4, size=n_patients)
+    patient_ids = np.repeat([f"p{i:03d}" for i in range(n_patients)], images)
+    patient_class = rng.choice(4, size=n_patients, p=[0.6, 0.25, 0.13, 0.02])
+    strata = np.repeat(patient_class, images)
+    fractions = [0.5, 0.05, 0.25, 1.0, 0.1]
+    masks = nested_subsets(patient_ids, strata, fractions, seed=3)
+    assert len(masks) == len(fractions)
+    by_size = sorted(zip(fractions, masks), key=lambda item: item[0])
+    for (_, smaller), (_, larger) in zip(by_size, by_size[1:]):
+        assert not np.any(smaller & ~larger), "smaller fraction must be a subset of the larger one"
+    for fraction, mask in zip(fractions, masks):
+        chosen = set(patient_ids[mask])
+        # Whole patients: every image of a chosen patient is in, every other image is out.
+        assert set(patient_ids[~mask]).isdisjoint(chosen)
+        assert abs(len(chosen) / n_patients - fraction) <= 1.0 / n_patients
+        assert set(strata[mask]) == set(strata), f"fraction {fraction} lost a stratum"
+    # Stratified: class shares among chosen patients follow the full set.
+    half = masks[0]
+    chosen_classes = np.array([patient_class[int(p[1:])] for p in sorted(set(patient_ids[half]))])
+    np.testing.assert_allclose(np.bincount(chosen_classes, minlength=4) / len(chosen_classes), np.bincount(patient_class) / n_patients, atol=0.01)
+    # Deterministic per seed, different across seeds.
+    again = nested_subsets(patient_ids, strata, fractions, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(masks, again))
+    other = nested_subsets(patient_ids, strata, fractions, seed=4)
+    assert not np.array_equal(masks[0], other[0])
+    assert masks[3].all()
+
+
+def test_nested_subsets_keeps_one_patient_per_stratum_and_rejects_bad_fractions():
+    patient_ids = [f"p{i}" for i in range(20)]
+    strata = ["common"] * 19 + ["rare"]
+    (tiny,) = nested_subsets(patient_ids, strata, [0.05], seed=0)
+    assert tiny.sum() == 2 and tiny[19]
+    with pytest.raises(ValueError, match="fractions"):
+        nested_subsets(patient_ids, strata, [0.0, 0.5], seed=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# probe_task / efficiency_task on hand-written files
+# --------------------------------------------------------------------------------------------------
+
+
+FINDINGS = ["effusion", "nodule", "fracture"]
+
+
+def write_task(tmp_path, *, with_embeddings=False, informative_layer=1, n_layers=3, multilabel=False):
+    """A tiny manifest + activations HDF5 written per docs/architecture.md (binary, or multilabel with
+    FINDINGS where 'fracture' never occurs)."""
+    rng = np.random.default_rng(13)
+    n_patients, per_patient, D = 60, 2, 6
+    patients = np.repeat([f"pat{i:02d}" for i in range(n_patients)], per_patient)
+    split_of_patient = np.array(["train"] * 34 + ["val"] * 13 + ["test"] * 13)
+    split = np.repeat(split_of_patient, per_patient)
+    y = rng.integers(0, 2, size=len(patients))
+    ids = [f"img{i:03d}" for i in range(len(patients))]
+    if multilabel:
+        nodule = rng.integers(0, 2, size=len(patients))
+        labels = ["|".join(f for f, on in zip(FINDINGS, (a, c, 0)) if on) for a, c in zip(y, nodule)]
+    manifest = pd.DataFrame(
+        {
+            "image_id": ids,
+            "path": [f"images/{i}.png" for i in ids],
+            "split": split,
+            "patient_id": patients,
+            "label": "" if multilabel else np.array(["benign", "malignant"])[y],
+            "labels": labels if multilabel else "",
+            "source": "demo",
+            "group": "",
+        }
+    )
+    manifest_path = tmp_path / "task.csv"
+    manifest.to_csv(manifest_path, index=False)
+    activations = rng.normal(size=(len(ids), n_layers, D)).astype(np.float16)
+    activations[:, informative_layer, 0] += (2.0 * y - 1.0) * 1.5  # the only layer with signal
+    h5_path = tmp_path / "acts.h5"
+    with h5py.File(h5_path, "w") as f:
+        f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("activations", data=activations, chunks=(len(ids), 1, D))
+        if with_embeddings:
+            f.create_dataset("embeddings", data=rng.normal(size=(len(ids), 4)).astype(np.float16))
+        f.attrs["layer_names"] = [f"hidden.{i}" for i in range(n_layers)]
+        f.attrs["model"] = "tiny"
+        f.attrs["pooling"] = "last"
+        f.attrs["dtype"] = "float16"
+        f.attrs["manifest_sha256"] = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+    return h5_path, manifest_path, manifest
+
+
+PROBE_SETTINGS = dict(kind="binary", classes=["benign", "malignant"], C_grid=[0.01, 0.1, 1.0], refine=True, max_iter=200, tol=1e-6, class_weight="none")
+
+
+def test_probe_task_writes_contract_files_and_selects_informative_layer(tmp_path):
+    h5_path, manifest_path, manifest = write_task(tmp_path, with_embeddings=True)
+    out = tmp_path / "probes"
+    result = probe_task(h5_path, manifest_path, out, **PROBE_SETTINGS)
+    test_ids = manifest["image_id"][manifest["split"] == "test"].tolist()
+    names = ["hidden.0", "hidden.1", "hidden.2", "image_embeds"]
+
+    assert result["layer"] == "hidden.1" and result["selection"] == "validation"
+    assert json.loads((out / "probe.json").read_text()) == result
+    assert [entry["name"] for entry in result["layers"]] == names
+
+    with h5py.File(out / "layers.h5") as f:
+        assert [s.decode() for s in f["ids"][:]] == test_ids
+        assert f["probabilities"].shape == (4, len(test_ids), 2) and f["probabilities"].dtype == np.float32
+        assert list(f.attrs["layer_names"]) == names
+        assert list(f.attrs["classes"]) == ["benign", "malignant"] and f.attrs["kind"] == "binary"
+        val_score, Cs, layer_proba = f["val_score"][:], f["C"][:], f["probabilities"][:]
+    assert int(np.argmax(val_score)) == 1 and val_score[1] > 0.8
+    np.testing.assert_allclose(val_score, [entry["val_score"] for entry in result["layers"]])
+    np.testing.assert_allclose(layer_proba.sum(2), 1.0, atol=1e-6)
+
+    with h5py.File(out / "predictions.h5") as f:
+        assert [s.decode() for s in f["ids"][:]] == test_ids
+        assert f.attrs["layer"] == "hidden.1" and f.attrs["kind"] == "binary"
+        assert f.attrs["C"] == pytest.approx(Cs[1])
+        np.testing.assert_array_equal(f["probabilities"][:], layer_proba[1])
+
+    # The selected layer's test predictions equal a direct refit on train at the chosen C.
+    with h5py.File(h5_path) as f:
+        features = f["activations"][:, 1, :].astype(np.float64)
+    y = (manifest["label"] == "malignant").to_numpy().astype(np.int64)
+    train, test = (manifest["split"] == "train").to_numpy(), (manifest["split"] == "test").to_numpy()
+    direct = fit(features[train], y[train], "binary", result["C"]).predict_proba(features[test])
+    np.testing.assert_allclose(layer_proba[1], direct, atol=1e-4)
+
+    # Fixed layers: int means hidden.i, strings are names, unknown names are listed.
+    fixed = probe_task(h5_path, manifest_path, tmp_path / "fixed", **PROBE_SETTINGS, layer=2)
+    assert fixed["layer"] == "hidden.2" and fixed["selection"] == "fixed"
+    with pytest.raises(ValueError, match=r"hidden\.9.*image_embeds"):
+        probe_task(h5_path, manifest_path, tmp_path / "bad", **PROBE_SETTINGS, layer="hidden.9")
+
+
+def test_probe_task_rejects_mismatched_ids_and_hash(tmp_path):
+    h5_path, manifest_path, manifest = write_task(tmp_path)
+    with h5py.File(h5_path, "a") as f:
+        f.attrs["manifest_sha256"] = "0" * 64
+    with pytest.raises(ValueError, match=r"acts\.h5.*task\.csv"):
+        probe_task(h5_path, manifest_path, tmp_path / "out", **PROBE_SETTINGS)
+
+    h5_path, manifest_path, manifest = write_task(tmp_path)
+    reordered = manifest.iloc[::-1]
+    reordered.to_csv(manifest_path, index=False)
+    with h5py.File(h5_path, "a") as f:  # hash matches, order does not
+        f.attrs["manifest_sha256"] = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match=r"acts\.h5 ids do not match manifest .*task\.csv"):
+        probe_task(h5_path, manifest_path, tmp_path / "out", **PROBE_SETTINGS)
+    assert not (tmp_path / "out" / "probe.json").exists()
+
+
+def test_efficiency_task(tmp_path):
+    h5_path, manifest_path, manifest = write_task(tmp_path)
+    out = tmp_path / "probes"
+    probe_task(h5_path, manifest_path, out, **PROBE_SETTINGS)
+    settings = {k: PROBE_SETTINGS[k] for k in ("kind", "classes", "max_iter", "tol", "class_weight")}
+    summary = efficiency_task(h5_path, manifest_path, out / "probe.json", out / "efficiency.h5", fractions=[0.25, 0.5, 1.0], seeds=2, **settings)
+    n_test = int((manifest["split"] == "test").sum())
+    n_train = int((manifest["split"] == "train").sum())
+    with h5py.File(out / "efficiency.h5") as f:
+        proba = f["probabilities"][:]
+        counts = f["n_train"][:]
+        assert proba.shape == (3, 2, n_test, 2) and proba.dtype == np.float32
+        np.testing.assert_allclose(f.attrs["fractions"], [0.25, 0.5, 1.0])
+        np.testing.assert_array_equal(f.attrs["seeds"], [0, 1])
+        assert list(f.attrs["classes"]) == ["benign", "malignant"]
+    # Whole patients (2 images each), growing with the fraction, everything at 1.0.
+    assert np.all(counts % 2 == 0) and np.all(np.diff(counts, axis=0) > 0) and np.all(counts[2] == n_train)
+    np.testing.assert_array_equal(counts[0], [2 * int(0.25 * 34 + 0.5)] * 2)  # 8.5 patients rounds half up
+    with h5py.File(out / "predictions.h5") as f:
+        np.testing.assert_allclose(proba[2, 0], f["probabilities"][:], atol=1e-4)
+    assert summary["layer"] == "hidden.1"
+    # Deterministic given the seeds.
+    efficiency_task(h5_path, manifest_path, out / "probe.json", tmp_path / "again.h5", fractions=[0.25, 0.5, 1.0], seeds=2, **settings)
+    with h5py.File(tmp_path / "again.h5") as f:
+        np.testing.assert_array_equal(f["probabilities"][:], proba)
+
+
+def test_probe_and_efficiency_multilabel_with_unseen_finding(tmp_path, caplog):
+    h5_path, manifest_path, manifest = write_task(tmp_path, multilabel=True, informative_layer=2)
+    out = tmp_path / "probes"
+    settings = dict(kind="multilabel", classes=FINDINGS, max_iter=200, tol=1e-6, class_weight="balanced")
+    with caplog.at_level(logging.WARNING, logger="medprobe.probe"):
+        result = probe_task(h5_path, manifest_path, out, C_grid=[0.01, 0.1, 1.0], refine=False, **settings)
+    assert "fracture" in caplog.text and result["absent_train_classes"] == ["fracture"]
+    # The layer carrying the 'effusion' signal wins on validation macro AUC over the findings with both labels.
+    assert result["layer"] == "hidden.2"
+    n_test = int((manifest["split"] == "test").sum())
+    with h5py.File(out / "predictions.h5") as f:
+        proba = f["probabilities"][:]
+    assert proba.shape == (n_test, 3) and proba[:, 2].max() < 1e-2
+    efficiency_task(h5_path, manifest_path, out / "probe.json", out / "efficiency.h5", fractions=[0.1, 1.0], seeds=[7], **settings)
+    with h5py.File(out / "efficiency.h5") as f:
+        assert f["probabilities"].shape == (2, 1, n_test, 3)
+        np.testing.assert_array_equal(f.attrs["seeds"], [7])
+        np.testing.assert_allclose(f["probabilities"][1, 0], proba, atol=1e-4)
