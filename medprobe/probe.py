@@ -839,18 +839,20 @@ def probe_task(
 
     val_scores = np.array([np.nan if r["val_score"] is None else r["val_score"] for r in per_layer])
     note = None
-    if fixed_layer is not None:
-        selected, selection_method = fixed_layer, "fixed"
-    elif np.isfinite(val_scores).any():
+    if np.isfinite(val_scores).any():
         # argmax returns the first maximum: ties go to the shallower layer.
-        selected = layer_names[int(np.argmax(np.where(np.isfinite(val_scores), val_scores, -np.inf)))]
-        selection_method = "validation"
+        validation_layer = layer_names[int(np.argmax(np.where(np.isfinite(val_scores), val_scores, -np.inf)))]
     else:
         losses = np.array([np.inf if r["val_log_loss"] is None else r["val_log_loss"] for r in per_layer])
-        selected = layer_names[int(np.argmin(losses))]
-        selection_method = "validation"
+        validation_layer = layer_names[int(np.argmin(losses))]
         note = "validation macro AUC undefined on every layer (a class lacks val positives or negatives); selected by validation log-loss"
         logger.warning("%s: %s", activations_h5, note)
+    # The validation-best layer is recorded even when the config fixes the layer (the paper's 80B layer 32),
+    # so both protocols can be reported from one run.
+    if fixed_layer is not None:
+        selected, selection_method = fixed_layer, "fixed"
+    else:
+        selected, selection_method = validation_layer, "validation"
     selected_index = layer_names.index(selected)
     selected_C = per_layer[selected_index]["C"]
 
@@ -876,6 +878,7 @@ def probe_task(
     result = {
         "layer": selected,
         "selection": selection_method,
+        "validation_layer": validation_layer,
         "C": selected_C,
         "val_score": per_layer[selected_index]["val_score"],
         "val_metric": "macro_auc",

@@ -42,7 +42,7 @@ rule prepare:
         "logs/prepare/{task}.log",
     conda:
         ENV
-    threads: 2
+    threads: config["threads"]["prepare"]
     params:
         task=task_config,
         split=config["split"],

@@ -26,7 +26,7 @@ rule extract:
         "logs/extract/{model}/{task}.log",
     conda:
         ENV
-    threads: 2
+    threads: config["threads"]["extract"]
     resources:
         gpu=model_gpus,
     params:

@@ -13,7 +13,7 @@ rule probe:
         "logs/probe/{model}/{task}.log",
     conda:
         ENV
-    threads: 2
+    threads: config["threads"]["probe"]
     params:
         task=task_config,
         probe=config["probe"],
@@ -34,7 +34,7 @@ rule efficiency:
         "logs/efficiency/{model}/{task}.log",
     conda:
         ENV
-    threads: 2
+    threads: config["threads"]["probe"]
     params:
         task=task_config,
         probe=config["probe"],

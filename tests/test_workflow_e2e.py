@@ -1,0 +1,154 @@
+"""End to end: the demo workflow as a user runs it, every table and figure checked.
+
+Runs `snakemake --cores 2` once in a fresh working directory (a few minutes on two cores), then checks
+the outputs against independent computations (scikit-learn on the stored activations and predictions).
+"""
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from medprobe import config as medprobe_config
+from medprobe.labels import encode_targets, load_manifest
+
+pytestmark = pytest.mark.slow
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+FIGURES = ["figure3", "figure4", "figure5", "figure6", "figureS5", "figureS6"]
+TABLES = ["metrics", "layers", "efficiency", "groups", "comparisons"]
+
+
+def snakemake(repo, workdir, *arguments, timeout=1500):
+    return subprocess.run(SNAKEMAKE + ["--cores", "2", "--directory", str(workdir), *arguments],
+                          cwd=repo, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo(repo, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    result = snakemake(repo, workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def config(repo):
+    return medprobe_config.load(repo / "config" / "config.yaml")
+
+
+def test_every_figure_is_drawn(demo):
+    for name in FIGURES:
+        pdf, png = demo / "results" / "figures" / f"{name}.pdf", demo / "results" / "figures" / f"{name}.png"
+        assert pdf.read_bytes()[:5] == b"%PDF-", name
+        with Image.open(png) as image:
+            image.verify()
+            assert image.format == "PNG" and min(image.size) > 300
+
+
+def test_tables_cover_every_model_and_task(demo, config):
+    for name in TABLES:
+        assert (demo / "results" / "tables" / f"{name}.csv").stat().st_size > 0, name
+    metrics = pd.read_csv(demo / "results" / "tables" / "metrics.csv", dtype={"class": str})
+    assert list(metrics.columns[:13]) == ["task", "model", "layer", "fraction", "seed", "class", "metric", "value",
+                                          "sd", "ci_low", "ci_high", "n_train", "n_test"]
+    headline = metrics[metrics["class"] == "macro"]
+    for model, task in medprobe_config.model_task_pairs(config):
+        row = headline[(headline["model"] == model) & (headline["task"] == task)
+                       & (headline["metric"] == config["tasks"][task]["metric"])]
+        assert len(row) == 1, (model, task)
+        row = row.iloc[0]
+        assert 0 <= row["ci_low"] <= row["value"] <= row["ci_high"] <= 1, (model, task)
+    scores = metrics[(metrics["metric"] == "auc") & (metrics["class"] == "macro")]
+    # the synthetic tasks carry real but imperfect signal: most probes must find it
+    assert (scores["value"] > 0.6).mean() >= 0.6 and (scores["value"] < 0.999).all()
+    efficiency = pd.read_csv(demo / "results" / "tables" / "efficiency.csv")
+    assert sorted(efficiency["fraction"].unique()) == config["efficiency"]["fractions"]
+    layers = pd.read_csv(demo / "results" / "tables" / "layers.csv")
+    assert set(layers.loc[layers["model"] == "clip", "layer"]) >= {"hidden.0", "hidden.4", "image_embeds"}
+    comparisons = pd.read_csv(demo / "results" / "tables" / "comparisons.csv")
+    assert set(comparisons["baseline"]) == {"clip"} and set(comparisons["test"]) == {"bootstrap", "paired_t"}
+    groups = pd.read_csv(demo / "results" / "tables" / "groups.csv")
+    assert set(groups["task"]) == {"T2"} and groups["group"].nunique() >= 5
+
+
+def test_manifests_keep_patients_in_one_split(demo, config):
+    for task in config["tasks"]:
+        manifest = load_manifest(demo / "results" / "manifests" / f"{task}.csv")
+        assert set(manifest["split"]) == {"train", "val", "test"}
+        assert (manifest.groupby("patient_id")["split"].nunique() == 1).all(), task
+
+
+def test_activations_follow_the_manifest(demo, config):
+    for model, task in medprobe_config.model_task_pairs(config):
+        manifest = load_manifest(demo / "results" / "manifests" / f"{task}.csv")
+        with h5py.File(demo / "results" / "activations" / model / f"{task}.h5", "r") as handle:
+            assert [i.decode() for i in handle["ids"][:]] == list(manifest["image_id"])
+            assert handle["activations"].shape[0] == len(manifest)
+            assert handle["activations"].dtype == np.float16
+
+
+@pytest.mark.parametrize(("model", "task"), [("idefics_80b", "T4"), ("clip", "T1"), ("idefics_9b", "T7")])
+def test_probe_auc_agrees_with_sklearn(demo, config, model, task):
+    """Refit the headline probe with scikit-learn at the same C: test AUC within 0.005."""
+    entry = config["tasks"][task]
+    summary = json.loads((demo / "results" / "probes" / model / task / "probe.json").read_text())
+    manifest = load_manifest(demo / "results" / "manifests" / f"{task}.csv")
+    with h5py.File(demo / "results" / "activations" / model / f"{task}.h5", "r") as handle:
+        names = list(handle.attrs["layer_names"])
+        layer = summary["layer"]
+        features = (handle["embeddings"][:] if layer == "image_embeds"
+                    else handle["activations"][:, names.index(layer), :]).astype(np.float64)
+    targets = encode_targets(manifest, entry["kind"], entry["classes"])
+    train, test = (manifest["split"] == "train").to_numpy(), (manifest["split"] == "test").to_numpy()
+    scaler = StandardScaler().fit(features[train])
+    C = summary["C"]
+    if entry["kind"] == "multilabel":
+        probabilities = np.column_stack([
+            LogisticRegression(C=C, tol=1e-8, max_iter=10000).fit(scaler.transform(features[train]), targets[train, k])
+            .predict_proba(scaler.transform(features[test]))[:, 1]
+            for k in range(targets.shape[1])
+        ])
+        reference = np.nanmean([roc_auc_score(targets[test, k], probabilities[:, k])
+                                for k in range(targets.shape[1]) if 0 < targets[test, k].sum() < test.sum()])
+    else:
+        classifier = LogisticRegression(C=C, tol=1e-8, max_iter=10000).fit(scaler.transform(features[train]), targets[train])
+        probabilities = classifier.predict_proba(scaler.transform(features[test]))
+        reference = (roc_auc_score(targets[test], probabilities[:, 1]) if entry["kind"] == "binary"
+                     else roc_auc_score(targets[test], probabilities, multi_class="ovr", labels=range(len(entry["classes"]))))
+    metrics = pd.read_csv(demo / "results" / "tables" / "metrics.csv", dtype={"class": str})
+    ours = metrics[(metrics["model"] == model) & (metrics["task"] == task) & (metrics["class"] == "macro")
+                   & (metrics["metric"] == "auc")]["value"].item()
+    assert ours == pytest.approx(reference, abs=0.005)
+
+
+def test_rerun_has_nothing_to_do_and_report_builds(repo, demo):
+    result = snakemake(repo, demo, "-n")
+    assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
+    result = snakemake(repo, demo, "--report", "results/report.html")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (demo / "results" / "report.html").stat().st_size > 10000
+
+
+@pytest.mark.parametrize(("damage", "reason"), [("corrupt", "cannot decode"), ("missing", "does not exist")])
+def test_bad_image_stops_the_run_naming_the_file(repo, tmp_path, damage, reason):
+    result = snakemake(repo, tmp_path, "resources/demo/raw/T2/metadata.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "resources/demo/raw/T2/metadata.csv", dtype=str, keep_default_na=False)
+    victim = tmp_path / "resources/demo/raw/T2" / table["file"][5]
+    if damage == "corrupt":
+        victim.write_bytes(victim.read_bytes()[:100])
+    else:
+        victim.unlink()
+    result = snakemake(repo, tmp_path, "results/manifests/T2.csv")
+    assert result.returncode != 0
+    assert str(victim.name) in result.stderr and reason in result.stderr
+    assert not (tmp_path / "results/manifests/T2.csv").exists()
+    assert not (tmp_path / "results/manifests/T2.json").exists()
