@@ -10,10 +10,12 @@ min_version("9.0")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/models.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/probe.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/nejm.smk"
 
 
 report: "workflow/report/workflow.rst"
@@ -24,3 +26,4 @@ rule all:
     input:
         all_tables(),
         all_figures(),
+        all_nejm(),

@@ -5,12 +5,14 @@ the same C and tol for both solvers. Both fit on standardised features (the time
 includes its StandardScaler, as our fit includes its own standardisation). The models must agree:
 test log-loss within 1e-3 on every layer, otherwise the script exits with status 1.
 
-    python benchmarks/probe.py            # n_train=20000, d=4096, 9 classes, 3 layers (minutes)
+    python benchmarks/probe.py --threads 2   # n_train=20000, d=4096, 9 classes, 3 layers (many minutes)
     python benchmarks/probe.py --quick    # small sizes, seconds
 
 The last line is ``speedup=<x>``: median scikit-learn time per layer / median medprobe ``fit`` time
-per layer in float64 (the default, and the path ``probe_task`` uses). The float32 variant is
-reported on the line before. On a shared machine, ``--threads 1`` gives steadier timings.
+per layer at ``--dtype`` (default float32, the workflow's default ``probe.dtype``); the other precision
+is reported on the line before. Both precisions must match scikit-learn's test log-loss within 1e-3;
+each layer's line prints the differences. On a shared machine use ``--threads 2`` (torch and BLAS
+alike) and read the medians; results are recorded in docs/benchmarks.md, section "Probes".
 """
 
 from __future__ import annotations
@@ -59,15 +61,18 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per layer (default 3 quick, 1 full)")
     parser.add_argument("--threads", type=int, default=None, help="threads for torch and BLAS alike (default: library defaults)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=3, help="number of layers (independent problems)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="precision of the headline speedup")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
         threadpool_limits(limits=args.threads)  # numpy/scipy BLAS under scikit-learn
     if args.quick:
-        n_train, n_test, d, n_classes, n_layers = 3000, 1000, 512, 9, 3
+        n_train, n_test, d, n_classes = 3000, 1000, 512, 9
     else:
-        n_train, n_test, d, n_classes, n_layers = 20000, 5000, 4096, 9, 3
+        n_train, n_test, d, n_classes = 20000, 5000, 4096, 9
+    n_layers = args.layers
     repeats = args.repeats or (3 if args.quick else 1)
     print(
         f"n_train={n_train} n_test={n_test} d={d} classes={n_classes} layers={n_layers} C={args.C} tol={args.tol} "
@@ -104,33 +109,35 @@ def main() -> int:
         loss_ours = log_loss(y_test, probe.predict_proba(X_test), labels=labels)
         loss_32 = log_loss(y_test, probe32.predict_proba(X_test), labels=labels)
         loss_ref = log_loss(y_test, reference.predict_proba(scaler.transform(X_test).astype(np.float64)), labels=labels)
-        ok = abs(loss_ours - loss_ref) <= 1e-3
+        ok = abs(loss_ours - loss_ref) <= 1e-3 and abs(loss_32 - loss_ref) <= 1e-3
         failures += not ok
         print(
-            f"layer {layer}: test log-loss ours={loss_ours:.6f} sklearn={loss_ref:.6f} diff={loss_ours - loss_ref:+.2e} "
-            f"{'OK' if ok else 'MISMATCH'} (float32 diff={loss_32 - loss_ref:+.2e}); iterations ours={probe.n_iter} "
+            f"layer {layer}: test log-loss sklearn={loss_ref:.6f} float64 diff={loss_ours - loss_ref:+.2e} "
+            f"float32 diff={loss_32 - loss_ref:+.2e} {'OK' if ok else 'MISMATCH'}; iterations float64={probe.n_iter} "
             f"float32={probe32.n_iter} sklearn={int(reference.n_iter_[0])}; last times ours={times['ours'][-1]:.2f}s "
             f"float32={times['ours_float32'][-1]:.2f}s sklearn={times['sklearn'][-1]:.2f}s",
             flush=True,
         )
 
     start = time.perf_counter()
-    batched = fit_layers(layers[:, train], y_train, "multiclass", args.C, **settings)
+    batched = fit_layers(layers[:, train], y_train, "multiclass", args.C, dtype=args.dtype, **settings)
     batched_per_layer = (time.perf_counter() - start) / n_layers
     batched_losses = [log_loss(y_test, p.predict_proba(layers[i, test]), labels=labels) for i, p in enumerate(batched)]
     print(
-        f"fit_layers (all {n_layers} layers in one L-BFGS run, float64): {batched_per_layer:.3f}s per layer, "
+        f"fit_layers (all {n_layers} layers in one L-BFGS run, {args.dtype}): {batched_per_layer:.3f}s per layer, "
         f"test log-loss {np.round(batched_losses, 6).tolist()}"
     )
 
     medians = {name: statistics.median(values) for name, values in times.items()}
+    headline, other = ("ours_float32", "ours") if args.dtype == "float32" else ("ours", "ours_float32")
+    other_dtype = "float64" if args.dtype == "float32" else "float32"
     print(
         f"median seconds per layer: medprobe fit float64={medians['ours']:.3f} float32={medians['ours_float32']:.3f} "
-        f"sklearn lbfgs={medians['sklearn']:.3f} (float32 speedup={medians['sklearn'] / medians['ours_float32']:.2f})"
+        f"sklearn lbfgs={medians['sklearn']:.3f} ({other_dtype} speedup={medians['sklearn'] / medians[other]:.2f})"
     )
     if failures:
         print(f"{failures} layer(s) disagree with scikit-learn beyond 1e-3 test log-loss", file=sys.stderr)
-    print(f"speedup={medians['sklearn'] / medians['ours']:.2f}")
+    print(f"speedup={medians['sklearn'] / medians[headline]:.2f}")
     return 1 if failures else 0
 
 

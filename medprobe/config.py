@@ -7,6 +7,7 @@ checks here cover what a schema cannot express (references between sections).
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,16 @@ def validate(config: dict[str, Any], schema_path: str | Path = SCHEMA_PATH) -> d
     return config
 
 
+def known_adapters() -> list[str]:
+    """Adapter names registered in medprobe/models (``@register("name")``), read from the source so that
+    checking a config does not import torch."""
+    folder = Path(__file__).resolve().parent / "models"
+    names = set()
+    for path in folder.glob("*.py"):
+        names.update(re.findall(r"""^@register\(\s*["']([^"']+)["']\s*\)""", path.read_text(), flags=re.MULTILINE))
+    return sorted(names)
+
+
 def _describe_schema_error(config: dict[str, Any], schema_path: str | Path) -> str | None:
     """One line naming the offending key and what was expected (jsonschema's own text is long)."""
     import jsonschema
@@ -82,7 +93,12 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str,
 def check_references(config: dict[str, Any]) -> None:
     """Checks the schema cannot express: names that refer to other sections must exist."""
     tasks, models = config["tasks"], config["models"]
+    adapters = known_adapters()
     for model_name, model in models.items():
+        if adapters and model["adapter"] not in adapters:
+            raise ConfigError(
+                f"models.{model_name}.adapter: unknown adapter {model['adapter']!r}; registered adapters are {adapters}"
+            )
         for task in model.get("tasks", []):
             if task not in tasks:
                 raise ConfigError(

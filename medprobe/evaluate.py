@@ -17,15 +17,16 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from medprobe.checks import check_finite, coverage_warnings
 from medprobe.labels import encode_targets, load_manifest
-from medprobe.stats import Scores, compare, score_predictions
+from medprobe.stats import Scores, compare, delong_rows, holm, score_predictions
 
 TABLE_COLUMNS = [
     "task", "model", "layer", "fraction", "seed", "class", "metric",
     "value", "sd", "ci_low", "ci_high", "n_train", "n_test", "n_degenerate",
 ]
 COMPARISON_COLUMNS = [
-    "task", "class", "metric", "model", "baseline", "difference", "ci_low", "ci_high", "p_value", "test",
+    "task", "class", "metric", "model", "baseline", "difference", "ci_low", "ci_high", "p_value", "test", "p_holm",
 ]
 
 
@@ -61,9 +62,12 @@ def _rows(scores: Scores, **fixed: Any) -> list[dict[str, Any]]:
 
 
 def load_predictions(path: str | Path) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """(ids, probabilities, attrs) of a probe's ``predictions.h5``."""
+    """(ids, probabilities, attrs) of a probe's ``predictions.h5``; NaN/Inf rows stop with their image ids."""
     with h5py.File(path, "r") as handle:
-        return _decode(handle["ids"][:]), handle["probabilities"][:].astype(np.float64), dict(handle.attrs)
+        ids, probabilities = _decode(handle["ids"][:]), handle["probabilities"][:].astype(np.float64)
+        attrs = dict(handle.attrs)
+    check_finite(probabilities, ids, str(path), "probabilities")
+    return ids, probabilities, attrs
 
 
 def evaluate_model_task(
@@ -86,6 +90,7 @@ def evaluate_model_task(
     ids, probabilities, attrs = load_predictions(probe_dir / "predictions.h5")
     _check_classes(probe_dir / "predictions.h5", _decode(attrs["classes"]), classes)
     targets, groups = test_set(manifest, kind, classes, ids)
+    coverage_warnings(targets, kind, classes, f"{manifest} test split (task {task}, model {model})")
     common = dict(task=task, model=model, n_test=len(ids))
     headline = _score(probabilities, targets, groups, task_config, evaluation, seed)
     metrics = _rows(headline, **common, layer=summary["layer"], fraction=1.0, seed=seed, n_train=n_train)
@@ -95,7 +100,9 @@ def evaluate_model_task(
         if _decode(handle["ids"][:]) != ids:
             raise ValueError(f"{probe_dir / 'layers.h5'}: ids differ from predictions.h5")
         for index, layer in enumerate(_decode(handle.attrs["layer_names"])):
-            scores = _score(handle["probabilities"][index].astype(np.float64), targets, groups, task_config, evaluation, seed)
+            layer_probabilities = handle["probabilities"][index].astype(np.float64)
+            check_finite(layer_probabilities, ids, f"{probe_dir / 'layers.h5'} layer {layer}", "probabilities")
+            scores = _score(layer_probabilities, targets, groups, task_config, evaluation, seed)
             layer_rows += _rows(scores, **common, layer=layer, fraction=1.0, seed=seed, n_train=n_train)
 
     efficiency_rows: list[dict[str, Any]] = []
@@ -106,8 +113,10 @@ def evaluate_model_task(
             subset_sizes = handle["n_train"][:]
             for f_index, fraction in enumerate(fractions):
                 for s_index, subset_seed in enumerate(seeds):
-                    scores = _score(handle["probabilities"][f_index, s_index].astype(np.float64), targets, groups,
-                                    task_config, evaluation, seed)
+                    subset_probabilities = handle["probabilities"][f_index, s_index].astype(np.float64)
+                    check_finite(subset_probabilities, ids, f"{efficiency_path} fraction {fraction:g} seed {subset_seed}",
+                                 "probabilities")
+                    scores = _score(subset_probabilities, targets, groups, task_config, evaluation, seed)
                     efficiency_rows += _rows(scores, **common, layer=summary["layer"], fraction=float(fraction),
                                              seed=int(subset_seed), n_train=int(subset_sizes[f_index, s_index]))
 
@@ -149,10 +158,11 @@ def compare_models(
     if baseline not in predictions:
         rows: list[dict[str, Any]] = []
     else:
-        scored = {}
+        scored, probabilities_of = {}, {}
         reference_ids = None
         for model, path in predictions.items():
-            ids, probabilities, _ = load_predictions(path)
+            ids, probabilities, attrs = load_predictions(path)
+            _check_classes(Path(path), _decode(attrs["classes"]), classes)
             if reference_ids is None:
                 reference_ids = ids
             elif ids != reference_ids:
@@ -160,14 +170,91 @@ def compare_models(
                                  "models must be compared on the same test images")
             targets, groups = test_set(manifest, kind, classes, ids)
             scored[model] = _score(probabilities, targets, groups, task_config, evaluation, seed)
+            probabilities_of[model] = probabilities
         rows = [
             {"task": task, "model": model, "baseline": baseline, **row}
             for model in predictions if model != baseline
             for row in compare(scored[model], scored[baseline], ci=evaluation["ci"])
+            + delong_rows(kind, classes, targets, probabilities_of[model], probabilities_of[baseline],
+                          ci=evaluation["ci"])
         ]
-    table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    table = add_holm(pd.DataFrame(rows, columns=COMPARISON_COLUMNS))
     write_table(table, Path(out_path))
     return table
+
+
+def add_holm(table: pd.DataFrame) -> pd.DataFrame:
+    """Fill ``p_holm``: Holm-adjusted ``p_value`` across the classes of each (task, model, baseline, metric, test)
+    family. ``macro`` rows summarise the classes rather than join them, so each is its own family
+    (``p_holm = p_value``); NaN p-values stay NaN and do not count towards the family size."""
+    table = table.copy()
+    table["p_holm"] = table["p_value"].astype(np.float64)
+    per_class = table["class"].astype(str) != "macro"
+    keys = ["task", "model", "baseline", "metric", "test"]
+    for _, family in table[per_class].groupby(keys, sort=False, dropna=False):
+        table.loc[family.index, "p_holm"] = holm(family["p_value"].to_numpy(dtype=np.float64))
+    return table
+
+
+EFFICIENCY_SUMMARY_COLUMNS = [
+    "discipline", "model", "fraction", "tasks", "metrics", "n_seeds", "n_train",
+    "value_mean", "value_sd", "retained_mean", "retained_sd",
+]
+
+
+def efficiency_summary(efficiency: str | Path | pd.DataFrame, tasks: dict[str, dict[str, Any]],
+                       out_path: str | Path | None = None) -> pd.DataFrame:
+    """Label efficiency as the paper reports it: the share of the full-data metric retained at each fraction.
+
+    From the ``efficiency`` table (rows of class ``macro``, each task's headline ``metric`` from ``tasks``): for
+    every discipline, model, fraction and seed, the headline metric is averaged over the discipline's tasks and
+    divided by the same seed's value at fraction 1.0 (``retained``). Rows give the mean and SD (ddof 1, NaN for
+    one seed) over seeds of that mean metric (``value_*``) and of the retained share (``retained_*``), with the
+    mean number of training images summed over the tasks (``n_train``). A (task, model) without a fraction-1.0
+    row is an error: there is nothing to retain a share of.
+    """
+    table = efficiency if isinstance(efficiency, pd.DataFrame) else pd.read_csv(
+        efficiency, keep_default_na=False, na_values=[""], dtype={"class": str, "layer": str})
+    missing = {"task", "model", "fraction", "seed", "class", "metric", "value", "n_train"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{efficiency if not isinstance(efficiency, pd.DataFrame) else 'efficiency table'}: "
+                         f"missing columns {sorted(missing)}")
+    parts = []
+    for task, rows in table.groupby("task", sort=False):
+        if task not in tasks:
+            raise ValueError(f"efficiency table has task {task!r}, which is not in the tasks config")
+        config = tasks[task]
+        for key in ("metric", "discipline"):
+            if not config.get(key):
+                raise ValueError(f"tasks.{task}: key {key!r} is missing")
+        picked = rows[(rows["class"].astype(str) == "macro") & (rows["metric"] == config["metric"])]
+        parts.append(picked.assign(discipline=config["discipline"]))
+    columns = EFFICIENCY_SUMMARY_COLUMNS
+    if not parts:
+        summary = pd.DataFrame(columns=columns)
+    else:
+        rows = pd.concat(parts, ignore_index=True)
+        full = rows[np.isclose(rows["fraction"].astype(float), 1.0)]
+        lacking = set(map(tuple, rows[["task", "model"]].drop_duplicates().to_numpy())) - set(
+            map(tuple, full[["task", "model"]].drop_duplicates().to_numpy()))
+        if lacking:
+            raise ValueError(f"efficiency table: no fraction 1.0 rows for (task, model) {sorted(lacking)}; "
+                             "add 1.0 to efficiency.fractions")
+        keys = ["discipline", "model", "fraction", "seed"]
+        per_seed = rows.groupby(keys, sort=True).agg(
+            value=("value", "mean"), n_train=("n_train", "sum"),
+            tasks=("task", lambda v: ",".join(sorted(set(v)))),
+            metrics=("metric", lambda v: ",".join(sorted(set(v))))).reset_index()
+        reference = per_seed[np.isclose(per_seed["fraction"], 1.0)].set_index(["discipline", "model", "seed"])["value"]
+        per_seed["retained"] = per_seed["value"].to_numpy() / reference.loc[
+            list(zip(per_seed["discipline"], per_seed["model"], per_seed["seed"]))].to_numpy()
+        summary = per_seed.groupby(["discipline", "model", "fraction"], sort=True).agg(
+            tasks=("tasks", "first"), metrics=("metrics", "first"), n_seeds=("seed", "nunique"),
+            n_train=("n_train", "mean"), value_mean=("value", "mean"), value_sd=("value", "std"),
+            retained_mean=("retained", "mean"), retained_sd=("retained", "std")).reset_index()[columns]
+    if out_path is not None:
+        write_table(summary, Path(out_path))
+    return summary
 
 
 def collect(paths: Iterable[str | Path], out_path: str | Path) -> pd.DataFrame:

@@ -892,6 +892,93 @@ def figureS6(
 
 
 # --------------------------------------------------------------------------------------------
+# Figure 1d: NEJM Image Challenge accuracy by difficulty (results/tables/nejm.csv)
+# --------------------------------------------------------------------------------------------
+
+#: Answer modes of nejm.csv drawn as bars, with their hatching (top-k: any ``top<k>`` mode).
+_NEJM_MODE_HATCH = {"greedy": "", "top": "//", "likelihood": ".."}
+NEJM_COLUMNS = ("model", "mode", "stratum", "stratum_low", "stratum_high", "accuracy", "sd", "n_cases")
+
+
+def _nejm_mode_label(mode: str) -> str:
+    if mode.startswith("top"):
+        return f"top-{mode[3:]} sampled"
+    return {"greedy": "greedy", "likelihood": "likelihood"}.get(mode, mode)
+
+
+def build_figure1d(nejm: pd.DataFrame, models: Mapping[str, Mapping[str, Any]]) -> Figure:
+    """Accuracy per difficulty stratum: bars per model and answer mode (bootstrap SD error bars), the
+    readers' own accuracy (black line) and chance (dashed), from the ``nejm.csv`` table."""
+    _require_columns(nejm, NEJM_COLUMNS, "nejm table")
+    table = nejm[nejm["stratum"] != "all"].copy()
+    for column in ("stratum_low", "stratum_high", "accuracy", "sd", "n_cases"):
+        table[column] = pd.to_numeric(table[column], errors="coerce")
+    strata = table.drop_duplicates("stratum").sort_values("stratum_low")["stratum"].tolist()
+    bars = table[~table["model"].isin(["readers", "chance"])]
+    series = [(m, mode) for m, mode in bars[["model", "mode"]].drop_duplicates().itertuples(index=False)]
+    if not strata or not series:
+        raise ValueError("figure1d: nothing to draw: the nejm table has no model rows per stratum")
+    model_order = [m for m in models if m in set(bars["model"])] + sorted(set(bars["model"]) - set(models))
+    mode_rank = {"greedy": 0, "likelihood": 2}
+    series.sort(key=lambda s: (model_order.index(s[0]), mode_rank.get(s[1], 1), s[1]))
+    figure = _new_figure(7.0, 4.2)
+    ax = figure.add_subplot(1, 1, 1)
+    centres = np.arange(len(strata), dtype=float)
+    width = 0.8 / len(series)
+    for position, (model, mode) in enumerate(series):
+        rows = bars[(bars["model"] == model) & (bars["mode"] == mode)].set_index("stratum").reindex(strata)
+        x = centres + (position - (len(series) - 1) / 2) * width
+        heights = rows["accuracy"].to_numpy(dtype=float)
+        drawn = np.isfinite(heights)
+        hatch = _NEJM_MODE_HATCH.get("top" if mode.startswith("top") else mode, "")
+        ax.bar(
+            x[drawn],
+            heights[drawn],
+            width=width,
+            color=_model_colour(models, model),
+            alpha=1.0 if mode == "greedy" else 0.55,
+            hatch=hatch,
+            edgecolor="white",
+            label=f"{_model_label(models, model)}, {_nejm_mode_label(mode)}",
+            gid=f"{model}:{mode}",
+        )
+        errors = rows["sd"].to_numpy(dtype=float)
+        with_error = drawn & np.isfinite(errors)
+        if with_error.any():
+            ax.errorbar(x[with_error], heights[with_error], yerr=errors[with_error], fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+    readers = table[table["model"] == "readers"].set_index("stratum").reindex(strata)
+    if readers["accuracy"].notna().any():
+        ax.errorbar(centres, readers["accuracy"], yerr=readers["sd"], color="black", marker="o", linewidth=1.2,
+                    capsize=2, label="human readers", gid="readers")
+    chance = nejm[(nejm["model"] == "chance") & (nejm["stratum"] == "all")]
+    chance_level = float(chance["accuracy"].iloc[0]) if len(chance) else 0.2
+    ax.axhline(chance_level, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance_level:.0%})", gid="chance")
+    n_cases = bars.groupby("stratum")["n_cases"].max().reindex(strata)
+    ax.set_xticks(centres)
+    ax.set_xticklabels([f"{s}\n(n={int(n) if np.isfinite(n) else 0})" for s, n in zip(strata, n_cases)])
+    ax.set_xlabel("Readers answering correctly (difficulty stratum)")
+    ax.set_ylabel("Accuracy")
+    ax.set_ylim(*UNIT_YLIM)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.grid(axis="y", linewidth=0.4, alpha=0.5)
+    ax.set_axisbelow(True)
+    ax.set_title("d  NEJM Image Challenge", loc="left", fontsize=10, fontweight="bold")
+    ax.legend(fontsize=7, frameon=False, loc="upper left")
+    figure.tight_layout()
+    return figure
+
+
+def figure1d(
+    nejm: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]] | None,
+    models: Mapping[str, Mapping[str, Any]],
+    out_stem: str | Path,
+) -> None:
+    """Draw Figure 1d (NEJM accuracy by difficulty) from the nejm table; ``tasks`` is unused."""
+    _save(build_figure1d(nejm, models), out_stem)
+
+
+# --------------------------------------------------------------------------------------------
 # Dispatch
 # --------------------------------------------------------------------------------------------
 
@@ -903,6 +990,7 @@ FIGURES: dict[str, tuple[Callable[..., None], str]] = {
     "figure6": (figure6, "efficiency"),
     "figureS5": (figureS5, "layers"),
     "figureS6": (figureS6, "groups"),
+    "figure1d": (figure1d, "nejm"),
 }
 
 

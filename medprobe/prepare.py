@@ -219,21 +219,43 @@ def prepare_task(
         if not (manifest["split"] == split).any():
             raise ValueError(f"{metadata_path}: split {split!r} is empty for task {task}; add patients or change split fractions")
 
+    counts = class_counts(manifest, kind)
+    warnings = missing_class_warnings(counts, classes, kind, f"{manifest_path} (task {task})")
     sidecar = {
         "task": task,
         "recipe_version": RECIPE_VERSION,
         "dataset": task_config["dataset"],
         "kind": kind,
         "classes": classes,
-        "counts": class_counts(manifest, kind),
+        "counts": counts,
         "sources": {"metadata.csv": {"path": str(metadata_path), "sha256": sha256_file(metadata_path)}},
+        "n_skipped": len(skipped),
         "skipped": skipped,
+        "warnings": warnings,
         "split_settings": {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed},
     }
     _write_atomic(Path(sidecar_path), json.dumps(sidecar, indent=2) + "\n")
     _write_atomic(Path(manifest_path), manifest.to_csv(index=False, lineterminator="\n"))
     log.info("%s: %d images (%d skipped) -> %s", task, len(manifest), len(skipped), manifest_path)
+    if skipped:
+        shown = ", ".join(entry["image_id"] for entry in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        log.warning("%s: skipped %d of %d image(s) (on_bad_image: skip; listed with reasons in %s): %s",
+                    task, len(skipped), len(table), sidecar_path, shown)
     return manifest
+
+
+def missing_class_warnings(counts: dict[str, dict[str, int]], classes: list[str], kind: str, where: str) -> list[str]:
+    """Warnings (also logged) for classes/findings with no image in a split; the probe and the metrics
+    handle them (NaN AUC, counted as degenerate), so they are reported, not fatal."""
+    noun = "finding" if kind == "multilabel" else "class"
+    messages = []
+    for split in ("train", "val", "test"):
+        absent = [name for name in classes if counts.get(split, {}).get(name, 0) == 0]
+        if absent:
+            messages.append(f"{where}: {noun}(es) {absent} have no image in the {split} split")
+    for message in messages:
+        log.warning(message)
+    return messages
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -504,6 +504,76 @@ def fit(
     )[0]
 
 
+PROBE_MODES = ("regularised", "paper")
+
+
+def fit_adam(
+    X: ArrayLike,
+    y: ArrayLike,
+    kind: str,
+    *,
+    epochs: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+    n_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    dtype: torch.dtype | str = torch.float64,
+    device: str | torch.device | None = None,
+) -> LogisticProbe:
+    """The authors' protocol (``probe.mode: paper``): an unregularised linear probe trained with Adam.
+
+    Same model, standardisation and loss as :func:`fit` but no penalty, no validation split and no
+    convergence test: ``epochs`` passes of mini-batch Adam (``lr``, ``batch_size``, shuffled with a
+    generator seeded by ``seed``, so reruns are identical on one device). The result depends on the
+    training length, which acts as the only (implicit) regulariser. ``C`` is recorded as ``inf``.
+    """
+    _check_kind(kind)
+    dtype = _resolve_dtype(dtype)
+    device = _resolve_device(X, device)
+    if epochs < 1 or not lr > 0 or batch_size < 1:
+        raise ValueError(f"paper mode needs epochs >= 1, lr > 0, batch_size >= 1; got {epochs}, {lr}, {batch_size}")
+    X3 = X[None] if isinstance(X, torch.Tensor) else np.asarray(X)[None]
+    Z, mean, std = _standardise(X3, dtype, device)
+    Z = Z[0]
+    targets = _prepare_targets(y, Z.shape[0], kind, n_classes, None, None, _PARAM_DTYPE, device)
+    _warn_absent(targets, class_names)
+    W0, b0 = _initial_parameters(targets, 1, Z.shape[1], _PARAM_DTYPE, device)
+    W = W0[0].clone().requires_grad_(True)
+    b = b0[0].clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([W, b], lr=lr)
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    n = Z.shape[0]
+    for _ in range(int(epochs)):
+        order = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            logits = torch.addmm(b, Z[rows].to(_PARAM_DTYPE), W.T)
+            if kind == "multiclass":
+                loss = F.cross_entropy(logits, targets.values[rows])
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, targets.values[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        intercept = b - b.mean() if kind == "multiclass" else b
+    return LogisticProbe(
+        mean=mean[0].cpu().numpy(), std=std[0].cpu().numpy(), coef=W.detach().cpu().numpy().copy(),
+        intercept=intercept.detach().cpu().numpy().copy(), kind=kind, C=math.inf,
+        n_iter=int(epochs) * math.ceil(n / batch_size), converged=True, absent_classes=targets.absent,
+    )
+
+
+def _paper_settings(paper: dict | None) -> dict:
+    settings = {"epochs": 100, "lr": 1e-3, "batch_size": 256}
+    unknown = set(paper or {}) - set(settings)
+    if unknown:
+        raise ValueError(f"probe.paper: unknown key(s) {sorted(unknown)}; expected {sorted(settings)}")
+    settings.update(paper or {})
+    return settings
+
+
 # --------------------------------------------------------------------------------------------------
 # Validation metrics and C selection
 # --------------------------------------------------------------------------------------------------
@@ -775,6 +845,8 @@ def probe_task(
     seed: int = 0,
     dtype: torch.dtype | str = torch.float64,
     device: str | torch.device | None = None,
+    mode: str = "regularised",
+    paper: dict | None = None,
 ) -> dict:
     """Probe every layer of an activations file and write ``layers.h5``, ``predictions.h5`` and
     ``probe.json`` into ``out_dir`` (contract: docs/architecture.md, "Probes").
@@ -784,9 +856,14 @@ def probe_task(
     shallower layer) when ``layer == "validation"``, otherwise the fixed layer (int ``i`` means
     ``hidden.i``). ``seed`` is only recorded: the full-batch solver draws nothing at random, so
     reruns are identical. ``dtype``/``device`` choose the feature precision and where to solve.
+    ``mode="paper"`` replaces the C search by the authors' unregularised Adam probe (:func:`fit_adam`,
+    settings ``paper``); the val split then only serves the choice of the headline layer.
     Returns the probe.json content.
     """
     _check_kind(kind)
+    if mode not in PROBE_MODES:
+        raise ValueError(f"probe.mode must be one of {list(PROBE_MODES)}, got {mode!r}")
+    paper_settings = _paper_settings(paper)
     classes = [str(c) for c in classes]
     class_weight = _normalise_class_weight(class_weight)
     grid = _check_grid(C_grid)
@@ -817,16 +894,27 @@ def probe_task(
             )
             if index == 0:
                 _warn_absent(targets, classes)
-            selection = _select(
-                Z, mean, std, targets, X_val, y_val, grid, refine=refine, refine_points=5,
-                max_iter=max_iter, tol=tol, class_weight=class_weight,
-            )
-            del Z
+            if mode == "paper":
+                del Z
+                adam = fit_adam(
+                    X_train, y_train, kind, seed=seed, n_classes=_n_outputs(kind, classes), dtype=resolved_dtype,
+                    device=target_device, **paper_settings,
+                )
+                val_probabilities = adam.predict_proba(X_val)
+                selection = _Selection(
+                    math.inf, macro_auc(y_val, val_probabilities, kind), log_loss(adam, X_val, y_val), adam, [],
+                )
+            else:
+                selection = _select(
+                    Z, mean, std, targets, X_val, y_val, grid, refine=refine, refine_points=5,
+                    max_iter=max_iter, tol=tol, class_weight=class_weight,
+                )
+                del Z
             test_probabilities[index] = selection.probe.predict_proba(X_test)
             per_layer.append(
                 {
                     "name": name,
-                    "C": selection.C,
+                    "C": _json_number(selection.C),
                     "val_score": _json_number(selection.val_auc),
                     "val_log_loss": _json_number(selection.val_log_loss),
                     "n_iter": selection.probe.n_iter,
@@ -860,7 +948,7 @@ def probe_task(
         _write_strings(out, "ids", ids_test)
         out.create_dataset("probabilities", data=test_probabilities, dtype=np.float32)
         out.create_dataset("val_score", data=val_scores.astype(np.float64))
-        out.create_dataset("C", data=np.array([r["C"] for r in per_layer], dtype=np.float64))
+        out.create_dataset("C", data=np.array([np.inf if r["C"] is None else r["C"] for r in per_layer], dtype=np.float64))
         out.attrs["layer_names"] = layer_names
         out.attrs["classes"] = classes
         out.attrs["kind"] = kind
@@ -872,7 +960,7 @@ def probe_task(
         out.attrs["classes"] = classes
         out.attrs["layer"] = selected
         out.attrs["kind"] = kind
-        out.attrs["C"] = float(selected_C)
+        out.attrs["C"] = np.inf if selected_C is None else float(selected_C)
     os.replace(tmp, out_dir / "predictions.h5")
 
     result = {
@@ -900,6 +988,8 @@ def probe_task(
             "class_weight": class_weight or "none",
             "seed": int(seed),
             "dtype": str(resolved_dtype).replace("torch.", ""),
+            "mode": mode,
+            **({"paper": paper_settings} if mode == "paper" else {}),
         },
     }
     if note:
@@ -994,6 +1084,8 @@ def efficiency_task(
     class_weight: str | None = None,
     dtype: torch.dtype | str = torch.float64,
     device: str | torch.device | None = None,
+    mode: str = "regularised",
+    paper: dict | None = None,
 ) -> dict:
     """Label-efficiency sweep at probe.json's selected layer and C; writes ``efficiency.h5``.
 
@@ -1013,7 +1105,12 @@ def efficiency_task(
     for key in ("layer", "C"):
         if key not in probe_info:
             raise ValueError(f"probe file {probe_json} lacks key {key!r}")
-    C = float(probe_info["C"])
+    if mode not in PROBE_MODES:
+        raise ValueError(f"probe.mode must be one of {list(PROBE_MODES)}, got {mode!r}")
+    paper_settings = _paper_settings(paper)
+    C = math.inf if probe_info["C"] is None else float(probe_info["C"])
+    if mode != "paper" and not math.isfinite(C):
+        raise ValueError(f"probe file {probe_json} has no finite C (written in paper mode?) but probe.mode is {mode!r}")
 
     handle, manifest, layer_names = _open_checked(activations_h5, manifest_csv)
     with handle:
@@ -1049,12 +1146,19 @@ def efficiency_task(
                 names = [classes[k] for k in lost]
                 missing[f"fraction={fraction_list[f]:g},seed={seed}"] = names
                 logger.warning("efficiency subset fraction=%g seed=%d has no sample of %s", fraction_list[f], seed, names)
-            key = np.packbits(subset).tobytes()
+            # identical subsets (fraction 1.0) share one fit, except in paper mode where the seed drives Adam
+            key = np.packbits(subset).tobytes() + (str(seed).encode() if mode == "paper" else b"")
             if key not in cache:
-                probe = fit(
-                    X_train[subset], y_subset, kind, C, max_iter=max_iter, tol=tol, class_weight=class_weight,
-                    n_classes=_n_outputs(kind, classes), class_names=classes, dtype=dtype, device=device,
-                )
+                if mode == "paper":
+                    probe = fit_adam(
+                        X_train[subset], y_subset, kind, seed=seed, n_classes=_n_outputs(kind, classes),
+                        class_names=classes, dtype=dtype, device=device, **paper_settings,
+                    )
+                else:
+                    probe = fit(
+                        X_train[subset], y_subset, kind, C, max_iter=max_iter, tol=tol, class_weight=class_weight,
+                        n_classes=_n_outputs(kind, classes), class_names=classes, dtype=dtype, device=device,
+                    )
                 cache[key] = probe.predict_proba(X_test).astype(np.float32)
             probabilities[f, s] = cache[key]
 

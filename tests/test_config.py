@@ -58,6 +58,14 @@ def test_paper_config_states_the_paper(repo):
         (lambda c: c["tasks"]["T2"].update(classes=["a", "b", "c"]), "tasks.T2.classes"),
         (lambda c: c["models"]["clip"].update(checkpoint="elsewhere"), "models.clip.checkpoint"),
         (lambda c: c["efficiency"].update(fractions=[0.1, 0.5]), "must include 1.0"),
+        (lambda c: c.update(seed="zero"), "invalid config key seed: 'zero' is not of type 'integer'"),
+        (lambda c: c["evaluation"].update(bootstrap=1.5), "evaluation.bootstrap"),
+        (lambda c: c["models"]["clip"].update(trust_remote_code="yes"), "models.clip.trust_remote_code"),
+        (lambda c: c["tasks"]["T1"].update(bogus=1), "tasks.T1: Additional properties"),
+        (lambda c: c["split"].update(val_fraction=1.5), "split.val_fraction"),
+        (lambda c: c.update(on_bad_image="ignore"), "on_bad_image"),
+        (lambda c: c["nejm"].update(models=["gpt4"]), "nejm.models: unknown model 'gpt4'"),
+        (lambda c: c["models"]["clip"].update(adapter="gpt"), "models.clip.adapter: unknown adapter 'gpt'"),
     ],
 )
 def test_bad_values_name_the_key(demo, change, message):
@@ -79,3 +87,26 @@ def test_figures_follow_configured_tasks(demo):
     only_t5["tasks"] = {"T5": demo["tasks"]["T5"]}
     config = medprobe_config.validate(only_t5)
     assert medprobe_config.figures(config) == ["figure4", "figure6", "figureS5"]
+
+
+def test_known_adapters_match_the_registry():
+    from medprobe.models import ADAPTERS
+
+    assert medprobe_config.known_adapters() == sorted(ADAPTERS)
+
+
+def test_snakemake_stops_on_a_bad_config_before_any_job(repo, demo, tmp_path):
+    import subprocess
+    import sys
+
+    bad = copy.deepcopy(demo)
+    bad["efficiency"]["fractions"] = [0.5, 1.0, 2.0]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path), "--configfile", str(tmp_path / "bad.yaml")],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "invalid config key efficiency.fractions.2: 2.0 is greater than the maximum of 1" in output, output[-2000:]
+    assert "Job stats" not in output and not (tmp_path / "results").exists()

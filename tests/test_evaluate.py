@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from medprobe.evaluate import TABLE_COLUMNS, collect, compare_models, evaluate_model_task
+from medprobe import stats
+from medprobe.evaluate import TABLE_COLUMNS, collect, compare_models, efficiency_summary, evaluate_model_task
 
 TASK = {"kind": "multiclass", "classes": ["a", "b", "c"], "graded": False, "metric": "auc"}
 EVALUATION = {"bootstrap": 200, "ci": 0.95}
@@ -115,7 +116,21 @@ def test_comparisons_and_collect(setup):
     auc = table[(table["class"] == "macro") & (table["metric"] == "auc") & (table["test"] == "bootstrap")].iloc[0]
     assert auc["model"] == "good" and auc["baseline"] == "random"
     assert auc["difference"] > 0.2 and auc["ci_low"] > 0 and auc["p_value"] < 0.05
-    assert set(table["test"]) == {"bootstrap", "paired_t"}
+    assert set(table["test"]) == {"bootstrap", "paired_t", "delong"}
+    delong = table[(table["test"] == "delong")].set_index("class")
+    assert list(delong.index) == ["a", "b", "c"] and (delong["metric"] == "auc").all()
+    labels, probabilities = setup[2], setup[3]
+    with h5py.File(tmp_path / "probe_b" / "predictions.h5") as handle:
+        random = handle["probabilities"][:]
+    for c, name in enumerate(TASK["classes"]):
+        expected = stats.delong_test((labels == c).astype(int), probabilities[:, c], random[:, c])
+        assert delong.loc[name, "p_value"] == pytest.approx(expected["p_value"], rel=1e-5)
+    # Holm across the classes of each (model, metric, test) family; macro rows are their own family
+    for (metric, test), family in table[table["class"] != "macro"].groupby(["metric", "test"]):
+        np.testing.assert_allclose(family["p_holm"], stats.holm(family["p_value"].to_numpy()), rtol=1e-5)
+    macro = table[table["class"] == "macro"]
+    np.testing.assert_allclose(macro["p_holm"], macro["p_value"])
+    assert (table["p_holm"] >= table["p_value"] - 1e-12).all()
     for name in ("a", "b"):
         evaluate_model_task(task="T", model=name, task_config=TASK, manifest=manifest_path,
                             probe_dir=tmp_path / f"probe_{name}", evaluation=EVALUATION, seed=0, out_dir=tmp_path / name)
@@ -131,3 +146,41 @@ def test_prediction_ids_outside_the_test_split_are_refused(setup):
     with pytest.raises(ValueError, match="img005"):
         evaluate_model_task(task="T", model="m", task_config=TASK, manifest=manifest_path,
                             probe_dir=tmp_path / "probe_a", evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
+
+
+def test_efficiency_summary_retained_share_per_discipline(tmp_path):
+    tasks = {"T1": {"discipline": "pathology", "metric": "auc"}, "T2": {"discipline": "pathology", "metric": "f1"},
+             "T3": {"discipline": "radiology", "metric": "auc"}}
+    rng = np.random.default_rng(3)
+    rows = []
+    for task in tasks:
+        for seed in (0, 1, 2):
+            for fraction in (0.1, 0.5, 1.0):
+                for metric in ("auc", "f1"):
+                    rows.append({"task": task, "model": "m", "layer": "hidden.1", "fraction": fraction, "seed": seed,
+                                 "class": "macro", "metric": metric, "value": rng.uniform(0.5, 1.0),
+                                 "n_train": int(100 * fraction)})
+                rows.append({**rows[-1], "class": "x", "value": 0.0})  # per-class rows are ignored
+    table = pd.DataFrame(rows)
+    table.to_csv(tmp_path / "efficiency.csv", index=False)
+    summary = efficiency_summary(tmp_path / "efficiency.csv", tasks, tmp_path / "summary.csv")
+    assert pd.read_csv(tmp_path / "summary.csv").shape == summary.shape == (6, 11)
+
+    def headline(task, fraction, seed):
+        row = table[(table.task == task) & (table.fraction == fraction) & (table.seed == seed)
+                    & (table["class"] == "macro") & (table.metric == tasks[task]["metric"])]
+        return float(row["value"].iloc[0])
+
+    path = summary[(summary.discipline == "pathology") & (summary.fraction == 0.1)].iloc[0]
+    values = [(headline("T1", 0.1, s) + headline("T2", 0.1, s)) / 2 for s in range(3)]
+    retained = [v / ((headline("T1", 1.0, s) + headline("T2", 1.0, s)) / 2) for s, v in enumerate(values)]
+    assert path["tasks"] == "T1,T2" and path["n_seeds"] == 3 and path["n_train"] == 20
+    assert path["value_mean"] == pytest.approx(np.mean(values)) and path["value_sd"] == pytest.approx(np.std(values, ddof=1))
+    assert path["retained_mean"] == pytest.approx(np.mean(retained))
+    assert path["retained_sd"] == pytest.approx(np.std(retained, ddof=1))
+    full = summary[summary.fraction == 1.0]
+    np.testing.assert_allclose(full["retained_mean"], 1.0) and np.testing.assert_allclose(full["retained_sd"], 0.0)
+    with pytest.raises(ValueError, match="no fraction 1.0"):
+        efficiency_summary(table[table.fraction < 1], tasks)
+    with pytest.raises(ValueError, match="T3"):
+        efficiency_summary(table, {k: v for k, v in tasks.items() if k != "T3"})

@@ -354,3 +354,150 @@ def test_absolute_paths_and_single_row_chunks(tmp_path, clip_cfg):
     with h5py.File(out, "r") as handle:
         assert handle["activations"].chunks == (1, 1, 64) and handle["embeddings"].chunks == (1, 32)
         assert list(handle["ids"].asstr()[()]) == ["only"]
+
+
+# ---------------------------------------------------------------------------- SIGKILL, shards, storage
+KILLABLE_RUN = """
+import sys, time, logging
+import torch
+from medprobe.extract import extract_activations
+from medprobe.models.base import Adapter
+torch.set_num_threads(1)
+logging.basicConfig(level=logging.INFO)
+original = Adapter.forward
+def slow_forward(self, batch, layers=None):  # slow enough to be killed mid-run; the data is unchanged
+    time.sleep(float(sys.argv[5]))
+    return original(self, batch, layers)
+Adapter.forward = slow_forward
+extract_activations(sys.argv[1], sys.argv[2], model_name="idefics_9b", model_cfg={"adapter": "idefics",
+    "checkpoint": sys.argv[3]}, prompt="What can you see?", batch_size=2, device="cpu", root=sys.argv[4], progress=False)
+"""
+
+
+def rows_done(partial: Path) -> int:
+    try:
+        with h5py.File(partial, "r", locking=False) as handle:
+            return int(handle.attrs.get("rows_done", 0))
+    except (OSError, KeyError):
+        return 0
+
+
+def test_sigkilled_extraction_resumes_to_an_uninterrupted_runs_data(tmp_path, checkpoints):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    manifest = write_dataset(tmp_path, n=16)
+    checkpoint = str(checkpoints["tiny-idefics-small"])
+    out, partial = tmp_path / "killed.h5", tmp_path / "killed.h5.partial"
+
+    def run(path: Path, delay: float) -> subprocess.Popen:
+        args = [sys.executable, "-c", KILLABLE_RUN, str(manifest), str(path), checkpoint, str(tmp_path), str(delay)]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    job = run(out, 0.3)
+    deadline = time.monotonic() + 120
+    while rows_done(partial) < 4 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.communicate()
+    assert job.returncode == -signal.SIGKILL and not out.exists()
+    done_before = rows_done(partial)
+    assert 4 <= done_before < 16
+
+    rerun = run(out, 0.0)
+    _, log = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, log
+    assert "resuming" in log and f"at row {done_before} of 16" in log
+    reference = run(tmp_path / "reference.h5", 0.0)
+    assert reference.wait(timeout=300) == 0
+    resumed, expected = read_all(out), read_all(tmp_path / "reference.h5")
+    assert resumed.keys() == expected.keys() and not partial.exists()
+    for key in expected:
+        np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
+
+
+def test_shard_rows_are_whole_batches_covering_every_row():
+    from medprobe.extract import shard_rows
+
+    assert [shard_rows(10, 3, i, 3) for i in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    assert [shard_rows(2, 4, i, 3) for i in range(3)] == [(0, 0), (0, 0), (0, 2)]  # more shards than batches
+    for n_rows, batch, shards in [(1000, 16, 7), (17, 1, 4), (5, 8, 2)]:
+        ranges = [shard_rows(n_rows, batch, i, shards) for i in range(shards)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == n_rows
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(start % batch == 0 for start, _ in ranges)
+    with pytest.raises(ValueError, match="shard index 3 is out of range for 3 shards"):
+        shard_rows(10, 2, 3, 3)
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_sharded_extraction_merges_into_the_unsharded_file(dataset, tmp_path, clip_cfg, compression):
+    from medprobe.extract import merge_shards
+
+    common = dict(
+        model_name="clip",
+        model_cfg=clip_cfg,
+        prompt="",
+        batch_size=2,
+        layers=[1, 3],
+        compression=compression,
+        device="cpu",
+        root=tmp_path,
+        progress=False,
+    )
+    unsharded = read_all(extract_activations(dataset, tmp_path / "whole.h5", **common))
+    shards = [extract_activations(dataset, tmp_path / "T.shards" / f"{i}.h5", shard=(i, 3), **common) for i in range(3)]
+    with h5py.File(shards[1], "r") as handle:  # 5 batches of 2 over 3 shards: rows 2-5 in shard 1
+        assert (handle.attrs["row_start"], handle.attrs["row_stop"], handle["activations"].shape[0]) == (2, 6, 4)
+    merged = read_all(merge_shards(dataset, list(reversed(shards)), tmp_path / "merged.h5"))
+    assert merged.keys() == unsharded.keys()
+    for key in unsharded:
+        np.testing.assert_array_equal(merged[key], unsharded[key], err_msg=key)
+    with h5py.File(tmp_path / "merged.h5", "r") as m, h5py.File(tmp_path / "whole.h5", "r") as w:
+        for name in ("activations", "embeddings"):
+            assert (m[name].chunks, m[name].compression) == (w[name].chunks, w[name].compression)
+        assert w["activations"].compression == compression and w["activations"].chunks == (N_IMAGES, 1, 64)
+    with pytest.raises(ValueError, match=r"expected shards 0..2, got \[0, 2\]"):
+        merge_shards(dataset, [shards[0], shards[2]], tmp_path / "bad.h5")
+    other = extract_activations(dataset, tmp_path / "o.shards" / "1.h5", shard=(1, 3), **(common | {"layers": [0]}))
+    with pytest.raises(ValueError, match="different run.*layer_names"):
+        merge_shards(dataset, [shards[0], other, shards[2]], tmp_path / "bad.h5")
+    # An empty shard (more shards than batches) is a valid file and merges too.
+    empty = extract_activations(dataset, tmp_path / "e.shards" / "0.h5", shard=(0, 9), **common)
+    with h5py.File(empty, "r") as handle:
+        assert handle["activations"].shape == (0, 2, 64)
+
+
+def test_projected_size_is_logged_and_a_full_disk_refuses_to_start(dataset, tmp_path, clip_cfg, monkeypatch, caplog):
+    import shutil
+    from collections import namedtuple
+
+    from medprobe.extract import InsufficientDiskSpaceError, projected_size
+
+    caplog.set_level(logging.INFO, logger="medprobe.extract")
+    common = dict(model_name="clip", model_cfg=clip_cfg, prompt="", device="cpu", root=tmp_path, progress=False)
+    out = extract_activations(dataset, tmp_path / "a.h5", **common)
+    ids = manifest_ids(dataset)
+    needed = projected_size(ids, 5, 64, 32, np.dtype(np.float16))
+    values = N_IMAGES * (5 * 64 + 32) * 2
+    assert values < needed < values + 100_000 and out.stat().st_size < needed  # an upper bound of the real file
+    assert f"a.h5 ({N_IMAGES} images) needs about" in caplog.text and "free in" in caplog.text
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(InsufficientDiskSpaceError, match=rf"needs about {needed} bytes .* has 1000 bytes .* free"):
+        extract_activations(dataset, tmp_path / "b.h5", **common)
+    assert not (tmp_path / "b.h5.partial").exists()
+
+
+def test_progress_goes_to_the_log_with_rate_and_eta(dataset, tmp_path, clip_cfg, caplog):
+    caplog.set_level(logging.INFO, logger="medprobe.extract")
+    extract_activations(
+        dataset, tmp_path / "p.h5", model_name="clip", model_cfg=clip_cfg, prompt="", batch_size=4, device="cpu",
+        root=tmp_path, progress="log",
+    )  # fmt: skip
+    bar_lines = [r.getMessage() for r in caplog.records if "img/s" in r.getMessage()]
+    assert bar_lines and bar_lines[-1].startswith("clip: 100%") and f"{N_IMAGES}/{N_IMAGES}" in bar_lines[-1]
+    assert "<00:00" in bar_lines[-1]  # the ETA field
+    assert "images/s, peak device memory n/a (not on CUDA)" in caplog.text

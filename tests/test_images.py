@@ -90,3 +90,51 @@ def test_preprocess_writes_png_atomically(tmp_path):
     assert preprocess(source, target) == (1024, 512)
     assert Image.open(target).format == "PNG"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cmyk_jpeg_file_becomes_rgb(tmp_path):
+    path = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(path, quality=100)  # pure red in CMYK
+    assert Image.open(path).mode == "CMYK"
+    image = load_image(path)
+    assert image.mode == "RGB"
+    red, green, blue = np.asarray(image).reshape(-1, 3).mean(axis=0)
+    assert red > 250 and green < 10 and blue < 10
+
+
+def test_palette_png_file_keeps_its_colours(tmp_path):
+    array = np.zeros((8, 8, 3), dtype=np.uint8)
+    array[:4] = (200, 100, 0)
+    array[4:] = (0, 50, 100)
+    path = tmp_path / "palette.png"
+    Image.fromarray(array).convert("P", palette=Image.Palette.ADAPTIVE, colors=4).save(path)
+    assert Image.open(path).mode == "P"
+    out = np.asarray(load_image(path))
+    np.testing.assert_array_equal(out[0, 0], [255, np.rint(100 * (255 / 200)), 0])
+    np.testing.assert_array_equal(out[7, 7], [0, np.rint(50 * (255 / 200)), np.rint(100 * (255 / 200))])
+
+
+def test_16bit_png_file_uses_its_full_range(tmp_path):
+    array = np.linspace(0, 60000, 64, dtype=np.uint16).reshape(8, 8)
+    path = tmp_path / "radiograph16.png"
+    Image.fromarray(array).save(path)
+    preprocess(path, tmp_path / "out.png")
+    with Image.open(tmp_path / "out.png") as out:
+        assert out.mode == "L"
+        np.testing.assert_array_equal(np.asarray(out), np.rint(array / 60000 * 255).astype(np.uint8))
+
+
+def test_real_decompression_bomb_header_is_refused_before_decoding(tmp_path):
+    """A 100 000 x 100 000 PNG header (10 Gpx declared, a few bytes on disk) stops at the header."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+                     + chunk(b"IEND", b""))
+    with pytest.raises(BadImageError, match=r"bomb\.png: (declared size 100000x100000 exceeds|decompression bomb)"):
+        load_image(path)

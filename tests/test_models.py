@@ -223,3 +223,66 @@ def test_clip_forward_is_cls_tokens_and_image_embeds(clip, tiny_models):
     torch.testing.assert_close(embeddings, features, atol=1e-6, rtol=0)
     singles = torch.cat([clip.forward(clip.preprocess([image], ""))[0] for image in images])
     assert (pooled - singles).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------------------- fewer layers, big models
+def test_forward_stops_after_the_deepest_kept_layer_with_identical_values(idefics):
+    decoder = idefics.model.model
+    batch = idefics.preprocess(make_images(3, seed=6), PROMPT)
+    full, _ = idefics.forward(batch)
+    ran: list[str] = []
+    handles = [
+        layer.register_forward_hook(lambda m, a, o, i=i: ran.append(f"layer{i}"))
+        for i, layer in enumerate(decoder.layers)
+    ]
+    handles.append(decoder.norm.register_forward_hook(lambda m, a, o: ran.append("norm")))
+    try:
+        subset, _ = idefics.forward(batch, layers=[3, 1])
+        assert ran == ["layer0", "layer1", "layer2"]  # hidden.3 is layer 2's output: layers 3-5 never run
+        assert torch.equal(subset, full[:, [3, 1]])
+        ran.clear()
+        first, _ = idefics.forward(batch, layers=[0])
+        assert ran == [] and torch.equal(first, full[:, [0]])  # hidden.0 is layer 0's input
+        ran.clear()
+        last, _ = idefics.forward(batch, layers=[6, 2])
+        assert ran == [f"layer{i}" for i in range(6)] + ["norm"] and torch.equal(last, full[:, [6, 2]])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in decoder.layers)
+    with pytest.raises(ValueError, match="layer 7 is out of range"):
+        idefics.forward(batch, layers=[7])
+
+
+def test_quantization_and_device_map_reach_from_pretrained(tiny_models, monkeypatch):
+    checkpoint = str(tiny_models["tiny-clip"])
+    with pytest.raises(ImportError, match="quantization: 8bit.*bitsandbytes.*quantization: none"):
+        load_adapter({"adapter": "clip", "checkpoint": checkpoint, "quantization": "8bit"}, device="cpu")
+    with pytest.raises(ValueError, match="'quantization' is '2bit'.*none, 8bit, 4bit"):
+        load_adapter({"adapter": "clip", "checkpoint": checkpoint, "quantization": "2bit"}, device="cpu")
+    with pytest.raises(ValueError, match="'attn_implementation' is 'flash'"):
+        load_adapter({"adapter": "clip", "checkpoint": checkpoint, "attn_implementation": "flash"}, device="cpu")
+
+    # Without a GPU: check what from_pretrained would receive (bitsandbytes config, device_map, SDPA).
+    sentinel = object()
+    monkeypatch.setattr(
+        "medprobe.models.base.quantization_config",
+        lambda name, dtype: None if name in (None, "none") else (sentinel, name, dtype),
+    )
+    seen: dict = {}
+    original = ClipAdapter.load_model.__func__
+
+    def load_model(cls, path, **kwargs):
+        seen.update(kwargs)
+        return original(cls, path, revision=None, trust_remote_code=False, dtype=torch.float32)
+
+    monkeypatch.setattr(ClipAdapter, "load_model", classmethod(load_model))
+    with pytest.raises(ValueError, match="'quantization' is '4bit', which needs a CUDA device.*cpu"):
+        load_adapter({"adapter": "clip", "checkpoint": checkpoint, "quantization": "4bit"}, device="cpu")
+    adapter = load_adapter({"adapter": "clip", "checkpoint": checkpoint, "quantization": "4bit"}, device="cuda:1")
+    assert seen["quantization_config"] == (sentinel, "4bit", torch.bfloat16)
+    assert seen["device_map"] == {"": 1} and seen["attn_implementation"] == "sdpa" and seen["dtype"] == torch.bfloat16
+    assert adapter.device.type == "cpu"  # with a device_map, inputs go where the first weights live
+    seen.clear()
+    load_adapter({"adapter": "clip", "checkpoint": checkpoint, "device_map": "auto", "torch_dtype": "float16"})
+    assert seen["device_map"] == "auto" and "quantization_config" not in seen and seen["dtype"] == torch.float16

@@ -134,3 +134,63 @@ def test_patient_leak_is_detected():
     manifest = pd.DataFrame({"patient_id": ["A", "A", "B"], "split": ["train", "test", "val"]})
     with pytest.raises(ValueError, match="'A'"):
         check_patients_disjoint(manifest)
+
+
+def test_skip_policy_counts_every_kind_of_bad_image_and_logs_a_summary(tmp_path, caplog):
+    import io
+    import logging
+
+    raw = tmp_path / "raw"
+    write_raw(raw, n_patients=12)
+    images = raw / "images"
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    (images / "p001_0.png").write_bytes(buffer.getvalue()[:300])  # truncated JPEG
+    content = (images / "p002_0.png").read_bytes()
+    (images / "p002_0.png").write_bytes(content[: len(content) // 2])  # truncated PNG
+    (images / "p004_2.png").write_bytes(b"")  # zero bytes
+    (images / "p005_1.png").write_text("patient notes, not an image")  # not an image
+    (images / "p006_0.png").unlink()  # missing
+    bad = {"p001_0", "p002_0", "p004_2", "p005_1", "p006_0"}
+    with caplog.at_level(logging.INFO, logger="medprobe"):
+        manifest = run(tmp_path, raw, on_bad_image="skip")
+    assert not bad & set(manifest["image_id"]) and len(manifest) == 36 - len(bad)
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    assert sidecar["n_skipped"] == len(bad) == len(sidecar["skipped"])
+    reasons = {entry["image_id"]: entry["reason"] for entry in sidecar["skipped"]}
+    assert set(reasons) == bad
+    assert "empty" in reasons["p004_2"] and "does not exist" in reasons["p006_0"]
+    assert "cannot decode" in reasons["p005_1"]
+    assert sum(split["images"] for split in sidecar["counts"].values()) == len(manifest)
+    summary = [r.getMessage() for r in caplog.records if "skipped 5 of 36 image(s)" in r.getMessage()]
+    assert len(summary) == 1 and "p001_0" in summary[0] and "m.json" in summary[0]
+    assert not any((tmp_path / "images" / f"{image_id}.png").exists() for image_id in bad)
+
+
+def test_a_class_missing_from_a_split_is_a_warning_in_the_sidecar(tmp_path, caplog):
+    import logging
+
+    raw = tmp_path / "raw"
+    table = write_raw(raw, n_patients=20)
+    # class "c" only for patients of the official test partition: train and val have none
+    table["partition"] = ["test" if int(p[1:]) < 6 else "train" for p in table["patient_id"]]
+    table["label"] = [("c" if int(p[1:]) < 3 else "a") if int(p[1:]) < 6 else "ab"[i % 2]
+                      for i, p in enumerate(table["patient_id"])]
+    table.to_csv(raw / "metadata.csv", index=False)
+    with caplog.at_level(logging.WARNING, logger="medprobe"):
+        run(tmp_path, raw)
+    warnings = json.loads((tmp_path / "m.json").read_text())["warnings"]
+    assert any("['c'] have no image in the train split" in w for w in warnings), warnings
+    assert any("['c'] have no image in the val split" in w for w in warnings), warnings
+    assert [w for w in warnings if "test split" in w and "['b']" in w] and not [w for w in warnings if "['c'] have no image in the test" in w]
+    assert any("have no image in the train split" in r.getMessage() for r in caplog.records)
+
+
+def test_duplicate_image_ids_stop_naming_them(tmp_path):
+    raw = tmp_path / "raw"
+    table = write_raw(raw, n_patients=6)
+    table.loc[5, "image_id"] = table.loc[2, "image_id"]
+    table.to_csv(raw / "metadata.csv", index=False)
+    with pytest.raises(ValueError, match=r"metadata\.csv: duplicate image_id values \['p000_2'\]"):
+        run(tmp_path, raw)
+    assert not (tmp_path / "m.csv").exists()

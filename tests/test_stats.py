@@ -365,3 +365,71 @@ def test_holm_matches_hand_computation():
     np.testing.assert_allclose(stats.holm(np.array([0.5, 0.9])), [1.0, 1.0])
     with pytest.raises(ValueError, match="p_values must lie in"):
         stats.holm(np.array([0.2, 1.3]))
+
+
+# ---------------------------------------------------------------------------------------------- DeLong
+
+def _delong_direct(truth: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """DeLong et al. (1988) written out: O(m k) kernel psi, structural components V10/V01, covariance S."""
+    out = []
+    for scores in (a, b):
+        x, y = scores[truth == 1], scores[truth == 0]
+        psi = (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+        out.append((psi.mean(), psi.mean(axis=1), psi.mean(axis=0)))
+    (auc_a, v10_a, v01_a), (auc_b, v10_b, v01_b) = out
+    m, k = len(v10_a), len(v01_a)
+    s10 = np.cov(np.vstack([v10_a, v10_b]))
+    s01 = np.cov(np.vstack([v01_a, v01_b]))
+    s = s10 / m + s01 / k
+    variance = s[0, 0] + s[1, 1] - 2 * s[0, 1]
+    z = (auc_a - auc_b) / np.sqrt(variance)
+    return auc_a - auc_b, 2 * scipy_stats.norm.sf(abs(z))
+
+
+@pytest.mark.parametrize("decimals", [None, 1])  # 1 decimal: heavy ties within and across classes
+def test_fast_delong_equals_direct_structural_components(decimals):
+    rng = np.random.default_rng(21)
+    truth = rng.integers(0, 2, 250)
+    a = truth * 0.8 + rng.normal(size=250)
+    b = truth * 0.4 + rng.normal(size=250) + 0.3 * a
+    if decimals is not None:
+        a, b = np.round(a, decimals), np.round(b, decimals)
+    auc, v10, v01 = stats.delong_components(truth, np.column_stack([a, b]))
+    assert auc == pytest.approx([roc_auc_score(truth, a), roc_auc_score(truth, b)], abs=1e-12)
+    for column, scores in enumerate((a, b)):
+        x, y = scores[truth == 1], scores[truth == 0]
+        psi = (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+        np.testing.assert_allclose(v10[:, column], psi.mean(axis=1), atol=1e-12)
+        np.testing.assert_allclose(v01[:, column], psi.mean(axis=0), atol=1e-12)
+    result = stats.delong_test(truth, a, b)
+    difference, p = _delong_direct(truth, a, b)
+    assert result["difference"] == pytest.approx(difference, abs=1e-12)
+    assert result["p_value"] == pytest.approx(p, rel=1e-9)
+    assert 0 < result["p_value"] < 1
+    half = 1.959963984540054 * result["sd"]
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((difference - half, difference + half))
+
+
+def test_delong_identical_models_and_undefined_auc():
+    truth = np.array([0, 1, 0, 1, 1, 0])
+    scores = np.array([0.1, 0.9, 0.4, 0.35, 0.8, 0.2])
+    result = stats.delong_test(truth, scores, scores)
+    assert result["difference"] == 0 and result["p_value"] == 1.0 and result["sd"] == 0
+    with pytest.raises(ValueError, match="0 positives"):
+        stats.delong_test(np.zeros(6, dtype=int), scores, scores)
+
+
+def test_delong_rows_per_class_and_degenerate_class():
+    targets, probabilities = _multiclass_case(200, 3, seed=22, decimals=None)
+    other = np.random.default_rng(2).dirichlet(np.ones(3), 200)
+    rows = stats.delong_rows("multiclass", ["a", "b", "c"], targets, probabilities, other)
+    assert [r["class"] for r in rows] == ["a", "b", "c"] and {r["test"] for r in rows} == {"delong"}
+    for c, row in enumerate(rows):
+        expected = stats.delong_test((targets == c).astype(int), probabilities[:, c], other[:, c])
+        assert row["p_value"] == pytest.approx(expected["p_value"]) and row["p_value"] < 0.01
+    targets_missing = np.where(targets == 2, 1, targets)  # no test sample of class "c": undefined, still a row
+    rows = stats.delong_rows("multiclass", ["a", "b", "c"], targets_missing, probabilities, other)
+    assert rows[2]["class"] == "c" and np.isnan(rows[2]["p_value"])
+    binary = stats.delong_rows("binary", ["n", "p"], (targets == 1).astype(int), probabilities[:, [0, 1]],
+                               other[:, [0, 1]])
+    assert [r["class"] for r in binary] == ["p", "macro"] and binary[0]["p_value"] == binary[1]["p_value"]

@@ -16,7 +16,17 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-__all__ = ["ADAPTERS", "Adapter", "TORCH_DTYPES", "register", "resolve_device", "resolve_torch_dtype"]
+__all__ = [
+    "ADAPTERS",
+    "ATTN_IMPLEMENTATIONS",
+    "Adapter",
+    "QUANTIZATIONS",
+    "TORCH_DTYPES",
+    "quantization_config",
+    "register",
+    "resolve_device",
+    "resolve_torch_dtype",
+]
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -25,6 +35,33 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+QUANTIZATIONS = ("none", "8bit", "4bit")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def quantization_config(name: str | None, compute_dtype: torch.dtype) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for the config's ``quantization`` (``None`` for ``none``).
+
+    ``8bit`` is LLM.int8(), ``4bit`` NF4 with ``compute_dtype`` matmuls.  bitsandbytes is imported only
+    here, so it is needed only by quantised models.
+    """
+    if name is None or name == "none":
+        return None
+    if name not in QUANTIZATIONS:
+        raise ValueError(f"model config key 'quantization' is {name!r}; valid values: {', '.join(QUANTIZATIONS)}")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            f"model config key 'quantization: {name}' needs the bitsandbytes package, which is not installed; "
+            "install it (pip install bitsandbytes, CUDA only) or set quantization: none"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if name == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
 
 def register(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
@@ -106,14 +143,32 @@ class Adapter(abc.ABC):
         if not isinstance(checkpoint, str) or not checkpoint:
             raise ValueError(f"model config key 'checkpoint' must be a hub id or directory, got {checkpoint!r}")
         revision = model_cfg.get("revision") or None
-        device_map = model_cfg.get("device_map")
         target = resolve_device(device)
         dtype = resolve_torch_dtype(model_cfg.get("torch_dtype"), target)
+        quantization = quantization_config(model_cfg.get("quantization"), dtype)
+        device_map = model_cfg.get("device_map")
+        if quantization is not None and device_map is None:
+            if target.type != "cuda":
+                raise ValueError(
+                    f"model config key 'quantization' is {model_cfg.get('quantization')!r}, which needs a CUDA "
+                    f"device (bitsandbytes), but the model would run on {target}"
+                )
+            device_map = {"": target.index or 0}
         trust_remote_code = bool(model_cfg.get("trust_remote_code", False))
         load_kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
         model_kwargs: dict[str, Any] = {"dtype": dtype}
+        attn_implementation = model_cfg.get("attn_implementation", "sdpa")
+        if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"model config key 'attn_implementation' is {attn_implementation!r}; valid values: "
+                f"{', '.join(ATTN_IMPLEMENTATIONS)}"
+            )
+        if attn_implementation is not None:
+            model_kwargs["attn_implementation"] = attn_implementation
         if device_map is not None:
             model_kwargs["device_map"] = device_map
+        if quantization is not None:
+            model_kwargs["quantization_config"] = quantization
         model = cls.load_model(checkpoint, **load_kwargs, **model_kwargs)
         if device_map is None:
             model = model.to(target)
@@ -166,8 +221,15 @@ class Adapter(abc.ABC):
         """
 
     @abc.abstractmethod
-    def _pooled_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the model on a batch already on ``self.device``: (B, L, D) pooled states, (B, E) or None."""
+    def _pooled_states(
+        self, batch: dict[str, torch.Tensor], keep: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the model on a batch already on ``self.device``.
+
+        Returns (B, len(keep), D) pooled states of the hidden states ``keep`` (sorted, unique indices),
+        on ``self.device``, and the (B, E) embeddings or None.  An adapter may stop the forward pass
+        after the deepest kept hidden state when it needs nothing later (no embeddings).
+        """
 
     def forward(
         self, batch: Mapping[str, torch.Tensor], layers: Sequence[int] | None = None
@@ -179,6 +241,11 @@ class Adapter(abc.ABC):
             float32 on the CPU or ``None``.  The pooling and layer selection happen on the device so
             that only the pooled vectors are copied back, once per batch.
         """
+        wanted = list(range(self.num_hidden_states)) if layers is None else [int(i) for i in layers]
+        for index in wanted:
+            if not 0 <= index < self.num_hidden_states:
+                raise ValueError(f"layer {index} is out of range: the model has {self.num_hidden_states} hidden states")
+        keep = sorted(set(wanted))
         on_device = {
             key: (
                 value.to(self.device, dtype=self.dtype, non_blocking=True)
@@ -188,9 +255,10 @@ class Adapter(abc.ABC):
             for key, value in batch.items()
         }
         with torch.inference_mode():
-            pooled, embeddings = self._pooled_states(on_device)
-            if layers is not None:
-                pooled = pooled[:, torch.as_tensor(list(layers), device=pooled.device)]
+            pooled, embeddings = self._pooled_states(on_device, keep)
+            if wanted != keep:
+                order = torch.as_tensor([keep.index(i) for i in wanted], device=pooled.device)
+                pooled = pooled[:, order]
             pooled = pooled.float().cpu()
             if embeddings is not None:
                 embeddings = embeddings.float().cpu()

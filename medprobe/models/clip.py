@@ -56,11 +56,13 @@ class ClipAdapter(Adapter):
         encoded = image_processor(images=list(images), return_tensors="pt")
         return {"pixel_values": encoded["pixel_values"]}
 
-    def _pooled_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pooled_states(self, batch: dict[str, torch.Tensor], keep: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # The whole tower always runs: image_embeds come from the last layer.  Vision sequences are
+        # short (50 tokens for ViT-B/32), so collecting the hidden states costs little.
         outputs = self.model.vision_model(
             pixel_values=batch["pixel_values"], output_hidden_states=True, return_dict=True
         )
         cls_position = torch.zeros(batch["pixel_values"].shape[0], dtype=torch.long, device=self.device)
-        pooled = self._gather_positions(outputs.hidden_states, cls_position)
+        pooled = self._gather_positions([outputs.hidden_states[index] for index in keep], cls_position)
         image_embeds = self.model.visual_projection(outputs.pooler_output)
         return pooled, image_embeds.to(self.device)

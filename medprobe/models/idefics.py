@@ -36,9 +36,10 @@ class IdeficsAdapter(Adapter):
     and the pooled vector of each hidden state is the one at the last real (non-padding) token, i.e. the
     position from which the model would generate its answer (the paper's choice).
 
-    ``hidden.i`` is ``hidden_states[i]``: the input of decoder layer ``i`` (in transformers 5.x recorded
-    *after* the gated cross-attention block that precedes it, so ``hidden.0`` already sees the image),
-    and ``hidden.{num_hidden_layers}`` the final, normalised output.
+    ``hidden.i`` is transformers' ``hidden_states[i]``: ``hidden.0`` the input of decoder layer 0, recorded
+    *after* the gated cross-attention block that precedes it (so it already sees the image),
+    ``hidden.i`` the output of decoder layer ``i - 1``, and ``hidden.{num_hidden_layers}`` the final,
+    normalised output.  When fewer layers are kept, the forward pass stops after the deepest one.
     """
 
     pooling = "last"
@@ -73,11 +74,175 @@ class IdeficsAdapter(Adapter):
         encoded = self.processor(text=conversations, return_tensors="pt")
         return {key: value for key, value in encoded.items()}
 
-    def _pooled_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
+    def _pooled_states(self, batch: dict[str, torch.Tensor], keep: Sequence[int]) -> tuple[torch.Tensor, None]:
         attention_mask = batch["attention_mask"]
         # The largest index holding a real token: right for left padding, right padding and none.
         token_index = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last_real = (attention_mask.long() * token_index).amax(dim=1)
-        # The decoder alone (model.model): the language-model head's logits are not needed.
-        outputs = self.model.model(**batch, output_hidden_states=True, use_cache=False, return_dict=True)
-        return self._gather_positions(outputs.hidden_states, last_real), None
+        rows = torch.arange(last_real.shape[0], device=last_real.device)
+        # The decoder alone (model.model): the language-model head's logits are not needed.  Hooks keep
+        # only the last real token's vector of each kept hidden state (on the device), so full sequences
+        # are never collected, and the pass stops once the deepest kept state is known.  As in
+        # transformers' ``hidden_states``: hidden.0 is the input of decoder layer 0 (after the first
+        # gated cross-attention block), hidden.i (0 < i < num_hidden_layers) the output of decoder layer
+        # i - 1, and hidden.{num_hidden_layers} the decoder's final normed output.
+        decoder = self.model.model
+        n_layers = len(decoder.layers)
+        deepest = max(keep)
+        pooled: dict[int, torch.Tensor] = {}
+
+        def pool(index: int, state: torch.Tensor) -> None:
+            if state.device != rows.device:  # device_map: this layer lives on another GPU
+                pooled[index] = state[rows.to(state.device), last_real.to(state.device)].to(self.device)
+            else:
+                pooled[index] = state[rows, last_real]
+            if index == deepest:
+                raise _StopForward
+
+        def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            pool(0, args[0] if args else kwargs["hidden_states"])
+
+        def make_hook(index: int) -> Any:
+            def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+                pool(index, output[0] if isinstance(output, tuple) else output)
+
+            return hook
+
+        handles = [
+            decoder.layers[index - 1].register_forward_hook(make_hook(index)) for index in keep if 0 < index < n_layers
+        ]
+        if 0 in keep:
+            handles.append(decoder.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        try:
+            outputs = decoder(**batch, use_cache=False, return_dict=True)
+            pool(n_layers, outputs.last_hidden_state)  # reached only when the final state is kept
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack([pooled[index] for index in keep], dim=1), None
+
+    # ------------------------------------------------------------------ answering (NEJM evaluation)
+    # Conversations are processor lists: strings and PIL images interleaved in reading order, e.g.
+    # ["User:", image, "question<end_of_utterance>", "\nAssistant:"] (see medprobe.nejm.build_prompt).
+
+    def _encode_conversations(self, conversations: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
+        """Tokenise interleaved conversations, left-padded (new tokens follow the last column), on the device."""
+        tokenizer = self.processor.tokenizer
+        previous = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            encoded = self.processor(text=[list(c) for c in conversations], padding=True, return_tensors="pt")
+        finally:
+            tokenizer.padding_side = previous
+        return {
+            key: value.to(self.device, dtype=self.dtype) if value.is_floating_point() else value.to(self.device)
+            for key, value in encoded.items()
+        }
+
+    def _stop_and_banned_ids(self) -> tuple[list[int], list[list[int]]]:
+        tokenizer = self.processor.tokenizer
+        vocab = tokenizer.get_vocab()
+        stop = [int(tokenizer.eos_token_id)] + [vocab[t] for t in ("<end_of_utterance>",) if t in vocab]
+        banned = [[vocab[t]] for t in ("<image>", "<fake_token_around_image>") if t in vocab]
+        return stop, banned
+
+    def generate(
+        self,
+        conversations: Sequence[Sequence[Any]],
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        num_return_sequences: int = 1,
+        seed: int | None = None,
+    ) -> list[list[str]]:
+        """Answer each conversation: greedy (default) or sampled continuations, decoded without special tokens.
+
+        Generation stops at ``<end_of_utterance>`` or ``</s>``; image tokens are never generated. With
+        ``do_sample`` the torch RNG is seeded with ``seed`` inside :func:`torch.random.fork_rng`, so the
+        caller's RNG state is untouched and one call with one seed gives the same samples every time.
+
+        Returns:
+            One list of ``num_return_sequences`` strings per conversation.
+        """
+        if max_new_tokens < 1 or num_return_sequences < 1:
+            raise ValueError(
+                f"max_new_tokens and num_return_sequences must be >= 1, got {max_new_tokens}, {num_return_sequences}"
+            )
+        batch = self._encode_conversations(conversations)
+        tokenizer = self.processor.tokenizer
+        stop, banned = self._stop_and_banned_ids()
+        options: dict[str, Any] = dict(
+            max_new_tokens=int(max_new_tokens),
+            eos_token_id=stop,
+            pad_token_id=tokenizer.pad_token_id,
+            num_return_sequences=int(num_return_sequences),
+            do_sample=bool(do_sample),
+        )
+        if banned:
+            options["bad_words_ids"] = banned
+        if do_sample:
+            options.update(temperature=float(temperature), top_k=int(top_k), top_p=1.0)
+        else:
+            options.update(temperature=None, top_k=None, top_p=None)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            output = self.model.generate(**batch, **options)
+        texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        n = int(num_return_sequences)
+        return [texts[i * n : (i + 1) * n] for i in range(len(conversations))]
+
+    def choice_loglikelihoods(
+        self, conversation: Sequence[Any], continuations: Sequence[str]
+    ) -> tuple[list[float], list[int]]:
+        """Log-likelihood of each continuation's tokens given the conversation, in one padded forward pass.
+
+        Each continuation is appended to the conversation's last string; its tokens are those after the
+        longest common prefix of the tokenised conversation and the tokenised conversation + continuation
+        (so a merge across the boundary is scored as part of the continuation).
+
+        Returns:
+            ``(sums, n_tokens)``: the summed natural-log probability of each continuation's tokens and
+            their count (``sum / n_tokens`` is the mean per token).
+        """
+        conversation = list(conversation)
+        if not continuations:
+            raise ValueError("choice_loglikelihoods needs at least one continuation")
+        if not conversation or not isinstance(conversation[-1], str):
+            raise ValueError("the conversation must end with a string (the turn the continuation extends)")
+        prompt_ids = self.processor(text=[conversation], return_tensors="pt")["input_ids"][0].tolist()
+        full = [conversation[:-1] + [conversation[-1] + text] for text in continuations]
+        batch = self._encode_conversations(full)
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        n_tokens = []
+        for row, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            real = [token for token, keep in zip(row, mask) if keep]
+            common = 0
+            for a, b in zip(prompt_ids, real):
+                if a != b:
+                    break
+                common += 1
+            if common == len(real):
+                raise ValueError("a continuation added no tokens to the conversation")
+            n_tokens.append(len(real) - common)
+        with torch.inference_mode():
+            logits = self.model(**batch, use_cache=False, return_dict=True).logits
+            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            targets = input_ids[:, 1:].to(logprobs.device)
+            token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            # A row's continuation is its last n real tokens (whichever side the padding is on).
+            mask = attention_mask.to(token_logprobs.device).long()
+            rank = mask.cumsum(dim=1)  # 1-based rank of each real token in its row
+            first_scored = mask.sum(dim=1) - torch.tensor(n_tokens, device=mask.device) + 1
+            scored = (mask[:, 1:] == 1) & (rank[:, 1:] >= first_scored.unsqueeze(1))
+            sums = torch.where(scored, token_logprobs, torch.zeros_like(token_logprobs)).sum(dim=1)
+        return [float(v) for v in sums.cpu()], n_tokens
+
+
+class _StopForward(Exception):
+    """Raised by the pre-hook of the deepest kept decoder layer: nothing after it is needed."""

@@ -1,12 +1,23 @@
 # Helpers only: config validation and the functions rules use to name their inputs.
+import os
+import sys
+
+from snakemake.logging import logger
+
+import medprobe.checkpoints as medprobe_checkpoints
 import medprobe.config as medprobe_config
 
 medprobe_config.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+
+if not workflow.is_main_process:
+    # A cluster job: offline hub when checkpoints were fetched; say which devices the scheduler gave it.
+    print(medprobe_checkpoints.prepare_compute_job(config), file=sys.stderr)
 
 TASKS = list(config["tasks"])
 MODELS = list(config["models"])
 TABLES = ["metrics", "layers", "efficiency", "groups"]
 ENV = "../../envs/medprobe.yaml"
+ENV_FETCH = "../../envs/fetch.yaml"
 
 
 wildcard_constraints:
@@ -21,21 +32,63 @@ def task_config(wildcards):
 
 
 def model_config(wildcards):
-    return config["models"][wildcards.model]
+    """The entry a compute job loads: with `fetch: true` the checkpoint is the fetched local copy."""
+    return medprobe_checkpoints.compute_model_config(
+        wildcards.model, config["models"][wildcards.model]
+    )
 
 
 def raw_metadata(wildcards):
     return f"{medprobe_config.raw_dir(config, wildcards.task)}/metadata.csv"
 
 
+def dataset_receipt(wildcards):
+    dataset = config["tasks"][wildcards.task]["dataset"]
+    return f"resources/datasets/{dataset}/download.json"
+
+
+def dataset_checksums(wildcards):
+    """SHA-256 values pinned in the config for the files of one dataset (tasks.<task>.checksums)."""
+    pinned = {}
+    for entry in config["tasks"].values():
+        if entry["dataset"] == wildcards.dataset:
+            pinned.update(entry.get("checksums", {}))
+    return pinned
+
+
 def model_checkpoint(wildcards):
     """The local checkpoint directory when the workflow builds it (demo); hub ids need no input."""
     entry = config["models"][wildcards.model]
+    if entry["fetch"]:
+        return [medprobe_checkpoints.checkpoint_dir(wildcards.model)]
     return [entry["checkpoint"]] if "demo_build" in entry else []
 
 
 def model_gpus(wildcards):
     return config["models"][wildcards.model]["gpus"]
+
+
+def model_resource(name):
+    """Extraction job resource `name` from models.<model>.resources (mem_mb, runtime, ...)."""
+    return lambda wildcards: config["models"][wildcards.model]["resources"][name]
+
+
+def model_shards(model):
+    entry = config["models"][model]
+    return entry.get("shards", config["extraction"]["shards"])
+
+
+def models_matching(sharded):
+    """Regex of the models extracted in shards (or in one job); one that matches nothing when none are."""
+    names = [m for m in MODELS if (model_shards(m) > 1) == sharded]
+    return "|".join(names) if names else "(?!x)x"
+
+
+def shard_files(wildcards):
+    return [
+        f"results/activations/{wildcards.model}/{wildcards.task}.shards/{shard}.h5"
+        for shard in range(model_shards(wildcards.model))
+    ]
 
 
 def evaluation_files(model, task):
@@ -59,7 +112,10 @@ def table_inputs(wildcards):
 
 
 def all_tables():
-    return [f"results/tables/{table}.csv" for table in TABLES + ["comparisons"]]
+    return [
+        f"results/tables/{table}.csv"
+        for table in TABLES + ["comparisons", "efficiency_summary"]
+    ]
 
 
 def all_figures():
@@ -68,3 +124,33 @@ def all_figures():
         for name in medprobe_config.figures(config)
         for extension in ("pdf", "png")
     ]
+
+
+def nejm_answer_files():
+    return [f"results/nejm/{model}/answers.jsonl" for model in config["nejm"]["models"]]
+
+
+def all_nejm():
+    """The NEJM table and Figure 1d when the config names models and the cases are there (or the demo
+    makes them); user-supplied cases that are missing skip them with a warning."""
+    if not config["nejm"]["models"]:
+        return []
+    cases_dir = config["nejm"]["cases_dir"]
+    if cases_dir != "resources/demo/nejm" and not os.path.isdir(cases_dir):
+        logger.warning(
+            f"nejm.cases_dir {cases_dir} not found: skipping the NEJM evaluation and Figure 1d "
+            "(the cases are user-supplied, see docs/nejm.md)"
+        )
+        return []
+    return [
+        "results/tables/nejm.csv",
+        "results/figures/figure1d.pdf",
+        "results/figures/figure1d.png",
+    ]
+
+
+def model_labels():
+    """Only what figures need of each model, so resource or checkpoint changes do not redraw them."""
+    return {
+        model: {"label": entry["label"]} for model, entry in config["models"].items()
+    }

@@ -52,7 +52,27 @@ rule prepare:
         "../scripts/prepare.py"
 
 
+# Public files are downloaded (resumable, retried, checksum-verified) and extracted safely; files under a
+# data-use agreement are checked for and, when missing, the job stops saying where to get them and where
+# they go. Kaggle credentials: KAGGLE_USERNAME / KAGGLE_KEY from the environment only.
+rule download_dataset:
+    output:
+        "resources/datasets/{dataset}/download.json",
+    log:
+        "logs/download_dataset/{dataset}.log",
+    wildcard_constraints:
+        dataset="[a-z0-9_]+",
+    conda:
+        ENV
+    params:
+        checksums=dataset_checksums,
+    script:
+        "../scripts/download_dataset.py"
+
+
 rule raw_dataset:
+    input:
+        dataset_receipt,
     output:
         "resources/raw/{task}/metadata.csv",
     log:

@@ -90,3 +90,18 @@ rule model_table:
         ENV
     script:
         "../scripts/collect.py"
+
+
+rule efficiency_summary:
+    input:
+        "results/tables/efficiency.csv",
+    output:
+        "results/tables/efficiency_summary.csv",
+    log:
+        "logs/collect/efficiency_summary.log",
+    conda:
+        ENV
+    params:
+        tasks=config["tasks"],
+    script:
+        "../scripts/efficiency_summary.py"

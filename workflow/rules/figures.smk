@@ -20,7 +20,7 @@ rule figure:
         ENV
     params:
         tasks=config["tasks"],
-        models=config["models"],
+        models=model_labels(),
         options=config["figures"],
     script:
         "../scripts/figure.py"

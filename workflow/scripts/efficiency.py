@@ -16,4 +16,7 @@ with rule_logging(snakemake):
         max_iter=probe["max_iter"],
         tol=probe["tol"],
         class_weight=None if probe["class_weight"] == "none" else probe["class_weight"],
+        dtype=probe["dtype"],
+        mode=probe["mode"],
+        paper=probe["paper"],
     )

@@ -19,4 +19,7 @@ with rule_logging(snakemake):
         class_weight=None if probe["class_weight"] == "none" else probe["class_weight"],
         layer=snakemake.params.layer,
         seed=snakemake.params.seed,
+        dtype=probe["dtype"],
+        mode=probe["mode"],
+        paper=probe["paper"],
     )

@@ -1,0 +1,219 @@
+"""Real-dataset recipes: the publishers' archives -> the raw metadata table of docs/architecture.md.
+
+Each paper dataset is a :class:`Dataset` registered under the config's ``tasks.<task>.dataset`` name, in one
+module of this package. A dataset lists its :class:`Source` files (public URL with the publisher's checksum,
+Kaggle competition, or a file the user obtains under a data-use agreement) and a ``convert`` function that
+reads the unpacked files and returns the raw table. Two steps use it:
+
+* :func:`fetch` (rule ``download_dataset``): download what is public, check that manual files are present
+  (else stop with :class:`~medprobe.download.MissingDataError` naming the dataset, where to request access,
+  which files and the exact folder), verify checksums, extract archives safely, write a receipt;
+* :func:`build_raw_table` (rule ``raw_dataset``): convert, write ``metadata.csv`` and ``counts.json``
+  (the paper's expected counts next to the counts found).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from medprobe.download import MissingDataError, download, kaggle_download, safe_extract, verify
+
+log = logging.getLogger("medprobe.datasets")
+
+RAW_TABLE_COLUMNS = ["image_id", "file", "patient_id", "label", "labels", "source", "partition", "group"]
+DATA_ROOT = "resources/datasets"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file of a dataset: public (``url``), on Kaggle (``kaggle``) or manual (neither)."""
+
+    name: str
+    url: str | None = None
+    md5: str | None = None
+    sha256: str | None = None
+    kaggle: str | None = None
+    extract: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    title: str
+    licence: str
+    access: str  # where to get it / request access
+    sources: tuple[Source, ...]
+    convert: Callable[[Path, Path, list[str]], pd.DataFrame]  # (data_dir, out_dir, task classes) -> raw table
+    expected: dict[str, dict[str, int]] = field(default_factory=dict)
+    manual_note: str = ""
+
+    @property
+    def manual(self) -> bool:
+        return any(source.url is None for source in self.sources)
+
+
+RECIPES: dict[str, Dataset] = {}
+
+
+def register(dataset: Dataset) -> Dataset:
+    """Register a dataset recipe under ``dataset.name`` (the config's ``tasks.<task>.dataset``)."""
+    RECIPES[dataset.name] = dataset
+    return dataset
+
+
+def _load_modules() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def get(name: str) -> Dataset:
+    """The registered recipe ``name`` (every module of this package is imported on first use)."""
+    _load_modules()
+    if name not in RECIPES:
+        raise KeyError(
+            f"no download/preparation recipe for dataset {name!r} (recipes: {sorted(RECIPES)}); provide the raw "
+            "table metadata.csv yourself in the format of docs/datasets.md and point the task's raw_dir at its folder"
+        )
+    return RECIPES[name]
+
+
+def missing_message(dataset: Dataset, data_dir: Path, missing: list[Source]) -> str:
+    lines = [
+        f"Dataset {dataset.name!r} ({dataset.title}) is not available: {len(missing)} file(s) missing in {data_dir}/.",
+        f"Access: {dataset.access}",
+        f"Put these files (as downloaded, not renamed) into {data_dir.resolve()}/ and rerun:",
+    ]
+    lines += [f"  - {source.name}" + (f"  ({source.description})" if source.description else "") for source in missing]
+    if dataset.manual_note:
+        lines.append(dataset.manual_note)
+    return "\n".join(lines)
+
+
+def fetch(name: str, data_dir: str | Path, receipt: str | Path | None = None, checksums: dict[str, str] | None = None) -> dict[str, Any]:
+    """Download/verify/extract every source of dataset ``name`` into ``data_dir``; write and return a receipt.
+
+    ``checksums`` (file name -> SHA-256, e.g. pinned in the config after a first download) are checked in
+    addition to the publisher's. Nothing is written to ``receipt`` unless every file is present and valid.
+    """
+    dataset = get(name)
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    checksums = checksums or {}
+    missing = []
+    for source in dataset.sources:
+        if (data_dir / source.name).exists() or source.url:
+            continue
+        if source.kaggle and os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+            target = (data_dir / source.name).parent
+            whole = source.name.endswith(f"{source.kaggle}.zip")
+            kaggle_download(source.kaggle, target, files=None if whole else [Path(source.name).name])
+            if (data_dir / source.name).exists():
+                continue
+        missing.append(source)
+    if missing:
+        raise MissingDataError(missing_message(dataset, data_dir, missing))
+    files = {}
+    for source in dataset.sources:
+        path = data_dir / source.name
+        pinned = checksums.get(source.name) or source.sha256
+        if path.is_dir():  # a folder the user unpacked (e.g. EyePACS' multi-part archives): listed, not hashed
+            files[source.name] = {"folder": True, "entries": sum(1 for _ in path.iterdir())}
+            continue
+        if source.url:
+            digest = download(source.url, path, md5=source.md5, sha256=pinned)
+        else:
+            digest = verify(path, md5=source.md5, sha256=pinned)
+        files[source.name] = {"sha256": digest, "md5": source.md5, "url": source.url, "pinned": bool(pinned or source.md5)}
+        if source.extract:
+            safe_extract(path, path.parent)
+    result = {"dataset": name, "data_dir": str(data_dir), "files": files}
+    if receipt is not None:
+        receipt = Path(receipt)
+        receipt.parent.mkdir(parents=True, exist_ok=True)
+        temporary = receipt.with_name(f".{receipt.name}.tmp")
+        temporary.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(temporary, receipt)
+    return result
+
+
+def relative_file(path: Path, out_dir: Path) -> str:
+    """Image path as stored in the raw table: relative to the raw folder, so the tree stays relocatable."""
+    return os.path.relpath(Path(path).resolve(), Path(out_dir).resolve())
+
+
+def raw_counts(table: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Images, patients and classes in total and per partition (``train``/``test``) of a raw table."""
+    counts: dict[str, dict[str, int]] = {}
+    groups = [("total", table)] + [(str(part), rows) for part, rows in table.groupby("partition") if part]
+    for name, rows in groups:
+        entry = {"images": int(len(rows))}
+        patients = rows["patient_id"][rows["patient_id"] != ""]
+        if len(patients):
+            entry["patients"] = int(patients.nunique())
+        if rows["label"].ne("").any():
+            entry.update({str(k): int(v) for k, v in rows["label"].value_counts().sort_index().items()})
+        counts[name] = entry
+    return counts
+
+
+def compare_counts(expected: dict[str, dict[str, int]], found: dict[str, dict[str, int]]) -> list[str]:
+    """Human-readable differences between the paper's counts and the counts found."""
+    differences = []
+    for part, entries in expected.items():
+        for key, value in entries.items():
+            got = found.get(part, {}).get(key)
+            if got != value:
+                differences.append(f"{part} {key}: paper {value}, found {got}")
+    return differences
+
+
+def build_raw_table(dataset: str, task: str, out_dir: str | Path, data_dir: str | Path | None = None,
+                    classes: list[str] | None = None) -> Path:
+    """Convert dataset ``dataset`` (unpacked in ``data_dir``) into ``out_dir/metadata.csv`` and ``counts.json``.
+
+    ``classes`` are the task's classes (multilabel recipes keep only these findings)."""
+    recipe = get(dataset)
+    out_dir = Path(out_dir)
+    data_dir = Path(data_dir) if data_dir is not None else Path(DATA_ROOT) / dataset
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = recipe.convert(data_dir, out_dir, list(classes or []))
+    excluded = table.attrs.get("excluded", {})
+    for column in RAW_TABLE_COLUMNS:
+        if column not in table.columns:
+            table[column] = ""
+    table = table[RAW_TABLE_COLUMNS].fillna("").astype(str)
+    if table.empty:
+        raise ValueError(f"{data_dir}: dataset {dataset!r} produced no image for task {task}")
+    found = raw_counts(table)
+    differences = compare_counts(recipe.expected, found)
+    for line in differences:
+        log.warning("%s (%s): %s", task, dataset, line)
+    report = {"task": task, "dataset": dataset, "expected": recipe.expected, "found": found, "differences": differences,
+              "excluded": excluded}
+    (out_dir / "counts.json").write_text(json.dumps(report, indent=2) + "\n")
+    metadata = out_dir / "metadata.csv"
+    temporary = out_dir / ".metadata.csv.tmp"
+    table.to_csv(temporary, index=False, lineterminator="\n")
+    os.replace(temporary, metadata)
+    log.info("%s: %d images from %s -> %s", task, len(table), dataset, metadata)
+    return metadata
+
+
+def find_one(root: Path, name: str) -> Path:
+    """The single file or folder called ``name`` below ``root`` (archives nest differently across releases)."""
+    if (root / name).exists():
+        return root / name
+    hits = sorted(path for path in root.rglob(name))
+    if not hits:
+        raise FileNotFoundError(f"{root}: expected {name} (from the dataset's archives) but found none")
+    return hits[0]

@@ -1,0 +1,250 @@
+"""Dataset recipes on fixture archives in the publishers' real layouts; the missing-data messages; KNEEL crops."""
+
+import json
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from medprobe import datasets, kneel
+from medprobe.datasets import build_raw_table, fetch
+from medprobe.datasets.pannuke import count_nuclei, malignancy_label
+from medprobe.datasets.padchest import normalise_labels
+from medprobe.download import MissingDataError
+from medprobe.prepare import prepare_task
+
+
+def jpg(path, size=(8, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def read(path):
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def test_registry_has_the_eight_paper_datasets():
+    for name in ["nct_crc_he", "pannuke", "isic2018", "isic2020", "eyepacs_aptos", "airogs_odir", "padchest", "oai_most"]:
+        assert datasets.get(name).name == name
+
+
+def test_t1_fetch_from_file_urls_extracts_and_converts(tmp_path, monkeypatch):
+    build = tmp_path / "build"
+    build.mkdir()
+    for folder, classes in (("NCT-CRC-HE-100K", ["ADI", "TUM"]), ("CRC-VAL-HE-7K", ["ADI"])):
+        with zipfile.ZipFile(build / f"{folder}.zip", "w") as handle:
+            for label in classes:
+                image = build / "x.tif"
+                Image.new("RGB", (4, 4)).save(image)
+                handle.write(image, f"{folder}/{label}/{label}-AAA{folder[:3]}.tif")
+    recipe = datasets.get("nct_crc_he")
+    local = tuple(datasets.Source(s.name, url=(build / s.name).as_uri(), extract=True) for s in recipe.sources)
+    monkeypatch.setitem(datasets.RECIPES, "nct_crc_he", datasets.Dataset(**{**recipe.__dict__, "sources": local}))
+    receipt = fetch("nct_crc_he", tmp_path / "data", tmp_path / "data" / "download.json")
+    assert set(json.loads((tmp_path / "data" / "download.json").read_text())["files"]) == {"NCT-CRC-HE-100K.zip", "CRC-VAL-HE-7K.zip"}
+    assert receipt["files"]["CRC-VAL-HE-7K.zip"]["pinned"] is False
+    table = read(build_raw_table("nct_crc_he", "T1", tmp_path / "raw", tmp_path / "data"))
+    assert table[["label", "partition"]].values.tolist() == [["ADI", "train"], ["TUM", "train"], ["ADI", "test"]]
+    assert (tmp_path / "raw" / table["file"][0]).exists()
+    counts = json.loads((tmp_path / "raw" / "counts.json").read_text())
+    assert counts["found"]["train"]["images"] == 2 and "train images: paper 100000, found 2" in counts["differences"]
+
+
+def test_published_md5_is_enforced(tmp_path, monkeypatch):
+    (tmp_path / "f.zip").write_bytes(b"not the archive")
+    source = datasets.Source("f.zip", url=(tmp_path / "f.zip").as_uri(), md5="0" * 32)
+    recipe = datasets.Dataset("x", "x", "x", "x", (source,), convert=lambda *a: pd.DataFrame())
+    monkeypatch.setitem(datasets.RECIPES, "x", recipe)
+    with pytest.raises(ValueError, match="MD5"):
+        fetch("x", tmp_path / "data", tmp_path / "data" / "download.json")
+    assert not (tmp_path / "data" / "download.json").exists()
+
+
+def hand_mask(neoplastic, other):
+    """(256, 256, 6) PanNuke mask with the given numbers of neoplastic and other nuclei (distinct instance ids)."""
+    mask = np.zeros((256, 256, 6), dtype=np.float64)
+    for k in range(neoplastic):
+        mask[k, 0:3, 0] = 100 + k
+    for k in range(other):
+        mask[k, 10:13, 1 + k % 4] = 500 + k
+    mask[..., 5] = (mask[..., :5].sum(-1) == 0)
+    return mask
+
+
+@pytest.mark.parametrize("neoplastic, other, expected", [
+    (0, 7, "benign"), (0, 0, "benign"), (11, 25, "malignant"), (11, 26, None),  # 11/37 = 29.7% <= 30%
+    (10, 0, None), (3, 2, None), (40, 10, "malignant"),
+])
+def test_pannuke_rule_on_hand_counted_masks(neoplastic, other, expected):
+    counts = count_nuclei(hand_mask(neoplastic, other))
+    assert counts[0] == neoplastic and counts.sum() == neoplastic + other
+    assert malignancy_label(counts) == expected
+
+
+def test_t2_pannuke_folds_layout(tmp_path):
+    plan = {1: [(0, 5, "Breast"), (12, 3, "Colon")], 2: [(5, 5, "Breast")], 3: [(20, 1, "Kidney"), (0, 2, "Colon")]}
+    for fold, patches in plan.items():
+        root = tmp_path / "data" / f"Fold {fold}"
+        (root / "images" / f"fold{fold}").mkdir(parents=True)
+        (root / "masks" / f"fold{fold}").mkdir(parents=True)
+        np.save(root / "images" / f"fold{fold}" / "images.npy", np.full((len(patches), 256, 256, 3), 120.0))
+        np.save(root / "images" / f"fold{fold}" / "types.npy", np.array([organ for *_, organ in patches]))
+        np.save(root / "masks" / f"fold{fold}" / "masks.npy", np.stack([hand_mask(n, o) for n, o, _ in patches]))
+    table = read(build_raw_table("pannuke", "T2", tmp_path / "raw", tmp_path / "data"))
+    assert table["image_id"].tolist() == ["pannuke_fold1_00000", "pannuke_fold1_00001", "pannuke_fold3_00000", "pannuke_fold3_00001"]
+    assert table["label"].tolist() == ["benign", "malignant", "malignant", "benign"]
+    assert table["group"].tolist() == ["Breast", "Colon", "Kidney", "Colon"]
+    assert Image.open(tmp_path / "raw" / table["file"][0]).size == (256, 256)
+    counts = json.loads((tmp_path / "raw" / "counts.json").read_text())
+    assert counts["excluded"] == {"neither benign nor malignant by the paper's rule": 1}
+
+
+def test_t3_isic2018_layout_lesion_grouping_and_prepare(tmp_path):
+    data = tmp_path / "data"
+    classes = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    parts = {"Training": [("ISIC_0000001", "NV"), ("ISIC_0000002", "NV"), ("ISIC_0000003", "MEL"), ("ISIC_0000004", "MEL"),
+                          ("ISIC_0000005", "NV"), ("ISIC_0000006", "MEL")],
+             "Validation": [("ISIC_0000010", "BCC")], "Test": [("ISIC_0000020", "MEL"), ("ISIC_0000021", "NV")]}
+    for part, rows in parts.items():
+        truth = pd.DataFrame([{"image": image, **{c: float(c == label) for c in classes}} for image, label in rows])
+        (data / f"ISIC2018_Task3_{part}_GroundTruth").mkdir(parents=True)
+        truth.to_csv(data / f"ISIC2018_Task3_{part}_GroundTruth" / f"ISIC2018_Task3_{part}_GroundTruth.csv", index=False)
+        for image, _ in rows:
+            jpg(data / f"ISIC2018_Task3_{part}_Input" / f"{image}.jpg")
+    pd.DataFrame({"image": [f"ISIC_000000{k}" for k in range(1, 7)], "lesion_id": ["HAM_1", "HAM_1", "HAM_2", "HAM_2", "HAM_3", "HAM_4"],
+                  "diagnosis_confirm_type": "histopathology"}).to_csv(data / "ISIC2018_Task3_Training_LesionGroupings.csv", index=False)
+    table = read(build_raw_table("isic2018", "T3", tmp_path / "raw", data))
+    assert table["label"].tolist() == ["NV", "NV", "MEL", "MEL", "NV", "MEL", "BCC", "MEL", "NV"]
+    assert table["partition"].tolist() == ["train"] * 7 + ["test"] * 2
+    assert table["patient_id"].tolist() == ["HAM_1", "HAM_1", "HAM_2", "HAM_2", "HAM_3", "HAM_4", "ISIC_0000010", "ISIC_0000020", "ISIC_0000021"]
+    manifest = prepare_task("T3", {"kind": "multiclass", "classes": classes, "dataset": "isic2018"}, tmp_path / "raw",
+                            tmp_path / "m.csv", tmp_path / "m.json", tmp_path / "img", val_fraction=0.34, test_fraction=0.2, seed=0)
+    lesion_splits = manifest[manifest["patient_id"] != ""].groupby("patient_id")["split"].nunique()
+    assert (lesion_splits == 1).all() and set(manifest["split"]) == {"train", "val", "test"}
+
+
+def test_t4_isic2020_split_by_patient(tmp_path):
+    data = tmp_path / "data"
+    rows = [(f"ISIC_{k:07d}", f"IP_{k // 3}", "malignant" if k % 5 == 0 else "benign") for k in range(30)]
+    pd.DataFrame({"image_name": [r[0] for r in rows], "patient_id": [r[1] for r in rows], "sex": "male", "age_approx": "45",
+                  "anatom_site_general_challenge": "torso", "diagnosis": "unknown", "benign_malignant": [r[2] for r in rows],
+                  "target": [int(r[2] == "malignant") for r in rows]}).to_csv(tmp_path / "truth.csv", index=False)
+    data.mkdir()
+    (tmp_path / "truth.csv").rename(data / "ISIC_2020_Training_GroundTruth.csv")
+    for name, *_ in rows:
+        jpg(data / "train" / f"{name}.jpg")
+    table = read(build_raw_table("isic2020", "T4", tmp_path / "raw", data))
+    assert table["patient_id"].nunique() == 10 and (table["partition"] == "").all()
+    assert (table["label"] == "malignant").sum() == 6
+    manifest = prepare_task("T4", {"kind": "binary", "classes": ["benign", "malignant"], "dataset": "isic2020"}, tmp_path / "raw",
+                            tmp_path / "m.csv", tmp_path / "m.json", tmp_path / "img", val_fraction=0.25, test_fraction=0.2, seed=0)
+    assert (manifest.groupby("patient_id")["split"].nunique() == 1).all()
+    assert manifest.groupby("split")["patient_id"].nunique()["test"] == 2
+
+
+@pytest.mark.parametrize("dataset, access, files", [
+    ("eyepacs_aptos", "diabetic-retinopathy-detection", ["eyepacs/trainLabels.csv", "eyepacs/train", "aptos/aptos2019-blindness-detection.zip"]),
+    ("airogs_odir", "odir2019.grand-challenge.org", ["odir/ODIR-5K_Training_Annotations(Updated)_V2.xlsx", "odir/ODIR-5K_Training_Dataset"]),
+    ("padchest", "bimcv.cipf.es", ["PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz", "images"]),
+    ("oai_most", "nda.nih.gov/oai", ["knees.csv", "landmarks.csv"]),
+])
+def test_missing_credentialed_data_stops_with_instructions(tmp_path, monkeypatch, dataset, access, files):
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.delenv("KAGGLE_KEY", raising=False)
+    recipe = datasets.get(dataset)
+    public = tuple(s for s in recipe.sources if s.url)  # public parts (AIROGS) would be downloaded; place them
+    for source in public:
+        (tmp_path / source.name).parent.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setitem(datasets.RECIPES, dataset, datasets.Dataset(**{**recipe.__dict__, "sources": tuple(s for s in recipe.sources if not s.url)}))
+    with pytest.raises(MissingDataError) as error:
+        fetch(dataset, tmp_path / "data", tmp_path / "data" / "download.json")
+    message = str(error.value)
+    assert f"Dataset {dataset!r}" in message and access in message and str((tmp_path / "data").resolve()) in message
+    for name in files:
+        assert f"  - {name}" in message
+    assert not (tmp_path / "data" / "download.json").exists()
+
+
+def test_t5_eyepacs_aptos_layout(tmp_path):
+    data = tmp_path / "data"
+    (data / "eyepacs").mkdir(parents=True)
+    pd.DataFrame({"image": ["10_left", "10_right", "13_left"], "level": [0, 2, 4]}).to_csv(data / "eyepacs" / "trainLabels.csv", index=False)
+    pd.DataFrame({"image": ["1_left", "1_right"], "level": [1, 3], "Usage": ["Public", "Private"]}).to_csv(data / "eyepacs" / "retinopathy_solution.csv", index=False)
+    (data / "aptos").mkdir()
+    pd.DataFrame({"id_code": ["000c1434d8d7"], "diagnosis": [2]}).to_csv(data / "aptos" / "train.csv", index=False)
+    table = read(build_raw_table("eyepacs_aptos", "T5", tmp_path / "raw", data))
+    assert table["patient_id"].tolist() == ["eyepacs_10", "eyepacs_10", "eyepacs_13", "eyepacs_1", "eyepacs_1", "aptos_000c1434d8d7"]
+    assert table["label"].tolist() == ["0", "2", "4", "1", "3", "2"]
+    assert table["partition"].tolist() == [""] * 5 + ["test"]
+    assert table["file"][0].endswith("eyepacs/train/10_left.jpeg") and table["file"][3].endswith("eyepacs/test/1_left.jpeg")
+
+
+def test_t6_airogs_odir_keywords(tmp_path):
+    data = tmp_path / "data"
+    jpg(data / "airogs" / "0" / "TRAIN000000.jpg")
+    jpg(data / "airogs" / "1" / "TRAIN000001.jpg")
+    pd.DataFrame({"challenge_id": ["TRAIN000000", "TRAIN000001"], "class": ["NRG", "RG"]}).to_csv(data / "airogs" / "train_labels.csv", index=False)
+    (data / "odir" / "ODIR-5K_Training_Dataset").mkdir(parents=True)
+    sheet = pd.DataFrame({"ID": ["0", "1"], "Left-Fundus": ["0_left.jpg", "1_left.jpg"], "Right-Fundus": ["0_right.jpg", "1_right.jpg"],
+                          "Left-Diagnostic Keywords": ["cataract", "suspected glaucoma，moderate non proliferative retinopathy"],
+                          "Right-Diagnostic Keywords": ["normal fundus", "Glaucoma"]})
+    sheet.to_csv(data / "odir" / "ODIR-5K_Training_Annotations(Updated)_V2.xlsx.csv", index=False)
+    import medprobe.datasets.airogs_odir as module
+    original = module.ODIR_SHEET
+    try:
+        module.ODIR_SHEET = "ODIR-5K_Training_Annotations(Updated)_V2.xlsx.csv"
+        table = read(build_raw_table("airogs_odir", "T6", tmp_path / "raw", data))
+    finally:
+        module.ODIR_SHEET = original
+    assert table["label"].tolist() == ["no_glaucoma", "glaucoma", "no_glaucoma", "glaucoma", "no_glaucoma", "glaucoma"]
+    assert table["partition"].tolist() == ["train", "train"] + ["test"] * 4
+    assert table["patient_id"].tolist()[2:] == ["odir_0", "odir_1", "odir_0", "odir_1"]
+
+
+def test_t7_padchest_labels_physician_subset_and_missing_images(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [("a.png", "0", "P1", "Physician", "['pleural effusion', ' Cardiomegaly', '']"),
+            ("b.png", "0", "P1", "RNN_model", "['normal']"),
+            ("c.png", "1", "P2", "Physician", "['normal']"),
+            ("d.png", "1", "P3", "Physician", "['unchanged', 'nodule']")]
+    pd.DataFrame(rows, columns=["ImageID", "ImageDir", "PatientID", "MethodLabel", "Labels"]).to_csv(
+        data / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz", index=False)
+    for image, folder, *_ in rows[:3]:
+        (data / "images" / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(data / "images" / folder / image)
+    table = read(build_raw_table("padchest", "T7", tmp_path / "raw", data, classes=["normal", "pleural effusion", "cardiomegaly", "nodule"]))
+    assert table["image_id"].tolist() == ["a", "c"] and table["labels"].tolist() == ["pleural effusion|cardiomegaly", "normal"]
+    assert json.loads((tmp_path / "raw" / "counts.json").read_text())["excluded"]["image file missing"] == 1
+    assert normalise_labels("['  COPD  signs', 'copd signs']") == ["copd signs"] and normalise_labels("") == []
+
+
+def test_kneel_crop_geometry_and_flip():
+    assert kneel.joint_centre(np.array([[10, 20], [30, 40]])) == (20.0, 30.0)
+    assert kneel.crop_box((100, 200), (0.2, 0.14)) == (100 - 500, 200 - 350, 600, 550)  # 140/0.14=1000 wide, 140/0.2=700 high
+    image = np.arange(100 * 100, dtype=np.uint16).reshape(100, 100)
+    right = kneel.crop_knee(image, (50, 50), (1.0, 1.0), "R", size_mm=20)
+    assert right.shape == (20, 20) and right[0, 0] == image[40, 40] and right[-1, -1] == image[59, 59]
+    left = kneel.crop_knee(image, (50, 50), (1.0, 1.0), "L", size_mm=20)
+    assert np.array_equal(left, right[:, ::-1])
+    edge = kneel.crop_knee(image, (2, 2), (1.0, 1.0), "R", size_mm=10)
+    assert edge[0, 0] == 0 and edge[3, 3] == image[0, 0]
+    with pytest.raises(ValueError, match="spacing"):
+        kneel.crop_box((0, 0), (0, 1))
+
+
+def test_t8_crops_from_landmarks(tmp_path):
+    data = tmp_path / "data"
+    (data / "oai").mkdir(parents=True)
+    radiograph = np.zeros((200, 300), dtype=np.uint16)
+    radiograph[90:110, 60:80] = 4000  # patient's right knee, on the image's left
+    Image.fromarray(radiograph).save(data / "oai" / "9000099.png")
+    pd.DataFrame({"file": ["oai/9000099.png"] * 2, "patient_id": ["9000099"] * 2, "side": ["R", "L"], "kl": ["2", "0"],
+                  "source": ["oai"] * 2, "partition": ["train"] * 2, "spacing_row": ["0.5"] * 2, "spacing_col": ["0.5"] * 2}).to_csv(data / "knees.csv", index=False)
+    pd.DataFrame({"file": ["oai/9000099.png"] * 3, "side": ["R", "R", "L"], "x": [60, 80, 225], "y": [100, 100, 100]}).to_csv(data / "landmarks.csv", index=False)
+    table = read(build_raw_table("oai_most", "T8", tmp_path / "raw", data))
+    assert table["label"].tolist() == ["2", "0"] and table["patient_id"].tolist() == ["oai_9000099"] * 2
+    crop = np.asarray(Image.open(tmp_path / "raw" / table["file"][0]))
+    assert crop.shape == (280, 280) and crop[140, 140] == 4000  # 140 mm / 0.5 mm, joint in the centre

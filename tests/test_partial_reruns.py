@@ -1,0 +1,136 @@
+"""Partial reruns (docs/running.md): which jobs a change or a target schedules, from Snakemake's dry-run.
+
+A working directory holds a complete, up-to-date run of a reduced demo (two tasks, two models) whose
+outputs are empty files marked done with `snakemake --touch` (which records the provenance: params,
+code, inputs); the dry-run job lists then show what a changed setting, an added model or a target reruns.
+"""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+TASKS = ["T1", "T2"]
+MODELS = ["clip", "idefics_9b"]
+UPSTREAM = {"demo_data", "demo_model", "prepare", "extract", "raw_dataset", "fetch_model"}
+
+
+def snakemake(repo, workdir, *arguments):
+    result = subprocess.run(
+        SNAKEMAKE + ["--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), *arguments],
+        cwd=repo, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def dry_run_jobs(repo, workdir, *arguments):
+    """(rule, wildcards) of every job a dry run schedules."""
+    out = snakemake(repo, workdir, "--dry-run", *arguments)
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \w+:)", "\n" + out):
+        head = re.match(r"(?:local)?(?:rule|checkpoint) (\w+):", block)
+        if head:
+            found = re.search(r"^\s+wildcards: (.*)$", block, flags=re.MULTILINE)
+            wildcards = dict(item.split("=", 1) for item in found.group(1).split(", ")) if found else {}
+            jobs.append((head.group(1), wildcards))
+    return jobs
+
+
+def write_config(workdir, repo, change=None):
+    config = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    config["tasks"] = {task: config["tasks"][task] for task in TASKS}
+    config["models"] = {model: config["models"][model] for model in MODELS}
+    config.pop("nejm", None)  # the NEJM evaluation is not part of these job lists
+    if change:
+        change(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    return config
+
+
+@pytest.fixture(scope="module")
+def done(repo, tmp_path_factory):
+    """A working directory where every job of the reduced demo is complete."""
+    workdir = tmp_path_factory.mktemp("reruns")
+    config = write_config(workdir, repo)
+    summary = snakemake(repo, workdir, "--summary")
+    for line in summary.splitlines()[1:]:
+        path = workdir / line.split("\t")[0]
+        if not line.strip() or "\t" not in line:
+            continue
+        if path.suffix:  # files; the directory outputs (images, demo models) have no suffix
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+    snakemake(repo, workdir, "--touch", "--cores", "1")
+    assert dry_run_jobs(repo, workdir) == [], "the touched run should be complete"
+    return workdir, config
+
+
+def changed(workdir, tmp_path, section, **values):
+    """--configfile arguments: the run's config with keys of one section changed."""
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config[section].update(values)
+    path = tmp_path / f"{section}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return "--configfile", str(path)
+
+
+def test_probe_settings_rerun_probes_and_what_follows_never_extraction(repo, done, tmp_path):
+    workdir, _ = done
+    jobs = dry_run_jobs(repo, workdir, *changed(workdir, tmp_path, "probe", C_grid=[0.1, 1.0]))
+    rules = {rule for rule, _ in jobs}
+    assert not rules & UPSTREAM, rules
+    pairs = {(wc["model"], wc["task"]) for rule, wc in jobs if rule == "probe"}
+    assert pairs == {(model, task) for model in MODELS for task in TASKS}
+    assert {"efficiency", "evaluate", "compare", "collect_table", "figure"} <= rules
+
+
+def test_statistics_settings_rerun_evaluation_not_probes(repo, done, tmp_path):
+    workdir, _ = done
+    jobs = dry_run_jobs(repo, workdir, *changed(workdir, tmp_path, "evaluation", bootstrap=200))
+    rules = {rule for rule, _ in jobs}
+    assert not rules & (UPSTREAM | {"probe", "efficiency"}), rules
+    assert len([1 for rule, _ in jobs if rule == "evaluate"]) == len(MODELS) * len(TASKS)
+    assert len([1 for rule, _ in jobs if rule == "compare"]) == len(TASKS)
+
+
+def test_an_added_model_runs_only_its_jobs_and_the_shared_tables(repo, done, tmp_path):
+    workdir, _ = done
+    base = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    added = {**yaml.safe_load((workdir / "config.yaml").read_text())}
+    added["models"]["idefics_80b"] = base["models"]["idefics_80b"]
+    configfile = tmp_path / "added.yaml"
+    configfile.write_text(yaml.safe_dump(added))
+    jobs = dry_run_jobs(repo, workdir, "--configfile", str(configfile))
+    per_model = [(rule, wc) for rule, wc in jobs if "model" in wc]
+    assert {wc["model"] for _, wc in per_model} == {"idefics_80b"}
+    assert {(rule, wc["task"]) for rule, wc in per_model if rule == "extract"} == {("extract", t) for t in TASKS}
+    assert {rule for rule, _ in jobs} & {"prepare", "demo_data"} == set()
+    assert [wc for rule, wc in jobs if rule == "demo_model"] == [{"build": "tiny-idefics-large"}]
+    shared = {rule for rule, wc in jobs if "model" not in wc} - {"demo_model"}
+    assert {"compare", "collect_table", "figure"} <= shared
+
+
+@pytest.mark.parametrize(
+    ("target", "key", "value"),
+    [("results/tables/by_task/T1.csv", "task", "T1"), ("results/tables/by_model/clip.csv", "model", "clip")],
+)
+def test_one_task_or_one_model_target(repo, tmp_path, target, key, value):
+    write_config(tmp_path, repo)
+    jobs = dry_run_jobs(repo, tmp_path, target)
+    scoped = [wc[key] for _, wc in jobs if key in wc]
+    assert scoped and set(scoped) == {value}
+    assert "figure" not in {rule for rule, _ in jobs}
+
+
+def test_one_figure_target(repo, tmp_path):
+    write_config(tmp_path, repo)
+    jobs = dry_run_jobs(repo, tmp_path, "results/figures/figure3.pdf")
+    figures = [wc["figure"] for rule, wc in jobs if rule == "figure"]
+    assert figures == ["figure3"]
