@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 import medprobe
+from medprobe.checks import OomBackoff
 from medprobe.models import Adapter, load_adapter
 
 __all__ = [
@@ -466,13 +467,20 @@ def extract_activations(
     bar_options: dict[str, Any] = {"disable": not progress, "dynamic_ncols": True}
     if progress == "log":
         bar_options = {"file": _LogStream(logger), "mininterval": 30.0, "ncols": 100, "ascii": True}
+    # On CUDA out-of-memory the batch is halved and retried (and the smaller size kept); an image that does
+    # not fit alone stops the job with its id.
+    backoff = OomBackoff()
     started = time.perf_counter()
     try:
         with tqdm(total=n_rows, initial=rows_done, unit="img", desc=model_name, **bar_options) as bar:
             for rows, batch in loader:
                 if isinstance(batch, ImageReadError):
                     raise batch
-                pooled, embedded = adapter.forward(batch, layers=layer_indices)
+                pooled, embedded = backoff.forward(
+                    lambda inputs: adapter.forward(inputs, layers=layer_indices),
+                    batch,
+                    [entries[row][0] for row in rows],
+                )
                 if tuple(pooled.shape[1:]) != expected_shape:
                     raise RuntimeError(
                         f"{type(adapter).__name__} returned activations of shape {tuple(pooled.shape)}, "

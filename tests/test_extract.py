@@ -501,3 +501,27 @@ def test_progress_goes_to_the_log_with_rate_and_eta(dataset, tmp_path, clip_cfg,
     assert bar_lines and bar_lines[-1].startswith("clip: 100%") and f"{N_IMAGES}/{N_IMAGES}" in bar_lines[-1]
     assert "<00:00" in bar_lines[-1]  # the ETA field
     assert "images/s, peak device memory n/a (not on CUDA)" in caplog.text
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_data(dataset, tmp_path, clip_cfg, monkeypatch, caplog):
+    """A CUDA OOM (simulated: forwards of more than 2 images raise) halves the batch; the file is unchanged."""
+    kwargs = dict(model_name="clip", model_cfg=clip_cfg, prompt="", batch_size=8, device="cpu", root=tmp_path,
+                  progress=False)
+    reference = read_all(extract_activations(dataset, tmp_path / "reference.h5", **kwargs))
+    original = Adapter.forward
+    sizes: list[int] = []
+
+    def forward(self, batch, layers=None):
+        size = len(next(iter(batch.values())))
+        if size > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        sizes.append(size)
+        return original(self, batch, layers)
+
+    monkeypatch.setattr(Adapter, "forward", forward)
+    caplog.set_level(logging.WARNING)
+    halved = read_all(extract_activations(dataset, tmp_path / "halved.h5", **kwargs))
+    assert max(sizes) == 2 and sum(sizes) == len(manifest_ids(dataset))
+    for key in reference:
+        if key != "attr:software_version":
+            np.testing.assert_array_equal(halved[key], reference[key], err_msg=key)
