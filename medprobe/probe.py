@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from medprobe.checks import check_finite
 from medprobe.labels import KINDS, encode_targets, load_manifest
 
 logger = logging.getLogger(__name__)
@@ -887,6 +888,7 @@ def probe_task(
         target_device = torch.device(device) if device is not None else torch.device("cpu")
         for index, name in enumerate(layer_names):
             features = _read_layer(handle, layer_names, name)
+            check_finite(features, manifest["image_id"].tolist(), f"{activations_h5} layer {name}", "activations")
             X_train = features[masks["train"]]
             X_val = features[masks["val"]]
             X_test = features[masks["test"]]
@@ -1119,6 +1121,7 @@ def efficiency_task(
     with handle:
         layer = _resolve_layer(probe_info["layer"], layer_names, activations_h5)
         features = _read_layer(handle, layer_names, layer)
+        check_finite(features, manifest["image_id"].tolist(), f"{activations_h5} layer {layer}", "activations")
     targets = encode_targets(manifest, kind, classes)
     masks = _split_masks(manifest, manifest_csv, need_val=False)
     train_rows = np.flatnonzero(masks["train"])

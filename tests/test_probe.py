@@ -560,3 +560,15 @@ def test_probe_task_paper_mode(tmp_path):
                         seeds=1, **settings)
     with pytest.raises(ValueError, match="probe.mode"):
         probe_task(h5_path, manifest_path, tmp_path / "bad", **PROBE_SETTINGS, mode="adam")
+
+
+def test_non_finite_activations_stop_the_probe_naming_the_images(tmp_path):
+    h5_path, manifest_path, manifest = write_task(tmp_path)
+    with h5py.File(h5_path, "r+") as f:
+        data = f["activations"][:]
+        data[7, 2, 3] = np.nan
+        data[11, 2, 0] = np.inf
+        f["activations"][:] = data
+    with pytest.raises(ValueError, match=r"hidden\.2.*img007.*img011|img007.*img011.*hidden\.2"):
+        probe_task(h5_path, manifest_path, tmp_path / "probes", **PROBE_SETTINGS)
+    assert not (tmp_path / "probes" / "predictions.h5").exists()
