@@ -65,6 +65,13 @@ def verify(path: str | Path, *, md5: str | None = None, sha256: str | None = Non
     return actual_sha
 
 
+def quarantine(path: Path) -> Path:
+    """Move a file that failed verification to ``<name>.bad`` (replacing an older one) and return that path."""
+    bad = path.with_name(path.name.removesuffix(".part") + ".bad")
+    os.replace(path, bad)
+    return bad
+
+
 def download(
     url: str,
     dest: str | Path,
@@ -87,8 +94,8 @@ def download(
         try:
             return verify(dest, md5=md5, sha256=sha256)
         except ChecksumError as error:
-            log.warning("%s; downloading it again", error)
-            dest.unlink()
+            bad = quarantine(dest)
+            log.warning("%s; moved it aside to %s and downloading it again", error, bad)
     partial = dest.with_name(dest.name + ".part")
     parsed = urlparse(url)
     if parsed.scheme == "file":
@@ -99,9 +106,10 @@ def download(
         raise ValueError(f"{url}: unsupported URL scheme {parsed.scheme!r} (http, https, file)")
     try:
         digest = verify(partial, md5=md5, sha256=sha256)
-    except ChecksumError:
-        partial.unlink()  # a corrupt transfer must not be resumed
-        raise
+    except ChecksumError as error:
+        # A corrupt transfer must never be used nor resumed: keep it aside for inspection.
+        bad = quarantine(partial)
+        raise ChecksumError(f"{error}; the file was moved aside to {bad} and will not be used") from None
     os.replace(partial, dest)
     if not (md5 or sha256):
         log.warning("%s: no published checksum; pin sha256 %s in the config to verify later downloads", dest.name, digest)

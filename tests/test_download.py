@@ -65,11 +65,13 @@ def test_partial_file_from_an_earlier_run_is_resumed(server, tmp_path):
     assert (tmp_path / "file.bin").read_bytes() == PAYLOAD and Handler.requests == ["bytes=1000-"]
 
 
-def test_checksum_mismatch_leaves_no_file(server, tmp_path):
+def test_checksum_mismatch_stops_naming_both_checksums_and_moves_the_file_aside(server, tmp_path):
     Handler.fail_first = 0
-    with pytest.raises(dl.ChecksumError, match="MD5"):
+    with pytest.raises(dl.ChecksumError, match=r"MD5 [0-9a-f]{32} does not match the expected 0{32}.*moved aside") as error:
         dl.download(server, tmp_path / "file.bin", md5="0" * 32)
+    assert str(tmp_path / "file.bin.bad") in str(error.value)
     assert not (tmp_path / "file.bin").exists() and not (tmp_path / "file.bin.part").exists()
+    assert (tmp_path / "file.bin.bad").stat().st_size > 0
 
 
 def test_verified_file_is_not_downloaded_again(tmp_path):
