@@ -75,7 +75,9 @@ def read_raw_table(path: str | Path, kind: str, classes: list[str]) -> pd.DataFr
     unknown = sorted(found - known)
     if unknown:
         raise ValueError(f"{path}: column {label_column} has values {unknown} not in the task's classes {classes}")
-    mixed = table[table["partition"] != ""].groupby("patient_id")["partition"].nunique()
+    # rows without a patient id are their own patient: they cannot leak across partitions
+    with_partition = table[(table["partition"] != "") & (table["patient_id"] != "")]
+    mixed = with_partition.groupby("patient_id")["partition"].nunique()
     mixed = mixed[mixed > 1]
     if len(mixed):
         raise ValueError(
@@ -234,6 +236,9 @@ def prepare_task(
         "warnings": warnings,
         "split_settings": {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed},
     }
+    recipe_counts = raw_dir / "counts.json"  # written by real-dataset recipes: paper's vs found counts
+    if recipe_counts.exists():
+        sidecar["recipe_counts"] = json.loads(recipe_counts.read_text())
     _write_atomic(Path(sidecar_path), json.dumps(sidecar, indent=2) + "\n")
     _write_atomic(Path(manifest_path), manifest.to_csv(index=False, lineterminator="\n"))
     log.info("%s: %d images (%d skipped) -> %s", task, len(manifest), len(skipped), manifest_path)

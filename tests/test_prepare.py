@@ -194,3 +194,21 @@ def test_duplicate_image_ids_stop_naming_them(tmp_path):
     with pytest.raises(ValueError, match=r"metadata\.csv: duplicate image_id values \['p000_2'\]"):
         run(tmp_path, raw)
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_rows_without_patient_id_do_not_count_as_one_patient(tmp_path):
+    raw = tmp_path / "raw"
+    table = write_raw(raw, n_patients=12, partition=lambda p: "test" if p < 4 else "train")
+    table.loc[[0, 20], "patient_id"] = ""  # one test row and one train row without a patient id
+    table.to_csv(raw / "metadata.csv", index=False)
+    manifest = run(tmp_path, raw)
+    assert set(manifest.loc[manifest["patient_id"] == "", "split"]) >= {"test"}
+
+
+def test_recipe_counts_are_copied_into_the_sidecar(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw(raw, n_patients=12)
+    expected = {"expected": {"train": 100}, "found": {"train": 36}}
+    (raw / "counts.json").write_text(json.dumps(expected))
+    run(tmp_path, raw)
+    assert json.loads((tmp_path / "m.json").read_text())["recipe_counts"] == expected
