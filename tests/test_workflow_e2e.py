@@ -22,8 +22,8 @@ from medprobe.labels import encode_targets, load_manifest
 
 pytestmark = pytest.mark.slow
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-FIGURES = ["figure3", "figure4", "figure5", "figure6", "figureS5", "figureS6"]
-TABLES = ["metrics", "layers", "efficiency", "groups", "comparisons"]
+FIGURES = ["figure1d", "figure3", "figure4", "figure5", "figure6", "figureS5", "figureS6"]
+TABLES = ["metrics", "layers", "efficiency", "groups", "comparisons", "efficiency_summary", "nejm"]
 
 
 def snakemake(repo, workdir, *arguments, timeout=1500):
@@ -74,7 +74,13 @@ def test_tables_cover_every_model_and_task(demo, config):
     layers = pd.read_csv(demo / "results" / "tables" / "layers.csv")
     assert set(layers.loc[layers["model"] == "clip", "layer"]) >= {"hidden.0", "hidden.4", "image_embeds"}
     comparisons = pd.read_csv(demo / "results" / "tables" / "comparisons.csv")
-    assert set(comparisons["baseline"]) == {"clip"} and set(comparisons["test"]) == {"bootstrap", "paired_t"}
+    assert set(comparisons["baseline"]) == {"clip"} and set(comparisons["test"]) == {"bootstrap", "paired_t", "delong"}
+    summary = pd.read_csv(demo / "results" / "tables" / "efficiency_summary.csv")
+    full = summary[summary["fraction"] == 1.0]
+    assert set(summary["discipline"]) == {"pathology", "dermatology", "ophthalmology", "radiology"}
+    assert np.allclose(full["retained_mean"], 1.0)
+    nejm = pd.read_csv(demo / "results" / "tables" / "nejm.csv")
+    assert set(nejm["model"]) == set(config["nejm"]["models"]) | {"readers", "chance"}
     groups = pd.read_csv(demo / "results" / "tables" / "groups.csv")
     assert set(groups["task"]) == {"T2"} and groups["group"].nunique() >= 5
 
