@@ -63,7 +63,7 @@ rule download_dataset:
     wildcard_constraints:
         dataset="[a-z0-9_]+",
     conda:
-        ENV
+        "../../envs/datasets.yaml"
     params:
         checksums=dataset_checksums,
     script:
@@ -78,7 +78,7 @@ rule raw_dataset:
     log:
         "logs/raw_dataset/{task}.log",
     conda:
-        ENV
+        "../../envs/datasets.yaml"
     params:
         task=task_config,
     script:
