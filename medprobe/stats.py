@@ -188,6 +188,13 @@ def _f1_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarra
     return np.divide(2.0 * tp, denominator, out=np.zeros(np.shape(denominator)), where=denominator > 0)
 
 
+def _f1_with_replicates(truth: np.ndarray, flagged: np.ndarray, indices: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class F1 on the test set, its bootstrap replicates ``(B, C)``, and where each replicate is defined."""
+    tp, fp, fn = bootstrap_f1_counts(truth, flagged, indices)
+    return f1_per_class(truth, flagged), _f1_from_counts(tp, fp, fn), (tp + fp + fn) > 0
+
+
 def confusion_matrix(true_class: np.ndarray, predicted_class: np.ndarray, n_classes: int) -> np.ndarray:
     """``(K, K)`` confusion counts, rows = true class index, columns = predicted class index."""
     return np.bincount(np.asarray(true_class) * n_classes + np.asarray(predicted_class),
@@ -473,12 +480,10 @@ def score_predictions(kind: str, classes: list[str], targets: np.ndarray, probab
         predicted_class = np.argmax(probabilities, axis=1)
         flagged = (predicted_class == 1).astype(np.int64)[:, None]
         auc_boot, auprc_boot = _bootstrap_ranked(positive, score, indices, want_auc=True, want_auprc=True)
-        tp, fp, fn = bootstrap_f1_counts(positive, flagged, indices)
-        f1_boot = _f1_from_counts(tp, fp, fn)[:, 0]
-        f1_undefined = (tp + fp + fn)[:, 0] == 0
+        f1_point, f1_boot, f1_defined = _f1_with_replicates(positive, flagged, indices)
         name = classes[1]
         values = {"auc": (auc_per_class(positive, score)[0], auc_boot[:, 0], None),
-                  "f1": (f1_per_class(positive, flagged)[0], f1_boot, f1_undefined),
+                  "f1": (f1_point[0], f1_boot[:, 0], ~f1_defined[:, 0]),
                   "auprc": (auprc_per_class(positive, score)[0], auprc_boot[:, 0], None)}
         for metric, (value, reps, undefined) in values.items():
             put((name, metric), value, reps, undefined)
@@ -492,10 +497,7 @@ def score_predictions(kind: str, classes: list[str], targets: np.ndarray, probab
         flagged = np.eye(len(classes), dtype=np.int64)[predicted_class]
         auc_point = auc_per_class(truth, probabilities)
         auc_boot = bootstrap_auc(truth, probabilities, indices)
-        f1_point = f1_per_class(truth, flagged)
-        tp, fp, fn = bootstrap_f1_counts(truth, flagged, indices)
-        f1_boot = _f1_from_counts(tp, fp, fn)
-        f1_defined = (tp + fp + fn) > 0
+        f1_point, f1_boot, f1_defined = _f1_with_replicates(truth, flagged, indices)
         for c, name in enumerate(classes):
             put((name, "auc"), auc_point[c], auc_boot[:, c])
             put((name, "f1"), f1_point[c], f1_boot[:, c], ~f1_defined[:, c])
@@ -509,10 +511,7 @@ def score_predictions(kind: str, classes: list[str], targets: np.ndarray, probab
         flagged = (probabilities >= 0.5).astype(np.int64)
         auc_point, auprc_point = auc_per_class(truth, probabilities), auprc_per_class(truth, probabilities)
         auc_boot, auprc_boot = _bootstrap_ranked(truth, probabilities, indices, want_auc=True, want_auprc=True)
-        f1_point = f1_per_class(truth, flagged)
-        tp, fp, fn = bootstrap_f1_counts(truth, flagged, indices)
-        f1_boot = _f1_from_counts(tp, fp, fn)
-        f1_defined = (tp + fp + fn) > 0
+        f1_point, f1_boot, f1_defined = _f1_with_replicates(truth, flagged, indices)
         for c, name in enumerate(classes):
             put((name, "auc"), auc_point[c], auc_boot[:, c])
             put((name, "f1"), f1_point[c], f1_boot[:, c], ~f1_defined[:, c])
