@@ -124,7 +124,7 @@ def main() -> int:
     batched_per_layer = (time.perf_counter() - start) / n_layers
     batched_losses = [log_loss(y_test, p.predict_proba(layers[i, test]), labels=labels) for i, p in enumerate(batched)]
     print(
-        f"fit_layers (all {n_layers} layers in one L-BFGS run, {args.dtype}): {batched_per_layer:.3f}s per layer, "
+        f"fit_layers (all {n_layers} layers in one call, {args.dtype}): {batched_per_layer:.3f}s per layer, "
         f"test log-loss {np.round(batched_losses, 6).tolist()}"
     )
 

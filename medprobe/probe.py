@@ -14,12 +14,22 @@ objective is <= ``tol``, so ``tol`` also means the same thing in both.
 * ``multilabel``: independent binary problems, one per finding, solved together (sum of losses).
 
 Features are standardised with the training mean and (population) standard deviation; the stored
-``coef`` acts on standardised features. Several layers are solved as one block-diagonal problem by
-:func:`fit_layers`, so one L-BFGS run and batched matrix products serve all of them.
+``coef`` acts on standardised features.
+
+Solver: full-batch L-BFGS (20 pairs) written for this objective. The logits are carried along with the
+parameters, so the line search (strong Wolfe, safeguarded Newton steps on the convex 1-D function) costs
+O(n K) per trial and every iteration costs exactly two passes over the features: ``X D`` for the new
+direction and ``G X`` for the gradient at the accepted step (torch's generic LBFGS needed ~1.35 function
+evaluations of two passes each per iteration). On CPU both K x d by d x n products run as a batch of row
+blocks, which spreads them over all threads (MKL runs a single such product at about one core's
+throughput). :func:`fit_layers` standardises several layers at once and solves them one after another:
+each layer stops at its own convergence (a joint block-diagonal run kept every layer iterating until the
+slowest converged), and batching layers buys nothing once the row blocks keep every core busy
+(docs/benchmarks.md, "Probes").
 
 Precision: ``dtype="float64"`` (default) holds the standardised features in float64 and reproduces
-scikit-learn to ~1e-6. ``dtype="float32"`` holds them in float32 (half the memory, ~1.5-2x faster on
-CPU) while parameters, loss and line search stay float64; probabilities then differ from the float64
+scikit-learn to ~1e-6. ``dtype="float32"`` holds them in float32 (half the memory, ~2.5x faster on CPU)
+while parameters, logits, loss and line search stay float64; probabilities then differ from the float64
 solution by ~1e-4, test log-loss within 1e-4 of scikit-learn's at paper-like sizes; it is the workflow's
 default (``probe.dtype``, measured in docs/benchmarks.md, "Probes"). In float32 the gradient's rounding
 noise can exceed a tight ``tol``; the run then stops when the objective stops decreasing (as scipy
@@ -58,13 +68,18 @@ ArrayLike = np.ndarray | torch.Tensor
 # L-BFGS memory: scikit-learn/scipy keep 10 pairs; a few more cost nothing next to the n x d products
 # and cut iterations on the ill-conditioned large-C problems.
 _HISTORY_SIZE = 20
-# torch's LBFGS counts function evaluations against max_eval; the strong-Wolfe line search may need
-# several per iteration, so allow more than torch's default of 1.25 x max_iter.
-_EVALS_PER_ITER = 4
+# Strong Wolfe constants (scipy's and torch's) and the most trial steps of one line search.
+_WOLFE_C1, _WOLFE_C2 = 1e-4, 0.9
+_LINE_SEARCH_TRIALS = 40
+# Stalled objective: relative decrease <= 64 float64 eps, scipy's ftol under scikit-learn. The loss is
+# float64 even for float32 features; a float32-level threshold would stop far too early.
+_FTOL = 64 * torch.finfo(torch.float64).eps
+# Fewest rows per block of the blocked products on CPU (see _LayerFeatures).
+_MIN_BLOCK_ROWS = 256
 # Parameters, targets, loss and residuals are always float64; only the features may be float32.
 _PARAM_DTYPE = torch.float64
-# Rows per block when computing float64 feature statistics without a float64 copy of the features.
-_STATS_BLOCK = 4096
+# Rows per block when standardising: a float64 block of 256 x 4096 features (8 MB) stays in cache.
+_STATS_BLOCK = 256
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,35 +248,49 @@ def _prepare_targets(
 
 
 def _standardise(X: ArrayLike, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Copy ``X`` (L, n, d) to ``dtype``/``device`` and standardise it in place with its own mean and
-    population std (zero std -> 1, as scikit-learn's StandardScaler).
+    """Standardised copy of ``X`` (L, n, d) in ``dtype`` on ``device``, with its own mean and population
+    std (zero std -> 1, as scikit-learn's StandardScaler).
 
-    The statistics are float64 whatever ``dtype`` is, accumulated in row blocks (two passes) so a
-    float32 copy never needs a float64 twin. Returns (Z, mean, std), the latter two float64 (L, d).
+    Two passes over ``X`` in row blocks small enough to stay in cache: the first accumulates float64
+    means and squared deviations (Chan et al.'s pairwise update, stable), the second writes
+    ``(x - mean) / std`` computed in float64 and rounded once to ``dtype``. ``X`` is never copied whole
+    and never modified. Returns (Z, mean, std), the latter two float64 (L, d).
     """
     if isinstance(X, torch.Tensor):
-        Z = X.detach().to(device=device, dtype=dtype, copy=True)
+        source = X.detach()
     else:
-        Z = torch.tensor(np.asarray(X), dtype=dtype, device=device)
-    if Z.ndim != 3:
-        raise ValueError(f"expected features of shape (L, n, d), got {tuple(Z.shape)}")
-    if Z.shape[1] == 0:
+        array = np.asarray(X)
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise ValueError(f"features must be numbers, got dtype {array.dtype}")
+        source = torch.from_numpy(np.ascontiguousarray(array))
+    if source.ndim != 3:
+        raise ValueError(f"expected features of shape (L, n, d), got {tuple(source.shape)}")
+    L, n, d = source.shape
+    if n == 0:
         raise ValueError("no training samples")
-    if not bool(torch.isfinite(Z).all()):
+    mean = torch.zeros(L, d, dtype=_PARAM_DTYPE, device=device)
+    squares = torch.zeros_like(mean)
+    seen = 0
+    for start in range(0, n, _STATS_BLOCK):
+        block = source[:, start : start + _STATS_BLOCK].to(device=device, dtype=_PARAM_DTYPE, copy=True)
+        rows = block.shape[1]
+        block_mean = block.mean(1)
+        block_squares = block.sub_(block_mean[:, None, :]).square_().sum(1)
+        delta = block_mean - mean
+        mean += delta * (rows / (seen + rows))
+        squares += block_squares + delta.square_() * (seen * rows / (seen + rows))
+        seen += rows
+    # NaN or inf anywhere makes these non-finite, so no separate pass looks for them.
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(squares).all()):
         raise ValueError("features contain NaN or infinite values")
-    n = Z.shape[1]
-    total = torch.zeros(Z.shape[0], Z.shape[2], dtype=_PARAM_DTYPE, device=device)
-    for start in range(0, n, _STATS_BLOCK):
-        total += Z[:, start : start + _STATS_BLOCK].sum(1, dtype=_PARAM_DTYPE)
-    mean = total / n
-    squares = torch.zeros_like(total)
-    for start in range(0, n, _STATS_BLOCK):
-        squares += (Z[:, start : start + _STATS_BLOCK].to(_PARAM_DTYPE) - mean[:, None, :]).square_().sum(1)
     std = (squares / n).sqrt_()
     # A constant column's computed std is round-off, not signal: treat it as exactly constant.
     constant = std <= 1e3 * torch.finfo(_PARAM_DTYPE).eps * mean.abs()
     std = torch.where(constant | (std == 0), torch.ones_like(std), std)
-    Z.sub_(mean[:, None, :].to(dtype)).div_(std[:, None, :].to(dtype))
+    Z = torch.empty(L, n, d, dtype=dtype, device=device)
+    for start in range(0, n, _STATS_BLOCK):
+        block = source[:, start : start + _STATS_BLOCK].to(device=device, dtype=_PARAM_DTYPE, copy=True)
+        Z[:, start : start + _STATS_BLOCK] = block.sub_(mean[:, None, :]).div_(std[:, None, :])
     return Z, mean, std
 
 
@@ -282,42 +311,203 @@ def _initial_parameters(targets: _Targets, L: int, d: int, dtype: torch.dtype, d
     return W, b.expand(L, -1).clone()
 
 
-@torch.no_grad()
-def _objective_and_gradient(
-    Z: torch.Tensor, targets: _Targets, inv_C: torch.Tensor, W: torch.Tensor, b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum over layers (and findings) of each independent problem's scaled objective, with its
-    gradient wrt W ``(L, K, d)`` and b ``(L, K)``.
+class _LayerFeatures:
+    """One layer's standardised features ``(n, d)`` and the two products the solver needs.
 
-    Logits are kept as ``(L, K, n)`` so that both products read Z row-major (``W @ Z^T`` and
-    ``G @ Z``), ~2-3x faster with MKL than autograd's ``Z @ W^T`` / ``Z^T @ G`` for K << d; the
-    gradient is written out, so nothing is stored for a backward pass. Z may be float32 (half the
-    memory traffic): only the two products then run in float32, while parameters, loss and
-    residuals stay in float64 so that the L-BFGS steps and stopping tests keep their precision.
+    Both products are ``K x d`` by ``d x n`` with ``K << d``. MKL runs one such product at about one
+    core's throughput; cut into a batch of row blocks (a view, no copy) the same product spreads over
+    every thread: ~2x faster on 2 cores in float32 (docs/benchmarks.md, "Probes"). Results are float64;
+    only the products run in the features' dtype.
     """
-    L = Z.shape[0]
-    logits = torch.bmm(W.to(Z.dtype), Z.transpose(1, 2)).to(W.dtype).add_(b[:, :, None])  # (L, K, n)
-    if targets.kind == "multiclass":
-        index = targets.values.view(1, 1, -1).expand(L, 1, -1)
-        log_norm = torch.logsumexp(logits, dim=1, keepdim=True)  # (L, 1, n)
-        nll = (log_norm - logits.gather(1, index)).squeeze(1)  # (L, n)
-        data = (nll * targets.weights).sum(1) / targets.weight_sum  # (L,)
-        residual = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
-        residual.scatter_add_(1, index, torch.full(index.shape, -1.0, dtype=residual.dtype, device=residual.device))
-        residual.mul_((targets.weights / targets.weight_sum).view(1, 1, -1))
-        reg = (inv_C / targets.weight_sum).view(L, 1, 1)  # penalty 0.5/C ||W||^2, scaled like the data term
-        penalty = 0.5 * reg.view(L) * W.square().sum((1, 2))
-    else:
-        values = targets.values.T  # (K, n): each finding is its own problem
-        scale = (targets.weights / targets.weight_sum).T
-        nll = F.binary_cross_entropy_with_logits(logits, values.expand_as(logits), reduction="none")
-        data = (nll * scale).sum(2)  # (L, K)
-        residual = logits.sigmoid_().sub_(values).mul_(scale)
-        reg = (inv_C[:, None] / targets.weight_sum[None, :]).unsqueeze(2)  # (L, K, 1)
-        penalty = 0.5 * reg.squeeze(2) * W.square().sum(2)
-    grad_W = torch.bmm(residual.to(Z.dtype), Z).to(W.dtype).add_(reg * W)  # G Z + W / C, (L, K, d)
-    grad_b = residual.sum(2)
-    return (data + penalty).sum(), grad_W, grad_b
+
+    def __init__(self, Z: torch.Tensor) -> None:
+        self.Z = Z
+        n, d = Z.shape
+        blocks = 1 if Z.device.type != "cpu" else max(1, min(2 * torch.get_num_threads(), n // _MIN_BLOCK_ROWS))
+        self.rows_per_block = n // blocks
+        self.blocked_rows = blocks * self.rows_per_block
+        self.blocks = Z[: self.blocked_rows].view(blocks, self.rows_per_block, d)
+        self.rest = Z[self.blocked_rows :]
+
+    def logits(self, M: torch.Tensor) -> torch.Tensor:
+        """``M Z^T``: ``(K, d)`` -> ``(K, n)``."""
+        M = M.to(self.Z.dtype)
+        blocks = self.blocks.shape[0]
+        out = torch.bmm(M.expand(blocks, *M.shape), self.blocks.transpose(1, 2))  # (blocks, K, rows)
+        out = out.transpose(0, 1).reshape(M.shape[0], self.blocked_rows)
+        if self.rest.shape[0]:
+            out = torch.cat([out, M @ self.rest.T], dim=1)
+        return out.to(_PARAM_DTYPE)
+
+    def gradient(self, R: torch.Tensor) -> torch.Tensor:
+        """``R Z``: ``(K, n)`` -> ``(K, d)``."""
+        R = R.to(self.Z.dtype)
+        K, blocks = R.shape[0], self.blocks.shape[0]
+        head = R[:, : self.blocked_rows].reshape(K, blocks, self.rows_per_block).transpose(0, 1)
+        out = torch.bmm(head, self.blocks).sum(0)
+        if self.rest.shape[0]:
+            out += R[:, self.blocked_rows :] @ self.rest
+        return out.to(_PARAM_DTYPE)
+
+
+class _LayerObjective:
+    """One layer's scaled objective ``data(logits) + 0.5 * sum_k reg_k ||W_k||^2`` and what the line
+    search needs along a direction, all from the logits ``(K, n)``: no pass over the features."""
+
+    def __init__(self, targets: _Targets, inv_C: torch.Tensor) -> None:
+        self.kind = targets.kind
+        if self.kind == "multiclass":
+            self.labels = targets.values
+            self.columns = torch.arange(targets.values.shape[0], device=targets.values.device)
+            self.scale = targets.weights / targets.weight_sum  # (n,)
+            self.reg = (inv_C / targets.weight_sum).reshape(1).expand(targets.n_outputs)  # (K,)
+        else:
+            self.values = targets.values.T  # (K, n): each finding is its own problem
+            self.scale = (targets.weights / targets.weight_sum).T
+            self.reg = inv_C / targets.weight_sum  # (K,)
+
+    def data(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Data term, residual ``dloss/dlogits`` ``(K, n)`` and the probabilities."""
+        if self.kind == "multiclass":
+            log_norm = torch.logsumexp(logits, dim=0)  # (n,)
+            value = ((log_norm - logits[self.labels, self.columns]) * self.scale).sum()
+            probabilities = (logits - log_norm).exp_()
+            residual = probabilities.clone()
+            residual[self.labels, self.columns] -= 1.0
+            return value, residual.mul_(self.scale), probabilities
+        value = (F.binary_cross_entropy_with_logits(logits, self.values, reduction="none") * self.scale).sum()
+        probabilities = logits.sigmoid()
+        return value, (probabilities - self.values).mul_(self.scale), probabilities
+
+    def curvature(self, probabilities: torch.Tensor, direction_logits: torch.Tensor) -> torch.Tensor:
+        """Second derivative of the data term along a direction whose logits change by ``direction_logits``."""
+        if self.kind == "multiclass":
+            weighted = probabilities * direction_logits
+            spread = (weighted * direction_logits).sum(0) - weighted.sum(0).square()
+            return (spread * self.scale).sum()
+        return (probabilities * (1 - probabilities) * direction_logits.square() * self.scale).sum()
+
+    def penalty(self, W: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.reg * W.square().sum(1)).sum()
+
+
+def _line_search(
+    objective: _LayerObjective,
+    logits: torch.Tensor,
+    direction_logits: torch.Tensor,
+    W: torch.Tensor,
+    DW: torch.Tensor,
+    value: torch.Tensor,
+    slope: float,
+    step: float,
+) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A step satisfying the strong Wolfe conditions along a descent direction, or None.
+
+    The objective is convex along the line, and its value, slope and curvature at any step come from
+    ``logits + step * direction_logits`` and three inner products of W and DW: each trial costs O(K n),
+    not a pass over the features. Trials: ``step`` first (1 after the first iteration, accepted most of
+    the time), then safeguarded Newton steps inside the bracket, bisection when Newton leaves it.
+    Returns (step, value, residual, logits) at the accepted step.
+    """
+    WW, WD, DD = W.square().sum(1), (W * DW).sum(1), DW.square().sum(1)
+    penalty_curvature = float((objective.reg * DD).sum())
+    low, high = 0.0, math.inf
+    for _ in range(_LINE_SEARCH_TRIALS):
+        trial_logits = torch.add(logits, direction_logits, alpha=step)
+        data, residual, probabilities = objective.data(trial_logits)
+        trial_value = data + 0.5 * (objective.reg * (WW + 2 * step * WD + step * step * DD)).sum()
+        trial_slope = float((residual * direction_logits).sum() + (objective.reg * (WD + step * DD)).sum())
+        sufficient = bool(trial_value <= value + _WOLFE_C1 * step * slope)
+        if sufficient and abs(trial_slope) <= _WOLFE_C2 * abs(slope):
+            return step, trial_value, residual, trial_logits
+        if sufficient and trial_slope < 0:
+            low = step
+        else:
+            high = step
+        curvature = float(objective.curvature(probabilities, direction_logits)) + penalty_curvature
+        newton = step - trial_slope / curvature if curvature > 0 else math.nan
+        if math.isinf(high):
+            step = newton if math.isfinite(newton) and step < newton <= 16 * step else 4 * step
+        else:
+            step = newton if math.isfinite(newton) and low < newton < high else 0.5 * (low + high)
+        if high - low <= 1e-12 * max(high, 1.0) and not math.isinf(high):
+            break
+    return None
+
+
+@torch.no_grad()
+def _solve_layer(
+    features: _LayerFeatures,
+    objective: _LayerObjective,
+    W0: torch.Tensor,
+    b0: torch.Tensor,
+    max_iter: int,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """Full-batch L-BFGS on one layer's problem.
+
+    The logits are carried along (``logits += step * X D``), so an iteration costs exactly two passes
+    over the features, one for the direction's logits and one for the gradient at the accepted step;
+    the line search itself is free (see :func:`_line_search`). Stops when the largest absolute gradient
+    entry is <= ``tol``, when the objective stalls at float64 resolution (scipy's ``ftol`` under
+    scikit-learn: relative decrease <= 64 eps) or no step decreases it. Returns W, b, iterations and
+    whether ``max_iter`` ran out.
+    """
+    W, b = W0.clone(), b0.clone()
+    K, d = W.shape
+    logits = features.logits(W).add_(b[:, None])
+    data, residual, _ = objective.data(logits)
+    value = data + objective.penalty(W)
+
+    def gradient_of(residual: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        grad_W = features.gradient(residual).add_(objective.reg[:, None] * W)
+        return torch.cat([grad_W.flatten(), residual.sum(1)])
+
+    grad = gradient_of(residual, W)
+    pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / y.s), oldest first
+    n_iter = 0
+    while float(grad.abs().max()) > tol:
+        if n_iter >= max_iter:
+            return W, b, n_iter, True
+        # Two-loop recursion: direction = -H grad with H the L-BFGS inverse-Hessian estimate.
+        q = grad.clone()
+        alphas = []
+        for s, y, rho in reversed(pairs):
+            alpha = rho * float(s @ q)
+            q.sub_(y, alpha=alpha)
+            alphas.append(alpha)
+        if pairs:
+            s, y, rho = pairs[-1]
+            q.mul_(1.0 / (rho * float(y @ y)))  # gamma = s.y / y.y
+        for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
+            q.add_(s, alpha=alpha - rho * float(y @ q))
+        direction = q.neg_()
+        slope = float(grad @ direction)
+        if not slope < 0:  # lost descent (round-off): restart from steepest descent
+            pairs.clear()
+            direction, slope = -grad, -float(grad @ grad)
+        DW, Db = direction[: K * d].view(K, d), direction[K * d :]
+        direction_logits = features.logits(DW).add_(Db[:, None])
+        first_step = 1.0 if pairs else min(1.0, 1.0 / float(grad.abs().sum()))
+        found = _line_search(objective, logits, direction_logits, W, DW, value, slope, first_step)
+        if found is None:
+            break
+        step, new_value, residual, logits = found
+        W.add_(DW, alpha=step)
+        b.add_(Db, alpha=step)
+        new_grad = gradient_of(residual, W)
+        s, y = direction.mul_(step), new_grad - grad
+        ys = float(y @ s)
+        if ys > 1e-10:
+            pairs.append((s, y, 1.0 / ys))
+            if len(pairs) > _HISTORY_SIZE:
+                pairs.pop(0)
+        n_iter += 1
+        stalled = float(value - new_value) <= _FTOL * max(abs(float(value)), abs(float(new_value)), 1.0)
+        value, grad = new_value, new_grad
+        if stalled:
+            break
+    return W, b, n_iter, False
 
 
 def _solve(
@@ -328,40 +518,23 @@ def _solve(
     b0: torch.Tensor,
     max_iter: int,
     tol: float,
-) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, bool]:
-    """One full-batch L-BFGS run over all layers.
-
-    Returns W, b, iterations, per-layer max |gradient| and whether the iteration/evaluation budget
-    ran out (rather than the gradient or a stalled objective stopping the run).
-    """
-    W = W0.clone()
-    b = b0.clone()
-    inv_C = 1.0 / Cs
-    optimizer = torch.optim.LBFGS(
-        [W, b],
-        lr=1.0,
-        max_iter=max_iter,
-        max_eval=max_iter * _EVALS_PER_ITER,
-        tolerance_grad=tol,
-        # Stop on a stalled objective at 64 float64 eps (scipy's ftol under scikit-learn). The loss is
-        # float64 even for float32 features; a looser float32-level threshold stops far too early.
-        tolerance_change=64 * torch.finfo(_PARAM_DTYPE).eps,
-        history_size=_HISTORY_SIZE,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        loss, W.grad, b.grad = _objective_and_gradient(Z, targets, inv_C, W, b)
-        return loss
-
-    if max_iter > 0:
-        optimizer.step(closure)
-    state = optimizer.state[W] if W in optimizer.state else {}
-    n_iter = int(state.get("n_iter", 0))
-    budget_spent = n_iter >= max_iter or int(state.get("func_evals", 0)) >= max_iter * _EVALS_PER_ITER
-    _, grad_W, grad_b = _objective_and_gradient(Z, targets, inv_C, W, b)  # for the convergence verdict
-    grad_max = torch.maximum(grad_W.abs().amax((1, 2)), grad_b.abs().amax(1))
-    return W, b, n_iter, grad_max, budget_spent
+) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor, list[bool]]:
+    """L-BFGS on each layer (independent problems). Returns W, b, per-layer iterations, per-layer
+    max |gradient| (recomputed from scratch) and whether each layer's iteration budget ran out."""
+    W, b = W0.clone(), b0.clone()
+    iterations, budget_spent, grad_max = [], [], []
+    for layer in range(Z.shape[0]):
+        features = _LayerFeatures(Z[layer])
+        objective = _LayerObjective(targets, 1.0 / Cs[layer])
+        W[layer], b[layer], n_iter, spent = _solve_layer(features, objective, W[layer], b[layer], max_iter, tol)
+        iterations.append(n_iter)
+        budget_spent.append(spent)
+        # The verdict uses a fresh gradient, not the one carried along with the logits.
+        logits = features.logits(W[layer]).add_(b[layer][:, None])
+        residual = objective.data(logits)[1]
+        grad_W = features.gradient(residual).add_(objective.reg[:, None] * W[layer])
+        grad_max.append(torch.maximum(grad_W.abs().max(), residual.sum(1).abs().max()))
+    return W, b, iterations, torch.stack(grad_max), budget_spent
 
 
 def _as_C_vector(C: float | Sequence[float], L: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -407,18 +580,18 @@ def _fit_prepared(
     else:
         W0 = torch.stack([torch.as_tensor(p.coef, dtype=_PARAM_DTYPE, device=Z.device) for p in init])
         b0 = torch.stack([torch.as_tensor(p.intercept, dtype=_PARAM_DTYPE, device=Z.device) for p in init])
-    W, b, n_iter, grad_max, budget_spent = _solve(Z, targets, Cs, W0, b0, max_iter, tol)
+    W, b, iterations, grad_max, budget_spent = _solve(Z, targets, Cs, W0, b0, max_iter, tol)
     if targets.kind == "multiclass":
         b = b - b.mean(1, keepdim=True)
     probes = []
     for layer in range(L):
         # Like scipy's L-BFGS-B (scikit-learn's solver), an objective that stops decreasing at the
         # dtype's resolution counts as converged; only an exhausted budget with a large gradient does not.
-        converged = bool(grad_max[layer] <= tol) or not budget_spent
+        converged = bool(grad_max[layer] <= tol) or not budget_spent[layer]
         if not converged:
             logger.warning(
                 "L-BFGS did not converge in %d iterations (layer %d, C=%g, max |gradient| %.3g > tol %g)",
-                n_iter, layer, float(Cs[layer]), float(grad_max[layer]), tol,
+                iterations[layer], layer, float(Cs[layer]), float(grad_max[layer]), tol,
             )
         probes.append(
             LogisticProbe(
@@ -428,7 +601,7 @@ def _fit_prepared(
                 intercept=b[layer].double().cpu().numpy().copy(),
                 kind=targets.kind,
                 C=float(Cs[layer]),
-                n_iter=n_iter,
+                n_iter=iterations[layer],
                 converged=converged,
                 absent_classes=targets.absent,
             )
@@ -456,11 +629,10 @@ def fit_layers(
     dtype: torch.dtype | str = torch.float64,
     device: str | torch.device | None = None,
 ) -> list[LogisticProbe]:
-    """Fit one probe per layer of ``Xs`` ``(L, n, d)`` in a single batched L-BFGS run.
+    """Fit one probe per layer of ``Xs`` ``(L, n, d)``: one standardisation, then one L-BFGS run per layer.
 
-    The L problems are independent (block-diagonal objective), so the solution equals L separate
-    :func:`fit` calls up to the tolerance. ``C`` is one value or one per layer. Memory: one copy of
-    ``Xs`` in ``dtype``. ``n_classes`` is needed for multiclass tasks whose training labels miss
+    The result equals L separate :func:`fit` calls (same iterations). ``C`` is one value or one per
+    layer. Memory: one copy of ``Xs`` in ``dtype``. ``n_classes`` is needed for multiclass tasks whose training labels miss
     the last class(es); ``class_names`` only makes warnings readable.
     """
     _check_kind(kind)

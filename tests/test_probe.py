@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
@@ -18,6 +19,10 @@ from sklearn.preprocessing import StandardScaler
 
 from medprobe.labels import encode_targets, load_manifest
 from medprobe.probe import (
+    _LayerFeatures,
+    _LayerObjective,
+    _line_search,
+    _prepare_targets,
     efficiency_task,
     fit_adam,
     fit,
@@ -177,6 +182,15 @@ def test_standardisation_uses_train_statistics_only():
     np.testing.assert_allclose(probe.predict_proba(X_test), np.column_stack([1 - p, p]), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("as_tensor,dtype", [(False, "float64"), (True, "float64"), (True, "float32")])
+def test_fit_leaves_its_input_unchanged(as_tensor, dtype):
+    X, y = make_data("multiclass", 300, 5, 3, seed=2)
+    X = torch.from_numpy(X).to(getattr(torch, dtype)) if as_tensor else X
+    before = X.clone() if as_tensor else X.copy()
+    fit(X, y, "multiclass", 0.5, dtype=dtype)
+    assert (X == before).all()
+
+
 def test_fit_layers_equals_per_layer_fits():
     rng = np.random.default_rng(6)
     X, y = make_data("multiclass", 250, 9, 3, seed=6)
@@ -192,6 +206,93 @@ def test_fit_layers_equals_per_layer_fits():
     # Torch input (the CUDA path takes the same route) gives the same models.
     from_tensor = fit_layers(torch.from_numpy(layers), torch.from_numpy(y), "multiclass", Cs, max_iter=2000, tol=1e-9)
     np.testing.assert_allclose(from_tensor[1].coef, batched[1].coef, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_products_equal_plain_matrix_products(dtype, threads):
+    # 1037 rows: the row blocks leave a remainder that takes the plain path.
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    Z = torch.randn(1037, 33, generator=generator, dtype=torch.float64)
+    M = torch.randn(4, 33, generator=generator, dtype=torch.float64)
+    R = torch.randn(4, 1037, generator=generator, dtype=torch.float64)
+    features = _LayerFeatures(Z.to(dtype))
+    assert features.blocks.shape[0] == 2 * threads and features.rest.shape[0] > 0
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(features.logits(M), M @ Z.T, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(features.gradient(R), R @ Z, atol=tolerance, rtol=tolerance)
+    assert features.logits(M).dtype == torch.float64
+
+
+def _direct_objective(kind, logits, targets_np, weights, inv_C, W):
+    """The scaled objective written with torch.nn.functional, for autograd."""
+    if kind == "multiclass":
+        data = (F.cross_entropy(logits.T, torch.as_tensor(targets_np), reduction="none") * weights).sum() / weights.sum()
+        return data + 0.5 * inv_C / weights.sum() * W.square().sum()
+    values = torch.as_tensor(targets_np, dtype=torch.float64).T
+    data = (F.binary_cross_entropy_with_logits(logits, values, reduction="none") * weights).sum(1) / weights.sum()
+    return data.sum() + 0.5 * inv_C / weights.sum() * W.square().sum()
+
+
+@pytest.mark.parametrize("kind,n_out", [("binary", 1), ("multiclass", 4), ("multilabel", 3)])
+def test_line_search_value_slope_and_curvature_match_autograd(kind, n_out):
+    X, y = make_data(kind, 200, 6, n_out, seed=11)
+    targets = _prepare_targets(y, 200, kind, n_out if kind != "binary" else None, None, None, torch.float64, torch.device("cpu"))
+    K = targets.n_outputs
+    Z = torch.as_tensor((X - X.mean(0)) / X.std(0))
+    objective = _LayerObjective(targets, torch.tensor(1 / 0.7, dtype=torch.float64))
+    generator = torch.Generator().manual_seed(1)
+    W, DW = torch.randn(K, 6, generator=generator, dtype=torch.float64), torch.randn(K, 6, generator=generator, dtype=torch.float64)
+    b, Db = torch.randn(K, generator=generator, dtype=torch.float64), torch.randn(K, generator=generator, dtype=torch.float64)
+    logits, direction_logits = W @ Z.T + b[:, None], DW @ Z.T + Db[:, None]
+    weights = torch.ones(200, dtype=torch.float64)
+    labels = y if kind != "binary" else y[:, None]
+
+    def phi(step):
+        return _direct_objective(kind, (W + step * DW) @ Z.T + (b + step * Db)[:, None], labels, weights, 1 / 0.7, W + step * DW)
+
+    step = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    value = phi(step)
+    (slope,) = torch.autograd.grad(value, step, create_graph=True)
+    (curvature,) = torch.autograd.grad(slope, step)
+    data, residual, probabilities = objective.data(logits + 0.3 * direction_logits)
+    ours_value = data + objective.penalty(W + 0.3 * DW)
+    ours_slope = (residual * direction_logits).sum() + (objective.reg * ((W + 0.3 * DW) * DW).sum(1)).sum()
+    ours_curvature = objective.curvature(probabilities, direction_logits) + (objective.reg * DW.square().sum(1)).sum()
+    assert float(ours_value) == pytest.approx(float(value.detach()), rel=1e-12)
+    assert float(ours_slope) == pytest.approx(float(slope.detach()), rel=1e-10)
+    assert float(ours_curvature) == pytest.approx(float(curvature), rel=1e-10)
+
+    # Whatever the first trial step, the accepted one meets the strong Wolfe conditions (checked directly).
+    with torch.no_grad():
+        start_value = float(phi(torch.tensor(0.0, dtype=torch.float64)))
+    step0 = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    (start_slope,) = torch.autograd.grad(phi(step0), step0)
+    if start_slope > 0:  # make it a descent direction
+        DW, Db, direction_logits, start_slope = -DW, -Db, -direction_logits, -start_slope
+    for first in (1e-6, 1.0, 1e3):
+        found = _line_search(objective, logits, direction_logits, W, DW, torch.tensor(start_value, dtype=torch.float64), float(start_slope), first)
+        assert found is not None
+        accepted = torch.tensor(found[0], dtype=torch.float64, requires_grad=True)
+        accepted_value = phi(accepted)
+        (accepted_slope,) = torch.autograd.grad(accepted_value, accepted)
+        assert float(accepted_value.detach()) <= start_value + 1e-4 * found[0] * float(start_slope)
+        assert abs(float(accepted_slope)) <= 0.9 * abs(float(start_slope))
+        assert float(found[1]) == pytest.approx(float(accepted_value.detach()), rel=1e-12)
+
+
+def test_fit_layers_counts_iterations_per_layer():
+    X, y = make_data("multiclass", 250, 9, 3, seed=6)
+    layers = np.stack([X, X * 3.0])
+    probes = fit_layers(layers, y, "multiclass", [0.01, 10.0], max_iter=2000, tol=1e-9)
+    singles = [fit(layer, y, "multiclass", C, max_iter=2000, tol=1e-9) for layer, C in zip(layers, (0.01, 10.0))]
+    assert [p.n_iter for p in probes] == [s.n_iter for s in singles]
+    assert probes[0].n_iter < probes[1].n_iter  # strong regularisation converges sooner
+    assert all(p.converged for p in probes)
+    # A budget that runs out is reported for that layer only.
+    short = fit_layers(layers, y, "multiclass", [0.01, 10.0], max_iter=probes[0].n_iter, tol=1e-9)
+    assert short[0].converged and not short[1].converged
 
 
 def test_multilabel_batched_equals_independent_binary_fits():
