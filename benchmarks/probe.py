@@ -7,6 +7,7 @@ test log-loss within 1e-3 on every layer, otherwise the script exits with status
 
     python benchmarks/probe.py --threads 2   # n_train=20000, d=4096, 9 classes, 3 layers (many minutes)
     python benchmarks/probe.py --quick    # small sizes, seconds
+    python benchmarks/probe.py --gpu      # one 100,000 x 8,192 x 9 layer on the GPU, float32 vs float64; last line gpu_seconds=<s>
 
 The last line is ``speedup=<x>``: median scikit-learn time per layer / median medprobe ``fit`` time
 per layer at ``--dtype`` (default float32, the workflow's default ``probe.dtype``); the other precision
@@ -52,6 +53,61 @@ def make_layers(n: int, d: int, n_classes: int, n_layers: int, seed: int) -> tup
     return layers, y
 
 
+def make_layer_torch(n: int, d: int, n_classes: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer like :func:`make_layers` (strength 2), generated directly on ``device`` (GPU sizes)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    signal_rank = 32
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=device)
+
+    latent = normal(n, signal_rank)
+    gumbel = -torch.log(-torch.log(torch.rand(n, n_classes, generator=generator, device=device).clamp_(1e-12, 1 - 1e-7)))
+    y = torch.argmax(latent @ normal(signal_rank, n_classes) + gumbel, dim=1)
+    X = latent @ (normal(signal_rank, d) * (2.0 / signal_rank**0.5))
+    X += normal(n, d)
+    X *= torch.rand(d, generator=generator, device=device) * 4.8 + 0.2
+    X += normal(d) * 3.0
+    return X, y
+
+
+def gpu_benchmark(args: argparse.Namespace) -> int:
+    """Time the probe solver on one GPU-sized layer (default 100,000 x 8,192 x 9 classes): float32 (the
+    workflow's default) against a float64 fit of the same data for agreement. No scikit-learn here: at this
+    size it would run for hours on the host."""
+    device = args.device
+    n_train, d, n_classes = args.gpu_n, args.gpu_d, 9
+    n_test = max(n_train // 5, 1)
+    X, y = make_layer_torch(n_train + n_test, d, n_classes, args.seed, device)
+    X_train, y_train, X_test, y_test = X[:n_train], y[:n_train], X[n_train:], y[n_train:].cpu().numpy()
+    print(f"device={device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'host'}) n_train={n_train} "
+          f"n_test={n_test} d={d} classes={n_classes} C={args.C} tol={args.tol} max_iter={args.max_iter}", flush=True)
+    labels = np.arange(n_classes)
+    results = {}
+    for dtype in ("float32", "float64"):
+        times = []
+        for _ in range(args.repeats or 1):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            probe = fit(X_train, y_train, "multiclass", args.C, max_iter=args.max_iter, tol=args.tol, n_classes=n_classes,
+                        dtype=dtype, device=device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+        loss = log_loss(y_test, probe.predict_proba(X_test), labels=labels)
+        results[dtype] = (statistics.median(times), loss, probe.n_iter)
+        print(f"{dtype}: {statistics.median(times):.2f} s (median of {len(times)}), {probe.n_iter} iterations, "
+              f"{1e3 * statistics.median(times) / max(probe.n_iter, 1):.1f} ms per iteration, test log-loss {loss:.6f}, "
+              f"peak device memory {peak:.1f} GiB", flush=True)
+    agree = abs(results["float32"][1] - results["float64"][1]) <= 1e-3
+    print(f"float32 - float64 test log-loss {results['float32'][1] - results['float64'][1]:+.2e} {'OK' if agree else 'MISMATCH'}")
+    print(f"gpu_seconds={results['float32'][0]:.2f}")
+    return 0 if agree else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (n_train=3000, d=512)")
@@ -63,11 +119,17 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=3, help="number of layers (independent problems)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="precision of the headline speedup")
+    parser.add_argument("--gpu", action="store_true", help="time one GPU-sized layer on --device instead (no scikit-learn)")
+    parser.add_argument("--device", default="cuda", help="device of --gpu (cpu runs the same code path at small sizes)")
+    parser.add_argument("--gpu-n", type=int, default=100_000, help="training rows of --gpu")
+    parser.add_argument("--gpu-d", type=int, default=8192, help="features of --gpu")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
         threadpool_limits(limits=args.threads)  # numpy/scipy BLAS under scikit-learn
+    if args.gpu:
+        return gpu_benchmark(args)
     if args.quick:
         n_train, n_test, d, n_classes = 3000, 1000, 512, 9
     else:
