@@ -1,11 +1,13 @@
 """Dataset recipes on fixture archives in the publishers' real layouts; the missing-data messages; KNEEL crops."""
 
 import json
+import re
 import zipfile
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from medprobe import datasets, kneel
@@ -50,6 +52,41 @@ def test_t1_fetch_from_file_urls_extracts_and_converts(tmp_path, monkeypatch):
     assert (tmp_path / "raw" / table["file"][0]).exists()
     counts = json.loads((tmp_path / "raw" / "counts.json").read_text())
     assert counts["found"]["train"]["images"] == 2 and "train images: paper 100000, found 2" in counts["differences"]
+
+
+def test_t1_nested_archive_folder_and_wrong_layout(tmp_path):
+    data = tmp_path / "data"
+    for folder in ("NCT-CRC-HE-100K/NCT-CRC-HE-100K", "CRC-VAL-HE-7K"):  # some copies nest the 100K folder twice
+        (data / folder / "MUS").mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(data / folder / "MUS" / "MUS-AAAA.tif")
+    table = read(build_raw_table("nct_crc_he", "T1", tmp_path / "raw", data))
+    assert table["partition"].tolist() == ["train", "test"] and table["label"].tolist() == ["MUS", "MUS"]
+    assert "NCT-CRC-HE-100K/NCT-CRC-HE-100K/MUS/MUS-AAAA.tif" in table["file"][0]
+    (data / "CRC-VAL-HE-7K" / "MUS" / "MUS-AAAA.tif").rename(data / "CRC-VAL-HE-7K" / "MUS-AAAA.tif")
+    (data / "CRC-VAL-HE-7K" / "MUS").rmdir()
+    with pytest.raises(FileNotFoundError, match="one sub-folder per class"):
+        build_raw_table("nct_crc_he", "T1", tmp_path / "raw2", data)
+
+
+def test_t1_md5s_are_the_zenodo_values_of_the_normalised_archive():
+    md5 = {source.name: source.md5 for source in datasets.get("nct_crc_he").sources}
+    # Zenodo record 1214456; 035777cf... is NCT-CRC-HE-100K-NONORM.zip, a different archive (medprobe/datasets/nct_crc_he.py)
+    assert md5 == {"NCT-CRC-HE-100K.zip": "6fd702d11df6292bc054397ae038a464", "CRC-VAL-HE-7K.zip": "2fd1651b4f94ebd818ebf90ad2b6ce06"}
+
+
+def test_checksums_are_well_formed_and_pinned_ones_name_real_files(repo):
+    datasets._load_modules()
+    for recipe in datasets.RECIPES.values():
+        for source in recipe.sources:
+            assert source.md5 is None or re.fullmatch(r"[0-9a-f]{32}", source.md5), (recipe.name, source.name)
+            assert source.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", source.sha256), (recipe.name, source.name)
+    tasks = yaml.safe_load((repo / "config" / "paper.yaml").read_text())["tasks"]
+    assert set(tasks["T2"]["checksums"]) == {"fold_1.zip", "fold_2.zip", "fold_3.zip"}
+    for task, entry in tasks.items():
+        names = {source.name for source in datasets.get(entry["dataset"]).sources}
+        for name, digest in entry.get("checksums", {}).items():
+            assert name in names, f"{task}: checksum pinned for {name!r}, which is no source file of {entry['dataset']}"
+            assert re.fullmatch(r"[0-9a-f]{64}", digest), (task, name)
 
 
 def test_published_md5_is_enforced(tmp_path, monkeypatch):
@@ -148,7 +185,7 @@ def test_t4_isic2020_split_by_patient(tmp_path):
     ("eyepacs_aptos", "diabetic-retinopathy-detection", ["eyepacs/trainLabels.csv", "eyepacs/train", "aptos/aptos2019-blindness-detection.zip"]),
     ("airogs_odir", "odir2019.grand-challenge.org", ["odir/ODIR-5K_Training_Annotations(Updated)_V2.xlsx", "odir/ODIR-5K_Training_Dataset"]),
     ("padchest", "bimcv.cipf.es", ["PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz", "images"]),
-    ("oai_most", "nda.nih.gov/oai", ["knees.csv", "landmarks.csv"]),
+    ("oai_most", "nda.nih.gov/oai", ["knees.csv"]),
 ])
 def test_missing_credentialed_data_stops_with_instructions(tmp_path, monkeypatch, dataset, access, files):
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
@@ -179,12 +216,24 @@ def test_t5_eyepacs_aptos_layout(tmp_path):
     assert table["label"].tolist() == ["0", "2", "4", "1", "3", "2"]
     assert table["partition"].tolist() == [""] * 5 + ["test"]
     assert table["file"][0].endswith("eyepacs/train/10_left.jpeg") and table["file"][3].endswith("eyepacs/test/1_left.jpeg")
+    pd.DataFrame({"image": ["1_left"], "level": ["5"], "Usage": ["Public"]}).to_csv(data / "eyepacs" / "retinopathy_solution.csv", index=False)
+    with pytest.raises(ValueError, match=r"retinopathy_solution.csv: column level has value\(s\) \['5'\]"):
+        build_raw_table("eyepacs_aptos", "T5", tmp_path / "raw2", data)
+
+
+def test_t5_missing_test_labels_point_to_the_forum_attachment(tmp_path, monkeypatch):
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.delenv("KAGGLE_KEY", raising=False)
+    with pytest.raises(MissingDataError) as error:
+        fetch("eyepacs_aptos", tmp_path / "data")
+    assert "eyepacs/retinopathy_solution.csv" in str(error.value)
+    assert "kaggle-forum-message-attachments/90528/2877/retinopathy_solution.csv" in str(error.value)
 
 
 def test_t6_airogs_odir_keywords(tmp_path):
     data = tmp_path / "data"
     jpg(data / "airogs" / "0" / "TRAIN000000.jpg")
-    jpg(data / "airogs" / "1" / "TRAIN000001.jpg")
+    jpg(data / "airogs" / "1" / "TRAIN000001.JPG")  # found whatever the case of the extension
     pd.DataFrame({"challenge_id": ["TRAIN000000", "TRAIN000001"], "class": ["NRG", "RG"]}).to_csv(data / "airogs" / "train_labels.csv", index=False)
     (data / "odir" / "ODIR-5K_Training_Dataset").mkdir(parents=True)
     sheet = pd.DataFrame({"ID": ["0", "1"], "Left-Fundus": ["0_left.jpg", "1_left.jpg"], "Right-Fundus": ["0_right.jpg", "1_right.jpg"],

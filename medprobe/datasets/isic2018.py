@@ -5,6 +5,15 @@ Layout: ``ISIC2018_Task3_{Training,Validation,Test}_Input/ISIC_<id>.jpg`` and gr
 BKL, DF, VASC`` (one-hot, 1.0 for the diagnosis). ``ISIC2018_Task3_Training_LesionGroupings.csv``
 (``image, lesion_id, diagnosis_confirm_type``) groups the training images by lesion; the lesion is the
 grouping unit (no patient ids are released); images without a lesion id are their own group. Training + validation -> train (10,208), test -> test (1,512).
+
+Unpacked, each ground-truth zip gives a folder of its own name holding the CSV (plus ATTRIBUTION.txt, LICENSE.txt),
+e.g. ``ISIC2018_Task3_Test_GroundTruth/ISIC2018_Task3_Test_GroundTruth.csv``, and each input zip a folder of
+``ISIC_<id>.jpg``. Evidence: public loaders that read these exact paths from the unpacked bucket archives, e.g. one
+reading ``ISIC2018_Task3_{Training,Validation,Test}_GroundTruth/ISIC2018_Task3_*_GroundTruth.csv`` with header
+``image`` and the one-hot column ``MEL`` for all three splits, and many download scripts fetching
+``https://isic-challenge-data.s3.amazonaws.com/2018/ISIC2018_Task3_Test_{Input,GroundTruth}.zip`` and
+``ISIC2018_Task3_Training_LesionGroupings.csv`` (public code index). The ISIC archive
+publishes no checksums for these files.
 """
 
 from __future__ import annotations

@@ -4,6 +4,12 @@ Layout: ``ISIC_2020_Training_JPEG.zip`` -> ``train/ISIC_<id>.jpg``; ``ISIC_2020_
 with columns ``image_name, patient_id, sex, age_approx, anatom_site_general_challenge, diagnosis,
 benign_malignant, target``. All 33,126 images; ``prepare`` splits them by patient (the paper: 26,045 train
 from 1,644 patients, 7,081 test from 412 patients, i.e. test_fraction 0.2 of the patients).
+
+Evidence: public loaders read the unpacked archive as ``ISIC_2020_Training_JPEG/train/ISIC_<id>.jpg`` (or ``train/``
+when unpacked in place) and the ground truth with exactly the header above (``image_name,patient_id,sex,age_approx,
+anatom_site_general_challenge,diagnosis,benign_malignant,target``); the bucket also serves a
+``ISIC_2020_Training_GroundTruth_v2.csv`` (adds ``lesion_id``) and ``ISIC_2020_Training_Duplicates.csv``, which the
+paper's 33,126 images do not use. The ISIC archive publishes no checksums for these files.
 """
 
 from __future__ import annotations

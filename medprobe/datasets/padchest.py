@@ -9,6 +9,12 @@ a Python-list string such as ``['pleural effusion', ' cardiomegaly']``; labels a
 lower case, single spaces) and kept when they are among the task's findings. Rows whose image file is missing
 are excluded and counted; images that cannot be decoded are handled by ``prepare`` (``on_bad_image: skip``
 lists them in the sidecar).
+
+Evidence: public loaders (e.g. one derived from torchxrayvision's PadChest dataset) read ``PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz``
+(as BIMCV distributes it) with ``ImageID``, ``PatientID``, ``Projection`` and ``Labels``; other public loaders build
+image paths as ``<ImageDir>/<ImageID>`` ("images live inside numbered sub-folders, each named like the ImageDir
+field", i.e. ``0.zip`` unpacked into ``0/``) and select ``MethodLabel`` in {``Physician``, ``RNN_model``}. BIMCV
+publishes no checksums.
 """
 
 from __future__ import annotations

@@ -8,6 +8,17 @@ Archive layout (``fold_<k>.zip``): ``Fold <k>/images/fold<k>/images.npy`` (N, 25
 The paper's label: malignant if a patch holds more than 10 neoplastic nuclei and they are more than 30% of
 all its nuclei; benign if it holds no neoplastic nucleus; every other patch is excluded. The organ type is
 kept as ``group`` (Figure S6). PanNuke has no patient ids (patient_id = image_id); train/test are split by ``prepare``.
+
+Evidence for the layout: the fold README shipped in each archive (``Fold <k>/README.md``: images.npy, masks.npy with
+"0: Neoplastic cells, 1: Inflammatory, 2: Connective/Soft tissue cells, 3: Dead Cells, 4: Epithelial", types.npy),
+constantinpape/torch-em torch_em/data/datasets/histopathology/pannuke.py (downloads ``fold_<k>.zip`` from the URL
+below and reads ``images.npy``/``masks.npy`` (S, H, W, C)) and Jorge-G-P/IHC_HE_GenAI Datasets/Pannuke/config.py
+(``Fold 1/images/fold1/images.npy``, ``Fold 1/masks/fold1/masks.npy``).
+
+Checksums: the TIA centre publishes none. The SHA-256 of the three archives are pinned in config/paper.yaml
+(``tasks.T2.checksums``) from public code that verifies every download against them (torch-em's ``CHECKSUM``, and
+the same three values in other projects' pooch registries for these URLs); a third project reports recomputing the
+same values for archives of 700,275,281 / 658,842,552 / 717,969,882 bytes.
 """
 
 from __future__ import annotations
@@ -74,7 +85,7 @@ register(Dataset(
     title="PanNuke folds 1-3 (Gamper et al.)",
     licence="CC BY-NC-SA 4.0",
     access="public, https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke (downloaded automatically; no published "
-    "checksum: pin the SHA-256 logged by the first download under tasks.T2.checksums)",
+    "checksum: config/paper.yaml pins the SHA-256 of the three archives under tasks.T2.checksums)",
     sources=tuple(Source(f"fold_{k}.zip", url=f"{BASE}/fold_{k}.zip", extract=True) for k in (1, 2, 3)),
     convert=convert,
     expected={"total": {"images": 6234, "malignant": 2866, "benign": 3368}},

@@ -42,9 +42,42 @@ def raw_metadata(wildcards):
     return f"{medprobe_config.raw_dir(config, wildcards.task)}/metadata.csv"
 
 
+def dataset_download(wildcards):
+    return f"{dataset_folder(wildcards)}/download.json"
+
+
 def dataset_receipt(wildcards):
-    dataset = config["tasks"][wildcards.task]["dataset"]
-    return f"resources/datasets/{dataset}/download.json"
+    """The download receipt (first: its folder is the recipe's data folder) and, for a task with
+    `landmarks` (T8), the knee landmarks the workflow puts into the raw folder."""
+    inputs = [dataset_download(wildcards)]
+    if "landmarks" in config["tasks"][wildcards.task]:
+        raw = f"resources/raw/{wildcards.task}"  # raw_dataset's folder
+        inputs += [f"{raw}/landmarks.csv", f"{raw}/landmarks_undetected.csv"]
+    return inputs
+
+
+def landmark_tasks(kind):
+    """Regex of the tasks whose landmarks come from KNEEL (`kneel`) or from the user's file (`given`)."""
+    names = [
+        task
+        for task, entry in config["tasks"].items()
+        if "landmarks" in entry and (entry["landmarks"] == "kneel") == (kind == "kneel")
+    ]
+    return "|".join(names) if names else "(?!x)x"
+
+
+def given_landmarks(wildcards):
+    return config["tasks"][wildcards.task]["landmarks"]
+
+
+def dataset_folder(wildcards):
+    """The folder of the task's dataset files (knees.csv and the radiographs it names, for T8)."""
+    return f"resources/datasets/{config['tasks'][wildcards.task]['dataset']}"
+
+
+def kneel_resource(name):
+    """KNEEL job resource `name` from kneel.resources (mem_mb, runtime, ...)."""
+    return lambda wildcards: config["kneel"]["resources"][name]
 
 
 def dataset_checksums(wildcards):

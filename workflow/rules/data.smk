@@ -83,3 +83,66 @@ rule raw_dataset:
         task=task_config,
     script:
         "../scripts/raw_dataset.py"
+
+
+# T8: knee joint landmarks for the 140 mm crops, put into the raw folder before raw_dataset runs.
+# `landmarks: kneel` runs the upstream KNEEL models (their own Python 3.7 env, so a plain script run by
+# shell, not `script:`); `landmarks: <path>` checks the user's file and copies it.
+localrules:
+    kneel_snapshots,
+
+
+rule kneel_snapshots:
+    output:
+        directory("resources/kneel/snapshots_release"),
+    log:
+        "logs/kneel_snapshots.log",
+    conda:
+        "../../envs/datasets.yaml"
+    script:
+        "../scripts/kneel_snapshots.py"
+
+
+rule kneel_landmarks:
+    input:
+        receipt=dataset_download,
+        snapshots="resources/kneel/snapshots_release",
+    output:
+        landmarks="resources/raw/{task}/landmarks.csv",
+        undetected="resources/raw/{task}/landmarks_undetected.csv",
+    log:
+        "logs/kneel_landmarks/{task}.log",
+    wildcard_constraints:
+        task=landmark_tasks("kneel"),
+    conda:
+        "../../envs/kneel.yaml"
+    resources:
+        gpu=1,
+        mem_mb=kneel_resource("mem_mb"),
+        runtime=kneel_resource("runtime"),
+        cpus_per_gpu=kneel_resource("cpus_per_gpu"),
+        gpu_model=kneel_resource("gpu_model"),
+    params:
+        script=f"{workflow.basedir}/workflow/scripts/kneel_landmarks.py",
+        data_dir=dataset_folder,
+        refine="" if config["kneel"]["refine"] else "--no-refine",
+    shell:
+        "python {params.script:q} --knees {params.data_dir:q}/knees.csv --data-dir {params.data_dir:q}"
+        " --snapshots {input.snapshots:q} --landmarks {output.landmarks:q}"
+        " --undetected {output.undetected:q} {params.refine} > {log:q} 2>&1"
+
+
+rule kneel_given_landmarks:
+    input:
+        given_landmarks,
+    output:
+        landmarks="resources/raw/{task}/landmarks.csv",
+        undetected="resources/raw/{task}/landmarks_undetected.csv",
+    log:
+        "logs/kneel_given_landmarks/{task}.log",
+    wildcard_constraints:
+        task=landmark_tasks("given"),
+    conda:
+        "../../envs/datasets.yaml"
+    script:
+        "../scripts/kneel_given_landmarks.py"
