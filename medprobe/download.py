@@ -43,6 +43,14 @@ class MissingDataError(FileNotFoundError):
     """Files the user must obtain themselves (data-use agreement, credentials) are not where they belong."""
 
 
+class AccessDeniedError(ConnectionError):
+    """The server refused the download (HTTP 401 or 403): access must be requested or the file fetched by hand."""
+
+    def __init__(self, url: str, status: int, reason: str) -> None:
+        super().__init__(f"{url}: HTTP {status} {reason}")
+        self.url, self.status, self.reason = url, status, reason
+
+
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file (``md5`` or ``sha256``)."""
     digest = hashlib.new(algorithm)
@@ -143,6 +151,8 @@ def _fetch_once(url: str, partial: Path, *, timeout: float, session: requests.Se
             return
         if response.status_code >= 500 or response.status_code == 429:
             raise _RetryableStatus(f"HTTP {response.status_code}")
+        if response.status_code in (401, 403):  # not retried: asking again does not grant access
+            raise AccessDeniedError(url, response.status_code, response.reason)
         if response.status_code >= 400:
             raise ConnectionError(f"{url}: HTTP {response.status_code} {response.reason}")
         mode = "ab" if have and response.status_code == 206 else "wb"

@@ -204,6 +204,20 @@ def test_missing_credentialed_data_stops_with_instructions(tmp_path, monkeypatch
     assert not (tmp_path / "data" / "download.json").exists()
 
 
+def test_refused_public_download_tells_how_to_fetch_it_by_hand(tmp_path, monkeypatch):
+    def refuse(url, path, **_):
+        raise datasets.AccessDeniedError(url, 403, "Forbidden")
+
+    monkeypatch.setattr(datasets, "download", refuse)
+    receipt = tmp_path / "download.json"
+    with pytest.raises(MissingDataError) as caught:
+        fetch("nct_crc_he", tmp_path, receipt)
+    message = str(caught.value)
+    assert "'nct_crc_he'" in message and "HTTP 403 Forbidden" in message and "zenodo.org/records/1214456" in message
+    assert "NCT-CRC-HE-100K.zip" in message and str(tmp_path.resolve()) in message and "unpacked" in message
+    assert not receipt.exists()
+
+
 def test_t5_eyepacs_aptos_layout(tmp_path):
     data = tmp_path / "data"
     (data / "eyepacs").mkdir(parents=True)

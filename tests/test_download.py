@@ -125,6 +125,32 @@ def test_tar_traversal_and_escaping_symlink_refused(tmp_path):
     assert (dl.safe_extract(tmp_path / "c.tar.gz", tmp_path / "t3") / "dir" / "ok.txt").read_text() == "ok"
 
 
+def test_refused_download_is_not_retried_and_leaves_nothing(tmp_path):
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        calls = 0
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            Refusing.calls += 1
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/record/files/a.zip"
+        with pytest.raises(dl.AccessDeniedError, match="HTTP 403") as caught:
+            dl.download(url, tmp_path / "a.zip", backoff=0.01)
+    finally:
+        httpd.shutdown()
+    assert caught.value.status == 403 and caught.value.url == url
+    assert Refusing.calls == 1  # asking again does not grant access
+    assert not (tmp_path / "a.zip").exists()
+
+
 def test_kaggle_without_credentials_names_what_to_do(tmp_path, monkeypatch):
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     monkeypatch.delenv("KAGGLE_KEY", raising=False)

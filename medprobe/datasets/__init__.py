@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from medprobe.download import MissingDataError, download, kaggle_download, safe_extract, verify
+from medprobe.download import AccessDeniedError, MissingDataError, download, kaggle_download, safe_extract, verify
 
 log = logging.getLogger("medprobe.datasets")
 
@@ -130,7 +130,15 @@ def fetch(name: str, data_dir: str | Path, receipt: str | Path | None = None, ch
             files[source.name] = {"folder": True, "entries": sum(1 for _ in path.iterdir())}
             continue
         if source.url:
-            digest = download(source.url, path, md5=source.md5, sha256=pinned)
+            try:
+                digest = download(source.url, path, md5=source.md5, sha256=pinned)
+            except AccessDeniedError as error:
+                raise MissingDataError(
+                    f"Dataset {dataset.name!r} ({dataset.title}): the server refused {error.url} (HTTP {error.status} "
+                    f"{error.reason}).\nAccess: {dataset.access}\nOnce you have access, download {source.name} by hand "
+                    f"and put it into {data_dir.resolve()}/ (not renamed); rerun, and it is verified"
+                    f"{' and unpacked' if source.extract else ''} instead of downloaded."
+                ) from None
         else:
             digest = verify(path, md5=source.md5, sha256=pinned)
         files[source.name] = {"sha256": digest, "md5": source.md5, "url": source.url, "pinned": bool(pinned or source.md5)}
