@@ -268,11 +268,12 @@ def _standardise(X: ArrayLike, dtype: torch.dtype, device: torch.device) -> tupl
     L, n, d = source.shape
     if n == 0:
         raise ValueError("no training samples")
+    # Blocks move to the device in their own dtype and are widened there (half the transfer for float32).
     mean = torch.zeros(L, d, dtype=_PARAM_DTYPE, device=device)
     squares = torch.zeros_like(mean)
     seen = 0
     for start in range(0, n, _STATS_BLOCK):
-        block = source[:, start : start + _STATS_BLOCK].to(device=device, dtype=_PARAM_DTYPE, copy=True)
+        block = source[:, start : start + _STATS_BLOCK].to(device).to(_PARAM_DTYPE, copy=True)
         rows = block.shape[1]
         block_mean = block.mean(1)
         block_squares = block.sub_(block_mean[:, None, :]).square_().sum(1)
@@ -289,7 +290,7 @@ def _standardise(X: ArrayLike, dtype: torch.dtype, device: torch.device) -> tupl
     std = torch.where(constant | (std == 0), torch.ones_like(std), std)
     Z = torch.empty(L, n, d, dtype=dtype, device=device)
     for start in range(0, n, _STATS_BLOCK):
-        block = source[:, start : start + _STATS_BLOCK].to(device=device, dtype=_PARAM_DTYPE, copy=True)
+        block = source[:, start : start + _STATS_BLOCK].to(device).to(_PARAM_DTYPE, copy=True)
         Z[:, start : start + _STATS_BLOCK] = block.sub_(mean[:, None, :]).div_(std[:, None, :])
     return Z, mean, std
 
