@@ -16,7 +16,8 @@ femoral, along the joint line); its own 140 mm ROIs are centred on the middle ti
 lies a few millimetres from the mean - well inside the tolerance of a 140 mm crop.
 
 Running KNEEL: ``workflow/scripts/kneel_landmarks.py`` (in ``envs/kneel.yaml``) calls the upstream pipeline on
-every radiograph of ``knees.csv`` and writes ``landmarks.csv`` (``file, side, landmark, x, y``, pixels of
+every radiograph of ``knees_all.csv`` (the task's knees, listed by
+:mod:`medprobe.datasets.oai_most`) and writes ``landmarks.csv`` (``file, side, landmark, x, y``, pixels of
 the original image) and ``landmarks_undetected.csv`` (``file, side, reason``); :func:`fetch_snapshots`
 downloads the released model snapshots it needs.
 """

@@ -320,10 +320,12 @@ def paper_workdir(repo, tmp_path, landmarks):
 def test_paper_dry_run_plans_kneel_before_the_t8_raw_table(repo, tmp_path):
     workdir, config_path = paper_workdir(repo, tmp_path, "kneel")
     jobs = dry_run(repo, workdir, config_path, "resources/raw/T8/metadata.csv")
-    assert set(jobs) == {"download_dataset", "kneel_snapshots", "kneel_landmarks", "raw_dataset"}
+    assert set(jobs) == {"oai_most_files", "kneel_snapshots", "kneel_landmarks", "raw_dataset"}
     job = jobs["kneel_landmarks"]
     assert "gpu=1" in job and "resources/kneel/snapshots_release" in job and "task=T8" in job
-    assert "--knees resources/datasets/oai_most/knees.csv" in job and "--undetected resources/raw/T8/landmarks_undetected.csv" in job
+    # KNEEL runs on the knee list rule oai_most_files makes from knees.csv (and the OAI release, tests/test_oai.py)
+    assert "--knees resources/datasets/oai_most/knees_all.csv" in job and "--undetected resources/raw/T8/landmarks_undetected.csv" in job
+    assert "resources/datasets/oai_most/knees_all.csv" in jobs["oai_most_files"]
     assert "resources/raw/T8/landmarks.csv" in re.search(r"input: (.*)", jobs["raw_dataset"]).group(1)
     # snapshots unpacked by hand (no internet on the submit host): nothing to fetch
     (workdir / "resources" / "kneel" / "snapshots_release").mkdir(parents=True)
@@ -371,6 +373,6 @@ def test_own_landmarks_replace_the_kneel_job(repo, tmp_path):
     given.write_text("file,side,x,y\n")
     workdir, config_path = paper_workdir(repo, tmp_path, str(given))
     jobs = dry_run(repo, workdir, config_path, "resources/raw/T8/metadata.csv")
-    assert set(jobs) == {"download_dataset", "kneel_given_landmarks", "raw_dataset"}
+    assert set(jobs) == {"oai_most_files", "kneel_given_landmarks", "raw_dataset"}
     assert str(given) in jobs["kneel_given_landmarks"]
 

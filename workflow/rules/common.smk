@@ -1,4 +1,5 @@
 # Helpers only: config validation and the functions rules use to name their inputs.
+import json
 import os
 import sys
 
@@ -71,8 +72,22 @@ def given_landmarks(wildcards):
 
 
 def dataset_folder(wildcards):
-    """The folder of the task's dataset files (knees.csv and the radiographs it names, for T8)."""
+    """The folder of the task's dataset files (for T8: knees.csv and/or the OAI release under oai/)."""
     return f"resources/datasets/{config['tasks'][wildcards.task]['dataset']}"
+
+
+def dataset_knees(wildcards):
+    """T8: every knee of knees.csv and of the OAI release, listed by rule oai_most_files (KNEEL's input)."""
+    return f"{dataset_folder(wildcards)}/knees_all.csv"
+
+
+def oai_most_checksums(wildcards):
+    """SHA-256 pinned for T8's files (knees.csv, the release's tables), as JSON for rule oai_most_files."""
+    pinned = {}
+    for entry in config["tasks"].values():
+        if entry["dataset"] == "oai_most":
+            pinned.update(entry.get("checksums", {}))
+    return json.dumps(pinned, sort_keys=True)
 
 
 def kneel_resource(name):

@@ -70,6 +70,28 @@ rule download_dataset:
         "../scripts/download_dataset.py"
 
 
+# T8 (oai_most) instead of download_dataset: the OAI release as downloaded (oai/), your own knees.csv (MOST, or
+# everything), or both. Checks which is there (else stops naming both options and where each file goes), lists
+# every knee in knees_all.csv (what KNEEL runs on) and writes the receipt.
+rule oai_most_files:
+    output:
+        receipt="resources/datasets/oai_most/download.json",
+        knees="resources/datasets/oai_most/knees_all.csv",
+    log:
+        "logs/oai_most_files.log",
+    conda:
+        "../../envs/datasets.yaml"
+    params:
+        data_dir=lambda wildcards, output: os.path.dirname(output.receipt),
+        checksums=oai_most_checksums,
+    shell:
+        "python -m medprobe.datasets.oai_most --data-dir {params.data_dir:q} --knees-out {output.knees:q}"
+        " --receipt {output.receipt:q} --checksums {params.checksums:q} > {log:q} 2>&1"
+
+
+ruleorder: oai_most_files > download_dataset
+
+
 rule raw_dataset:
     input:
         dataset_receipt,
@@ -106,6 +128,7 @@ rule kneel_snapshots:
 rule kneel_landmarks:
     input:
         receipt=dataset_download,
+        knees=dataset_knees,
         snapshots="resources/kneel/snapshots_release",
     output:
         landmarks="resources/raw/{task}/landmarks.csv",
@@ -127,7 +150,7 @@ rule kneel_landmarks:
         data_dir=dataset_folder,
         refine="" if config["kneel"]["refine"] else "--no-refine",
     shell:
-        "python {params.script:q} --knees {params.data_dir:q}/knees.csv --data-dir {params.data_dir:q}"
+        "python {params.script:q} --knees {input.knees:q} --data-dir {params.data_dir:q}"
         " --snapshots {input.snapshots:q} --landmarks {output.landmarks:q}"
         " --undetected {output.undetected:q} {params.refine} > {log:q} 2>&1"
 
