@@ -22,10 +22,12 @@ O(n K) per trial and every iteration costs exactly two passes over the features:
 direction and ``G X`` for the gradient at the accepted step (torch's generic LBFGS needed ~1.35 function
 evaluations of two passes each per iteration). On CPU both K x d by d x n products run as a batch of row
 blocks, which spreads them over all threads (MKL runs a single such product at about one core's
-throughput). :func:`fit_layers` standardises several layers at once and solves them one after another:
-each layer stops at its own convergence (a joint block-diagonal run kept every layer iterating until the
-slowest converged), and batching layers buys nothing once the row blocks keep every core busy
-(docs/benchmarks.md, "Probes").
+throughput). Several problems on the same features (the C values of a search) run in lockstep, each with
+its own L-BFGS state, line search and stopping, while their products are stacked into one (9 x J output
+rows cost far less than J products of 9; :func:`_drive`). :func:`fit_layers` standardises several layers at
+once and solves them one after another: each layer stops at its own convergence (a joint block-diagonal
+run kept every layer iterating until the slowest converged), and batching layers buys nothing once the
+row blocks keep every core busy (docs/benchmarks.md, "Probes").
 
 Precision: ``dtype="float64"`` (default) holds the standardised features in float64 and reproduces
 scikit-learn to ~1e-6. ``dtype="float32"`` holds them in float32 (half the memory, ~2.5x faster on CPU)
@@ -436,40 +438,43 @@ def _line_search(
     return None
 
 
+# A solver asks for products over the features by yielding one of these; _drive answers them.
+_LOGITS, _GRADIENT = "logits", "gradient"
+
+
+@dataclass
+class _Solution:
+    W: torch.Tensor
+    b: torch.Tensor
+    n_iter: int
+    grad_max: float  # largest absolute gradient entry, recomputed from scratch at the end
+    budget_spent: bool  # max_iter ran out (rather than the gradient or a stalled objective stopping the run)
+
+
 @torch.no_grad()
-def _solve_layer(
-    features: _LayerFeatures,
-    objective: _LayerObjective,
-    W0: torch.Tensor,
-    b0: torch.Tensor,
-    max_iter: int,
-    tol: float,
-) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
-    """Full-batch L-BFGS on one layer's problem.
+def _lbfgs(objective: _LayerObjective, W0: torch.Tensor, b0: torch.Tensor, max_iter: int, tol: float):
+    """Full-batch L-BFGS on one problem, written as a generator so that several problems on the same
+    features share their passes (:func:`_drive`): it yields ``(_LOGITS, M)`` for ``M X^T`` and
+    ``(_GRADIENT, R)`` for ``R X`` and is sent the product; it returns a :class:`_Solution`.
 
     The logits are carried along (``logits += step * X D``), so an iteration costs exactly two passes
     over the features, one for the direction's logits and one for the gradient at the accepted step;
     the line search itself is free (see :func:`_line_search`). Stops when the largest absolute gradient
     entry is <= ``tol``, when the objective stalls at float64 resolution (scipy's ``ftol`` under
-    scikit-learn: relative decrease <= 64 eps) or no step decreases it. Returns W, b, iterations and
-    whether ``max_iter`` ran out.
+    scikit-learn: relative decrease <= 64 eps) or no step decreases it.
     """
     W, b = W0.clone(), b0.clone()
     K, d = W.shape
-    logits = features.logits(W).add_(b[:, None])
+    logits = (yield _LOGITS, W).add_(b[:, None])
     data, residual, _ = objective.data(logits)
     value = data + objective.penalty(W)
-
-    def gradient_of(residual: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-        grad_W = features.gradient(residual).add_(objective.reg[:, None] * W)
-        return torch.cat([grad_W.flatten(), residual.sum(1)])
-
-    grad = gradient_of(residual, W)
+    grad = torch.cat([(yield _GRADIENT, residual).add_(objective.reg[:, None] * W).flatten(), residual.sum(1)])
     pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / y.s), oldest first
-    n_iter = 0
+    n_iter, budget_spent = 0, False
     while float(grad.abs().max()) > tol:
         if n_iter >= max_iter:
-            return W, b, n_iter, True
+            budget_spent = True
+            break
         # Two-loop recursion: direction = -H grad with H the L-BFGS inverse-Hessian estimate.
         q = grad.clone()
         alphas = []
@@ -488,7 +493,7 @@ def _solve_layer(
             pairs.clear()
             direction, slope = -grad, -float(grad @ grad)
         DW, Db = direction[: K * d].view(K, d), direction[K * d :]
-        direction_logits = features.logits(DW).add_(Db[:, None])
+        direction_logits = (yield _LOGITS, DW).add_(Db[:, None])
         first_step = 1.0 if pairs else min(1.0, 1.0 / float(grad.abs().sum()))
         found = _line_search(objective, logits, direction_logits, W, DW, value, slope, first_step)
         if found is None:
@@ -496,7 +501,8 @@ def _solve_layer(
         step, new_value, residual, logits = found
         W.add_(DW, alpha=step)
         b.add_(Db, alpha=step)
-        new_grad = gradient_of(residual, W)
+        grad_W = (yield _GRADIENT, residual).add_(objective.reg[:, None] * W)
+        new_grad = torch.cat([grad_W.flatten(), residual.sum(1)])
         s, y = direction.mul_(step), new_grad - grad
         ys = float(y @ s)
         if ys > 1e-10:
@@ -508,34 +514,36 @@ def _solve_layer(
         value, grad = new_value, new_grad
         if stalled:
             break
-    return W, b, n_iter, False
+    # The verdict uses a fresh gradient, not the one carried along with the logits.
+    residual = objective.data((yield _LOGITS, W).add_(b[:, None]))[1]
+    grad_W = (yield _GRADIENT, residual).add_(objective.reg[:, None] * W)
+    grad_max = max(float(grad_W.abs().max()), float(residual.sum(1).abs().max()))
+    return _Solution(W, b, n_iter, grad_max, budget_spent)
 
 
-def _solve(
-    Z: torch.Tensor,
-    targets: _Targets,
-    Cs: torch.Tensor,
-    W0: torch.Tensor,
-    b0: torch.Tensor,
-    max_iter: int,
-    tol: float,
-) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor, list[bool]]:
-    """L-BFGS on each layer (independent problems). Returns W, b, per-layer iterations, per-layer
-    max |gradient| (recomputed from scratch) and whether each layer's iteration budget ran out."""
-    W, b = W0.clone(), b0.clone()
-    iterations, budget_spent, grad_max = [], [], []
-    for layer in range(Z.shape[0]):
-        features = _LayerFeatures(Z[layer])
-        objective = _LayerObjective(targets, 1.0 / Cs[layer])
-        W[layer], b[layer], n_iter, spent = _solve_layer(features, objective, W[layer], b[layer], max_iter, tol)
-        iterations.append(n_iter)
-        budget_spent.append(spent)
-        # The verdict uses a fresh gradient, not the one carried along with the logits.
-        logits = features.logits(W[layer]).add_(b[layer][:, None])
-        residual = objective.data(logits)[1]
-        grad_W = features.gradient(residual).add_(objective.reg[:, None] * W[layer])
-        grad_max.append(torch.maximum(grad_W.abs().max(), residual.sum(1).abs().max()))
-    return W, b, iterations, torch.stack(grad_max), budget_spent
+@torch.no_grad()
+def _drive(features: _LayerFeatures, solvers: list) -> list[_Solution]:
+    """Run several :func:`_lbfgs` generators on the same features in lockstep: at each round the
+    requests of the solvers still running are stacked into one ``logits`` and one ``gradient``
+    product. A product with 9 x J output rows costs far less than J products with 9 (16 rows cost
+    about as much as 9 on CPU, docs/benchmarks.md), which is what makes a C search on one layer cheap."""
+    results: list[_Solution | None] = [None] * len(solvers)
+    requests = {index: next(solver) for index, solver in enumerate(solvers)}
+    while requests:
+        answers = {}
+        for kind, product in ((_LOGITS, features.logits), (_GRADIENT, features.gradient)):
+            asking = [index for index, (wanted, _) in requests.items() if wanted == kind]
+            if asking:
+                stacked = product(torch.cat([requests[index][1] for index in asking]))
+                sizes = [requests[index][1].shape[0] for index in asking]
+                answers.update(zip(asking, stacked.split(sizes)))
+        for index in list(requests):
+            try:
+                requests[index] = solvers[index].send(answers[index].clone())
+            except StopIteration as finished:
+                results[index] = finished.value
+                del requests[index]
+    return results
 
 
 def _as_C_vector(C: float | Sequence[float], L: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -569,40 +577,49 @@ def _fit_prepared(
     mean: torch.Tensor,
     std: torch.Tensor,
     targets: _Targets,
-    Cs: torch.Tensor,
+    problems: Sequence[tuple[int, float, LogisticProbe | None]],
     *,
     max_iter: int,
     tol: float,
-    init: Sequence[LogisticProbe] | None = None,
 ) -> list[LogisticProbe]:
-    L, _, d = Z.shape
-    if init is None:
-        W0, b0 = _initial_parameters(targets, L, d, _PARAM_DTYPE, Z.device)
-    else:
-        W0 = torch.stack([torch.as_tensor(p.coef, dtype=_PARAM_DTYPE, device=Z.device) for p in init])
-        b0 = torch.stack([torch.as_tensor(p.intercept, dtype=_PARAM_DTYPE, device=Z.device) for p in init])
-    W, b, iterations, grad_max, budget_spent = _solve(Z, targets, Cs, W0, b0, max_iter, tol)
-    if targets.kind == "multiclass":
-        b = b - b.mean(1, keepdim=True)
+    """One probe per problem ``(layer index, C, warm start or None)``; the problems of a layer are solved
+    together (:func:`_drive`), one layer after another."""
+    d = Z.shape[2]
+    solutions: list[_Solution | None] = [None] * len(problems)
+    for layer in sorted({problem[0] for problem in problems}):
+        indices = [index for index, problem in enumerate(problems) if problem[0] == layer]
+        solvers = []
+        for index in indices:
+            _, C, init = problems[index]
+            if init is None:
+                W0, b0 = (value[0] for value in _initial_parameters(targets, 1, d, _PARAM_DTYPE, Z.device))
+            else:
+                W0 = torch.as_tensor(init.coef, dtype=_PARAM_DTYPE, device=Z.device)
+                b0 = torch.as_tensor(init.intercept, dtype=_PARAM_DTYPE, device=Z.device)
+            objective = _LayerObjective(targets, torch.tensor(1.0 / C, dtype=_PARAM_DTYPE, device=Z.device))
+            solvers.append(_lbfgs(objective, W0, b0, max_iter, tol))
+        for index, solution in zip(indices, _drive(_LayerFeatures(Z[layer]), solvers)):
+            solutions[index] = solution
     probes = []
-    for layer in range(L):
+    for (layer, C, _), solution in zip(problems, solutions):
+        b = solution.b - solution.b.mean() if targets.kind == "multiclass" else solution.b
         # Like scipy's L-BFGS-B (scikit-learn's solver), an objective that stops decreasing at the
         # dtype's resolution counts as converged; only an exhausted budget with a large gradient does not.
-        converged = bool(grad_max[layer] <= tol) or not budget_spent[layer]
+        converged = solution.grad_max <= tol or not solution.budget_spent
         if not converged:
             logger.warning(
                 "L-BFGS did not converge in %d iterations (layer %d, C=%g, max |gradient| %.3g > tol %g)",
-                iterations[layer], layer, float(Cs[layer]), float(grad_max[layer]), tol,
+                solution.n_iter, layer, C, solution.grad_max, tol,
             )
         probes.append(
             LogisticProbe(
                 mean=mean[layer].double().cpu().numpy(),
                 std=std[layer].double().cpu().numpy(),
-                coef=W[layer].double().cpu().numpy().copy(),
-                intercept=b[layer].double().cpu().numpy().copy(),
+                coef=solution.W.double().cpu().numpy().copy(),
+                intercept=b.double().cpu().numpy().copy(),
                 kind=targets.kind,
-                C=float(Cs[layer]),
-                n_iter=iterations[layer],
+                C=float(C),
+                n_iter=solution.n_iter,
                 converged=converged,
                 absent_classes=targets.absent,
             )
@@ -646,7 +663,8 @@ def fit_layers(
     targets = _prepare_targets(y, Z.shape[1], kind, n_classes, class_weight, sample_weight, _PARAM_DTYPE, device)
     _warn_absent(targets, class_names)
     Cs = _as_C_vector(C, Z.shape[0], _PARAM_DTYPE, device)
-    return _fit_prepared(Z, mean, std, targets, Cs, max_iter=max_iter, tol=tol)
+    problems = [(layer, float(Cs[layer]), None) for layer in range(Z.shape[0])]
+    return _fit_prepared(Z, mean, std, targets, problems, max_iter=max_iter, tol=tol)
 
 
 def fit(
@@ -809,7 +827,7 @@ def _check_grid(grid: Sequence[float]) -> np.ndarray:
     values = np.asarray(list(grid), dtype=np.float64)
     if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 0):
         raise ValueError(f"C grid must be a non-empty list of positive numbers, got {list(grid)!r}")
-    return np.unique(values)  # sorted ascending: strong to weak regularisation, for warm starts
+    return np.unique(values)  # sorted ascending: strong to weak regularisation
 
 
 def _select(
@@ -827,37 +845,31 @@ def _select(
     tol: float,
     class_weight: str | None,
 ) -> _Selection:
-    """C search on prepared training data (one layer); warm starts along increasing C."""
+    """C search on prepared training data (one layer). The grid's values are fitted together, sharing
+    their passes over the features (:func:`_drive`); the refinement's values likewise, each warm-started
+    from the fit at the nearest smaller grid value."""
     grid_values = _check_grid(grid)
     tried: dict[float, tuple[float, LogisticProbe]] = {}
-    previous: LogisticProbe | None = None
 
-    def evaluate(C: float) -> None:
-        nonlocal previous
-        Cs = torch.tensor([C], dtype=_PARAM_DTYPE, device=Z.device)
-        init = None if previous is None else [previous]
-        probe = _fit_prepared(Z, mean, std, targets, Cs, max_iter=max_iter, tol=tol, init=init)[0]
-        tried[C] = (log_loss(probe, X_val, y_val, class_weight=class_weight), probe)
-        previous = probe
+    def evaluate(Cs: Sequence[float], init: LogisticProbe | None) -> None:
+        problems = [(0, C, init) for C in Cs]
+        for C, probe in zip(Cs, _fit_prepared(Z, mean, std, targets, problems, max_iter=max_iter, tol=tol)):
+            tried[C] = (log_loss(probe, X_val, y_val, class_weight=class_weight), probe)
 
     def best_of(candidates: Sequence[float]) -> float:
         # Lowest validation log-loss; ties go to the smaller C (the more regularised model).
         return min(candidates, key=lambda c: (tried[c][0], c))
 
-    for C in grid_values:
-        evaluate(float(C))
+    evaluate([float(C) for C in grid_values], None)
     best = best_of([float(c) for c in grid_values])
     if refine and refine_points > 0 and grid_values.size > 1:
         position = int(np.searchsorted(grid_values, best))
         low = grid_values[max(position - 1, 0)]
         high = grid_values[min(position + 1, grid_values.size - 1)]
-        fine = np.geomspace(low, high, refine_points + 2)[1:-1]
-        # Warm-start the refinement from the nearest smaller C already fitted.
-        previous = tried[float(low)][1]
-        for C in fine:
-            C = float(C)
-            if not any(math.isclose(C, done, rel_tol=1e-9) for done in tried):
-                evaluate(C)
+        fine = [float(C) for C in np.geomspace(low, high, refine_points + 2)[1:-1]]
+        fine = [C for C in fine if not any(math.isclose(C, done, rel_tol=1e-9) for done in tried)]
+        if fine:
+            evaluate(fine, tried[float(low)][1])
         best = best_of(list(tried))
     loss, probe = tried[best]
     auc = macro_auc(y_val, probe.predict_proba(X_val), probe.kind)

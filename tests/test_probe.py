@@ -21,6 +21,9 @@ from medprobe.labels import encode_targets, load_manifest
 from medprobe.probe import (
     _LayerFeatures,
     _LayerObjective,
+    _drive,
+    _initial_parameters,
+    _lbfgs,
     _line_search,
     _prepare_targets,
     efficiency_task,
@@ -280,6 +283,39 @@ def test_line_search_value_slope_and_curvature_match_autograd(kind, n_out):
         assert float(accepted_value.detach()) <= start_value + 1e-4 * found[0] * float(start_slope)
         assert abs(float(accepted_slope)) <= 0.9 * abs(float(start_slope))
         assert float(found[1]) == pytest.approx(float(accepted_value.detach()), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind,n_out", [("multiclass", 4), ("multilabel", 3)])
+def test_c_values_solved_together_equal_separate_fits_and_share_passes(kind, n_out, monkeypatch):
+    X, y = make_data(kind, 400, 10, n_out, seed=9)
+    Cs = [0.01, 0.3, 10.0]
+    targets = _prepare_targets(y, 400, kind, n_out, None, None, torch.float64, torch.device("cpu"))
+    Z = torch.as_tensor((X - X.mean(0)) / X.std(0))
+    W0, b0 = (v[0] for v in _initial_parameters(targets, 1, 10, torch.float64, torch.device("cpu")))
+
+    def solver(C):
+        return _lbfgs(_LayerObjective(targets, torch.tensor(1 / C, dtype=torch.float64)), W0, b0, 2000, 1e-9)
+
+    calls = []
+    original = _LayerFeatures.logits
+    monkeypatch.setattr(_LayerFeatures, "logits", lambda self, M: calls.append(M.shape[0]) or original(self, M))
+    alone = [_drive(_LayerFeatures(Z), [solver(C)])[0] for C in Cs]
+    calls_alone = len(calls)
+    calls.clear()
+    together = _drive(_LayerFeatures(Z), [solver(C) for C in Cs])
+    for single, joint in zip(alone, together):
+        assert joint.n_iter == single.n_iter and joint.budget_spent == single.budget_spent
+        torch.testing.assert_close(joint.W, single.W, atol=1e-9, rtol=0)
+        torch.testing.assert_close(joint.b, single.b, atol=1e-9, rtol=0)
+    # One stacked product per round: as many rounds as the longest solve needs, not the sum of all.
+    assert len(calls) == max(s.n_iter for s in alone) + 2 < calls_alone
+    assert calls[0] == len(Cs) * targets.n_outputs and calls[-1] == targets.n_outputs
+    # And the public C search (grid fitted together) agrees with scikit-learn at the C it picks.
+    C, _ = select_C(X[:300], y[:300], X[300:], y[300:], kind, Cs, refine=False, tol=1e-9, max_iter=2000,
+                    n_classes=n_out)
+    probe = fit(X[:300], y[:300], kind, C, tol=1e-9, max_iter=2000, n_classes=n_out)
+    scaler, models = sklearn_reference(X[:300], y[:300], kind, C)
+    np.testing.assert_allclose(probe.predict_proba(X[300:]), sklearn_proba(scaler, models, X[300:], kind), atol=1e-5)
 
 
 def test_fit_layers_counts_iterations_per_layer():
