@@ -22,12 +22,11 @@ O(n K) per trial and every iteration costs exactly two passes over the features:
 direction and ``G X`` for the gradient at the accepted step (torch's generic LBFGS needed ~1.35 function
 evaluations of two passes each per iteration). On CPU both K x d by d x n products run as a batch of row
 blocks, which spreads them over all threads (MKL runs a single such product at about one core's
-throughput). Several problems on the same features (the C values of a search) run in lockstep, each with
-its own L-BFGS state, line search and stopping, while their products are stacked into one (9 x J output
-rows cost far less than J products of 9; :func:`_drive`). :func:`fit_layers` standardises several layers at
-once and solves them one after another: each layer stops at its own convergence (a joint block-diagonal
-run kept every layer iterating until the slowest converged), and batching layers buys nothing once the
-row blocks keep every core busy (docs/benchmarks.md, "Probes").
+throughput). Several problems (the C values of a search, the layers of :func:`fit_layers`) run in one
+lockstep solve, each with its own L-BFGS state, line search and stopping rule (a single block-diagonal
+L-BFGS run would keep every problem iterating until the slowest converged); the products of the problems
+on the same layer are stacked into one, since 9 x J output rows cost far less than J products of 9
+(:func:`_drive`, docs/benchmarks.md, "Probes").
 
 Precision: ``dtype="float64"`` (default) holds the standardised features in float64 and reproduces
 scikit-learn to ~1e-6. ``dtype="float32"`` holds them in float32 (half the memory, ~2.5x faster on CPU)
@@ -522,24 +521,25 @@ def _lbfgs(objective: _LayerObjective, W0: torch.Tensor, b0: torch.Tensor, max_i
 
 
 @torch.no_grad()
-def _drive(features: _LayerFeatures, solvers: list) -> list[_Solution]:
-    """Run several :func:`_lbfgs` generators on the same features in lockstep: at each round the
-    requests of the solvers still running are stacked into one ``logits`` and one ``gradient``
-    product. A product with 9 x J output rows costs far less than J products with 9 (16 rows cost
-    about as much as 9 on CPU, docs/benchmarks.md), which is what makes a C search on one layer cheap."""
+def _drive(features: Sequence[_LayerFeatures], solvers: Sequence[tuple[int, Any]]) -> list[_Solution]:
+    """Run :func:`_lbfgs` generators ``(index into features, generator)`` in lockstep: at each round, the
+    requests of the solvers still running on the same features are stacked into one ``logits`` and one
+    ``gradient`` product. A product with 9 x J output rows costs far less than J products with 9 (16 rows
+    cost about as much as 9 on CPU, docs/benchmarks.md), which is what makes a C search on one layer
+    cheap; solvers on different layers (:func:`fit_layers`) simply advance together."""
     results: list[_Solution | None] = [None] * len(solvers)
-    requests = {index: next(solver) for index, solver in enumerate(solvers)}
+    requests = {index: next(solver) for index, (_, solver) in enumerate(solvers)}
     while requests:
         answers = {}
-        for kind, product in ((_LOGITS, features.logits), (_GRADIENT, features.gradient)):
-            asking = [index for index, (wanted, _) in requests.items() if wanted == kind]
-            if asking:
-                stacked = product(torch.cat([requests[index][1] for index in asking]))
-                sizes = [requests[index][1].shape[0] for index in asking]
-                answers.update(zip(asking, stacked.split(sizes)))
+        for layer, layer_features in enumerate(features):
+            for kind, product in ((_LOGITS, layer_features.logits), (_GRADIENT, layer_features.gradient)):
+                asking = [i for i, (wanted, _) in requests.items() if wanted == kind and solvers[i][0] == layer]
+                if asking:
+                    stacked = product(torch.cat([requests[i][1] for i in asking]))
+                    answers.update(zip(asking, stacked.split([requests[i][1].shape[0] for i in asking])))
         for index in list(requests):
             try:
-                requests[index] = solvers[index].send(answers[index].clone())
+                requests[index] = solvers[index][1].send(answers[index].clone())
             except StopIteration as finished:
                 results[index] = finished.value
                 del requests[index]
@@ -582,24 +582,19 @@ def _fit_prepared(
     max_iter: int,
     tol: float,
 ) -> list[LogisticProbe]:
-    """One probe per problem ``(layer index, C, warm start or None)``; the problems of a layer are solved
-    together (:func:`_drive`), one layer after another."""
+    """One probe per problem ``(layer index, C, warm start or None)``, all solved in one lockstep run
+    (:func:`_drive`): the problems of a layer share their feature products, and each stops on its own."""
     d = Z.shape[2]
-    solutions: list[_Solution | None] = [None] * len(problems)
-    for layer in sorted({problem[0] for problem in problems}):
-        indices = [index for index, problem in enumerate(problems) if problem[0] == layer]
-        solvers = []
-        for index in indices:
-            _, C, init = problems[index]
-            if init is None:
-                W0, b0 = (value[0] for value in _initial_parameters(targets, 1, d, _PARAM_DTYPE, Z.device))
-            else:
-                W0 = torch.as_tensor(init.coef, dtype=_PARAM_DTYPE, device=Z.device)
-                b0 = torch.as_tensor(init.intercept, dtype=_PARAM_DTYPE, device=Z.device)
-            objective = _LayerObjective(targets, torch.tensor(1.0 / C, dtype=_PARAM_DTYPE, device=Z.device))
-            solvers.append(_lbfgs(objective, W0, b0, max_iter, tol))
-        for index, solution in zip(indices, _drive(_LayerFeatures(Z[layer]), solvers)):
-            solutions[index] = solution
+    solvers = []
+    for layer, C, init in problems:
+        if init is None:
+            W0, b0 = (value[0] for value in _initial_parameters(targets, 1, d, _PARAM_DTYPE, Z.device))
+        else:
+            W0 = torch.as_tensor(init.coef, dtype=_PARAM_DTYPE, device=Z.device)
+            b0 = torch.as_tensor(init.intercept, dtype=_PARAM_DTYPE, device=Z.device)
+        objective = _LayerObjective(targets, torch.tensor(1.0 / C, dtype=_PARAM_DTYPE, device=Z.device))
+        solvers.append((layer, _lbfgs(objective, W0, b0, max_iter, tol)))
+    solutions = _drive([_LayerFeatures(Z[layer]) for layer in range(Z.shape[0])], solvers)
     probes = []
     for (layer, C, _), solution in zip(problems, solutions):
         b = solution.b - solution.b.mean() if targets.kind == "multiclass" else solution.b
@@ -647,10 +642,10 @@ def fit_layers(
     dtype: torch.dtype | str = torch.float64,
     device: str | torch.device | None = None,
 ) -> list[LogisticProbe]:
-    """Fit one probe per layer of ``Xs`` ``(L, n, d)``: one standardisation, then one L-BFGS run per layer.
+    """Fit one probe per layer of ``Xs`` ``(L, n, d)`` in one batched, lockstep solve (:func:`_drive`).
 
-    The result equals L separate :func:`fit` calls (same iterations). ``C`` is one value or one per
-    layer. Memory: one copy of ``Xs`` in ``dtype``. ``n_classes`` is needed for multiclass tasks whose training labels miss
+    Each layer keeps its own L-BFGS state and stops on its own, so the result equals L separate :func:`fit`
+    calls (same iterations). ``C`` is one value or one per layer. Memory: one copy of ``Xs`` in ``dtype``. ``n_classes`` is needed for multiclass tasks whose training labels miss
     the last class(es); ``class_names`` only makes warnings readable.
     """
     _check_kind(kind)

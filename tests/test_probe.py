@@ -299,10 +299,10 @@ def test_c_values_solved_together_equal_separate_fits_and_share_passes(kind, n_o
     calls = []
     original = _LayerFeatures.logits
     monkeypatch.setattr(_LayerFeatures, "logits", lambda self, M: calls.append(M.shape[0]) or original(self, M))
-    alone = [_drive(_LayerFeatures(Z), [solver(C)])[0] for C in Cs]
+    alone = [_drive([_LayerFeatures(Z)], [(0, solver(C))])[0] for C in Cs]
     calls_alone = len(calls)
     calls.clear()
-    together = _drive(_LayerFeatures(Z), [solver(C) for C in Cs])
+    together = _drive([_LayerFeatures(Z)], [(0, solver(C)) for C in Cs])
     for single, joint in zip(alone, together):
         assert joint.n_iter == single.n_iter and joint.budget_spent == single.budget_spent
         torch.testing.assert_close(joint.W, single.W, atol=1e-9, rtol=0)
