@@ -353,8 +353,9 @@ class _LayerFeatures:
 
 
 class _LayerObjective:
-    """One layer's scaled objective ``data(logits) + 0.5 * sum_k reg_k ||W_k||^2`` and what the line
-    search needs along a direction, all from the logits ``(K, n)``: no pass over the features."""
+    """The scaled objective of one problem (one layer at one C), ``data(logits) + 0.5 * sum_k reg_k
+    ||W_k||^2``, and what the line search needs along a direction, all from the logits ``(K, n)``: no pass
+    over the features."""
 
     def __init__(self, targets: _Targets, inv_C: torch.Tensor) -> None:
         self.kind = targets.kind
