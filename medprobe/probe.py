@@ -646,8 +646,9 @@ def fit_layers(
     """Fit one probe per layer of ``Xs`` ``(L, n, d)`` in one batched, lockstep solve (:func:`_drive`).
 
     Each layer keeps its own L-BFGS state and stops on its own, so the result equals L separate :func:`fit`
-    calls (same iterations). ``C`` is one value or one per layer. Memory: one copy of ``Xs`` in ``dtype``. ``n_classes`` is needed for multiclass tasks whose training labels miss
-    the last class(es); ``class_names`` only makes warnings readable.
+    calls (same iterations). ``C`` is one value or one per layer. Memory: one copy of ``Xs`` in ``dtype``.
+    ``n_classes`` is needed for multiclass tasks whose training labels miss the last class(es);
+    ``class_names`` only makes warnings readable.
     """
     _check_kind(kind)
     class_weight = _normalise_class_weight(class_weight)
