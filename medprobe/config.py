@@ -52,6 +52,45 @@ def validate(config: dict[str, Any], schema_path: str | Path = SCHEMA_PATH) -> d
     return config
 
 
+def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` laid over ``base``: mappings merge key by key, any other value replaces the base's."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_extends(config: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
+    """Lay ``config`` over the file its ``extends`` key names (relative to ``root``), recursively.
+
+    Modifies ``config`` in place (Snakemake's global config object stays the same object) and returns it;
+    the resolved config no longer has an ``extends`` key. A missing or circular base is a ConfigError.
+    """
+    chain: list[Path] = []
+    resolved = {key: value for key, value in config.items()}
+    while "extends" in resolved:
+        base_path = Path(root) / str(resolved.pop("extends"))
+        if base_path.resolve() in chain:
+            raise ConfigError(f"extends: {base_path} is extended twice (a loop through {[str(p) for p in chain]})")
+        chain.append(base_path.resolve())
+        if not base_path.is_file():
+            raise ConfigError(f"extends: the base config {base_path} does not exist (paths are relative to the "
+                              "workflow root, e.g. config/paper.yaml)")
+        try:
+            base = yaml.safe_load(base_path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"extends: {base_path} is not valid YAML: {error}") from None
+        if not isinstance(base, dict):
+            raise ConfigError(f"extends: {base_path} must be a mapping of keys")
+        resolved = merge(base, resolved)
+    config.clear()
+    config.update(resolved)
+    return config
+
+
 def known_adapters() -> list[str]:
     """Adapter names registered in medprobe/models (``@register("name")``), read from the source so that
     checking a config does not import torch."""
@@ -87,7 +126,14 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str,
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(config).__name__}")
     config = copy.deepcopy(config)
     config.update(overrides or {})
+    resolve_extends(config, _workflow_root(path))
     return validate(config)
+
+
+def _workflow_root(config_path: Path) -> Path:
+    """The workflow root of a config file: the folder above ``config/`` for the shipped layout, else its own."""
+    folder = config_path.resolve().parent
+    return folder.parent if folder.name == "config" else folder
 
 
 def check_references(config: dict[str, Any]) -> None:
@@ -122,8 +168,24 @@ def check_references(config: dict[str, Any]) -> None:
                 f"tasks.{task_name}.classes: a binary task needs exactly two classes "
                 f"(negative, positive), got {task['classes']}"
             )
+        if task["classes"] == "all" and task["kind"] != "multilabel":
+            raise ConfigError(
+                f"tasks.{task_name}.classes: `all` (every finding of the data) is for multilabel tasks; "
+                f"a {task['kind']} task lists its classes"
+            )
         if task["dataset"] == "demo" and "demo_patients" not in task:
             raise ConfigError(f"tasks.{task_name}.demo_patients: required for the demo dataset")
+    for index, pair in enumerate(config.get("comparisons", [])):
+        for name in pair:
+            if name not in models:
+                raise ConfigError(f"comparisons[{index}]: unknown model {name!r}; configured models are {sorted(models)}")
+        if pair[0] == pair[1]:
+            raise ConfigError(f"comparisons[{index}]: a model is compared with itself ({pair[0]!r})")
+    for discipline, task in config.get("efficiency", {}).get("summary_tasks", {}).items():
+        if task in tasks and tasks[task]["discipline"] != discipline:
+            raise ConfigError(
+                f"efficiency.summary_tasks.{discipline}: task {task!r} belongs to {tasks[task]['discipline']!r}"
+            )
     fractions = config.get("efficiency", {}).get("fractions", [])
     if fractions and max(fractions) != 1.0:
         raise ConfigError(

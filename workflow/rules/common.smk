@@ -8,6 +8,7 @@ from snakemake.logging import logger
 import medprobe.checkpoints as medprobe_checkpoints
 import medprobe.config as medprobe_config
 
+medprobe_config.resolve_extends(config, workflow.basedir)
 medprobe_config.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
 if not workflow.is_main_process:
