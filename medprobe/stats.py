@@ -15,7 +15,11 @@ Conventions (each mirrors scikit-learn, see the tests):
 - F1 follows ``f1_score(zero_division=0)``: 0 when ``tp + fp + fn == 0``. Such a (re)sample is still counted
   in ``n_degenerate`` because the 0 is a convention, not a measurement.
 - Macro means skip the classes whose metric is undefined in that (re)sample (for F1: classes that are neither
-  present nor predicted, which is what ``f1_score(average="macro")`` does for multiclass labels).
+  present nor predicted, which is what ``f1_score(average="macro")`` does with its default labels, those in
+  the truth or the predictions).
+- Binary tasks: AUC and AUPRC are those of the positive class (second column), and their ``macro`` rows repeat
+  it. F1 is scored for both classes and ``macro`` F1 is their mean, ``f1_score(average="macro")`` as in the
+  paper; the positive class's F1 is kept as ``macro`` ``f1_positive``.
 """
 
 from __future__ import annotations
@@ -416,10 +420,12 @@ def score_predictions(kind: str, classes: list[str], targets: np.ndarray, probab
     - ``multilabel``: ``targets`` ``(n, C)`` 0/1; ``probabilities`` ``(n, C)`` per finding. Prediction = p >= 0.5.
 
     Metrics: multiclass - per class ``auc`` (one-vs-rest), ``f1``, ``support``; macro ``auc``, ``f1``,
-    ``balanced_accuracy`` and, if ``graded``, ``kappa_quadratic``. Binary - positive class ``auc``, ``f1``,
-    ``auprc``, ``support``; macro rows repeat the positive class's ``auc``/``f1``/``auprc`` (the paper's
-    convention) plus ``balanced_accuracy`` (and ``kappa_quadratic`` if graded). Multilabel - per finding
-    ``auc``, ``f1``, ``auprc``, ``support``; macro means of ``auc``, ``f1``, ``auprc``.
+    ``balanced_accuracy`` and, if ``graded``, ``kappa_quadratic``. Binary - negative class ``f1``, ``support``;
+    positive class ``auc``, ``f1``, ``auprc``, ``support``; macro ``f1`` is the mean of both classes' F1
+    (``f1_score(average="macro")``, the paper's binary F1), macro ``f1_positive`` the positive class's F1, macro
+    ``auc``/``auprc`` repeat the positive class's, plus ``balanced_accuracy`` (and ``kappa_quadratic`` if
+    graded). Multilabel - per finding ``auc``, ``f1``, ``auprc``, ``support``; macro means of ``auc``, ``f1``,
+    ``auprc``.
 
     Resamples come from :func:`bootstrap_indices` ``(n, n_boot, seed, groups)``.
     """
@@ -478,18 +484,25 @@ def score_predictions(kind: str, classes: list[str], targets: np.ndarray, probab
         positive = truth[:, 1:2]
         score = probabilities[:, 1:2]
         predicted_class = np.argmax(probabilities, axis=1)
-        flagged = (predicted_class == 1).astype(np.int64)[:, None]
+        flagged = np.eye(2, dtype=np.int64)[predicted_class]
         auc_boot, auprc_boot = _bootstrap_ranked(positive, score, indices, want_auc=True, want_auprc=True)
-        f1_point, f1_boot, f1_defined = _f1_with_replicates(positive, flagged, indices)
-        name = classes[1]
-        values = {"auc": (auc_per_class(positive, score)[0], auc_boot[:, 0], None),
-                  "f1": (f1_point[0], f1_boot[:, 0], ~f1_defined[:, 0]),
-                  "auprc": (auprc_per_class(positive, score)[0], auprc_boot[:, 0], None)}
-        for metric, (value, reps, undefined) in values.items():
-            put((name, metric), value, reps, undefined)
+        # F1 of both classes: the paper's binary F1 is f1_score(average="macro"), the mean of the two
+        f1_point, f1_boot, f1_defined = _f1_with_replicates(truth, flagged, indices)
+        negative_name, name = classes
+        put((negative_name, "f1"), f1_point[0], f1_boot[:, 0], ~f1_defined[:, 0])
+        put((negative_name, "support"), truth[:, 0].sum(), None)
+        ranked = {"auc": (auc_per_class(positive, score)[0], auc_boot[:, 0]),
+                  "auprc": (auprc_per_class(positive, score)[0], auprc_boot[:, 0])}
+        put((name, "auc"), *ranked["auc"])
+        put((name, "f1"), f1_point[1], f1_boot[:, 1], ~f1_defined[:, 1])
+        put((name, "auprc"), *ranked["auprc"])
         put((name, "support"), positive.sum(), None)
-        for metric, (value, reps, undefined) in values.items():
-            put(("macro", metric), value, reps, undefined)
+        # AUC and AUPRC have one positive class, so macro repeats it; F1 is averaged like multiclass F1
+        put(("macro", "auc"), *ranked["auc"])
+        point_defined = (truth.astype(bool) | flagged.astype(bool)).any(axis=0)
+        _put_macro(put, "f1", f1_point, point_defined, f1_boot, f1_defined)
+        put(("macro", "f1_positive"), f1_point[1], f1_boot[:, 1], ~f1_defined[:, 1])
+        put(("macro", "auprc"), *ranked["auprc"])
         _put_confusion_metrics(put, class_index, predicted_class, len(classes), indices, graded)
 
     elif kind == "multiclass":

@@ -213,22 +213,107 @@ def test_score_predictions_multiclass_matches_sklearn():
             f1_score(targets[rows] == 2, predicted[rows] == 2, zero_division=0), abs=1e-12)
 
 
+def _binary_case(n: int, seed: int, prevalence: float = 0.5, signal: float = 0.3):
+    """Targets (n,) 0/1 and two-column probabilities; rounding makes ties on purpose."""
+    rng = np.random.default_rng(seed)
+    targets = (rng.random(n) < prevalence).astype(int)
+    positive = np.clip(signal * targets + rng.random(n) * (1 - signal), 0, 1).round(2)
+    return targets, np.column_stack([1 - positive, positive])
+
+
 def test_score_predictions_binary_uses_positive_class_and_paper_convention():
-    rng = np.random.default_rng(11)
-    targets = rng.integers(0, 2, 120)
-    positive = np.clip(0.3 * targets + rng.random(120) * 0.7, 0, 1).round(2)
-    probabilities = np.column_stack([1 - positive, positive])
+    targets, probabilities = _binary_case(120, seed=11)
+    positive = probabilities[:, 1]
     scores = stats.score_predictions("binary", ["benign", "malignant"], targets, probabilities, n_boot=50, seed=0)
     predicted = probabilities.argmax(axis=1)
     assert scores.point[("malignant", "auc")] == pytest.approx(roc_auc_score(targets, positive), abs=1e-12)
     assert scores.point[("malignant", "f1")] == pytest.approx(f1_score(targets, predicted), abs=1e-12)
     assert scores.point[("malignant", "auprc")] == pytest.approx(average_precision_score(targets, positive), abs=1e-12)
     assert scores.point[("malignant", "support")] == targets.sum()
+    assert scores.point[("benign", "f1")] == pytest.approx(f1_score(targets, predicted, pos_label=0), abs=1e-12)
+    assert scores.point[("benign", "support")] == (targets == 0).sum()
     assert scores.point[("macro", "balanced_accuracy")] == pytest.approx(balanced_accuracy_score(targets, predicted), abs=1e-12)
-    assert not any(name == "benign" for name, _ in scores.point)
-    for metric in ("auc", "f1", "auprc"):
+    # AUC and AUPRC rank one class: only the positive class has them, and the macro rows repeat it
+    assert set(scores.point) == {("benign", "f1"), ("benign", "support"), ("malignant", "auc"), ("malignant", "f1"),
+                                 ("malignant", "auprc"), ("malignant", "support"), ("macro", "auc"), ("macro", "f1"),
+                                 ("macro", "f1_positive"), ("macro", "auprc"), ("macro", "balanced_accuracy")}
+    for metric in ("auc", "auprc"):
         assert scores.point[("macro", metric)] == scores.point[("malignant", metric)]
         np.testing.assert_array_equal(scores.replicates[("macro", metric)], scores.replicates[("malignant", metric)])
+    np.testing.assert_array_equal(scores.replicates[("macro", "f1_positive")], scores.replicates[("malignant", "f1")])
+
+
+@pytest.mark.parametrize("n, prevalence, seed", [(200, 0.5, 21), (150, 0.15, 22), (14, 0.1, 23)])
+def test_binary_macro_f1_is_sklearn_macro_mean_of_both_classes(n, prevalence, seed):
+    targets, probabilities = _binary_case(n, seed=seed, prevalence=prevalence)
+    predicted = probabilities.argmax(axis=1)
+    assert 0 < predicted.sum() < n and 0 < targets.sum() < n  # both classes present and predicted
+    scores = stats.score_predictions("binary", ["benign", "malignant"], targets, probabilities, n_boot=300, seed=seed)
+    expected = f1_score(targets, predicted, average="macro")
+    assert scores.point[("macro", "f1")] == pytest.approx(expected, abs=1e-12)
+    assert scores.point[("macro", "f1")] == pytest.approx(
+        (scores.point[("benign", "f1")] + scores.point[("malignant", "f1")]) / 2, abs=1e-12)
+
+    # every replicate against scikit-learn's default labels (those in the truth or the predictions)
+    indices = stats.bootstrap_indices(n, 300, seed=seed)
+    loop = np.array([f1_score(targets[rows], predicted[rows], average="macro") for rows in indices])
+    np.testing.assert_allclose(scores.replicates[("macro", "f1")], loop, rtol=0, atol=1e-12)
+    # a replicate in which one class is neither present nor predicted averages the other class alone
+    one_class = np.array([len(np.union1d(targets[rows], predicted[rows])) == 1 for rows in indices])
+    assert scores.n_degenerate[("macro", "f1")] == one_class.sum()
+    if n == 14:
+        assert one_class.any()  # the small case does exercise the skipped class
+
+
+def test_binary_macro_f1_with_only_negatives_in_the_test_set():
+    # an organ with only benign patches: the positive class's F1 is 0, the macro F1 is not
+    targets = np.zeros(30, dtype=int)
+    positive = np.linspace(0.05, 0.7, 30).round(2)  # the last ten are predicted malignant
+    probabilities = np.column_stack([1 - positive, positive])
+    predicted = probabilities.argmax(axis=1)
+    assert 0 < predicted.sum() < 30
+    scores = stats.score_predictions("binary", ["benign", "malignant"], targets, probabilities, n_boot=40, seed=1)
+    f1_negative = f1_score(targets, predicted, pos_label=0)
+    assert scores.point[("macro", "f1")] == pytest.approx(f1_score(targets, predicted, average="macro"), abs=1e-12)
+    assert scores.point[("macro", "f1")] == pytest.approx(
+        f1_score(targets, predicted, average="macro", labels=[0, 1], zero_division=0), abs=1e-12)
+    assert scores.point[("macro", "f1")] == pytest.approx(np.mean([f1_negative, 0.0]), abs=1e-12)
+    assert scores.point[("macro", "f1")] > 0
+    assert scores.point[("macro", "f1_positive")] == 0.0 == scores.point[("malignant", "f1")]
+    assert np.isnan(scores.point[("malignant", "auc")])
+
+    # nothing predicted malignant either: the positive class is absent, so the macro F1 is the benign F1
+    # (scikit-learn's default labels; an explicit labels=[0, 1] would average in a 0 by zero_division)
+    confident = np.column_stack([np.full(30, 0.9), np.full(30, 0.1)])
+    scores = stats.score_predictions("binary", ["benign", "malignant"], targets, confident, n_boot=40, seed=1)
+    assert scores.point[("macro", "f1")] == f1_score(targets, np.zeros(30, dtype=int), average="macro") == 1.0
+    assert scores.point[("macro", "f1_positive")] == 0.0
+    np.testing.assert_array_equal(scores.replicates[("macro", "f1")], 1.0)
+    assert scores.n_degenerate[("macro", "f1")] == 40
+
+
+def test_binary_f1_positive_is_sklearn_binary_f1():
+    targets, probabilities = _binary_case(90, seed=24, prevalence=0.3)
+    predicted = probabilities.argmax(axis=1)
+    scores = stats.score_predictions("binary", ["no", "yes"], targets, probabilities, n_boot=120, seed=6)
+    assert scores.point[("macro", "f1_positive")] == pytest.approx(f1_score(targets, predicted, average="binary"), abs=1e-12)
+    indices = stats.bootstrap_indices(90, 120, seed=6)
+    loop = np.array([f1_score(targets[rows], predicted[rows], average="binary", zero_division=0) for rows in indices])
+    np.testing.assert_allclose(scores.replicates[("macro", "f1_positive")], loop, rtol=0, atol=1e-12)
+    assert scores.n_degenerate[("macro", "f1_positive")] == scores.n_degenerate[("yes", "f1")]
+
+
+def test_binary_macro_f1_replicates_match_sklearn_under_patient_clusters():
+    targets, probabilities = _binary_case(80, seed=25, prevalence=0.4)
+    predicted = probabilities.argmax(axis=1)
+    groups = np.repeat(np.arange(20), 4)
+    scores = stats.score_predictions("binary", ["n", "p"], targets, probabilities, n_boot=100, seed=2, groups=groups)
+    indices = stats.bootstrap_indices(80, 100, seed=2, groups=groups)
+    loop = np.array([f1_score(targets[rows], predicted[rows], average="macro") for rows in indices])
+    np.testing.assert_allclose(scores.replicates[("macro", "f1")], loop, rtol=0, atol=1e-12)
+    row = next(r for r in scores.rows() if (r["class"], r["metric"]) == ("macro", "f1"))
+    assert row["value"] == pytest.approx(f1_score(targets, predicted, average="macro"), abs=1e-12)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(np.percentile(loop, [2.5, 97.5])), abs=1e-12)
 
 
 def test_score_predictions_multilabel_matches_sklearn():
@@ -333,6 +418,30 @@ def test_compare_detects_clearly_better_model():
     t_row = rows[("macro", "auc", "paired_t")]
     expected_t = scipy_stats.ttest_rel(better.replicates[("macro", "auc")], worse.replicates[("macro", "auc")])
     assert t_row["p_value"] == pytest.approx(expected_t.pvalue) and t_row["p_value"] < 1e-10
+
+
+def test_compare_binary_covers_both_f1_conventions():
+    targets, probabilities = _binary_case(120, seed=26, prevalence=0.3)
+    other = np.round(np.clip(probabilities + np.random.default_rng(2).normal(0, 0.2, probabilities.shape), 0, 1), 2)
+    a = stats.score_predictions("binary", ["benign", "malignant"], targets, probabilities, n_boot=150, seed=3)
+    b = stats.score_predictions("binary", ["benign", "malignant"], targets, other, n_boot=150, seed=3)
+    rows = {(r["class"], r["metric"], r["test"]): r for r in stats.compare(a, b)}
+    for test in ("bootstrap", "paired_t"):
+        assert {(name, metric) for name, metric, kind in rows if kind == test} == {
+            key for key in a.point if key[1] != "support"}
+    for metric in ("f1", "f1_positive"):
+        key = ("macro", metric)
+        boot = rows[("macro", metric, "bootstrap")]
+        assert boot["difference"] == pytest.approx(a.point[key] - b.point[key], abs=1e-12)
+        deltas = a.replicates[key] - b.replicates[key]
+        assert (boot["ci_low"], boot["ci_high"]) == pytest.approx(tuple(np.percentile(deltas, [2.5, 97.5])), abs=1e-12)
+        expected_t = scipy_stats.ttest_rel(a.replicates[key], b.replicates[key])
+        assert rows[("macro", metric, "paired_t")]["p_value"] == pytest.approx(expected_t.pvalue)
+    # the macro F1 difference is the difference of the class means, replicate by replicate
+    np.testing.assert_allclose(
+        a.replicates[("macro", "f1")] - b.replicates[("macro", "f1")],
+        (a.replicates[("benign", "f1")] + a.replicates[("malignant", "f1")]
+         - b.replicates[("benign", "f1")] - b.replicates[("malignant", "f1")]) / 2, rtol=0, atol=1e-12)
 
 
 def test_compare_bootstrap_p_value_is_two_sided_share():
