@@ -194,6 +194,11 @@ def check_references(config: dict[str, Any]) -> None:
         )
 
 
+def probe_mode(config: dict[str, Any], model: str) -> str:
+    """The probe a model gets: its own ``probe_mode`` or the config's ``probe.mode``."""
+    return config["models"][model].get("probe_mode", config["probe"]["mode"])
+
+
 def model_tasks(config: dict[str, Any], model: str) -> list[str]:
     """Tasks a model runs on, in config order."""
     selected = config["models"][model].get("tasks")

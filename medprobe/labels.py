@@ -111,3 +111,45 @@ def encode_targets(manifest: pd.DataFrame, kind: str, classes: Sequence[str]) ->
                 )
             targets[row, position] = 1
     return targets
+
+
+def manifest_findings(manifest: pd.DataFrame) -> list[str]:
+    """Every finding named in a multilabel manifest, most frequent in the training rows first (ties by name)."""
+    counts: dict[str, list[int]] = {}
+    for split, cell in zip(manifest["split"], manifest["labels"].astype(str)):
+        for finding in filter(None, cell.split("|")):
+            counts.setdefault(finding, [0, 0])[split != "train"] += 1
+    return sorted(counts, key=lambda name: (-counts[name][0], -counts[name][1], name))
+
+
+def task_targets(
+    manifest: pd.DataFrame, task_config: dict, source: str = "manifest"
+) -> tuple[np.ndarray, list[str], dict[str, int]]:
+    """Targets of a task and the classes they encode, after the task's class rules.
+
+    ``classes: all`` (multilabel) takes every finding of the manifest (:func:`manifest_findings`). For
+    multilabel tasks with ``min_test_positives`` N > 0 only findings with more than N positive test images
+    are kept, as the authors' ``label_counts > 50``. Returns ``(targets, classes, dropped)`` with
+    ``dropped`` = {finding: test positives} of the findings the rule left out. Raises ``ValueError`` naming
+    ``source`` when no finding is left.
+    """
+    kind = task_config["kind"]
+    configured = task_config["classes"]
+    classes = manifest_findings(manifest) if configured == "all" else [str(c) for c in configured]
+    if kind != "multilabel":
+        return encode_targets(manifest, kind, classes), classes, {}
+    if not classes:
+        raise ValueError(f"{source}: the labels column names no finding, so `classes: all` finds none")
+    targets = encode_targets(manifest, kind, classes)
+    threshold = int(task_config.get("min_test_positives", 0) or 0)
+    if threshold <= 0:
+        return targets, classes, {}
+    positives = targets[(manifest["split"] == "test").to_numpy()].sum(axis=0)
+    keep = positives > threshold
+    dropped = {name: int(count) for name, count, kept in zip(classes, positives, keep) if not kept}
+    if not keep.any():
+        raise ValueError(
+            f"{source}: no finding has more than min_test_positives={threshold} positive test images "
+            f"(most: {int(positives.max())}); lower tasks.<task>.min_test_positives"
+        )
+    return targets[:, keep], [name for name, kept in zip(classes, keep) if kept], dropped

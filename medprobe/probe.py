@@ -59,7 +59,9 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from medprobe.checks import check_finite
-from medprobe.labels import KINDS, encode_targets, load_manifest
+from medprobe.labels import KINDS, load_manifest, task_targets
+from medprobe.layers import resolve_layer
+from medprobe.paper_probes import fit_adam, fit_sgd
 
 logger = logging.getLogger(__name__)
 
@@ -696,74 +698,55 @@ def fit(
     )[0]
 
 
-PROBE_MODES = ("regularised", "paper")
+PROBE_MODES = ("regularised", "adam", "sgd")
 
 
-def fit_adam(
+def _check_mode(mode: str) -> None:
+    if mode not in PROBE_MODES:
+        raise ValueError(f"probe.mode must be one of {list(PROBE_MODES)}, got {mode!r}")
+
+
+def _settings(section: dict | None, defaults: dict, name: str) -> dict:
+    unknown = set(section or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"probe.{name}: unknown key(s) {sorted(unknown)}; expected {sorted(defaults)}")
+    return {**defaults, **(section or {})}
+
+
+ADAM_DEFAULTS = {"epochs": 80, "lr": 1e-4, "batch_size": 512, "standardise": False}
+SGD_DEFAULTS = {"alpha": 0.001, "max_iter": 10000, "class_weight": "balanced", "random_state": 1}
+
+
+def fit_mode(
+    mode: str,
     X: ArrayLike,
     y: ArrayLike,
     kind: str,
     *,
-    epochs: int = 100,
-    lr: float = 1e-3,
-    batch_size: int = 256,
+    C: float = math.inf,
+    regularised: dict | None = None,
+    adam: dict | None = None,
+    sgd: dict | None = None,
     seed: int = 0,
     n_classes: int | None = None,
     class_names: Sequence[str] | None = None,
     dtype: torch.dtype | str = torch.float64,
     device: str | torch.device | None = None,
-) -> LogisticProbe:
-    """The authors' protocol (``probe.mode: paper``): an unregularised linear probe trained with Adam.
-
-    Same model, standardisation and loss as :func:`fit` but no penalty, no validation split and no
-    convergence test: ``epochs`` passes of mini-batch Adam (``lr``, ``batch_size``, shuffled with a
-    generator seeded by ``seed``, so reruns are identical on one device). The result depends on the
-    training length, which acts as the only (implicit) regulariser. ``C`` is recorded as ``inf``.
-    """
-    _check_kind(kind)
-    dtype = _resolve_dtype(dtype)
-    device = _resolve_device(X, device)
-    if epochs < 1 or not lr > 0 or batch_size < 1:
-        raise ValueError(f"paper mode needs epochs >= 1, lr > 0, batch_size >= 1; got {epochs}, {lr}, {batch_size}")
-    X3 = X[None] if isinstance(X, torch.Tensor) else np.asarray(X)[None]
-    Z, mean, std = _standardise(X3, dtype, device)
-    Z = Z[0]
-    targets = _prepare_targets(y, Z.shape[0], kind, n_classes, None, None, _PARAM_DTYPE, device)
-    _warn_absent(targets, class_names)
-    W0, b0 = _initial_parameters(targets, 1, Z.shape[1], _PARAM_DTYPE, device)
-    W = W0[0].clone().requires_grad_(True)
-    b = b0[0].clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([W, b], lr=lr)
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    n = Z.shape[0]
-    for _ in range(int(epochs)):
-        order = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            logits = torch.addmm(b, Z[rows].to(_PARAM_DTYPE), W.T)
-            if kind == "multiclass":
-                loss = F.cross_entropy(logits, targets.values[rows])
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits, targets.values[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    with torch.no_grad():
-        intercept = b - b.mean() if kind == "multiclass" else b
-    return LogisticProbe(
-        mean=mean[0].cpu().numpy(), std=std[0].cpu().numpy(), coef=W.detach().cpu().numpy().copy(),
-        intercept=intercept.detach().cpu().numpy().copy(), kind=kind, C=math.inf,
-        n_iter=int(epochs) * math.ceil(n / batch_size), converged=True, absent_classes=targets.absent,
-    )
-
-
-def _paper_settings(paper: dict | None) -> dict:
-    settings = {"epochs": 100, "lr": 1e-3, "batch_size": 256}
-    unknown = set(paper or {}) - set(settings)
-    if unknown:
-        raise ValueError(f"probe.paper: unknown key(s) {sorted(unknown)}; expected {sorted(settings)}")
-    settings.update(paper or {})
-    return settings
+) -> Any:
+    """One probe of ``mode`` on ``X``: ``regularised`` at ``C`` (settings max_iter, tol, class_weight),
+    ``adam`` (:func:`medprobe.paper_probes.fit_adam`, seeded by ``seed``) or ``sgd``."""
+    _check_mode(mode)
+    if mode == "adam":
+        return fit_adam(X, y, kind, seed=seed, n_classes=n_classes, class_names=class_names, device=device,
+                        **_settings(adam, ADAM_DEFAULTS, "adam"))
+    if mode == "sgd":
+        return fit_sgd(X, y, kind, n_classes=n_classes, class_names=class_names, **_settings(sgd, SGD_DEFAULTS, "sgd"))
+    if not math.isfinite(C):
+        raise ValueError(f"the regularised probe needs a finite C, got {C}")
+    settings = regularised or {}
+    return fit(X, y, kind, C, max_iter=settings.get("max_iter", 200), tol=settings.get("tol", 1e-6),
+               class_weight=settings.get("class_weight"), n_classes=n_classes, class_names=class_names,
+               dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -984,13 +967,6 @@ def _read_layer(handle: h5py.File, layer_names: list[str], name: str) -> np.ndar
     return handle["activations"][:, layer_names.index(name), :]
 
 
-def _resolve_layer(layer: int | str, layer_names: list[str], activations_h5: Any) -> str:
-    name = f"hidden.{layer}" if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) else str(layer)
-    if name not in layer_names:
-        raise ValueError(f"layer {layer!r} is not in activations file {activations_h5}; valid layers: {layer_names}")
-    return name
-
-
 def _split_masks(manifest, manifest_csv: Any, need_val: bool = True) -> dict[str, np.ndarray]:
     masks = {split: (manifest["split"] == split).to_numpy() for split in ("train", "val", "test")}
     for split in ("train", "val", "test") if need_val else ("train", "test"):
@@ -1015,14 +991,80 @@ def _n_outputs(kind: str, classes: Sequence[str]) -> int | None:
     return len(classes) if kind != "binary" else None
 
 
+def _proba_log_loss(y: np.ndarray, probabilities: np.ndarray, kind: str) -> float:
+    """Mean negative log-likelihood from probabilities (binary/multiclass; multilabel: mean over findings)."""
+    eps = np.finfo(np.float64).eps
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), eps, 1 - eps)
+    if kind == "multilabel":
+        y = np.asarray(y, dtype=np.float64)
+        return float(np.mean(-(y * np.log(p) + (1 - y) * np.log1p(-p))))
+    return float(np.mean(-np.log(p[np.arange(len(y)), np.asarray(y, dtype=np.int64)])))
+
+
+@dataclass
+class _LayerResult:
+    """One layer's probe: what chose it on validation and the probe that predicts the test split."""
+
+    C: float
+    val_score: float
+    val_log_loss: float
+    table: list[tuple[float, float]]
+    final: Any
+
+
+def _probe_layer(
+    X: dict[str, np.ndarray], y: dict[str, np.ndarray], kind: str, n_classes: int | None, classes: list[str], *,
+    mode: str, need_val: bool, refit: bool, grid: np.ndarray, refine: bool, regularised: dict, adam: dict | None,
+    sgd: dict | None, seed: int, dtype: torch.dtype, device: torch.device, warn_absent: bool = False,
+) -> _LayerResult:
+    """Fit one layer: ``X``/``y`` hold the ``train``, ``val``, ``test`` and ``fit`` (the final probe's) rows."""
+    if mode == "regularised":
+        Z, mean, std = _standardise(X["train"][None], dtype, device)
+        targets = _prepare_targets(y["train"], Z.shape[1], kind, n_classes, regularised["class_weight"], None,
+                                   _PARAM_DTYPE, device)
+        selection = _select(Z, mean, std, targets, X["val"], y["val"], grid, refine=refine, refine_points=5,
+                            max_iter=regularised["max_iter"], tol=regularised["tol"],
+                            class_weight=regularised["class_weight"])
+        del Z
+        if warn_absent:
+            _warn_absent(targets, classes)
+        final = selection.probe
+        if refit:
+            final = fit_mode("regularised", X["fit"], y["fit"], kind, C=selection.C, regularised=regularised,
+                             n_classes=n_classes, class_names=classes, dtype=dtype, device=device)
+        return _LayerResult(selection.C, selection.val_auc, selection.val_log_loss, selection.table, final)
+    options = dict(adam=adam, sgd=sgd, seed=seed, n_classes=n_classes, class_names=classes, dtype=dtype, device=device)
+    val_score = val_loss = math.nan
+    if need_val:
+        trial = fit_mode(mode, X["train"], y["train"], kind, **options)
+        val_probabilities = trial.predict_proba(X["val"])
+        val_score = macro_auc(y["val"], val_probabilities, kind)
+        val_loss = _proba_log_loss(y["val"], val_probabilities, kind)
+    return _LayerResult(math.inf, val_score, val_loss, [], fit_mode(mode, X["fit"], y["fit"], kind, **options))
+
+
+def _validation_layer(per_layer: list[dict], layer_names: list[str], source: Any) -> tuple[str | None, str | None]:
+    """The best validation macro AUC (ties -> the shallower layer); by log-loss when no AUC is defined."""
+    val_scores = np.array([np.nan if r["val_score"] is None else r["val_score"] for r in per_layer])
+    if np.isfinite(val_scores).any():
+        return layer_names[int(np.argmax(np.where(np.isfinite(val_scores), val_scores, -np.inf)))], None
+    losses = np.array([np.inf if r["val_log_loss"] is None else r["val_log_loss"] for r in per_layer])
+    if not np.isfinite(losses).any():
+        return None, None  # nothing was scored on validation (fixed layer, adam/sgd)
+    note = ("validation macro AUC undefined on every layer (a class lacks val positives or negatives); "
+            "selected by validation log-loss")
+    logger.warning("%s: %s", source, note)
+    return layer_names[int(np.argmin(losses))], note
+
+
 def probe_task(
     activations_h5: str | os.PathLike,
     manifest_csv: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     kind: str,
-    classes: Sequence[str],
-    C_grid: Sequence[float],
+    classes: Sequence[str] | str,
+    C_grid: Sequence[float] = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0),
     refine: bool = True,
     max_iter: int = 200,
     tol: float = 1e-6,
@@ -1032,104 +1074,80 @@ def probe_task(
     dtype: torch.dtype | str = torch.float64,
     device: str | torch.device | None = None,
     mode: str = "regularised",
-    paper: dict | None = None,
+    refit: bool = False,
+    adam: dict | None = None,
+    sgd: dict | None = None,
+    min_test_positives: int = 0,
+    protocol: str | None = None,
 ) -> dict:
     """Probe every layer of an activations file and write ``layers.h5``, ``predictions.h5`` and
     ``probe.json`` into ``out_dir`` (contract: docs/architecture.md, "Probes").
 
-    Per layer (read one at a time): C is selected on the val split, the probe at that C (fitted on
-    train) predicts val and test. The headline layer is the best validation macro AUC (ties go to the
-    shallower layer) when ``layer == "validation"``, otherwise the fixed layer (int ``i`` means
-    ``hidden.i``). ``seed`` is only recorded: the full-batch solver draws nothing at random, so
-    reruns are identical. ``dtype``/``device`` choose the feature precision and where to solve.
-    ``mode="paper"`` replaces the C search by the authors' unregularised Adam probe (:func:`fit_adam`,
-    settings ``paper``); the val split then only serves the choice of the headline layer.
-    Returns the probe.json content.
+    ``mode="regularised"``: per layer (read one at a time) C is selected on the val split by a probe fitted
+    on train; that probe predicts the test split, or with ``refit`` a probe refitted at that C on train + val.
+    ``mode="adam"`` / ``"sgd"`` (the authors' probes, :mod:`medprobe.paper_probes`): each layer's probe is
+    trained on every non-test row (train + val); with ``layer="validation"`` a second probe per layer, on
+    train alone, scores the val split to choose the layer. The headline layer is the best validation macro
+    AUC (ties go to the shallower layer) when ``layer == "validation"``, otherwise the fixed layer (``i`` or
+    ``hidden.i``, ``image_embeds``, ``authors:k``; :func:`medprobe.layers.resolve_layer`). ``classes`` may be
+    ``"all"`` (multilabel), and ``min_test_positives`` keeps findings with more test positives
+    (:func:`medprobe.labels.task_targets`). Returns the probe.json content.
     """
     _check_kind(kind)
-    if mode not in PROBE_MODES:
-        raise ValueError(f"probe.mode must be one of {list(PROBE_MODES)}, got {mode!r}")
-    paper_settings = _paper_settings(paper)
-    classes = [str(c) for c in classes]
-    class_weight = _normalise_class_weight(class_weight)
+    _check_mode(mode)
+    task = {"kind": kind, "classes": classes if classes == "all" else [str(c) for c in classes],
+            "min_test_positives": min_test_positives}
+    regularised = {"max_iter": max_iter, "tol": tol, "class_weight": _normalise_class_weight(class_weight)}
     grid = _check_grid(C_grid)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    resolved_dtype = _resolve_dtype(dtype)
+    target_device = torch.device(device) if device is not None else torch.device("cpu")
 
     handle, manifest, layer_names = _open_checked(activations_h5, manifest_csv)
     with handle:
-        fixed_layer = None if layer == "validation" else _resolve_layer(layer, layer_names, activations_h5)
-        targets_all = encode_targets(manifest, kind, classes)
+        num_hidden_states = handle.attrs.get("num_hidden_states")
+        fixed_layer = None if layer == "validation" else resolve_layer(
+            layer, layer_names, os.fspath(activations_h5), num_hidden_states)
+        targets_all, classes, dropped = task_targets(manifest, task, os.fspath(manifest_csv))
+        if dropped:
+            logger.info("%d finding(s) with at most %d positive test images left out: %s", len(dropped),
+                        min_test_positives, dropped)
         masks = _split_masks(manifest, manifest_csv)
+        masks["fit"] = masks["train"] | masks["val"] if (mode != "regularised" or refit) else masks["train"]
+        need_val = mode == "regularised" or fixed_layer is None
         ids_test = manifest["image_id"][masks["test"]].tolist()
-        y_train, y_val = targets_all[masks["train"]], targets_all[masks["val"]]
-        n_columns = len(classes)
-        test_probabilities = np.empty((len(layer_names), len(ids_test), n_columns), dtype=np.float32)
+        y = {split: targets_all[mask] for split, mask in masks.items()}
+        test_probabilities = np.empty((len(layer_names), len(ids_test), len(classes)), dtype=np.float32)
         per_layer: list[dict] = []
-        resolved_dtype = _resolve_dtype(dtype)
-        target_device = torch.device(device) if device is not None else torch.device("cpu")
         for index, name in enumerate(layer_names):
             features = _read_layer(handle, layer_names, name)
             check_finite(features, manifest["image_id"].tolist(), f"{activations_h5} layer {name}", "activations")
-            X_train = features[masks["train"]]
-            X_val = features[masks["val"]]
-            X_test = features[masks["test"]]
+            X = {split: features[mask] for split, mask in masks.items()}
             del features
-            Z, mean, std = _standardise(X_train[None], resolved_dtype, target_device)
-            targets = _prepare_targets(
-                y_train, Z.shape[1], kind, _n_outputs(kind, classes), class_weight, None, _PARAM_DTYPE, target_device
+            result = _probe_layer(
+                X, y, kind, _n_outputs(kind, classes), classes, mode=mode, need_val=need_val, refit=refit,
+                grid=grid, refine=refine, regularised=regularised, adam=adam, sgd=sgd, seed=seed,
+                dtype=resolved_dtype, device=target_device, warn_absent=index == 0,
             )
-            if index == 0:
-                _warn_absent(targets, classes)
-            if mode == "paper":
-                del Z
-                adam = fit_adam(
-                    X_train, y_train, kind, seed=seed, n_classes=_n_outputs(kind, classes), dtype=resolved_dtype,
-                    device=target_device, **paper_settings,
-                )
-                val_probabilities = adam.predict_proba(X_val)
-                selection = _Selection(
-                    math.inf, macro_auc(y_val, val_probabilities, kind), log_loss(adam, X_val, y_val), adam, [],
-                )
-            else:
-                selection = _select(
-                    Z, mean, std, targets, X_val, y_val, grid, refine=refine, refine_points=5,
-                    max_iter=max_iter, tol=tol, class_weight=class_weight,
-                )
-                del Z
-            test_probabilities[index] = selection.probe.predict_proba(X_test)
-            per_layer.append(
-                {
-                    "name": name,
-                    "C": _json_number(selection.C),
-                    "val_score": _json_number(selection.val_auc),
-                    "val_log_loss": _json_number(selection.val_log_loss),
-                    "n_iter": selection.probe.n_iter,
-                    "converged": selection.probe.converged,
-                    "C_tried": [[c, _json_number(v)] for c, v in selection.table],
-                }
-            )
-            logger.info("layer %s: C=%g val macro AUC=%.4f", name, selection.C, selection.val_auc)
-        absent = [classes[k] for k in targets.absent]
+            test_probabilities[index] = result.final.predict_proba(X["test"])
+            per_layer.append({
+                "name": name,
+                "C": _json_number(result.C),
+                "val_score": _json_number(result.val_score),
+                "val_log_loss": _json_number(result.val_log_loss),
+                "n_iter": int(result.final.n_iter),
+                "converged": bool(result.final.converged),
+                "C_tried": [[c, _json_number(v)] for c, v in result.table],
+            })
+            logger.info("layer %s: C=%g val macro AUC=%.4f", name, result.C, result.val_score)
+        absent = [classes[k] for k in result.final.absent_classes]
 
-    val_scores = np.array([np.nan if r["val_score"] is None else r["val_score"] for r in per_layer])
-    note = None
-    if np.isfinite(val_scores).any():
-        # argmax returns the first maximum: ties go to the shallower layer.
-        validation_layer = layer_names[int(np.argmax(np.where(np.isfinite(val_scores), val_scores, -np.inf)))]
-    else:
-        losses = np.array([np.inf if r["val_log_loss"] is None else r["val_log_loss"] for r in per_layer])
-        validation_layer = layer_names[int(np.argmin(losses))]
-        note = "validation macro AUC undefined on every layer (a class lacks val positives or negatives); selected by validation log-loss"
-        logger.warning("%s: %s", activations_h5, note)
-    # The validation-best layer is recorded even when the config fixes the layer (the paper's 80B layer 32),
-    # so both protocols can be reported from one run.
-    if fixed_layer is not None:
-        selected, selection_method = fixed_layer, "fixed"
-    else:
-        selected, selection_method = validation_layer, "validation"
+    validation_layer, note = _validation_layer(per_layer, layer_names, activations_h5)
+    selected = fixed_layer if fixed_layer is not None else validation_layer
     selected_index = layer_names.index(selected)
     selected_C = per_layer[selected_index]["C"]
+    val_scores = np.array([np.nan if r["val_score"] is None else r["val_score"] for r in per_layer])
 
     with h5py.File(tmp := _atomic_path(out_dir / "layers.h5"), "w") as out:
         _write_strings(out, "ids", ids_test)
@@ -1139,6 +1157,8 @@ def probe_task(
         out.attrs["layer_names"] = layer_names
         out.attrs["classes"] = classes
         out.attrs["kind"] = kind
+        if num_hidden_states is not None:
+            out.attrs["num_hidden_states"] = int(num_hidden_states)
     os.replace(tmp, out_dir / "layers.h5")
 
     with h5py.File(tmp := _atomic_path(out_dir / "predictions.h5"), "w") as out:
@@ -1150,34 +1170,39 @@ def probe_task(
         out.attrs["C"] = np.inf if selected_C is None else float(selected_C)
     os.replace(tmp, out_dir / "predictions.h5")
 
+    settings = {
+        "mode": mode,
+        "seed": int(seed),
+        "dtype": str(resolved_dtype).replace("torch.", ""),
+        "min_test_positives": int(min_test_positives),
+    }
+    if mode == "regularised":
+        settings.update({"C_grid": [float(c) for c in grid], "refine": bool(refine), "refit": bool(refit),
+                         "max_iter": int(max_iter), "tol": float(tol), "class_weight": class_weight or "none"})
+    else:
+        settings[mode] = _settings(adam if mode == "adam" else sgd, ADAM_DEFAULTS if mode == "adam" else SGD_DEFAULTS, mode)
     result = {
         "layer": selected,
-        "selection": selection_method,
+        "selection": "fixed" if fixed_layer is not None else "validation",
+        "requested_layer": layer if isinstance(layer, str) else int(layer),
         "validation_layer": validation_layer,
         "C": selected_C,
         "val_score": per_layer[selected_index]["val_score"],
         "val_metric": "macro_auc",
+        "protocol": protocol,
         "kind": kind,
         "classes": classes,
+        "dropped_classes": dropped,
         "layers": per_layer,
-        "n_train": int(masks["train"].sum()),
+        "n_train": int(masks["fit"].sum()),
         "n_val": int(masks["val"].sum()),
         "n_test": int(masks["test"].sum()),
+        "fit_rows": "train+val" if (mode != "regularised" or refit) else "train",
         "absent_train_classes": absent,
         "activations": os.fspath(activations_h5),
         "manifest": os.fspath(manifest_csv),
         "manifest_sha256": _sha256(manifest_csv),
-        "settings": {
-            "C_grid": [float(c) for c in grid],
-            "refine": bool(refine),
-            "max_iter": int(max_iter),
-            "tol": float(tol),
-            "class_weight": class_weight or "none",
-            "seed": int(seed),
-            "dtype": str(resolved_dtype).replace("torch.", ""),
-            "mode": mode,
-            **({"paper": paper_settings} if mode == "paper" else {}),
-        },
+        "settings": settings,
     }
     if note:
         result["note"] = note
@@ -1256,6 +1281,30 @@ def _efficiency_strata(targets: np.ndarray, kind: str) -> np.ndarray:
     return np.where(targets.any(1), rarity.argmin(1), -1)
 
 
+def image_subsets(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """The authors' subsets: ``np.random.seed(seed); np.random.choice(n, int(f * n), replace=False)`` per
+    fraction, as boolean masks over the ``n`` training images (image-level, not nested, no stratification)."""
+    masks = []
+    for fraction in fractions:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fractions must be in (0, 1], got {fraction!r}")
+        if int(fraction * n) == 0:
+            raise ValueError(f"efficiency fraction {fraction:g} of {n} training images is int({fraction:g} * {n}) = 0 "
+                             "images; raise the smallest of efficiency.fractions")
+        chosen = np.random.RandomState(seed).choice(n, int(fraction * n), replace=False)
+        mask = np.zeros(n, dtype=bool)
+        mask[chosen] = True
+        masks.append(mask)
+    return masks
+
+
+def efficiency_seeds(seeds: int | Sequence[int], seed: int) -> list[int]:
+    """``efficiency.seeds`` as a list: a count n means ``seed, ..., seed + n - 1``; a list is taken as it is."""
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        return [int(seed) + offset for offset in range(int(seeds))]
+    return [int(s) for s in seeds]
+
+
 def efficiency_task(
     activations_h5: str | os.PathLike,
     manifest_csv: str | os.PathLike,
@@ -1263,7 +1312,7 @@ def efficiency_task(
     out_path: str | os.PathLike,
     *,
     kind: str,
-    classes: Sequence[str],
+    classes: Sequence[str] | str,
     fractions: Sequence[float],
     seeds: int | Sequence[int],
     max_iter: int = 200,
@@ -1272,19 +1321,28 @@ def efficiency_task(
     dtype: torch.dtype | str = torch.float64,
     device: str | torch.device | None = None,
     mode: str = "regularised",
-    paper: dict | None = None,
+    refit: bool = False,
+    adam: dict | None = None,
+    sgd: dict | None = None,
+    sampling: str = "patients",
+    seed: int = 0,
+    min_test_positives: int = 0,
 ) -> dict:
-    """Label-efficiency sweep at probe.json's selected layer and C; writes ``efficiency.h5``.
+    """Label-efficiency sweep at probe.json's selected layer (and C); writes ``efficiency.h5``.
 
-    For every seed, :func:`nested_subsets` draws nested patient subsets of the train split (one per
-    fraction, stratified by each patient's majority class); a probe is refitted on each and predicts
-    the test split. ``seeds`` is a list of seeds or a count (``n`` -> ``0..n-1``). Classes missing from
-    a subset are logged and recorded in the ``missing_classes`` attribute (JSON). Returns a summary.
+    The pool is the rows the headline probe was trained on (train, or train + val for ``refit`` and the
+    adam/sgd probes). For every subset seed, ``sampling="patients"`` draws nested patient subsets
+    (:func:`nested_subsets`, stratified by each patient's majority class); ``"images"`` the authors'
+    image-level subsets (:func:`image_subsets`). A probe of ``mode`` is refitted on each and predicts the test
+    split; the adam probe keeps ``seed`` (the headline probe's), so fraction 1.0 reproduces the headline
+    probe. ``seeds`` is a list of seeds or a count (``n`` -> ``0..n-1``). Classes missing from a subset are
+    logged and recorded in the ``missing_classes`` attribute (JSON). Returns a summary.
     """
     _check_kind(kind)
-    classes = [str(c) for c in classes]
-    class_weight = _normalise_class_weight(class_weight)
-    seed_list = list(range(int(seeds))) if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
+    _check_mode(mode)
+    if sampling not in ("patients", "images"):
+        raise ValueError(f"efficiency.sampling must be 'patients' or 'images', got {sampling!r}")
+    seed_list = efficiency_seeds(seeds, 0)
     if not seed_list:
         raise ValueError("seeds must name at least one seed")
     fraction_list = [float(f) for f in fractions]
@@ -1292,21 +1350,23 @@ def efficiency_task(
     for key in ("layer", "C"):
         if key not in probe_info:
             raise ValueError(f"probe file {probe_json} lacks key {key!r}")
-    if mode not in PROBE_MODES:
-        raise ValueError(f"probe.mode must be one of {list(PROBE_MODES)}, got {mode!r}")
-    paper_settings = _paper_settings(paper)
     C = math.inf if probe_info["C"] is None else float(probe_info["C"])
-    if mode != "paper" and not math.isfinite(C):
-        raise ValueError(f"probe file {probe_json} has no finite C (written in paper mode?) but probe.mode is {mode!r}")
+    if mode == "regularised" and not math.isfinite(C):
+        raise ValueError(f"probe file {probe_json} has no finite C (written by the adam or sgd probe?) but probe.mode "
+                         f"is {mode!r}")
+    task = {"kind": kind, "classes": classes if classes == "all" else [str(c) for c in classes],
+            "min_test_positives": min_test_positives}
 
     handle, manifest, layer_names = _open_checked(activations_h5, manifest_csv)
     with handle:
-        layer = _resolve_layer(probe_info["layer"], layer_names, activations_h5)
+        layer = resolve_layer(probe_info["layer"], layer_names, os.fspath(activations_h5),
+                              handle.attrs.get("num_hidden_states"))
         features = _read_layer(handle, layer_names, layer)
         check_finite(features, manifest["image_id"].tolist(), f"{activations_h5} layer {layer}", "activations")
-    targets = encode_targets(manifest, kind, classes)
+    targets, classes, _ = task_targets(manifest, task, os.fspath(manifest_csv))
     masks = _split_masks(manifest, manifest_csv, need_val=False)
-    train_rows = np.flatnonzero(masks["train"])
+    pool = masks["train"] | masks["val"] if (mode != "regularised" or refit) else masks["train"]
+    train_rows = np.flatnonzero(pool)
     X_train, y_train = features[train_rows], targets[train_rows]
     X_test = features[masks["test"]]
     ids_test = manifest["image_id"][masks["test"]].tolist()
@@ -1318,13 +1378,17 @@ def efficiency_task(
     patients[no_patient] = ["\x00image:" + i for i in manifest["image_id"].to_numpy()[train_rows][no_patient]]
     strata = _efficiency_strata(y_train, kind)
     present_in_train = set(np.flatnonzero(y_train.sum(0) > 0) if kind == "multilabel" else np.unique(y_train))
+    regularised = {"max_iter": max_iter, "tol": tol, "class_weight": _normalise_class_weight(class_weight)}
 
     probabilities = np.empty((len(fraction_list), len(seed_list), len(ids_test), len(classes)), dtype=np.float32)
     n_train = np.zeros((len(fraction_list), len(seed_list)), dtype=np.int64)
     missing: dict[str, list[str]] = {}
     cache: dict[bytes, np.ndarray] = {}  # identical subsets (e.g. fraction 1.0) are fitted once
-    for s, seed in enumerate(seed_list):
-        subsets = nested_subsets(patients, strata, fraction_list, seed)
+    for s, subset_seed in enumerate(seed_list):
+        if sampling == "patients":
+            subsets = nested_subsets(patients, strata, fraction_list, subset_seed)
+        else:
+            subsets = image_subsets(len(train_rows), fraction_list, subset_seed)
         for f, subset in enumerate(subsets):
             n_train[f, s] = int(subset.sum())
             y_subset = y_train[subset]
@@ -1332,21 +1396,15 @@ def efficiency_task(
             lost = sorted(present_in_train - present)
             if lost:
                 names = [classes[k] for k in lost]
-                missing[f"fraction={fraction_list[f]:g},seed={seed}"] = names
-                logger.warning("efficiency subset fraction=%g seed=%d has no sample of %s", fraction_list[f], seed, names)
-            # identical subsets (fraction 1.0) share one fit, except in paper mode where the seed drives Adam
-            key = np.packbits(subset).tobytes() + (str(seed).encode() if mode == "paper" else b"")
+                missing[f"fraction={fraction_list[f]:g},seed={subset_seed}"] = names
+                logger.warning("efficiency subset fraction=%g seed=%d has no sample of %s", fraction_list[f],
+                               subset_seed, names)
+            key = np.packbits(subset).tobytes()
             if key not in cache:
-                if mode == "paper":
-                    probe = fit_adam(
-                        X_train[subset], y_subset, kind, seed=seed, n_classes=_n_outputs(kind, classes),
-                        class_names=classes, dtype=dtype, device=device, **paper_settings,
-                    )
-                else:
-                    probe = fit(
-                        X_train[subset], y_subset, kind, C, max_iter=max_iter, tol=tol, class_weight=class_weight,
-                        n_classes=_n_outputs(kind, classes), class_names=classes, dtype=dtype, device=device,
-                    )
+                probe = fit_mode(
+                    mode, X_train[subset], y_subset, kind, C=C, regularised=regularised, adam=adam, sgd=sgd,
+                    seed=seed, n_classes=_n_outputs(kind, classes), class_names=classes, dtype=dtype, device=device,
+                )
                 cache[key] = probe.predict_proba(X_test).astype(np.float32)
             probabilities[f, s] = cache[key]
 
@@ -1362,6 +1420,8 @@ def efficiency_task(
         out.attrs["kind"] = kind
         out.attrs["layer"] = layer
         out.attrs["C"] = C
+        out.attrs["sampling"] = sampling
         out.attrs["missing_classes"] = json.dumps(missing)
     os.replace(tmp, out_path)
-    return {"layer": layer, "C": C, "fractions": fraction_list, "seeds": seed_list, "n_train": n_train.tolist(), "missing_classes": missing}
+    return {"layer": layer, "C": C, "fractions": fraction_list, "seeds": seed_list, "n_train": n_train.tolist(),
+            "sampling": sampling, "missing_classes": missing}

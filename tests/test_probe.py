@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from medprobe.labels import encode_targets, load_manifest
+from medprobe.paper_probes import fit_sgd
 from medprobe.probe import (
     _LayerFeatures,
     _LayerObjective,
@@ -26,7 +27,9 @@ from medprobe.probe import (
     _lbfgs,
     _line_search,
     _prepare_targets,
+    efficiency_seeds,
     efficiency_task,
+    image_subsets,
     fit_adam,
     fit,
     fit_layers,
@@ -647,56 +650,192 @@ def test_probe_and_efficiency_multilabel_with_unseen_finding(tmp_path, caplog):
 
 
 # --------------------------------------------------------------------------------------------------
-# The authors' protocol: unregularised Adam probe (probe.mode: paper)
+# The authors' probes (probe.mode adam and sgd) and the protocol options around them
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind,n_out", [("binary", 1), ("multiclass", 3)])
-def test_fit_adam_reaches_the_unpenalised_maximum_likelihood_fit(kind, n_out):
-    X, y = make_data(kind, 300, 4, n_out, seed=31, noise=3.0)  # noisy: the unpenalised optimum is finite
-    probe = fit_adam(X, y, kind, epochs=1500, lr=0.05, batch_size=300, n_classes=None if kind == "binary" else n_out)
-    assert probe.C == float("inf") and probe.n_iter == 1500
-    scaler = StandardScaler().fit(X)
-    reference = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10000).fit(scaler.transform(X), y)
-    expected = reference.predict_proba(scaler.transform(X))
-    np.testing.assert_allclose(probe.predict_proba(X), expected, atol=5e-3)
-    assert log_loss(probe, X, y) == pytest.approx(sk_log_loss(y, expected), abs=1e-4)
+@pytest.mark.parametrize("kind,n_out", [("binary", 2), ("multiclass", 3), ("multilabel", 3)])
+def test_fit_adam_is_the_authors_loop(kind, n_out):
+    """fit_adam against a direct torch loop: nn.Linear, cross-entropy (multilabel: sigmoid + BCELoss), Adam,
+    shuffled mini-batches, no standardisation, the same seed."""
+    X, y = make_data(kind, 300, 5, n_out if kind != "binary" else 1, seed=33)
+    epochs, lr, batch_size, seed = 4, 1e-2, 64, 7
+
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(5, n_out)
+    optimiser = torch.optim.Adam(linear.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    features = torch.tensor(X, dtype=torch.float32)
+    targets = torch.tensor(y, dtype=torch.float32 if kind == "multilabel" else torch.int64)
+    for _ in range(epochs):
+        for rows in torch.randperm(300, generator=order).split(batch_size):
+            logits = linear(features[rows])
+            loss = (torch.nn.BCELoss()(torch.sigmoid(logits), targets[rows]) if kind == "multilabel"
+                    else torch.nn.CrossEntropyLoss()(logits, targets[rows]))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    with torch.no_grad():
+        logits = linear(features)
+        expected = torch.sigmoid(logits) if kind == "multilabel" else torch.softmax(logits, dim=1)
+
+    torch.manual_seed(12345)
+    before = torch.rand(1)
+    probe = fit_adam(X, y, kind, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                     n_classes=n_out if kind == "multiclass" else None)
+    np.testing.assert_allclose(probe.predict_proba(X), expected.numpy(), atol=1e-5)
+    assert probe.coef.shape == (n_out, 5) and probe.C == float("inf") and probe.n_iter == epochs * 5
+    torch.manual_seed(12345)
+    assert torch.rand(1) == before  # the global generator is left alone
+    with pytest.raises(ValueError, match="epochs >= 1"):
+        fit_adam(X, y, kind, epochs=0)
 
 
-def test_fit_adam_minibatches_are_seeded():
+def test_fit_adam_standardise_option_and_seeds():
     X, y = make_data("binary", 200, 3, 1, seed=32)
     first = fit_adam(X, y, "binary", epochs=3, batch_size=16, seed=1)
     np.testing.assert_array_equal(first.coef, fit_adam(X, y, "binary", epochs=3, batch_size=16, seed=1).coef)
     assert not np.allclose(first.coef, fit_adam(X, y, "binary", epochs=3, batch_size=16, seed=2).coef)
-    with pytest.raises(ValueError, match="epochs >= 1"):
-        fit_adam(X, y, "binary", epochs=0)
+    scaled = fit_adam(X, y, "binary", epochs=3, batch_size=16, seed=1, standardise=True)
+    np.testing.assert_allclose(scaled.mean, X.mean(0)) and np.testing.assert_allclose(scaled.std, X.std(0))
+    assert np.all(first.mean == 0) and np.all(first.std == 1)
 
 
-def test_probe_task_paper_mode(tmp_path):
+@pytest.mark.parametrize("kind,n_out", [("binary", 1), ("multiclass", 3)])
+def test_fit_sgd_is_the_authors_clip_baseline(kind, n_out):
+    from sklearn.linear_model import SGDClassifier
+
+    X, y = make_data(kind, 300, 4, n_out, seed=34)
+    probe = fit_sgd(X, y, kind, n_classes=None if kind == "binary" else n_out)
+    reference = SGDClassifier(loss="log_loss", penalty="l2", alpha=0.001, max_iter=10000, class_weight="balanced",
+                              random_state=1).fit(X, y)
+    np.testing.assert_allclose(probe.predict_proba(X), reference.predict_proba(X), atol=1e-12)
+
+
+def test_fit_sgd_multilabel_finding_without_positives():
+    X, y = make_data("multilabel", 200, 4, 3, seed=35)
+    y[:, 2] = 0
+    probe = fit_sgd(X, y, "multilabel")
+    proba = probe.predict_proba(X)
+    assert proba.shape == (200, 3) and np.all(proba[:, 2] == 0.0) and probe.absent_classes == (2,)
+
+
+def _split_rows(manifest):
+    return {split: (manifest["split"] == split).to_numpy() for split in ("train", "val", "test")}
+
+
+def test_probe_task_adam_trains_on_every_non_test_row(tmp_path):
     h5_path, manifest_path, manifest = write_task(tmp_path)
-    paper = {"epochs": 20, "lr": 0.01, "batch_size": 32}
-    result = probe_task(h5_path, manifest_path, tmp_path / "out", **PROBE_SETTINGS, mode="paper", paper=paper, seed=3)
-    assert result["settings"]["mode"] == "paper" and result["settings"]["paper"] == paper
-    assert result["C"] is None and all(entry["C_tried"] == [] for entry in result["layers"])
-    assert result["layer"] == "hidden.1"
+    adam = {"epochs": 20, "lr": 0.01, "batch_size": 32}
+    result = probe_task(h5_path, manifest_path, tmp_path / "out", **PROBE_SETTINGS, mode="adam", adam=adam, seed=3,
+                        layer=1, protocol="paper")
+    assert result["settings"]["mode"] == "adam" and result["settings"]["adam"]["epochs"] == 20
+    assert result["C"] is None and result["protocol"] == "paper" and result["fit_rows"] == "train+val"
+    assert result["validation_layer"] is None and result["layer"] == "hidden.1"
+    rows = _split_rows(manifest)
+    assert result["n_train"] == int((rows["train"] | rows["val"]).sum())
     with h5py.File(h5_path) as f:
         features = f["activations"][:, 1, :].astype(np.float64)
     y = (manifest["label"] == "malignant").to_numpy().astype(np.int64)
-    train, test = (manifest["split"] == "train").to_numpy(), (manifest["split"] == "test").to_numpy()
-    direct = fit_adam(features[train], y[train], "binary", seed=3, **paper).predict_proba(features[test])
+    fit_rows = rows["train"] | rows["val"]
+    direct = fit_adam(features[fit_rows], y[fit_rows], "binary", seed=3, **adam).predict_proba(features[rows["test"]])
     with h5py.File(tmp_path / "out" / "predictions.h5") as f:
         np.testing.assert_allclose(f["probabilities"][:], direct, atol=1e-5)
         assert f.attrs["C"] == np.inf
     settings = {k: PROBE_SETTINGS[k] for k in ("kind", "classes", "max_iter", "tol", "class_weight")}
     efficiency_task(h5_path, manifest_path, tmp_path / "out" / "probe.json", tmp_path / "eff.h5", fractions=[0.5, 1.0],
-                    seeds=[3], mode="paper", paper=paper, **settings)
+                    seeds=[1], mode="adam", adam=adam, seed=3, sampling="images", **settings)
     with h5py.File(tmp_path / "eff.h5") as f:
-        np.testing.assert_allclose(f["probabilities"][1, 0], direct, atol=1e-5)
+        np.testing.assert_allclose(f["probabilities"][1, 0], direct, atol=1e-5)  # fraction 1.0 = the headline
+        assert list(f["n_train"][:, 0]) == [int(0.5 * fit_rows.sum()), int(fit_rows.sum())]
     with pytest.raises(ValueError, match="no finite C"):
         efficiency_task(h5_path, manifest_path, tmp_path / "out" / "probe.json", tmp_path / "x.h5", fractions=[1.0],
                         seeds=1, **settings)
     with pytest.raises(ValueError, match="probe.mode"):
-        probe_task(h5_path, manifest_path, tmp_path / "bad", **PROBE_SETTINGS, mode="adam")
+        probe_task(h5_path, manifest_path, tmp_path / "bad", **PROBE_SETTINGS, mode="paper")
+
+
+def test_probe_task_adam_with_validation_layer_scores_train_only_probes(tmp_path):
+    h5_path, manifest_path, manifest = write_task(tmp_path)
+    adam = {"epochs": 30, "lr": 0.05, "batch_size": 32}
+    result = probe_task(h5_path, manifest_path, tmp_path / "out", **PROBE_SETTINGS, mode="adam", adam=adam)
+    assert result["layer"] == result["validation_layer"] == "hidden.1" and result["selection"] == "validation"
+    rows = _split_rows(manifest)
+    with h5py.File(h5_path) as f:
+        features = f["activations"][:, 1, :].astype(np.float64)
+    y = (manifest["label"] == "malignant").to_numpy().astype(np.int64)
+    trial = fit_adam(features[rows["train"]], y[rows["train"]], "binary", **adam)
+    expected = roc_auc_score(y[rows["val"]], trial.predict_proba(features[rows["val"]])[:, 1])
+    assert result["layers"][1]["val_score"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_probe_task_sgd_on_the_embeddings(tmp_path):
+    h5_path, manifest_path, manifest = write_task(tmp_path, with_embeddings=True)
+    result = probe_task(h5_path, manifest_path, tmp_path / "out", **PROBE_SETTINGS, mode="sgd", layer="image_embeds")
+    assert result["layer"] == "image_embeds" and result["settings"]["sgd"]["class_weight"] == "balanced"
+    rows = _split_rows(manifest)
+    fit_rows = rows["train"] | rows["val"]
+    with h5py.File(h5_path) as f:
+        embeddings = f["embeddings"][:].astype(np.float64)
+    y = (manifest["label"] == "malignant").to_numpy().astype(np.int64)
+    from sklearn.linear_model import SGDClassifier
+
+    reference = SGDClassifier(loss="log_loss", penalty="l2", alpha=0.001, max_iter=10000, class_weight="balanced",
+                              random_state=1).fit(embeddings[fit_rows], y[fit_rows])
+    with h5py.File(tmp_path / "out" / "predictions.h5") as f:
+        np.testing.assert_allclose(f["probabilities"][:], reference.predict_proba(embeddings[rows["test"]]), atol=1e-6)
+
+
+def test_probe_task_refit_uses_train_and_val_at_the_chosen_C(tmp_path):
+    h5_path, manifest_path, manifest = write_task(tmp_path)
+    plain = probe_task(h5_path, manifest_path, tmp_path / "plain", **PROBE_SETTINGS)
+    result = probe_task(h5_path, manifest_path, tmp_path / "refit", **PROBE_SETTINGS, refit=True)
+    assert result["C"] == plain["C"] and result["layer"] == plain["layer"] and result["fit_rows"] == "train+val"
+    rows = _split_rows(manifest)
+    fit_rows = rows["train"] | rows["val"]
+    with h5py.File(h5_path) as f:
+        features = f["activations"][:, 1, :].astype(np.float64)
+    y = (manifest["label"] == "malignant").to_numpy().astype(np.int64)
+    direct = fit(features[fit_rows], y[fit_rows], "binary", result["C"]).predict_proba(features[rows["test"]])
+    with h5py.File(tmp_path / "refit" / "predictions.h5") as f:
+        np.testing.assert_allclose(f["probabilities"][:], direct, atol=1e-4)
+
+
+def test_image_subsets_are_the_authors_numpy_draws():
+    masks = image_subsets(50, [0.1, 0.5, 1.0], seed=1)
+    for fraction, mask in zip([0.1, 0.5, 1.0], masks):
+        np.random.seed(1)
+        expected = np.random.choice(50, int(fraction * 50), replace=False)
+        assert set(np.flatnonzero(mask)) == set(expected.tolist())
+    with pytest.raises(ValueError, match="0 images"):
+        image_subsets(5, [0.1], seed=1)
+    assert efficiency_seeds(3, 10) == [10, 11, 12] and efficiency_seeds([1], 10) == [1]
+
+
+def test_probe_task_layer_in_the_authors_numbering(tmp_path):
+    h5_path, manifest_path, manifest = write_task(tmp_path, n_layers=13, informative_layer=3)
+    with h5py.File(h5_path, "a") as f:
+        f.attrs["num_hidden_states"] = 13
+    # 12 layer files x.0 ... x.11 sort as x.0, x.1, x.10, x.11, x.2, ...: index 4 is x.2 = hidden_states[3].
+    result = probe_task(h5_path, manifest_path, tmp_path / "out", **PROBE_SETTINGS, layer="authors:4")
+    assert result["layer"] == "hidden.3" and result["requested_layer"] == "authors:4"
+
+
+def test_multilabel_all_findings_and_the_strict_min_test_positives_rule(tmp_path):
+    h5_path, manifest_path, manifest = write_task(tmp_path, multilabel=True, informative_layer=2)
+    test = (manifest["split"] == "test").to_numpy()
+    counts = {f: int(manifest["labels"][test].str.split("|").apply(lambda v: f in v).sum()) for f in FINDINGS}
+    threshold = counts["nodule"]  # nodule has exactly `threshold` test positives: left out by the strict rule
+    settings = dict(kind="multilabel", max_iter=200, tol=1e-6, class_weight="balanced", C_grid=[0.1], refine=False)
+    result = probe_task(h5_path, manifest_path, tmp_path / "out", classes="all", min_test_positives=threshold,
+                        **settings)
+    kept = [f for f in ("effusion", "nodule") if counts[f] > threshold]
+    assert result["classes"] == kept and result["dropped_classes"]["nodule"] == threshold
+    with h5py.File(tmp_path / "out" / "predictions.h5") as f:
+        assert list(f.attrs["classes"]) == kept and f["probabilities"].shape[1] == len(kept)
+    everything = probe_task(h5_path, manifest_path, tmp_path / "all", classes="all", **settings)
+    train_counts = manifest["labels"][manifest["split"] == "train"].str.split("|").explode().value_counts()
+    assert everything["classes"] == [f for f in train_counts.index if f]  # 'fracture' never occurs
 
 
 def test_non_finite_activations_stop_the_probe_naming_the_images(tmp_path):

@@ -113,6 +113,11 @@ def model_checkpoint(wildcards):
     return [entry["checkpoint"]] if "demo_build" in entry else []
 
 
+def model_probe_mode(wildcards):
+    """The model's own probe (models.<model>.probe_mode) or probe.mode."""
+    return medprobe_config.probe_mode(config, wildcards.model)
+
+
 def model_gpus(wildcards):
     return config["models"][wildcards.model]["gpus"]
 

@@ -18,6 +18,8 @@ rule probe:
         task=task_config,
         probe=config["probe"],
         layer=lambda wildcards: config["models"][wildcards.model]["layer"],
+        mode=model_probe_mode,
+        protocol=config["protocol"],
         seed=config["seed"],
     script:
         "../scripts/probe.py"
@@ -38,7 +40,10 @@ rule efficiency:
     params:
         task=task_config,
         probe=config["probe"],
-        efficiency=config["efficiency"],
+        efficiency={
+            key: config["efficiency"][key] for key in ("fractions", "seeds", "sampling")
+        },
+        mode=model_probe_mode,
         seed=config["seed"],
     script:
         "../scripts/efficiency.py"

@@ -1,5 +1,5 @@
-"""Label-efficiency sweep: refit the headline probe on nested fractions of the training patients."""
-from medprobe.probe import efficiency_task
+"""Label-efficiency sweep: refit the headline probe on fractions of the training data."""
+from medprobe.probe import efficiency_seeds, efficiency_task
 from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
@@ -11,12 +11,17 @@ with rule_logging(snakemake):
         snakemake.output[0],
         kind=task["kind"],
         classes=task["classes"],
+        min_test_positives=task["min_test_positives"],
         fractions=efficiency["fractions"],
-        seeds=[snakemake.params.seed + offset for offset in range(efficiency["seeds"])],
+        seeds=efficiency_seeds(efficiency["seeds"], snakemake.params.seed),
+        sampling=efficiency["sampling"],
         max_iter=probe["max_iter"],
         tol=probe["tol"],
-        class_weight=None if probe["class_weight"] == "none" else probe["class_weight"],
+        class_weight=probe["class_weight"],
         dtype=probe["dtype"],
-        mode=probe["mode"],
-        paper=probe["paper"],
+        mode=snakemake.params.mode,
+        refit=probe["refit"],
+        adam=probe["adam"],
+        sgd=probe["sgd"],
+        seed=snakemake.params.seed,
     )
