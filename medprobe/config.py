@@ -199,6 +199,17 @@ def probe_mode(config: dict[str, Any], model: str) -> str:
     return config["models"][model].get("probe_mode", config["probe"]["mode"])
 
 
+def comparison_pairs(config: dict[str, Any], task: str) -> list[list[str]]:
+    """The ``[model, reference]`` pairs compared on ``task``: ``comparisons`` (default: every model against
+    ``baseline_model``), kept where both models run the task."""
+    runs = task_models(config, task)
+    pairs = config.get("comparisons") or [
+        [model, config["baseline_model"]] for model in config["models"]
+        if config.get("baseline_model") and model != config["baseline_model"]
+    ]
+    return [list(pair) for pair in pairs if pair[0] in runs and pair[1] in runs]
+
+
 def model_tasks(config: dict[str, Any], model: str) -> list[str]:
     """Tasks a model runs on, in config order."""
     selected = config["models"][model].get("tasks")

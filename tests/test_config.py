@@ -17,10 +17,57 @@ def demo(repo):
 def test_demo_config_validates_and_fills_defaults(demo):
     del demo["evaluation"]
     config = medprobe_config.validate(demo)
-    assert config["evaluation"] == {"bootstrap": 1000, "ci": 0.95}
+    assert config["evaluation"] == {"bootstrap": 1000, "ci": 0.95, "auc_thresholds": [0.9, 0.7]}
     assert config["models"]["clip"]["revision"] == "main"
     assert config["models"]["clip"]["trust_remote_code"] is False
     assert config["tasks"]["T1"]["graded"] is False
+
+
+def test_paper_config_follows_the_authors_protocol(repo):
+    config = medprobe_config.load(repo / "config" / "paper.yaml")
+    assert config["protocol"] == "paper"
+    assert config["probe"]["mode"] == "adam"
+    assert config["probe"]["adam"] == {"epochs": 80, "lr": 0.0001, "batch_size": 512, "standardise": False}
+    assert config["probe"]["sgd"] == {"alpha": 0.001, "max_iter": 10000, "class_weight": "balanced", "random_state": 1}
+    assert medprobe_config.probe_mode(config, "clip") == medprobe_config.probe_mode(config, "plip") == "sgd"
+    assert config["models"]["clip"]["layer"] == config["models"]["plip"]["layer"] == "image_embeds"
+    assert medprobe_config.probe_mode(config, "idefics_80b") == "adam"
+    assert {config["models"][m]["quantization"] for m in ("idefics_80b", "idefics_9b")} == {"8bit"}
+    assert config["extraction"]["prompt_format"] == "question_answer"
+    assert config["tasks"]["T1"]["prompt"] == "What can you seen on this histological picture?"
+    assert config["tasks"]["T7"]["classes"] == "all" and config["tasks"]["T7"]["min_test_positives"] == 50
+    assert config["tasks"]["T5"]["test_fraction"] == 0.17 and config["tasks"]["T2"]["label_rule"] == "huang_code"
+    assert config["efficiency"]["sampling"] == "images" and config["efficiency"]["seeds"] == [1]
+    assert config["nejm"]["template"] == "figure_s2" and config["figures"]["figureS5_order"] == "authors"
+    assert medprobe_config.comparison_pairs(config, "T6") == [
+        ["idefics_80b", "clip"], ["idefics_9b", "clip"], ["idefics_80b", "idefics_9b"]]
+    assert ["idefics_80b", "plip"] in medprobe_config.comparison_pairs(config, "T1")
+
+
+def test_rigorous_config_shares_the_paper_tasks_and_changes_the_analysis(repo):
+    paper = medprobe_config.load(repo / "config" / "paper.yaml")
+    rigorous = medprobe_config.load(repo / "config" / "rigorous.yaml")
+    assert rigorous["protocol"] == "rigorous" and "extends" not in rigorous
+    assert rigorous["tasks"] == paper["tasks"] and rigorous["extraction"] == paper["extraction"]
+    for model in paper["models"]:  # same checkpoints and loading: the same activations serve both protocols
+        for key in ("checkpoint", "revision", "quantization", "torch_dtype", "tasks"):
+            assert rigorous["models"][model].get(key) == paper["models"][model].get(key)
+        assert rigorous["models"][model]["layer"] == "validation"
+        assert medprobe_config.probe_mode(rigorous, model) == "regularised"
+    assert rigorous["probe"]["refit"] is True and rigorous["efficiency"]["sampling"] == "patients"
+    assert rigorous["efficiency"]["seeds"] == 5
+
+
+def test_extends_merges_mappings_and_reports_a_missing_base(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "base.yaml").write_text("a: {b: 1, c: [1, 2]}\nd: 1\n")
+    config = {"extends": "config/base.yaml", "a": {"c": [3]}, "e": 2}
+    assert medprobe_config.resolve_extends(config, tmp_path) == {"a": {"b": 1, "c": [3]}, "d": 1, "e": 2}
+    with pytest.raises(ConfigError, match="extends: the base config .*missing.yaml does not exist"):
+        medprobe_config.resolve_extends({"extends": "config/missing.yaml"}, tmp_path)
+    (tmp_path / "config" / "loop.yaml").write_text("extends: config/loop.yaml\n")
+    with pytest.raises(ConfigError, match="extended twice"):
+        medprobe_config.resolve_extends({"extends": "config/loop.yaml"}, tmp_path)
 
 
 def test_paper_config_states_the_paper(repo):
@@ -33,7 +80,7 @@ def test_paper_config_states_the_paper(repo):
     assert tasks["T7"]["kind"] == "multilabel" and tasks["T2"]["kind"] == "binary"
     assert tasks["T1"]["classes"] == ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
     assert models["idefics_80b"]["checkpoint"] == "HuggingFaceM4/idefics-80b-instruct"
-    assert models["idefics_80b"]["layer"] == 32
+    assert models["idefics_80b"]["layer"] == "authors:32"
     assert models["idefics_9b"]["checkpoint"] == "HuggingFaceM4/idefics-9b-instruct"
     assert models["clip"]["checkpoint"] == "openai/clip-vit-base-patch32"
     assert models["plip"]["checkpoint"] == "vinid/plip" and models["plip"]["tasks"] == ["T1", "T2"]
@@ -58,6 +105,10 @@ def test_paper_config_states_the_paper(repo):
         (lambda c: c["tasks"]["T2"].update(classes=["a", "b", "c"]), "tasks.T2.classes"),
         (lambda c: c["models"]["clip"].update(checkpoint="elsewhere"), "models.clip.checkpoint"),
         (lambda c: c["efficiency"].update(fractions=[0.1, 0.5]), "must include 1.0"),
+        (lambda c: c["tasks"]["T1"].update(classes="all"), "tasks.T1.classes: `all`"),
+        (lambda c: c.update(comparisons=[["clip", "gpt"]]), "comparisons\\[0\\]: unknown model 'gpt'"),
+        (lambda c: c["models"]["clip"].update(probe_mode="lbfgs"), "models.clip.probe_mode"),
+        (lambda c: c["efficiency"].update(summary_tasks={"pathology": "T3"}), "efficiency.summary_tasks.pathology"),
         (lambda c: c.update(seed="zero"), "invalid config key seed: 'zero' is not of type 'integer'"),
         (lambda c: c["evaluation"].update(bootstrap=1.5), "evaluation.bootstrap"),
         (lambda c: c["models"]["clip"].update(trust_remote_code="yes"), "models.clip.trust_remote_code"),

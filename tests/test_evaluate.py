@@ -9,7 +9,15 @@ import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
 from medprobe import stats
-from medprobe.evaluate import TABLE_COLUMNS, collect, compare_models, efficiency_summary, evaluate_model_task
+from medprobe.evaluate import (
+    TABLE_COLUMNS,
+    collect,
+    compare_models,
+    efficiency_retained,
+    efficiency_summary,
+    evaluate_model_task,
+    findings_summary,
+)
 
 TASK = {"kind": "multiclass", "classes": ["a", "b", "c"], "graded": False, "metric": "auc"}
 EVALUATION = {"bootstrap": 200, "ci": 0.95}
@@ -184,3 +192,66 @@ def test_efficiency_summary_retained_share_per_discipline(tmp_path):
         efficiency_summary(table[table.fraction < 1], tasks)
     with pytest.raises(ValueError, match="T3"):
         efficiency_summary(table, {k: v for k, v in tasks.items() if k != "T3"})
+
+
+def test_layers_table_names_each_layer_in_the_authors_numbering(setup):
+    tmp_path, manifest_path, *_ = setup
+    folder = tmp_path / "probe_c"
+    ids = pd.read_csv(manifest_path).query("split == 'test'")["image_id"].tolist()
+    rng = np.random.default_rng(3)
+    make_probe_dir(folder, ids, rng.dirichlet(np.ones(3), len(ids)), layers=13)
+    tables = evaluate_model_task(task="T", model="m", task_config=TASK, manifest=manifest_path,
+                                 probe_dir=folder, evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
+    authors = tables["layers"].drop_duplicates("layer").set_index("layer")["authors_layer"]
+    # 12 files x.0 ... x.11 in text order: x.0, x.1, x.10, x.11, x.2, ...
+    assert pd.isna(authors["hidden.0"]) and authors["hidden.1"] == 0 and authors["hidden.11"] == 2
+    assert authors["hidden.3"] == 4 and authors["hidden.12"] == 3
+    on_disk = pd.read_csv(tmp_path / "out" / "layers.csv", dtype={"class": str})
+    assert "authors_layer" in on_disk.columns and on_disk["authors_layer"].dropna().astype(int).max() == 11
+
+
+def test_comparison_pairs_choose_what_is_tested(setup):
+    tmp_path, manifest_path, *_ = setup
+    predictions = {"good": tmp_path / "probe_a" / "predictions.h5", "random": tmp_path / "probe_b" / "predictions.h5"}
+    table = compare_models(task="T", task_config=TASK, manifest=manifest_path, predictions=predictions,
+                           pairs=[["random", "good"], ["good", "absent_model"]], evaluation=EVALUATION, seed=0,
+                           out_path=tmp_path / "cmp.csv")
+    assert set(zip(table["model"], table["baseline"])) == {("random", "good")}
+    auc = table[(table["class"] == "macro") & (table["metric"] == "auc") & (table["test"] == "bootstrap")].iloc[0]
+    assert auc["difference"] < -0.2
+
+
+def test_efficiency_retained_is_one_task_per_discipline_as_the_paper(tmp_path):
+    rows = []
+    # The paper's pathology numbers: T1 F1 0.855 at 10 % and 0.892 at 100 % -> 95.8 %; T2 must not enter.
+    for task, metric, low, full in [("T1", "f1", 0.855, 0.892), ("T2", "f1", 0.5, 0.9), ("T3", "auc", 0.892, 0.945)]:
+        for fraction, value in ((0.1, low), (1.0, full)):
+            rows.append({"task": task, "model": "idefics_80b", "layer": "hidden.39", "fraction": fraction, "seed": 1,
+                         "class": "macro", "metric": metric, "value": value, "n_train": int(fraction * 1000)})
+            rows.append({**rows[-1], "class": "macro", "metric": "auc" if metric == "f1" else "f1", "value": 0.1})
+    table = pd.DataFrame(rows)
+    tasks = {"T1": {"metric": "f1", "discipline": "pathology"}, "T2": {"metric": "f1", "discipline": "pathology"},
+             "T3": {"metric": "auc", "discipline": "dermatology"}}
+    summary = efficiency_retained(table, tasks, {"pathology": "T1", "dermatology": "T3", "radiology": "T8"},
+                                  tmp_path / "retained.csv")
+    at_10 = summary[summary["fraction"] == 0.1].set_index("discipline")
+    assert at_10.loc["pathology", "retained_mean"] == pytest.approx(0.855 / 0.892)
+    # The paper's 95.8 % and 94.3 % come from unrounded metrics: the printed ones give 95.85 % and 94.39 %.
+    assert 100 * at_10.loc["pathology", "retained_mean"] == pytest.approx(95.8, abs=0.1)
+    assert 100 * at_10.loc["dermatology", "retained_mean"] == pytest.approx(94.3, abs=0.1)
+    assert set(summary["task"]) == {"T1", "T3"} and set(summary["discipline"]) == {"pathology", "dermatology"}
+    with pytest.raises(ValueError, match="no fraction 1.0 rows"):
+        efficiency_retained(table[table["fraction"] < 1], tasks, {"pathology": "T1"})
+
+
+def test_findings_summary_counts_findings_at_each_auc_threshold():
+    metrics = pd.DataFrame({
+        "task": "T7", "model": ["a"] * 4 + ["b"] * 4, "layer": "hidden.1",
+        "class": ["x", "y", "z", "macro"] * 2, "metric": "auc",
+        "value": [0.95, 0.9, 0.71, 0.85, 0.89, 0.7, 0.5, 0.7],
+    })
+    tasks = {"T7": {"kind": "multilabel"}, "T1": {"kind": "multiclass"}}
+    summary = findings_summary(metrics, tasks, [0.9, 0.7]).set_index(["model", "threshold"])
+    assert summary.loc[("a", 0.9), "n_at_or_above"] == 2 and summary.loc[("a", 0.9), "findings"] == "x|y"
+    assert summary.loc[("a", 0.7), "n_at_or_above"] == 3 and summary.loc[("b", 0.7), "n_at_or_above"] == 2
+    assert summary.loc[("b", 0.9), "n_at_or_above"] == 0 and set(summary["n_findings"]) == {3}

@@ -150,9 +150,12 @@ def evaluation_files(model, task):
 
 
 def task_predictions(wildcards):
+    """Test predictions of the models compared on this task."""
+    compared = {model for pair in comparison_pairs(wildcards) for model in pair}
     return {
         model: f"results/probes/{model}/{wildcards.task}/predictions.h5"
         for model in medprobe_config.task_models(config, wildcards.task)
+        if model in compared
     }
 
 
@@ -166,10 +169,20 @@ def table_inputs(wildcards):
 
 
 def all_tables():
-    return [
-        f"results/tables/{table}.csv"
-        for table in TABLES + ["comparisons", "efficiency_summary"]
-    ]
+    extra = ["comparisons", "efficiency_summary", "efficiency_retained"]
+    if any(entry["kind"] == "multilabel" for entry in config["tasks"].values()):
+        extra.append("findings")
+    return [f"results/tables/{table}.csv" for table in TABLES + extra]
+
+
+def comparison_pairs(wildcards):
+    """[model, reference] pairs compared on this task (both models must run it)."""
+    return medprobe_config.comparison_pairs(config, wildcards.task)
+
+
+def evaluation_settings(wildcards):
+    """What scoring needs of the evaluation section (thresholds of findings.csv excluded: they rerun nothing)."""
+    return {key: config["evaluation"][key] for key in ("bootstrap", "ci")}
 
 
 def all_figures():

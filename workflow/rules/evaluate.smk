@@ -16,7 +16,7 @@ rule evaluate:
         ENV
     params:
         task=task_config,
-        evaluation=config["evaluation"],
+        evaluation=evaluation_settings,
         seed=config["seed"],
         out_dir=subpath(output[0], parent=True),
     script:
@@ -40,8 +40,8 @@ rule compare:
     params:
         task=task_config,
         models=lambda wildcards: list(task_predictions(wildcards)),
-        baseline=config.get("baseline_model", ""),
-        evaluation=config["evaluation"],
+        pairs=comparison_pairs,
+        evaluation=evaluation_settings,
         seed=config["seed"],
     script:
         "../scripts/compare.py"
@@ -105,3 +105,35 @@ rule efficiency_summary:
         tasks=config["tasks"],
     script:
         "../scripts/efficiency_summary.py"
+
+
+rule efficiency_retained:
+    input:
+        "results/tables/efficiency.csv",
+    output:
+        "results/tables/efficiency_retained.csv",
+    log:
+        "logs/collect/efficiency_retained.log",
+    conda:
+        ENV
+    params:
+        tasks=config["tasks"],
+        summary_tasks=config["efficiency"]["summary_tasks"],
+    script:
+        "../scripts/efficiency_retained.py"
+
+
+rule findings_table:
+    input:
+        "results/tables/metrics.csv",
+    output:
+        "results/tables/findings.csv",
+    log:
+        "logs/collect/findings.log",
+    conda:
+        ENV
+    params:
+        tasks=config["tasks"],
+        thresholds=config["evaluation"]["auc_thresholds"],
+    script:
+        "../scripts/findings_table.py"

@@ -1,4 +1,4 @@
-"""Paired comparisons of every model with the baseline model on one task."""
+"""Paired comparisons of the configured model pairs on one task."""
 from medprobe.evaluate import compare_models
 from medprobe.workflow import rule_logging
 
@@ -8,7 +8,7 @@ with rule_logging(snakemake):
         task_config=snakemake.params.task,
         manifest=snakemake.input.manifest,
         predictions={model: snakemake.input[model] for model in snakemake.params.models},
-        baseline=snakemake.params.baseline,
+        pairs=snakemake.params.pairs,
         evaluation=snakemake.params.evaluation,
         seed=snakemake.params.seed,
         out_path=snakemake.output[0],
