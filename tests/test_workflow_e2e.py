@@ -40,6 +40,15 @@ def demo(repo, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def demo_paper(repo, tmp_path_factory):
+    """The demo under the paper's protocol (config/demo_paper.yaml), in its own working directory."""
+    workdir = tmp_path_factory.mktemp("demo_paper")
+    result = snakemake(repo, workdir, "--configfile", str(repo / "config" / "demo_paper.yaml"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
 def config(repo):
     return medprobe_config.load(repo / "config" / "config.yaml")
 
@@ -158,3 +167,48 @@ def test_bad_image_stops_the_run_naming_the_file(repo, tmp_path, damage, reason)
     assert str(victim.name) in result.stderr and reason in result.stderr
     assert not (tmp_path / "results/manifests/T2.csv").exists()
     assert not (tmp_path / "results/manifests/T2.json").exists()
+
+
+def test_the_paper_protocol_runs_on_the_demo(repo, demo_paper):
+    from sklearn.linear_model import SGDClassifier
+
+    config = medprobe_config.load(repo / "config" / "demo_paper.yaml")
+    results = demo_paper / "results"
+    for name in FIGURES:
+        assert (results / "figures" / f"{name}.png").stat().st_size > 0, name
+    for name in TABLES + ["efficiency_retained", "findings"]:
+        assert (results / "tables" / f"{name}.csv").stat().st_size > 0, name
+
+    idefics = json.loads((results / "probes" / "idefics_80b" / "T4" / "probe.json").read_text())
+    assert idefics["protocol"] == "paper" and idefics["settings"]["mode"] == "adam"
+    assert idefics["layer"] == "hidden.5" and idefics["selection"] == "fixed" and idefics["fit_rows"] == "train+val"
+
+    # The CLIP baseline is scikit-learn's SGDClassifier on the stored projected embeddings, train + val rows.
+    task = config["tasks"]["T1"]
+    baseline = json.loads((results / "probes" / "clip" / "T1" / "probe.json").read_text())
+    assert baseline["settings"]["mode"] == "sgd" and baseline["layer"] == "image_embeds"
+    manifest = load_manifest(results / "manifests" / "T1.csv")
+    with h5py.File(results / "activations" / "clip" / "T1.h5", "r") as handle:
+        embeddings = handle["embeddings"][:].astype(np.float64)
+    targets = encode_targets(manifest, task["kind"], task["classes"])
+    fit_rows, test = (manifest["split"] != "test").to_numpy(), (manifest["split"] == "test").to_numpy()
+    reference = SGDClassifier(loss="log_loss", penalty="l2", alpha=0.001, max_iter=10000, class_weight="balanced",
+                              random_state=1).fit(embeddings[fit_rows], targets[fit_rows])
+    with h5py.File(results / "probes" / "clip" / "T1" / "predictions.h5", "r") as handle:
+        np.testing.assert_allclose(handle["probabilities"][:], reference.predict_proba(embeddings[test]), atol=1e-5)
+
+    # T7: every finding of the data with more than 3 positive test images, and only those.
+    t7 = load_manifest(results / "manifests" / "T7.csv")
+    test_labels = t7.loc[t7["split"] == "test", "labels"].str.split("|").explode()
+    counts = test_labels[test_labels != ""].value_counts()
+    metrics = pd.read_csv(results / "tables" / "metrics.csv", dtype={"class": str})
+    probed = set(metrics.loc[(metrics["task"] == "T7") & (metrics["metric"] == "auc"), "class"]) - {"macro"}
+    assert probed == set(counts.index[counts > 3])
+
+    comparisons = pd.read_csv(results / "tables" / "comparisons.csv")
+    assert set(zip(comparisons["model"], comparisons["baseline"])) == {
+        ("idefics_80b", "clip"), ("idefics_9b", "clip"), ("idefics_80b", "idefics_9b")}
+    efficiency = pd.read_csv(results / "tables" / "efficiency.csv")
+    assert set(efficiency["seed"]) == {1}
+    retained = pd.read_csv(results / "tables" / "efficiency_retained.csv")
+    assert dict(zip(retained["discipline"], retained["task"])) == config["efficiency"]["summary_tasks"]
