@@ -5,7 +5,8 @@ The file layout (see ``docs/architecture.md``)::
     ids           (N,)       UTF-8 image_id, manifest order
     activations   (N, L, D)  float16 (or float32), chunks (min(N, 256), 1, D) so one layer reads fast
     embeddings    (N, E)     only for models with their own projected image embedding (CLIP)
-    attrs: layer_names, model, checkpoint, revision, prompt, pooling, dtype, software_version, manifest_sha256
+    attrs: layer_names, num_hidden_states, model, checkpoint, revision, prompt, prompt_format, pooling, dtype,
+           software_version, manifest_sha256
 
 Shards: ``shard=(i, n)`` extracts only the i-th of n consecutive, batch-aligned row ranges of the
 manifest into its own file (attributes ``shard_index``, ``shard_count``, ``row_start``, ``row_stop`` added);
@@ -13,8 +14,8 @@ manifest into its own file (attributes ``shard_index``, ``shard_count``, ``row_s
 with the same batch size (the batches are the same).
 
 Resume: the file is written as ``<out_path>.partial``; after every batch the rows are flushed and the
-attribute ``rows_done`` is advanced.  A rerun for the same manifest, model, prompt, layers and dtype
-continues at ``rows_done`` (any difference starts over), and the finished file is renamed onto
+attribute ``rows_done`` is advanced.  A rerun for the same manifest, model, prompt, prompt format, layers
+and dtype continues at ``rows_done`` (any difference starts over), and the finished file is renamed onto
 ``out_path``, so ``out_path`` exists only when complete.  Batches always start at a multiple of the
 batch size, so a resumed run with the same ``batch_size`` writes bit-identical data.
 """
@@ -40,6 +41,7 @@ from PIL import Image
 import medprobe
 from medprobe.checks import OomBackoff
 from medprobe.models import Adapter, load_adapter
+from medprobe.models.base import PROMPT_FORMATS
 
 __all__ = [
     "ImageReadError",
@@ -231,9 +233,10 @@ class _ImageDataset(torch.utils.data.Dataset):
 class _Collate:
     """Preprocesses a list of ``(row, image)`` into ``(rows, model inputs)``; runs in DataLoader workers."""
 
-    def __init__(self, adapter: Adapter, prompt: str) -> None:
+    def __init__(self, adapter: Adapter, prompt: str, prompt_format: str) -> None:
         self.adapter = adapter
         self.prompt = prompt
+        self.prompt_format = prompt_format
 
     def __call__(
         self, items: list[tuple[int, Image.Image | ImageReadError]]
@@ -243,7 +246,7 @@ class _Collate:
         for image in images:
             if isinstance(image, ImageReadError):
                 return rows, image
-        return rows, self.adapter.preprocess(images, self.prompt)
+        return rows, self.adapter.preprocess(images, self.prompt, prompt_format=self.prompt_format)
 
 
 def _rows_done_in_partial(partial: Path, fingerprint: str, n_rows: int) -> int | None:
@@ -260,7 +263,8 @@ def _rows_done_in_partial(partial: Path, fingerprint: str, n_rows: int) -> int |
         return None
     if stored != fingerprint or not 0 <= rows_done <= n_rows:
         logger.warning(
-            "%s was written for a different manifest, model, prompt, layers or dtype; starting over", partial
+            "%s was written for a different manifest, model, prompt, prompt format, layers or dtype; starting over",
+            partial,
         )
         partial.unlink()
         return None
@@ -323,6 +327,7 @@ def extract_activations(
     model_name: str,
     model_cfg: Mapping[str, Any],
     prompt: str,
+    prompt_format: str = "chat",
     batch_size: int = 16,
     num_workers: int = 0,
     prefetch_factor: int = 2,
@@ -344,6 +349,9 @@ def extract_activations(
         model_name: the config's model key, stored as the ``model`` attribute.
         model_cfg: the model's config entry (see :func:`medprobe.models.load_adapter`).
         prompt: the task prompt; the adapter wraps it (attribute ``prompt`` holds the exact text).
+        prompt_format: how the adapter lays the prompt out around the image, ``chat`` (User/Assistant
+            turns) or ``question_answer`` (the paper's ``[image, "Question: {prompt} Answer:"]``); stored as
+            the attribute ``prompt_format``, empty for image-only models, which ignore the prompt.
         batch_size: images per forward pass.
         num_workers: DataLoader worker processes for image decoding and preprocessing (0 = in-process).
         prefetch_factor: batches each worker prepares ahead (only with ``num_workers`` > 0).
@@ -365,13 +373,18 @@ def extract_activations(
         FileNotFoundError: the manifest or an image is missing (the message names image_id and path).
         ImageReadError: an image cannot be decoded.
         InsufficientDiskSpaceError: the output folder cannot hold the projected file (both sizes named).
-        ValueError: bad manifest, ``dtype``, ``layers``, ``compression``, ``shard`` or ``batch_size``.
+        ValueError: bad manifest, ``dtype``, ``prompt_format``, ``layers``, ``compression``, ``shard`` or
+            ``batch_size``.
     """
     from tqdm import tqdm
 
     manifest, out_path, root = Path(manifest), Path(out_path), Path(root)
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype is {dtype!r}; valid storage dtypes: {', '.join(STORAGE_DTYPES)}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(
+            f"extraction config key 'prompt_format' is {prompt_format!r}; valid values: {', '.join(PROMPT_FORMATS)}"
+        )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     compression_options = _compression_options(compression, compression_level)
@@ -392,14 +405,20 @@ def extract_activations(
     if adapter is None:
         adapter = load_adapter(model_cfg, device=device)
         logger.info("loaded %r in %.1f s on %s", adapter, time.perf_counter() - started, adapter.device)
+    adapter.check_prompt_format(prompt_format)
     layer_indices = _resolve_layers(layers, adapter.num_hidden_states)
     stored_layer_names = [adapter.layer_names[i] for i in layer_indices]
     attrs: dict[str, Any] = {
         "layer_names": stored_layer_names,
+        # The model's whole hidden_states length, so that layer numberings relative to the model (the
+        # paper's files count hidden_states[1:]) still work when only some layers are stored.
+        "num_hidden_states": int(adapter.num_hidden_states),
         "model": model_name,
         "checkpoint": str(model_cfg["checkpoint"]),
         "revision": str(model_cfg.get("revision") or ""),
-        "prompt": adapter.prompt_text(prompt),
+        "prompt": adapter.prompt_text(prompt, prompt_format),
+        # Image-only models see no prompt, so their files do not depend on the format.
+        "prompt_format": prompt_format if adapter.prompt_formats else "",
         "pooling": adapter.pooling,
         "dtype": dtype,
         "software_version": software_version(),
@@ -415,6 +434,7 @@ def extract_activations(
             "revision": attrs["revision"],
             "adapter": adapter.name,
             "prompt": attrs["prompt"],
+            "prompt_format": attrs["prompt_format"],
             "layers": layer_indices,
             "dtype": dtype,
             "compression": compression_options,
@@ -456,7 +476,7 @@ def extract_activations(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_Collate(adapter, prompt),
+        collate_fn=_Collate(adapter, prompt, prompt_format),
         pin_memory=on_cuda,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )

@@ -22,6 +22,8 @@ from medprobe.models.base import Adapter
 torch.set_num_threads(1)
 
 PROMPT = "What can you see on this fundus photograph?"
+# The paper's prompt for the pathology tasks, word for word ("seen" sic).
+PAPER_PROMPT = "What can you seen on this histological picture?"
 N_IMAGES = 10
 
 
@@ -113,17 +115,20 @@ def test_idefics_file_matches_the_contract(dataset, tmp_path, idefics_cfg):
     assert list(attrs["layer_names"]) == [f"hidden.{i}" for i in range(5)]
     assert attrs["model"] == "idefics_9b" and attrs["checkpoint"] == idefics_cfg["checkpoint"]
     assert attrs["revision"] == "" and attrs["pooling"] == "last" and attrs["dtype"] == "float16"
-    assert attrs["prompt"] == f"{PROMPT}<end_of_utterance>\nAssistant:"
+    assert attrs["prompt"] == f"{PROMPT}<end_of_utterance>\nAssistant:" and attrs["prompt_format"] == "chat"
+    assert attrs["num_hidden_states"] == 5
     assert attrs["manifest_sha256"] == hashlib.sha256(dataset.read_bytes()).hexdigest()
     assert (
         f"medprobe {medprobe.__version__}" in attrs["software_version"] and "transformers" in attrs["software_version"]
     )
     assert set(attrs) == {
         "layer_names",
+        "num_hidden_states",
         "model",
         "checkpoint",
         "revision",
         "prompt",
+        "prompt_format",
         "pooling",
         "dtype",
         "software_version",
@@ -139,6 +144,54 @@ def test_idefics_file_matches_the_contract(dataset, tmp_path, idefics_cfg):
     np.testing.assert_array_equal(layer2, stored[:, 2].astype(np.float32))
     np.testing.assert_array_equal(read_activations(out, -1)[1], stored[:, 4].astype(np.float32))
     assert layer_names(out) == [f"hidden.{i}" for i in range(5)]
+
+
+def test_question_answer_file_records_the_papers_prompt_and_the_model_depth(dataset, tmp_path, idefics_cfg):
+    out = extract_activations(
+        dataset,
+        tmp_path / "qa.h5",
+        model_name="idefics_9b",
+        model_cfg=idefics_cfg,
+        prompt=PAPER_PROMPT,
+        prompt_format="question_answer",
+        layers=[3, 1],
+        batch_size=4,
+        device="cpu",
+        root=tmp_path,
+        progress=False,
+    )
+    with h5py.File(out, "r") as handle:
+        attrs = dict(handle.attrs)
+        stored = handle["activations"][()]
+    assert attrs["prompt"] == "Question: What can you seen on this histological picture? Answer:"
+    assert attrs["prompt_format"] == "question_answer"
+    # Two layers stored, but the model's depth is kept: 4 decoder layers + the embedding output.
+    assert list(attrs["layer_names"]) == ["hidden.1", "hidden.3"] and attrs["num_hidden_states"] == 5
+    adapter = load_adapter(idefics_cfg, device="cpu")
+    images = [load_rgb(tmp_path / "images" / f"{image_id}.png") for image_id in manifest_ids(dataset)]
+    expected, _ = adapter.forward(adapter.preprocess(images[:2], PAPER_PROMPT, "question_answer"), layers=[1, 3])
+    np.testing.assert_allclose(stored[:2].astype(np.float32), expected.numpy(), rtol=2e-3, atol=1e-4)
+    chat, _ = adapter.forward(adapter.preprocess(images[:2], PAPER_PROMPT), layers=[1, 3])
+    assert np.abs(stored[:2].astype(np.float32) - chat.numpy()).max() > 1e-2
+
+
+def test_clip_files_do_not_depend_on_the_prompt_format(dataset, tmp_path, clip_cfg, monkeypatch):
+    common = dict(model_name="clip", model_cfg=clip_cfg, batch_size=4, device="cpu", root=tmp_path, progress=False)
+    chat = read_all(extract_activations(dataset, tmp_path / "chat.h5", prompt=PROMPT, **common))
+    out = tmp_path / "qa.h5"
+    # An interrupted question_answer run is resumed by a chat run: an image-only model sees no prompt.
+    with monkeypatch.context() as patch:
+        count_forwards(patch, fail_after=1)
+        with pytest.raises(Interrupt):
+            extract_activations(dataset, out, prompt=PAPER_PROMPT, prompt_format="question_answer", **common)
+    with monkeypatch.context() as patch:
+        calls = count_forwards(patch)
+        extract_activations(dataset, out, prompt=PROMPT, prompt_format="chat", **common)
+    assert calls == [4, 2]
+    resumed = read_all(out)
+    assert resumed["attr:prompt"] == resumed["attr:prompt_format"] == "" and resumed["attr:num_hidden_states"] == 5
+    for key in chat:
+        np.testing.assert_array_equal(resumed[key], chat[key], err_msg=key)
 
 
 def test_clip_embeddings_layer_subset_and_float32(dataset, tmp_path, clip_cfg, checkpoints):
@@ -275,9 +328,41 @@ def test_a_partial_file_for_other_settings_is_started_over(dataset, tmp_path, id
         calls = count_forwards(patch)
         extract_activations(dataset, out, prompt=PROMPT, **kwargs)
     assert calls == [4, 4, 2]  # everything recomputed
-    assert "different manifest, model, prompt, layers or dtype; starting over" in caplog.text
+    assert "different manifest, model, prompt, prompt format, layers or dtype; starting over" in caplog.text
     fresh = read_all(extract_activations(dataset, tmp_path / "fresh.h5", prompt=PROMPT, **kwargs))
     np.testing.assert_array_equal(read_all(out)["activations"], fresh["activations"])
+
+
+def test_a_partial_of_the_other_prompt_format_starts_over(dataset, tmp_path, idefics_cfg, monkeypatch, caplog):
+    kwargs = dict(
+        model_name="idefics_9b",
+        model_cfg=idefics_cfg,
+        prompt=PAPER_PROMPT,
+        batch_size=4,
+        device="cpu",
+        root=tmp_path,
+        progress=False,
+    )
+    out = tmp_path / "act.h5"
+    partial = tmp_path / "act.h5.partial"
+    for first, second in (("question_answer", "chat"), ("chat", "question_answer")):
+        caplog.clear()
+        with monkeypatch.context() as patch:
+            count_forwards(patch, fail_after=2)
+            with pytest.raises(Interrupt):
+                extract_activations(dataset, out, prompt_format=first, **kwargs)
+        with h5py.File(partial, "r") as handle:
+            assert handle.attrs["rows_done"] == 8 and handle.attrs["prompt_format"] == first
+        with monkeypatch.context() as patch:
+            calls = count_forwards(patch)
+            extract_activations(dataset, out, prompt_format=second, **kwargs)
+        assert calls == [4, 4, 2], (first, second)  # nothing of the other format's rows is kept
+        assert "starting over" in caplog.text and "resuming" not in caplog.text
+        fresh = read_all(extract_activations(dataset, tmp_path / f"{second}.h5", prompt_format=second, **kwargs))
+        rerun = read_all(out)
+        assert rerun["attr:prompt_format"] == second
+        np.testing.assert_array_equal(rerun["activations"], fresh["activations"])
+        out.unlink()
 
 
 def test_missing_image_is_named_before_the_model_loads(dataset, tmp_path, idefics_cfg, monkeypatch):
@@ -324,6 +409,8 @@ def test_bad_arguments_are_named(dataset, tmp_path, clip_cfg):
         extract_activations(dataset, tmp_path / "x.h5", dtype="bfloat16", **common)
     with pytest.raises(ValueError, match="layer 5 is out of range.*5 hidden states"):
         extract_activations(dataset, tmp_path / "x.h5", layers=[0, 5], **common)
+    with pytest.raises(ValueError, match="'prompt_format' is 'plain'.*chat, question_answer"):
+        extract_activations(dataset, tmp_path / "x.h5", prompt_format="plain", **common)
     bad_manifest = tmp_path / "bad.csv"
     bad_manifest.write_text("image_id,file\na,b.png\n")
     with pytest.raises(ValueError, match=r"bad\.csv.*\['path'\]"):
@@ -453,6 +540,9 @@ def test_sharded_extraction_merges_into_the_unsharded_file(dataset, tmp_path, cl
         assert (handle.attrs["row_start"], handle.attrs["row_stop"], handle["activations"].shape[0]) == (2, 6, 4)
     merged = read_all(merge_shards(dataset, list(reversed(shards)), tmp_path / "merged.h5"))
     assert merged.keys() == unsharded.keys()
+    # The attributes that make only some stored layers usable survive the merge.
+    assert merged["attr:num_hidden_states"] == 5 and merged["attr:prompt_format"] == ""
+    assert list(merged["attr:layer_names"]) == ["hidden.1", "hidden.3"]
     for key in unsharded:
         np.testing.assert_array_equal(merged[key], unsharded[key], err_msg=key)
     with h5py.File(tmp_path / "merged.h5", "r") as m, h5py.File(tmp_path / "whole.h5", "r") as w:

@@ -18,6 +18,9 @@ from medprobe.models.idefics import IdeficsAdapter
 torch.set_num_threads(1)
 
 PROMPT = "What can you see on this knee radiograph?"
+# The paper's prompt for the pathology tasks, word for word ("seen" sic).
+PAPER_PROMPT = "What can you seen on this histological picture?"
+PAPER_TEXT = "Question: What can you seen on this histological picture? Answer:"
 
 
 @pytest.fixture(scope="session")
@@ -137,6 +140,89 @@ def test_idefics_prompt_is_the_instruct_format(idefics):
     assert batch["pixel_values"].shape == (1, 1, 3, 224, 224)
 
 
+def test_idefics_chat_prompt_is_pinned(idefics):
+    # The demo's numbers depend on this exact text and these exact ids: the chat format must not move.
+    pinned = f"{PROMPT}<end_of_utterance>\nAssistant:"
+    assert idefics.prompt_text(PROMPT) == idefics.prompt_text(PROMPT, "chat") == pinned
+    image = make_images(1)[0]
+    expected = idefics.processor(text=[["User:", image, pinned]], return_tensors="pt")
+    for batch in (idefics.preprocess([image], PROMPT), idefics.preprocess([image], PROMPT, prompt_format="chat")):
+        assert batch.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(batch[key], expected[key]), key
+    tokenizer = idefics.processor.tokenizer
+    ids = expected["input_ids"][0].tolist()
+    layout = "<s>User:<fake_token_around_image><image><fake_token_around_image>" + pinned
+    assert tokenizer.decode(ids).replace(" ", "") == layout.replace(" ", "")
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_idefics_question_answer_prompt_is_the_papers(idefics):
+    assert idefics.prompt_text(PAPER_PROMPT, "question_answer") == PAPER_TEXT
+    image = make_images(1)[0]
+    batch = idefics.preprocess([image], PAPER_PROMPT, prompt_format="question_answer")
+    tokenizer = idefics.processor.tokenizer
+    ids = batch["input_ids"][0].tolist()
+    # Exactly one BOS (the processor's own), the image, then the question; no User/Assistant turns.
+    special = tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<image>", "<fake_token_around_image>"])
+    question = tokenizer(PAPER_TEXT, add_special_tokens=False)["input_ids"]
+    assert ids == [tokenizer.bos_token_id, *special, *question]
+    assert ids.count(tokenizer.bos_token_id) == 1
+    assert tokenizer.decode(ids[4:]).strip() == PAPER_TEXT
+    assert "User" not in tokenizer.decode(ids) and "Assistant" not in tokenizer.decode(ids)
+    # The same as the processor given [image, text], as the paper's code called it.
+    direct = idefics.processor(text=[[image, PAPER_TEXT]], return_tensors="pt")
+    for key in direct:
+        assert torch.equal(batch[key], direct[key]), key
+    assert batch["attention_mask"].all() and batch["pixel_values"].shape == (1, 1, 3, 224, 224)
+
+
+def test_unknown_prompt_format_is_named(idefics, clip):
+    for call in (
+        lambda: idefics.prompt_text(PROMPT, "plain"),
+        lambda: idefics.preprocess(make_images(1), PROMPT, prompt_format="plain"),
+    ):
+        with pytest.raises(ValueError, match="'prompt_format' is 'plain'.*chat, question_answer"):
+            call()
+    assert IdeficsAdapter.prompt_formats == ("chat", "question_answer") and ClipAdapter.prompt_formats == ()
+    clip.check_prompt_format("question_answer")  # image-only: every format is accepted and ignored
+    with pytest.raises(ValueError, match="'prompt_format' is 'plain'"):
+        clip.check_prompt_format("plain")
+
+
+def test_a_doubled_bos_is_refused(idefics):
+    bos = idefics.processor.tokenizer.bos_token_id
+    good = torch.tensor([[0, 0, bos, 5, 6], [bos, 5, 6, 7, 8]])
+    mask = (good != 0).long()
+    idefics._check_one_bos(good, mask)
+    doubled = torch.tensor([[0, bos, bos, 5, 6], [bos, 5, 6, 7, 8]])
+    with pytest.raises(RuntimeError, match=r"\[2, 1\] leading BOS tokens per row, expected exactly 1"):
+        idefics._check_one_bos(doubled, (doubled != 0).long())
+    missing = torch.tensor([[5, 6, 7]])
+    with pytest.raises(RuntimeError, match=r"\[0\] leading BOS"):
+        idefics._check_one_bos(missing, torch.ones_like(missing))
+
+
+def test_question_answer_pools_the_last_token_of_the_question(idefics, tiny_models):
+    from transformers import IdeficsForVisionText2Text
+
+    images = make_images(2, seed=8)
+    batch = idefics.preprocess(images, PAPER_PROMPT, prompt_format="question_answer")
+    tokenizer = idefics.processor.tokenizer
+    assert tokenizer.decode(batch["input_ids"][0, -1:]).strip() == ":"  # the colon of "Answer:"
+    pooled, _ = idefics.forward(batch)
+    reference = IdeficsForVisionText2Text.from_pretrained(tiny_models["tiny-idefics-large"]).eval()
+    for row, image in enumerate(images):
+        inputs = idefics.processor(text=[[image, PAPER_TEXT]], return_tensors="pt")
+        with torch.inference_mode():
+            states = reference(**inputs, output_hidden_states=True).hidden_states
+        expected = torch.stack([state[0, -1] for state in states])
+        torch.testing.assert_close(pooled[row], expected, atol=1e-5, rtol=0)
+    # Another token of another sequence than the chat format pools.
+    chat, _ = idefics.forward(idefics.preprocess(images, PAPER_PROMPT))
+    assert (chat - pooled).abs().amax() > 1e-3
+
+
 def test_idefics_forward_matches_hidden_states_of_the_hf_model(idefics, tiny_models):
     from transformers import IdeficsForVisionText2Text
 
@@ -169,12 +255,13 @@ def test_the_image_changes_the_last_token_state(idefics):
     assert torch.all(difference > 0.01 * scale), (difference, scale)
 
 
+@pytest.mark.parametrize("prompt_format", ["chat", "question_answer"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_batched_equals_one_at_a_time_with_padding(idefics, padding_side, monkeypatch):
+def test_batched_equals_one_at_a_time_with_padding(idefics, padding_side, prompt_format, monkeypatch):
     monkeypatch.setattr(idefics.processor.tokenizer, "padding_side", padding_side)
     images = make_images(3, seed=2)
     prompts = ["Hi?", "What can you see on this chest radiograph? Describe it in detail.", PROMPT]
-    batch = idefics.preprocess(images, prompts)
+    batch = idefics.preprocess(images, prompts, prompt_format=prompt_format)
     mask = batch["attention_mask"]
     lengths = mask.sum(dim=1)
     assert len(set(lengths.tolist())) == 3  # really padded
@@ -182,7 +269,7 @@ def test_batched_equals_one_at_a_time_with_padding(idefics, padding_side, monkey
     assert mask[:, padded_column].tolist() == [int(n == mask.shape[1]) for n in lengths.tolist()]
     batched, _ = idefics.forward(batch)
     for row, (image, prompt) in enumerate(zip(images, prompts)):
-        single, _ = idefics.forward(idefics.preprocess([image], prompt))
+        single, _ = idefics.forward(idefics.preprocess([image], prompt, prompt_format=prompt_format))
         assert (batched[row] - single[0]).abs().max().item() <= 1e-5
 
 
@@ -202,7 +289,15 @@ def test_prompt_count_must_match_images(idefics):
 def test_clip_description(clip):
     assert clip.layer_names == [f"hidden.{i}" for i in range(5)]
     assert (clip.hidden_dim, clip.embedding_dim, clip.pooling) == (64, 32, "cls")
-    assert clip.prompt_text(PROMPT) == ""
+    assert clip.prompt_text(PROMPT) == clip.prompt_text(PROMPT, "question_answer") == ""
+
+
+def test_clip_ignores_the_prompt_format(clip):
+    images = make_images(2, seed=9)
+    chat = clip.preprocess(images, PROMPT, prompt_format="chat")
+    question_answer = clip.preprocess(images, PAPER_PROMPT, prompt_format="question_answer")
+    assert list(question_answer) == ["pixel_values"]
+    assert torch.equal(chat["pixel_values"], question_answer["pixel_values"])
 
 
 def test_clip_forward_is_cls_tokens_and_image_embeds(clip, tiny_models):

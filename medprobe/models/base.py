@@ -20,6 +20,7 @@ __all__ = [
     "ADAPTERS",
     "ATTN_IMPLEMENTATIONS",
     "Adapter",
+    "PROMPT_FORMATS",
     "QUANTIZATIONS",
     "TORCH_DTYPES",
     "quantization_config",
@@ -37,6 +38,10 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
+# How an instruct VLM is given the task prompt (the config's ``extraction.prompt_format``):
+# ``chat``            the instruct models' User/Assistant turns around the image and the prompt;
+# ``question_answer`` the authors' protocol: the image, then "Question: {prompt} Answer:", no turns.
+PROMPT_FORMATS = ("chat", "question_answer")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
@@ -101,6 +106,8 @@ class Adapter(abc.ABC):
     Attributes:
         name: the registry name (set by :func:`register`).
         pooling: ``"last"`` (the last real prompt token) or ``"cls"`` (a vision tower's CLS token).
+        prompt_formats: the values of :data:`PROMPT_FORMATS` the adapter implements; empty for
+            image-only models, which ignore the prompt (and so any format).
         layer_names: ``hidden.i`` for every entry ``i`` of the model's ``hidden_states``.
         hidden_dim: width of the hidden states.
         embedding_dim: width of the model's own projected image embedding (CLIP), else ``None``.
@@ -114,6 +121,7 @@ class Adapter(abc.ABC):
 
     name: ClassVar[str] = ""
     pooling: ClassVar[str] = "last"
+    prompt_formats: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -209,14 +217,29 @@ class Adapter(abc.ABC):
         return None
 
     # ------------------------------------------------------------------ running
+    def check_prompt_format(self, prompt_format: str) -> None:
+        """Raise ValueError unless ``prompt_format`` is one this adapter implements (any, when image-only)."""
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(
+                f"extraction config key 'prompt_format' is {prompt_format!r}; valid values: {', '.join(PROMPT_FORMATS)}"
+            )
+        if self.prompt_formats and prompt_format not in self.prompt_formats:
+            raise ValueError(
+                f"extraction config key 'prompt_format' is {prompt_format!r}, which the {self.name!r} adapter does "
+                f"not implement; it implements: {', '.join(self.prompt_formats)}"
+            )
+
     @abc.abstractmethod
-    def prompt_text(self, prompt: str) -> str:
+    def prompt_text(self, prompt: str, prompt_format: str = "chat") -> str:
         """The exact text given to the processor after the image (empty for image-only models)."""
 
     @abc.abstractmethod
-    def preprocess(self, images: Sequence[Image.Image], prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
+    def preprocess(
+        self, images: Sequence[Image.Image], prompt: str | Sequence[str], prompt_format: str = "chat"
+    ) -> dict[str, torch.Tensor]:
         """Turn RGB images (and the prompt, one string for all or one per image) into CPU tensors.
 
+        ``prompt_format`` (see :data:`PROMPT_FORMATS`) says how the prompt is laid out around the image.
         Uses only the processor, never the model, so it is safe to call in DataLoader workers.
         """
 

@@ -48,10 +48,12 @@ class ClipAdapter(Adapter):
     def embedding_dim(self) -> int:
         return int(self.model.config.projection_dim)
 
-    def prompt_text(self, prompt: str) -> str:
-        return ""  # the vision tower sees no text
+    def prompt_text(self, prompt: str, prompt_format: str = "chat") -> str:
+        return ""  # the vision tower sees no text, whatever the prompt format
 
-    def preprocess(self, images: Sequence[Image.Image], prompt: str | Sequence[str] = "") -> dict[str, torch.Tensor]:
+    def preprocess(
+        self, images: Sequence[Image.Image], prompt: str | Sequence[str] = "", prompt_format: str = "chat"
+    ) -> dict[str, torch.Tensor]:
         image_processor = getattr(self.processor, "image_processor", self.processor)
         encoded = image_processor(images=list(images), return_tensors="pt")
         return {"pixel_values": encoded["pixel_values"]}

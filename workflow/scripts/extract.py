@@ -16,6 +16,7 @@ with rule_logging(snakemake):
         model_name=snakemake.wildcards.model,
         model_cfg=model,
         prompt=snakemake.params.prompt,
+        prompt_format=extraction["prompt_format"],
         batch_size=model.get("batch_size", extraction["batch_size"]),
         num_workers=extraction["num_workers"],
         prefetch_factor=extraction["prefetch_factor"],
