@@ -3,7 +3,11 @@
 Every dataset recipe (the synthetic demo, and the real archives) ends in the same raw table, described
 in docs/architecture.md; this module turns it into the manifest contract:
 
-* train/test come from the dataset's own partition where it has one; otherwise patients are split;
+* train/test come from the dataset's own partition where it has one; otherwise patients are split
+  (``tasks.<task>.test_fraction``, else ``split.test_fraction``, of the patients with unassigned rows);
+* ``partition = train`` means "never test": where a patient has such rows next to unassigned ones (PadChest's
+  automatic labels next to radiologist labels) and is held out for test, the ``train`` rows are dropped and
+  counted, so no patient is in two splits;
 * validation patients are carved out of train;
 * all splits are grouped by patient (no patient in two splits) and stratified by each patient's
   majority label, with scikit-learn's StratifiedGroupKFold;
@@ -30,7 +34,7 @@ from medprobe.images import BadImageError, preprocess
 
 log = logging.getLogger("medprobe.prepare")
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"  # 2: fractions other than 1/k held out as several folds; partition-train rows of test patients dropped
 RAW_COLUMNS = ["image_id", "file", "patient_id", "source", "partition"]
 MANIFEST_COLUMNS = ["image_id", "path", "split", "patient_id", "label", "labels", "source", "group"]
 SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -45,8 +49,10 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_raw_table(path: str | Path, kind: str, classes: list[str]) -> pd.DataFrame:
-    """Read and check a raw ``metadata.csv``; errors name the file, column and offending values."""
+def read_raw_table(path: str | Path, kind: str, classes: list[str] | str) -> pd.DataFrame:
+    """Read and check a raw ``metadata.csv``; errors name the file, column and offending values.
+
+    ``classes: all`` (multilabel tasks) accepts every finding of the table."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: raw metadata table not found")
@@ -67,12 +73,13 @@ def read_raw_table(path: str | Path, kind: str, classes: list[str]) -> pd.DataFr
     bad_partition = sorted(set(table["partition"]) - {"train", "test", ""})
     if bad_partition:
         raise ValueError(f"{path}: column partition must be train, test or empty; found {bad_partition}")
-    known = set(classes)
+    if classes == "all" and kind != "multilabel":
+        raise ValueError(f"{path}: classes `all` takes every finding of a multilabel task; a {kind} task lists its classes")
     if kind == "multilabel":
         found = {name for value in table["labels"] for name in value.split("|") if name}
     else:
         found = set(table["label"])
-    unknown = sorted(found - known)
+    unknown = sorted(found - set(classes)) if classes != "all" else []
     if unknown:
         raise ValueError(f"{path}: column {label_column} has values {unknown} not in the task's classes {classes}")
     # rows without a patient id are their own patient: they cannot leak across partitions
@@ -96,29 +103,60 @@ def patient_strata(table: pd.DataFrame, kind: str) -> pd.Series:
     return table["patient_id"].map(majority)
 
 
+MAX_FOLDS = 20
+FRACTION_TOLERANCE = 0.01
+
+
+def holdout_folds(fraction: float, n_groups: int) -> tuple[int, int]:
+    """``(n_splits, n_held)``: hold out ``n_held`` of ``n_splits`` folds, ``n_held / n_splits`` about ``fraction``.
+
+    One fold of ``round(1 / fraction)`` where that is within one percentage point of ``fraction`` (0.2, 0.25,
+    0.17 -> 1 of 6); otherwise the fewest folds (at most ``MAX_FOLDS``) that are (0.3 -> 3 of 10, 0.4 -> 2 of 5),
+    else the closest."""
+    single = max(2, min(round(1 / fraction), n_groups))
+    best = (abs(1 / single - fraction), single, 1)
+    if best[0] <= FRACTION_TOLERANCE:
+        return single, 1
+    for n_splits in range(2, max(2, min(MAX_FOLDS, n_groups)) + 1):
+        n_held = min(n_splits - 1, max(1, round(fraction * n_splits)))
+        error = abs(n_held / n_splits - fraction)
+        if error <= FRACTION_TOLERANCE:
+            return n_splits, n_held
+        if error < best[0] - 1e-12:
+            best = (error, n_splits, n_held)
+    return best[1], best[2]
+
+
 def grouped_holdout(table: pd.DataFrame, fraction: float, kind: str, seed: int) -> np.ndarray:
     """Boolean mask of rows held out: about ``fraction`` of the patients, stratified by label.
 
-    Rows without a patient id are their own group. StratifiedGroupKFold with round(1/fraction) folds;
-    the first fold is the holdout.
+    Rows without a patient id are their own group. StratifiedGroupKFold with the folds of
+    :func:`holdout_folds`; the first ``n_held`` folds are the holdout.
     """
     if len(table) == 0:
         return np.zeros(0, dtype=bool)
     groups = table["patient_id"].where(table["patient_id"] != "", "image:" + table["image_id"])
     n_groups = groups.nunique()
-    n_splits = max(2, min(round(1 / fraction), n_groups))
     if n_groups < 2:
         raise ValueError(f"cannot hold out {fraction:.0%} of patients: only {n_groups} patient(s)")
+    n_splits, n_held = holdout_folds(fraction, n_groups)
     strata = patient_strata(table.assign(patient_id=groups), kind)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, holdout = next(splitter.split(np.zeros(len(table)), strata.to_numpy(), groups.to_numpy()))
     mask = np.zeros(len(table), dtype=bool)
-    mask[holdout] = True
+    for _, (_, holdout) in zip(range(n_held), splitter.split(np.zeros(len(table)), strata.to_numpy(), groups.to_numpy())):
+        mask[holdout] = True
     return mask
 
 
+DROPPED = ""  # split of a row left out: a ``partition = train`` row of a patient held out for test
+DROPPED_REASON = "partition-train rows of patients held out for test (e.g. PadChest automatic labels)"
+
+
 def assign_splits(table: pd.DataFrame, kind: str, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
-    """Split column (train/val/test), grouped by patient; the dataset's own partition is respected."""
+    """Split column (train/val/test), grouped by patient; the dataset's own partition is respected.
+
+    ``test_fraction`` of the patients with unassigned rows go to test with those rows; their rows with
+    ``partition = train`` (which may never be test) get :data:`DROPPED`."""
     split = pd.Series("train", index=table.index, dtype=object)
     split[table["partition"] == "test"] = "test"
     unassigned = table["partition"] == ""
@@ -126,6 +164,9 @@ def assign_splits(table: pd.DataFrame, kind: str, val_fraction: float, test_frac
         pool = table[unassigned]
         held = grouped_holdout(pool, test_fraction, kind, seed)
         split[pool.index[held]] = "test"
+        test_patients = set(pool["patient_id"][held]) - {""}
+        train_only = (table["partition"] == "train") & table["patient_id"].isin(test_patients)
+        split[train_only] = DROPPED
     train = table[split == "train"]
     if len(train):
         held = grouped_holdout(train, val_fraction, kind, seed + 1)
@@ -170,12 +211,19 @@ def prepare_task(
 ) -> pd.DataFrame:
     """Build the manifest, the preprocessed images and the sidecar for one task.
 
-    The manifest is written last and atomically: if anything fails, no manifest exists, so Snakemake
-    never takes a half-prepared task as complete.
+    ``test_fraction`` is ``split.test_fraction``; the task's own ``test_fraction`` (``tasks.<task>.test_fraction``)
+    takes its place where set. The manifest is written last and atomically: if anything fails, no manifest
+    exists, so Snakemake never takes a half-prepared task as complete.
     """
     raw_dir, images_dir = Path(raw_dir), Path(images_dir)
     metadata_path = raw_dir / "metadata.csv"
     kind, classes = task_config["kind"], task_config["classes"]
+    fraction_origin = "split.test_fraction"
+    if task_config.get("test_fraction") is not None:
+        test_fraction = float(task_config["test_fraction"])
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"tasks.{task}.test_fraction: {task_config['test_fraction']!r} is not between 0 and 1")
+        fraction_origin = f"tasks.{task}.test_fraction"
     table = read_raw_table(metadata_path, kind, classes)
     images_dir.mkdir(parents=True, exist_ok=True)
 
@@ -203,11 +251,16 @@ def prepare_task(
     if kept.empty:
         raise ValueError(f"{metadata_path}: no usable image left for task {task}")
 
+    splits = assign_splits(kept, kind, val_fraction, test_fraction, seed)
+    dropped = kept[splits == DROPPED]
+    for image_id in dropped["image_id"]:  # the images folder holds the manifest's images only
+        (images_dir / f"{image_id}.png").unlink(missing_ok=True)
+    kept, splits = kept[splits != DROPPED].reset_index(drop=True), splits[splits != DROPPED].reset_index(drop=True)
     manifest = pd.DataFrame(
         {
             "image_id": kept["image_id"],
             "path": [str(images_dir / f"{image_id}.png") for image_id in kept["image_id"]],
-            "split": assign_splits(kept, kind, val_fraction, test_fraction, seed),
+            "split": splits,
             "patient_id": kept["patient_id"],
             "label": kept["label"] if kind != "multilabel" else "",
             "labels": kept["labels"] if kind == "multilabel" else "",
@@ -222,19 +275,28 @@ def prepare_task(
             raise ValueError(f"{metadata_path}: split {split!r} is empty for task {task}; add patients or change split fractions")
 
     counts = class_counts(manifest, kind)
-    warnings = missing_class_warnings(counts, classes, kind, f"{manifest_path} (task {task})")
+    findings = present_findings(manifest) if classes == "all" else list(classes)
+    warnings = missing_class_warnings(counts, findings, kind, f"{manifest_path} (task {task})")
+    excluded = {}
+    if len(dropped):
+        excluded[DROPPED_REASON] = int(len(dropped))
+        log.info("%s: %d image(s) of %d test patient(s) left out: %s", task, len(dropped),
+                 dropped["patient_id"].nunique(), DROPPED_REASON)
     sidecar = {
         "task": task,
         "recipe_version": RECIPE_VERSION,
         "dataset": task_config["dataset"],
         "kind": kind,
         "classes": classes,
+        **({"findings": findings} if classes == "all" else {}),
         "counts": counts,
         "sources": {"metadata.csv": {"path": str(metadata_path), "sha256": sha256_file(metadata_path)}},
         "n_skipped": len(skipped),
         "skipped": skipped,
+        "excluded": excluded,
         "warnings": warnings,
-        "split_settings": {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed},
+        "split_settings": {"val_fraction": val_fraction, "test_fraction": test_fraction,
+                           "test_fraction_from": fraction_origin, "seed": seed},
     }
     recipe_counts = raw_dir / "counts.json"  # written by real-dataset recipes: paper's vs found counts
     if recipe_counts.exists():
@@ -247,6 +309,15 @@ def prepare_task(
         log.warning("%s: skipped %d of %d image(s) (on_bad_image: skip; listed with reasons in %s): %s",
                     task, len(skipped), len(table), sidecar_path, shown)
     return manifest
+
+
+def present_findings(manifest: pd.DataFrame) -> list[str]:
+    """Every finding of a multilabel manifest (``classes: all``), most frequent in train first, ties by name."""
+    counts: dict[str, list[int]] = {}
+    for split, cell in zip(manifest["split"], manifest["labels"]):
+        for name in filter(None, cell.split("|")):
+            counts.setdefault(name, [0, 0])[split != "train"] += 1
+    return sorted(counts, key=lambda name: (-counts[name][0], -counts[name][1], name))
 
 
 def missing_class_warnings(counts: dict[str, dict[str, int]], classes: list[str], kind: str, where: str) -> list[str]:

@@ -3,6 +3,7 @@
 import json
 import re
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ from PIL import Image
 
 from medprobe import datasets, kneel
 from medprobe.datasets import build_raw_table, fetch
-from medprobe.datasets.pannuke import count_nuclei, malignancy_label
+from medprobe.datasets.pannuke import count_nuclei, patch_label
 from medprobe.datasets.padchest import normalise_labels
 from medprobe.download import MissingDataError
 from medprobe.prepare import prepare_task
@@ -99,43 +100,91 @@ def test_published_md5_is_enforced(tmp_path, monkeypatch):
     assert not (tmp_path / "data" / "download.json").exists()
 
 
-def hand_mask(neoplastic, other):
-    """(256, 256, 6) PanNuke mask with the given numbers of neoplastic and other nuclei (distinct instance ids)."""
+def hand_mask(neoplastic, other, neoplastic_ids=None):
+    """(256, 256, 6) PanNuke mask with the given numbers of neoplastic and other nuclei (distinct instance ids
+    below 256 unless ``neoplastic_ids`` are given); channel 5 is background (1 where no nucleus)."""
     mask = np.zeros((256, 256, 6), dtype=np.float64)
-    for k in range(neoplastic):
-        mask[k, 0:3, 0] = 100 + k
+    for k, instance in enumerate(neoplastic_ids if neoplastic_ids is not None else range(1, neoplastic + 1)):
+        mask[k, 0:3, 0] = instance
     for k in range(other):
-        mask[k, 10:13, 1 + k % 4] = 500 + k
+        mask[k, 10:13, 1 + k % 4] = 100 + k
     mask[..., 5] = (mask[..., :5].sum(-1) == 0)
     return mask
 
 
 @pytest.mark.parametrize("neoplastic, other, expected", [
-    (0, 7, "benign"), (0, 0, "benign"), (11, 25, "malignant"), (11, 26, None),  # 11/37 = 29.7% <= 30%
-    (10, 0, None), (3, 2, None), (40, 10, "malignant"),
+    (0, 7, "benign"), (3, 2, None), (40, 10, "malignant"),
+    (0, 0, None),  # no nucleus at all: dropped (Huang et al.'s "purely background"), not benign
+    (10, 0, "malignant"),  # exactly ten: n_neoplastic >= 10
+    (10, 22, "malignant"),  # 10 / (32 + 1 background) = 30.3%
+    (11, 25, None),  # 11 / (36 + 1 background) = 29.7%: the background channel counts in the total
 ])
-def test_pannuke_rule_on_hand_counted_masks(neoplastic, other, expected):
-    counts = count_nuclei(hand_mask(neoplastic, other))
-    assert counts[0] == neoplastic and counts.sum() == neoplastic + other
-    assert malignancy_label(counts) == expected
+def test_pannuke_huang_code_rule_on_hand_counted_masks(neoplastic, other, expected):
+    counts = count_nuclei(hand_mask(neoplastic, other), "huang_code")
+    assert counts[0] == neoplastic and counts[:5].sum() == neoplastic + other
+    assert counts[5] == (1 if neoplastic + other else 0)  # background holds 0 and 1 wherever there are nuclei
+    assert patch_label(hand_mask(neoplastic, other), "huang_code") == expected
+    assert patch_label(hand_mask(neoplastic, other)) == expected  # huang_code is the default
 
 
-def test_t2_pannuke_folds_layout(tmp_path):
-    plan = {1: [(0, 5, "Breast"), (12, 3, "Colon")], 2: [(5, 5, "Breast")], 3: [(20, 1, "Kidney"), (0, 2, "Colon")]}
+@pytest.mark.parametrize("neoplastic, other, expected", [
+    (0, 7, "benign"), (0, 0, None), (10, 0, None), (11, 0, "malignant"), (10, 22, None),
+    (11, 25, "malignant"), (11, 26, None),  # 11/36 = 30.6%, 11/37 = 29.7% of the nuclei (channels 0-4)
+])
+def test_pannuke_paper_text_rule_on_hand_counted_masks(neoplastic, other, expected):
+    assert patch_label(hand_mask(neoplastic, other), "paper_text") == expected
+
+
+def test_pannuke_huang_code_wraps_instance_ids_above_255():
+    mask = hand_mask(0, 0, neoplastic_ids=[5, 261, 44, 300, 256])  # as uint8: 5, 5, 44, 44, 0
+    assert count_nuclei(mask, "huang_code")[0] == 2 and count_nuclei(mask, "paper_text")[0] == 5
+    # a neoplastic nucleus whose id is 256 vanishes: the patch has no neoplastic nucleus left, so it is benign
+    lone = hand_mask(0, 7, neoplastic_ids=[256])
+    assert patch_label(lone, "huang_code") == "benign" and patch_label(lone, "paper_text") is None
+    # nuclei whose ids all wrap to 0 leave a patch that is "purely background" after the cast: dropped
+    only = np.zeros((256, 256, 6))
+    only[0:4, 0:4, 1] = 256
+    assert patch_label(only, "huang_code") is None and patch_label(only, "paper_text") == "benign"
+
+
+def write_pannuke(data, plan):
     for fold, patches in plan.items():
-        root = tmp_path / "data" / f"Fold {fold}"
+        root = data / f"Fold {fold}"
         (root / "images" / f"fold{fold}").mkdir(parents=True)
         (root / "masks" / f"fold{fold}").mkdir(parents=True)
         np.save(root / "images" / f"fold{fold}" / "images.npy", np.full((len(patches), 256, 256, 3), 120.0))
         np.save(root / "images" / f"fold{fold}" / "types.npy", np.array([organ for *_, organ in patches]))
         np.save(root / "masks" / f"fold{fold}" / "masks.npy", np.stack([hand_mask(n, o) for n, o, _ in patches]))
+
+
+def test_t2_pannuke_folds_layout_and_label_rules(tmp_path):
+    write_pannuke(tmp_path / "data", {1: [(0, 5, "Breast"), (12, 3, "Colon")],
+                                      2: [(5, 5, "Breast"), (0, 0, "Lung"), (10, 0, "Liver")],
+                                      3: [(20, 1, "Kidney"), (0, 2, "Colon")]})
     table = read(build_raw_table("pannuke", "T2", tmp_path / "raw", tmp_path / "data"))
-    assert table["image_id"].tolist() == ["pannuke_fold1_00000", "pannuke_fold1_00001", "pannuke_fold3_00000", "pannuke_fold3_00001"]
-    assert table["label"].tolist() == ["benign", "malignant", "malignant", "benign"]
-    assert table["group"].tolist() == ["Breast", "Colon", "Kidney", "Colon"]
+    assert table["image_id"].tolist() == ["pannuke_fold1_00000", "pannuke_fold1_00001", "pannuke_fold2_00002",
+                                          "pannuke_fold3_00000", "pannuke_fold3_00001"]
+    assert table["label"].tolist() == ["benign", "malignant", "malignant", "malignant", "benign"]
+    assert table["group"].tolist() == ["Breast", "Colon", "Liver", "Kidney", "Colon"]
     assert Image.open(tmp_path / "raw" / table["file"][0]).size == (256, 256)
     counts = json.loads((tmp_path / "raw" / "counts.json").read_text())
-    assert counts["excluded"] == {"neither benign nor malignant by the paper's rule": 1}
+    assert counts["label_rule"] == "huang_code"
+    assert counts["excluded"] == {"no nucleus in channels 0-4": 1, "neither benign nor malignant (huang_code)": 1}
+    assert counts["expected"] == {"total": {"images": 6234, "malignant": 2866, "benign": 3368}}
+    table = read(build_raw_table("pannuke", "T2", tmp_path / "raw2", tmp_path / "data", label_rule="paper_text"))
+    assert table["label"].tolist() == ["benign", "malignant", "malignant", "benign"]  # ten neoplastic: not "more than ten"
+    assert json.loads((tmp_path / "raw2" / "counts.json").read_text())["excluded"] == {
+        "no nucleus in channels 0-4": 1, "neither benign nor malignant (paper_text)": 2}
+
+
+@pytest.mark.parametrize("dataset, rule, message", [
+    ("pannuke", "huang", r"tasks\.T\.label_rule: 'huang' is not a label rule of dataset 'pannuke'; allowed: huang_code, paper_text"),
+    ("padchest", "physician", r"tasks\.T\.label_rule: 'physician' .* allowed: all_rows, radiologist_only"),
+    ("nct_crc_he", "huang_code", r"tasks\.T\.label_rule: dataset 'nct_crc_he' has a single labelling rule"),
+])
+def test_unknown_label_rule_names_the_key_and_the_allowed_values(tmp_path, dataset, rule, message):
+    with pytest.raises(ValueError, match=message):
+        build_raw_table(dataset, "T", tmp_path / "raw", tmp_path / "data", label_rule=rule)
 
 
 def test_t3_isic2018_layout_lesion_grouping_and_prepare(tmp_path):
@@ -235,6 +284,34 @@ def test_t5_eyepacs_aptos_layout(tmp_path):
         build_raw_table("eyepacs_aptos", "T5", tmp_path / "raw2", data)
 
 
+def test_t5_eyepacs_patients_split_by_the_task_test_fraction_and_aptos_is_test(tmp_path):
+    data = tmp_path / "data"
+    (data / "eyepacs").mkdir(parents=True)
+    train = [f"{p}_{side}" for p in range(1, 41) for side in ("left", "right")]
+    test = [f"{p}_{side}" for p in range(41, 61) for side in ("left", "right")]
+    pd.DataFrame({"image": train, "level": [p % 5 for p in range(len(train))]}).to_csv(data / "eyepacs" / "trainLabels.csv", index=False)
+    pd.DataFrame({"image": test, "level": [p % 5 for p in range(len(test))], "Usage": "Public"}).to_csv(
+        data / "eyepacs" / "retinopathy_solution.csv", index=False)
+    (data / "aptos").mkdir()
+    pd.DataFrame({"id_code": ["a1", "a2", "a3"], "diagnosis": [0, 2, 4]}).to_csv(data / "aptos" / "train.csv", index=False)
+    for image in train:
+        jpg(data / "eyepacs" / "train" / f"{image}.jpeg")
+    for image in test:
+        jpg(data / "eyepacs" / "test" / f"{image}.jpeg")
+    for code in ("a1", "a2", "a3"):
+        jpg(data / "aptos" / "train_images" / f"{code}.png")
+    build_raw_table("eyepacs_aptos", "T5", tmp_path / "raw", data)
+    task = {"kind": "multiclass", "classes": ["0", "1", "2", "3", "4"], "dataset": "eyepacs_aptos", "test_fraction": 0.17}
+    manifest = prepare_task("T5", task, tmp_path / "raw", tmp_path / "m.csv", tmp_path / "m.json", tmp_path / "img",
+                            val_fraction=0.2, test_fraction=0.2, seed=0)
+    assert set(manifest.loc[manifest["source"] == "aptos", "split"]) == {"test"}
+    eyepacs = manifest[manifest["source"] == "eyepacs"]
+    assert (eyepacs.groupby("patient_id")["split"].nunique() == 1).all()  # both eyes of a patient together
+    share = (eyepacs.drop_duplicates("patient_id")["split"] == "test").mean()
+    assert abs(share - 1 / 6) < 0.02  # 0.17 of the 60 pooled patients (Kaggle's train and test alike), not 0.2
+    assert {"train", "val"} <= set(eyepacs["split"])
+
+
 def test_t5_missing_test_labels_point_to_the_forum_attachment(tmp_path, monkeypatch):
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     monkeypatch.delenv("KAGGLE_KEY", raising=False)
@@ -266,22 +343,95 @@ def test_t6_airogs_odir_keywords(tmp_path):
     assert table["patient_id"].tolist()[2:] == ["odir_0", "odir_1", "odir_0", "odir_1"]
 
 
-def test_t7_padchest_labels_physician_subset_and_missing_images(tmp_path):
+PADCHEST_COLUMNS = ["ImageID", "ImageDir", "PatientID", "MethodLabel", "Labels"]
+
+
+def write_padchest(data, rows, missing=()):
+    data.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=PADCHEST_COLUMNS).to_csv(data / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz", index=False)
+    for image, folder, *_ in rows:
+        if image not in missing:
+            (data / "images" / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(data / "images" / folder / image)
+
+
+def test_t7_padchest_all_rows_automatic_labels_and_every_finding(tmp_path):
     data = tmp_path / "data"
-    data.mkdir()
-    rows = [("a.png", "0", "P1", "Physician", "['pleural effusion', ' Cardiomegaly', '']"),
-            ("b.png", "0", "P1", "RNN_model", "['normal']"),
-            ("c.png", "1", "P2", "Physician", "['normal']"),
-            ("d.png", "1", "P3", "Physician", "['unchanged', 'nodule']")]
-    pd.DataFrame(rows, columns=["ImageID", "ImageDir", "PatientID", "MethodLabel", "Labels"]).to_csv(
-        data / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz", index=False)
-    for image, folder, *_ in rows[:3]:
-        (data / "images" / folder).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(data / "images" / folder / image)
-    table = read(build_raw_table("padchest", "T7", tmp_path / "raw", data, classes=["normal", "pleural effusion", "cardiomegaly", "nodule"]))
-    assert table["image_id"].tolist() == ["a", "c"] and table["labels"].tolist() == ["pleural effusion|cardiomegaly", "normal"]
-    assert json.loads((tmp_path / "raw" / "counts.json").read_text())["excluded"]["image file missing"] == 1
+    write_padchest(data, [
+        ("a.png", "0", "P1", "Physician", "['pleural effusion', ' Cardiomegaly', '']"),
+        ("b.png", "0", "P1", "RNN_model", "[' normal']"),
+        ("c.png", "1", "P2", "Physician", "['normal']"),
+        ("d.png", "1", "P3", "Physician", "['unchanged', 'nodule']"),  # image file missing
+        ("e.png", "1", "P4", "RNN_model", "['unchanged', ' COPD  signs', 'copd signs']"),
+        ("f.png", "1", "P4", "RNN_model", "nan"),  # the four rows below are unlabelled, not "no finding"
+        ("g.png", "1", "P5", "RNN_model", "[]"),
+        ("h.png", "1", "P5", "RNN_model", "['']"),
+        ("i.png", "1", "P6", "RNN_model", ""),
+    ], missing={"d.png"})
+    table = read(build_raw_table("padchest", "T7", tmp_path / "raw", data, classes="all"))
+    assert table["image_id"].tolist() == ["a", "b", "c", "e"]
+    assert table["labels"].tolist() == ["pleural effusion|cardiomegaly", "normal", "normal", "unchanged|copd signs"]
+    assert table["partition"].tolist() == ["", "train", "", "train"]  # automatic labels: training only
+    counts = json.loads((tmp_path / "raw" / "counts.json").read_text())
+    assert counts["label_rule"] == "all_rows"
+    excluded = counts["excluded"]
+    assert excluded["image file missing"] == 1 and excluded["no labels (Labels empty, nan, [] or [''])"] == 4
+    assert excluded["kept: MethodLabel Physician"] == 2 and excluded["kept: MethodLabel RNN_model"] == 2
+    # a list of findings keeps those (the row stays, with no listed finding)
+    table = read(build_raw_table("padchest", "T7", tmp_path / "raw2", data, classes=["normal", "pleural effusion", "nodule"]))
+    assert table["labels"].tolist() == ["pleural effusion", "normal", "normal", ""]
+    # radiologist_only: the radiologist-labelled rows, the automatic ones counted as left out
+    table = read(build_raw_table("padchest", "T7", tmp_path / "raw3", data, classes="all", label_rule="radiologist_only"))
+    assert table["image_id"].tolist() == ["a", "c"] and (table["partition"] == "").all()
+    assert json.loads((tmp_path / "raw3" / "counts.json").read_text())["excluded"][
+        "automatic labels (MethodLabel RNN_model; label_rule radiologist_only)"] == 6
+
+
+def test_padchest_label_strings_of_both_methods():
     assert normalise_labels("['  COPD  signs', 'copd signs']") == ["copd signs"] and normalise_labels("") == []
+    assert normalise_labels("[' pulmonary fibrosis', ' chronic changes', 'kyphosis']") == [
+        "pulmonary fibrosis", "chronic changes", "kyphosis"]
+    for empty in ("nan", "[]", "['']", "[' ']", None):
+        assert normalise_labels(empty) == []
+    assert normalise_labels("normal") == ["normal"] and normalise_labels("'normal'") == ["normal"]
+
+
+def test_t7_padchest_to_manifest_tests_radiologist_labels_of_held_out_patients(tmp_path):
+    rng = np.random.default_rng(0)
+    findings = ["normal", "pleural effusion", "cardiomegaly", "nodule", "scoliosis"]
+    rows = []
+    for patient in range(60):
+        physician = 0 if patient >= 45 else 1 + patient % 2  # patients 45-59: automatic labels only
+        automatic = 0 if patient < 10 else 1 + patient % 3
+        for k in range(physician + automatic):
+            names = [str(name) for name in rng.choice(findings, 1 + k % 2, replace=False)]
+            rows.append((f"P{patient:02d}_{k}.png", str(patient % 3), f"P{patient:02d}",
+                         "Physician" if k < physician else "RNN_model", str(names)))
+    data = tmp_path / "data"
+    write_padchest(data, rows)
+    raw = tmp_path / "raw"
+    build_raw_table("padchest", "T7", raw, data, classes="all")
+    task = {"kind": "multilabel", "classes": "all", "dataset": "padchest", "test_fraction": 0.3}
+    manifest = prepare_task("T7", task, raw, tmp_path / "m.csv", tmp_path / "m.json", tmp_path / "img",
+                            val_fraction=0.2, test_fraction=0.2, seed=0)
+    method = {Path(image).stem: label for image, _, _, label, _ in rows}
+    patient_of = {Path(image).stem: patient for image, _, patient, _, _ in rows}
+    test = manifest[manifest["split"] == "test"]
+    assert len(test) and {method[i] for i in test["image_id"]} == {"Physician"}
+    assert (manifest.groupby("patient_id")["split"].nunique() == 1).all()
+    test_patients = set(test["patient_id"])
+    assert not test_patients & {f"P{p:02d}" for p in range(45, 60)}  # only patients with radiologist labels
+    radiologist_patients = {patient_of[i] for i in method if method[i] == "Physician"}
+    assert abs(len(test_patients) / len(radiologist_patients) - 0.3) < 0.05
+    left_out = [i for i in method if patient_of[i] in test_patients and method[i] == "RNN_model"]
+    assert left_out and not set(left_out) & set(manifest["image_id"])
+    assert not any((tmp_path / "img" / f"{i}.png").exists() for i in left_out)
+    assert len(manifest) + len(left_out) == len(rows)
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    assert sum(sidecar["excluded"].values()) == len(left_out)
+    assert sidecar["classes"] == "all" and sorted(sidecar["findings"]) == sorted(findings)
+    assert sidecar["split_settings"]["test_fraction"] == 0.3
+    assert sidecar["split_settings"]["test_fraction_from"] == "tasks.T7.test_fraction"
 
 
 def test_kneel_crop_geometry_and_flip():

@@ -211,6 +211,24 @@ def test_release_and_most_table_are_listed_for_kneel_with_a_receipt(release):
     assert not (release / "download.json").exists()
 
 
+def test_knees_without_a_kl_grade_0_to_4_are_left_out_and_counted(tmp_path):
+    data = tmp_path / "data"
+    radiograph(data / "most" / "MB00001.png")
+    grades = ["2", "2.0", "5", "8", "", ".M: missing", "4"]
+    pd.DataFrame({"file": ["most/MB00001.png"] * 7, "patient_id": [f"MB{k}" for k in range(7)], "side": ["R"] * 7,
+                  "kl": grades, "source": ["most"] * 7, "partition": [""] * 7, "spacing_row": ["0.5"] * 7,
+                  "spacing_col": ["0.5"] * 7}).to_csv(data / "knees.csv", index=False)
+    knees, excluded = oai_most.knee_table(data)
+    assert knees["kl"].tolist() == ["2", "2", "4"] and knees["patient_id"].tolist() == ["MB0", "MB1", "MB6"]
+    assert excluded == {"knees.csv: KL grade not 0-4": 2, "knees.csv: no KL grade": 2}
+    receipt = oai_most.prepare(data, data / "knees_all.csv", data / "download.json")
+    assert receipt["knees"] == 3 and receipt["excluded"] == excluded
+    pd.DataFrame({"file": ["most/MB00001.png"], "side": ["R"], "x": [70], "y": [100]}).to_csv(data / "landmarks.csv", index=False)
+    table = pd.read_csv(build_raw_table("oai_most", "T8", tmp_path / "raw", data), dtype=str, keep_default_na=False)
+    assert table["label"].tolist() == ["2", "2", "4"]
+    assert json.loads((tmp_path / "raw" / "counts.json").read_text())["excluded"] == excluded
+
+
 def test_own_oai_rows_next_to_the_release_are_refused(release):
     pd.DataFrame({"file": [BASELINE], "patient_id": ["9000099"], "side": ["R"], "kl": ["2"], "source": ["oai"],
                   "partition": [""]}).to_csv(release / "knees.csv", index=False)

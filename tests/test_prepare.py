@@ -212,3 +212,66 @@ def test_recipe_counts_are_copied_into_the_sidecar(tmp_path):
     (raw / "counts.json").write_text(json.dumps(expected))
     run(tmp_path, raw)
     assert json.loads((tmp_path / "m.json").read_text())["recipe_counts"] == expected
+
+
+def test_task_test_fraction_replaces_the_split_default(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw(raw, n_patients=40, per_patient=1)
+    manifest = run(tmp_path, raw, task={**TASK, "test_fraction": 0.5}, test_fraction=0.25)
+    share = manifest.drop_duplicates("patient_id")["split"].value_counts(normalize=True)["test"]
+    assert abs(share - 0.5) <= 0.05
+    settings = json.loads((tmp_path / "m.json").read_text())["split_settings"]
+    assert settings["test_fraction"] == 0.5 and settings["test_fraction_from"] == "tasks.T.test_fraction"
+    manifest = run(tmp_path, raw, test_fraction=0.25)  # no task setting: split.test_fraction
+    assert abs(manifest.drop_duplicates("patient_id")["split"].value_counts(normalize=True)["test"] - 0.25) <= 0.05
+    with pytest.raises(ValueError, match=r"tasks\.T\.test_fraction: 1\.5 is not between 0 and 1"):
+        run(tmp_path, raw, task={**TASK, "test_fraction": 1.5})
+
+
+def test_fractions_other_than_one_over_k_are_held_out_as_several_folds():
+    from medprobe.prepare import holdout_folds
+
+    assert holdout_folds(0.2, 1000) == (5, 1) and holdout_folds(0.25, 1000) == (4, 1)  # as a single fold
+    assert holdout_folds(0.17, 1000) == (6, 1) and holdout_folds(0.05, 1000) == (20, 1)
+    assert holdout_folds(0.3, 1000) == (10, 3) and holdout_folds(0.4, 1000) == (5, 2)
+    table = pd.DataFrame({"image_id": [f"i{i}" for i in range(600)], "patient_id": [f"P{i // 2}" for i in range(600)],
+                          "label": np.random.default_rng(2).choice(["a", "b"], 600), "partition": ""})
+    split = assign_splits(table, "multiclass", 0.2, 0.3, seed=0)
+    share = split.groupby(table["patient_id"]).first().value_counts(normalize=True)["test"]
+    assert abs(share - 0.3) < 0.01  # one fold of three would hold out a third
+
+
+def test_train_partition_rows_of_test_patients_are_dropped_and_counted(tmp_path):
+    raw = tmp_path / "raw"
+    table = write_raw(raw, n_patients=40)
+    # patients 0-29: image 0 may be test, images 1-2 are training-only (e.g. automatic labels); 30-39 training-only
+    table["partition"] = ["" if int(p[1:]) < 30 and i.endswith("_0") else "train" for p, i in zip(table["patient_id"], table["image_id"])]
+    table.to_csv(raw / "metadata.csv", index=False)
+    manifest = run(tmp_path, raw, test_fraction=0.25)
+    partition = dict(zip(table["image_id"], table["partition"]))
+    test = manifest[manifest["split"] == "test"]
+    assert len(test) and {partition[i] for i in test["image_id"]} == {""}
+    assert (manifest.groupby("patient_id")["split"].nunique() == 1).all()
+    test_patients = set(test["patient_id"])
+    assert not test_patients & {f"P{p}" for p in range(30, 40)}
+    dropped = set(table["image_id"][table["patient_id"].isin(test_patients) & (table["partition"] == "train")])
+    assert len(dropped) == 2 * len(test_patients) and not dropped & set(manifest["image_id"])
+    assert len(manifest) == len(table) - len(dropped)
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    assert list(sidecar["excluded"].values()) == [len(dropped)]
+    assert sum(split["images"] for split in sidecar["counts"].values()) == len(manifest)
+
+
+def test_classes_all_takes_every_finding_and_lists_still_name_unknown_ones(tmp_path):
+    raw = tmp_path / "raw"
+    table = write_raw(raw, kind="multilabel")
+    table.loc[3, "labels"] = "a|zebra finding"
+    table.to_csv(raw / "metadata.csv", index=False)
+    manifest = run(tmp_path, raw, task={"kind": "multilabel", "classes": "all", "dataset": "demo"})
+    assert "a|zebra finding" in set(manifest["labels"])
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    assert sidecar["classes"] == "all" and sorted(sidecar["findings"]) == ["a", "b", "c", "zebra finding"]
+    with pytest.raises(ValueError, match=r"metadata\.csv: column labels has values \['zebra finding'\] not in the task's classes"):
+        run(tmp_path, raw, task={"kind": "multilabel", "classes": ["a", "b", "c"], "dataset": "demo"})
+    with pytest.raises(ValueError, match=r"metadata\.csv: classes `all` takes every finding of a multilabel task"):
+        run(tmp_path, raw, task={"kind": "multiclass", "classes": "all", "dataset": "demo"})

@@ -10,6 +10,9 @@ reads the unpacked files and returns the raw table. Two steps use it:
   which files and the exact folder), verify checksums, extract archives safely, write a receipt;
 * :func:`build_raw_table` (rule ``raw_dataset``): convert, write ``metadata.csv`` and ``counts.json``
   (the paper's expected counts next to the counts found).
+
+A recipe with more than one way to label its images lists them in ``label_rules`` (the first is the default);
+the task's ``label_rule`` picks one and reaches ``convert`` as the keyword argument ``label_rule``.
 """
 
 from __future__ import annotations
@@ -53,9 +56,11 @@ class Dataset:
     licence: str
     access: str  # where to get it / request access
     sources: tuple[Source, ...]
-    convert: Callable[[Path, Path, list[str]], pd.DataFrame]  # (data_dir, out_dir, task classes) -> raw table
+    # (data_dir, out_dir, task classes[, label_rule=...]) -> raw table; classes is a list or "all" (multilabel)
+    convert: Callable[..., pd.DataFrame]
     expected: dict[str, dict[str, int]] = field(default_factory=dict)
     manual_note: str = ""
+    label_rules: tuple[str, ...] = ()  # values of tasks.<task>.label_rule; the first is the default
 
     @property
     def manual(self) -> bool:
@@ -185,16 +190,37 @@ def compare_counts(expected: dict[str, dict[str, int]], found: dict[str, dict[st
     return differences
 
 
+def resolve_label_rule(recipe: Dataset, task: str, label_rule: str | None) -> str | None:
+    """The label rule ``convert`` gets: the task's ``label_rule`` checked against the recipe's, else its default."""
+    if not recipe.label_rules:
+        if label_rule is not None:
+            raise ValueError(f"tasks.{task}.label_rule: dataset {recipe.name!r} has a single labelling rule; remove "
+                             f"the key (got {label_rule!r})")
+        return None
+    if label_rule is None:
+        return recipe.label_rules[0]
+    if label_rule not in recipe.label_rules:
+        raise ValueError(f"tasks.{task}.label_rule: {label_rule!r} is not a label rule of dataset {recipe.name!r}; "
+                         f"allowed: {', '.join(recipe.label_rules)} (default {recipe.label_rules[0]})")
+    return label_rule
+
+
 def build_raw_table(dataset: str, task: str, out_dir: str | Path, data_dir: str | Path | None = None,
-                    classes: list[str] | None = None) -> Path:
+                    classes: list[str] | str | None = None, label_rule: str | None = None) -> Path:
     """Convert dataset ``dataset`` (unpacked in ``data_dir``) into ``out_dir/metadata.csv`` and ``counts.json``.
 
-    ``classes`` are the task's classes (multilabel recipes keep only these findings)."""
+    ``classes`` are the task's classes (multilabel recipes keep only these findings; ``"all"`` keeps every
+    finding); ``label_rule`` the task's ``label_rule`` (None: the recipe's default)."""
     recipe = get(dataset)
+    rule = resolve_label_rule(recipe, task, label_rule)
     out_dir = Path(out_dir)
     data_dir = Path(data_dir) if data_dir is not None else Path(DATA_ROOT) / dataset
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = recipe.convert(data_dir, out_dir, list(classes or []))
+    wanted = "all" if classes == "all" else list(classes or [])
+    if rule is None:
+        table = recipe.convert(data_dir, out_dir, wanted)
+    else:
+        table = recipe.convert(data_dir, out_dir, wanted, label_rule=rule)
     excluded = table.attrs.get("excluded", {})
     for column in RAW_TABLE_COLUMNS:
         if column not in table.columns:
@@ -208,6 +234,8 @@ def build_raw_table(dataset: str, task: str, out_dir: str | Path, data_dir: str 
         log.warning("%s (%s): %s", task, dataset, line)
     report = {"task": task, "dataset": dataset, "expected": recipe.expected, "found": found, "differences": differences,
               "excluded": excluded}
+    if rule is not None:
+        report["label_rule"] = rule
     (out_dir / "counts.json").write_text(json.dumps(report, indent=2) + "\n")
     metadata = out_dir / "metadata.csv"
     temporary = out_dir / ".metadata.csv.tmp"

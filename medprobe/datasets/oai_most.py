@@ -313,14 +313,24 @@ def missing_files_message(data_dir: Path) -> str:
     ])
 
 
-def _user_knees(data_dir: Path) -> pd.DataFrame:
+def _user_knees(data_dir: Path) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows of ``knees.csv`` with a KL grade 0-4 (``kl`` as ``0``-``4``) and the rows left out, by reason:
+    as the authors drop knees without a valid grade (``cat >= 5``), a missing grade or a code such as MOST's 8
+    or 9 leaves the knee out."""
     path = data_dir / KNEES
     knees = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [column for column in KNEE_COLUMNS if column not in knees.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {list(knees.columns)}")
+    grades = knees["kl"].map(lambda value: _grade(_text(value)))
+    valid = grades.map(lambda grade: isinstance(grade, str)).astype(bool)
+    reasons = Counter("knees.csv: no KL grade" if _leading_number(_text(value)) is None else "knees.csv: KL grade not 0-4"
+                      for value in knees.loc[~valid, "kl"])
+    if reasons:
+        log.warning("%s: %d knee(s) without a KL grade 0-4 left out (%s)", path, int((~valid).sum()), dict(reasons))
+    knees = knees[valid].assign(kl=grades[valid]).reset_index(drop=True)
     knees["origin"] = FROM_KNEES_CSV
-    return knees
+    return knees, dict(reasons)
 
 
 def knee_table(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -329,7 +339,8 @@ def knee_table(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, int]]:
     data_dir = Path(data_dir)
     parts, excluded = [], {}
     if (data_dir / KNEES).exists():
-        parts.append(_user_knees(data_dir))
+        user, excluded = _user_knees(data_dir)
+        parts.append(user)
     release = oai_knees(data_dir)
     if release is not None:
         if parts and (parts[0]["source"] == "oai").any():
@@ -417,7 +428,7 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str]) -> pd.DataFrame:
         else:  # a crop the user made already
             file = relative_file(source_path, out_dir)
         rows.append({"image_id": image_id, "file": file, "patient_id": f"{row['source']}_{row['patient_id']}",
-                     "label": str(int(float(row["kl"]))), "source": row["source"], "partition": row["partition"]})
+                     "label": row["kl"], "source": row["source"], "partition": row["partition"]})
     table = pd.DataFrame(rows)
     if left_out:
         log.warning("%d knee(s) left out: KNEEL found no joint (listed in %s)", left_out, undetected_path)

@@ -5,9 +5,22 @@ Archive layout (``fold_<k>.zip``): ``Fold <k>/images/fold<k>/images.npy`` (N, 25
 (N, 256, 256, 6) instance masks, channels 0 neoplastic, 1 inflammatory, 2 connective/soft tissue, 3 dead,
 4 epithelial, 5 background. Each nucleus is one instance id within its channel.
 
-The paper's label: malignant if a patch holds more than 10 neoplastic nuclei and they are more than 30% of
-all its nuclei; benign if it holds no neoplastic nucleus; every other patch is excluded. The organ type is
-kept as ``group`` (Figure S6). PanNuke has no patient ids (patient_id = image_id); train/test are split by ``prepare``.
+Labels (``tasks.<task>.label_rule``); the organ type is kept as ``group`` (Figure S6). PanNuke has no patient
+ids (patient_id = image_id); train/test are split by ``prepare``.
+
+* ``huang_code`` (default; the paper says T2 was "processed according to the work of Huang et al.", and their
+  script, PLIP's ``preprocess_PanNuke.py``, gives the paper's 2,866 malignant / 3,368 benign): the masks are
+  cast with ``.astype(np.uint8)`` as that script loads them, so instance ids above 255 wrap (id 256 becomes
+  background, id 300 merges with id 44); patches whose channels 0-4 are then all zero are dropped; per channel
+  j = 0..5 the count is ``len(np.unique(mask[..., j])) - 1`` and the total is the sum of all six, the
+  background channel 5 included (it adds 1 wherever it holds both 0 and 1); malignant if ``n_neoplastic >= 10``
+  and ``n_neoplastic / total > 0.3``, benign if ``n_neoplastic == 0``, every other patch left out.
+* ``paper_text``: the paper's words. Nuclei are the distinct non-zero instance ids of channels 0-4 as stored
+  (no wrap-around); malignant if "more than ten" (``> 10``) are neoplastic and they are "more than 30% of the
+  total cells" (channels 0-4 only); benign if no nucleus is neoplastic. A patch without any nucleus is left
+  out: it has no cells, so "no neoplastic cells" says nothing about it (and Huang et al. drop it too).
+
+Dropped patches are counted by reason in ``counts.json``.
 
 Evidence for the layout: the fold README shipped in each archive (``Fold <k>/README.md``: images.npy, masks.npy with
 "0: Neoplastic cells, 1: Inflammatory, 2: Connective/Soft tissue cells, 3: Dead Cells, 4: Epithelial", types.npy),
@@ -33,27 +46,63 @@ from medprobe.datasets import Dataset, Source, find_one, register, relative_file
 
 BASE = "https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke"
 NUCLEUS_CHANNELS = 5  # channels 0-4 hold nuclei, channel 5 is background
-MIN_NEOPLASTIC = 10
+MASK_CHANNELS = 6
+LABEL_RULES = ("huang_code", "paper_text")
 MIN_NEOPLASTIC_SHARE = 0.30
+NO_NUCLEUS = "no nucleus in channels 0-4"
 
 
-def count_nuclei(mask: np.ndarray) -> np.ndarray:
-    """Nuclei per channel (instances = distinct non-zero ids) of one (H, W, 6) mask -> (5,) ints."""
-    return np.array([np.count_nonzero(np.unique(mask[..., channel])) for channel in range(NUCLEUS_CHANNELS)])
+def count_nuclei(mask: np.ndarray, label_rule: str = "huang_code") -> np.ndarray:
+    """Per-channel counts of one (H, W, 6) mask under ``label_rule`` -> (6,) ints (channel 5: background).
+
+    ``huang_code``: ``len(np.unique(channel)) - 1`` of the mask cast to uint8, as Huang et al.'s script counts;
+    ``paper_text``: the distinct non-zero instance ids of the mask as stored."""
+    mask = np.asarray(mask)
+    if label_rule == "huang_code":
+        mask = mask.astype(np.uint8)
+        return np.array([len(np.unique(mask[..., channel])) - 1 for channel in range(MASK_CHANNELS)])
+    if label_rule == "paper_text":
+        return np.array([np.count_nonzero(np.unique(mask[..., channel])) for channel in range(MASK_CHANNELS)])
+    raise ValueError(f"PanNuke label_rule {label_rule!r}; allowed: {', '.join(LABEL_RULES)}")
 
 
-def malignancy_label(counts: np.ndarray) -> str | None:
-    """The paper's rule on per-channel nucleus counts: ``malignant``, ``benign`` or None (excluded)."""
-    neoplastic, total = int(counts[0]), int(counts.sum())
+def has_nuclei(mask: np.ndarray, label_rule: str = "huang_code") -> bool:
+    """Whether channels 0-4 hold anything (after the uint8 cast under ``huang_code``, as Huang et al. test it)."""
+    cells = np.asarray(mask)[..., :NUCLEUS_CHANNELS]
+    return bool(np.any(cells.astype(np.uint8) if label_rule == "huang_code" else cells))
+
+
+def malignancy_label(counts: np.ndarray, label_rule: str = "huang_code") -> str | None:
+    """``malignant``, ``benign`` or None (left out) from the (6,) counts of :func:`count_nuclei` of a patch
+    that has nuclei (:func:`has_nuclei`)."""
+    counts = np.asarray(counts)
+    neoplastic = int(counts[0])
+    if label_rule == "huang_code":
+        total = int(counts.sum())  # all six channels, background included, as in Huang et al.'s script
+        malignant = neoplastic >= 10 and neoplastic / total > MIN_NEOPLASTIC_SHARE
+    elif label_rule == "paper_text":
+        total = int(counts[:NUCLEUS_CHANNELS].sum())
+        if total == 0:
+            return None
+        malignant = neoplastic > 10 and neoplastic / total > MIN_NEOPLASTIC_SHARE
+    else:
+        raise ValueError(f"PanNuke label_rule {label_rule!r}; allowed: {', '.join(LABEL_RULES)}")
     if neoplastic == 0:
         return "benign"
-    if neoplastic > MIN_NEOPLASTIC and neoplastic / total > MIN_NEOPLASTIC_SHARE:
-        return "malignant"
-    return None
+    return "malignant" if malignant else None
 
 
-def convert(data_dir: Path, out_dir: Path, classes: list[str]) -> pd.DataFrame:
-    rows, excluded = [], 0
+def patch_label(mask: np.ndarray, label_rule: str = "huang_code") -> str | None:
+    """The label of one patch, or None when ``label_rule`` leaves it out."""
+    if not has_nuclei(mask, label_rule):
+        return None
+    return malignancy_label(count_nuclei(mask, label_rule), label_rule)
+
+
+def convert(data_dir: Path, out_dir: Path, classes: list[str], label_rule: str = LABEL_RULES[0]) -> pd.DataFrame:
+    if label_rule not in LABEL_RULES:
+        raise ValueError(f"PanNuke label_rule {label_rule!r}; allowed: {', '.join(LABEL_RULES)}")
+    rows, no_nucleus, neither = [], 0, 0
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     for fold in (1, 2, 3):
@@ -61,13 +110,17 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str]) -> pd.DataFrame:
         images = np.load(root / "images" / f"fold{fold}" / "images.npy", mmap_mode="r")
         types = np.load(root / "images" / f"fold{fold}" / "types.npy", allow_pickle=True)
         masks = np.load(root / "masks" / f"fold{fold}" / "masks.npy", mmap_mode="r")
-        if not (len(images) == len(types) == len(masks)) or masks.shape[-1] != 6:
+        if not (len(images) == len(types) == len(masks)) or masks.shape[-1] != MASK_CHANNELS:
             raise ValueError(f"{root}: images {images.shape}, types {types.shape}, masks {masks.shape} do not match "
                              "the PanNuke layout (N,256,256,3), (N,), (N,256,256,6)")
         for index in range(len(images)):
-            label = malignancy_label(count_nuclei(np.asarray(masks[index])))
+            mask = np.asarray(masks[index])
+            if not has_nuclei(mask, label_rule):
+                no_nucleus += 1
+                continue
+            label = malignancy_label(count_nuclei(mask, label_rule), label_rule)
             if label is None:
-                excluded += 1
+                neither += 1
                 continue
             image_id = f"pannuke_fold{fold}_{index:05d}"
             path = image_dir / f"{image_id}.png"
@@ -76,7 +129,7 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str]) -> pd.DataFrame:
             rows.append({"image_id": image_id, "file": relative_file(path, out_dir), "patient_id": image_id, "label": label,
                          "source": "pannuke", "partition": "", "group": str(types[index])})
     table = pd.DataFrame(rows)
-    table.attrs["excluded"] = {"neither benign nor malignant by the paper's rule": excluded}
+    table.attrs["excluded"] = {NO_NUCLEUS: no_nucleus, f"neither benign nor malignant ({label_rule})": neither}
     return table
 
 
@@ -89,4 +142,5 @@ register(Dataset(
     sources=tuple(Source(f"fold_{k}.zip", url=f"{BASE}/fold_{k}.zip", extract=True) for k in (1, 2, 3)),
     convert=convert,
     expected={"total": {"images": 6234, "malignant": 2866, "benign": 3368}},
+    label_rules=LABEL_RULES,
 ))

@@ -5,7 +5,7 @@ from medprobe.workflow import rule_logging
 with rule_logging(snakemake):
     prepare_task(
         snakemake.wildcards.task,
-        snakemake.params.task,
+        snakemake.params.task,  # its own test_fraction, where set, replaces split.test_fraction
         raw_dir=snakemake.input[0].rsplit("/", 1)[0],
         manifest_path=snakemake.output.manifest,
         sidecar_path=snakemake.output.sidecar,

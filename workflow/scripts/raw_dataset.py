@@ -7,4 +7,4 @@ from medprobe.workflow import rule_logging
 with rule_logging(snakemake):
     task = snakemake.params.task
     build_raw_table(task["dataset"], snakemake.wildcards.task, Path(snakemake.output[0]).parent,
-                    Path(snakemake.input[0]).parent, classes=task["classes"])
+                    Path(snakemake.input[0]).parent, classes=task["classes"], label_rule=task.get("label_rule"))
