@@ -28,6 +28,9 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from medprobe.layers import EMBEDDINGS_LAYER, authors_labels
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,8 @@ METRIC_LABELS: dict[str, str] = {
     "kappa_quadratic": "Quadratic kappa",
 }
 MACRO = "macro"
-EMBEDDINGS_LAYER = "image_embeds"
+#: x axes of Figure S5 (config ``figures.figureS5_order``).
+LAYER_ORDERS: tuple[str, ...] = ("depth", "authors")
 PNG_DPI = 200
 #: y limits for metrics in [0, 1]; a little headroom so a bar at 1.0 keeps its error bar visible.
 UNIT_YLIM = (0.0, 1.05)
@@ -92,6 +96,8 @@ _MODEL_COLOURS = (
 )
 _TASK_LINESTYLES = ("-", "--", ":", "-.")
 _TASK_MARKERS = ("o", "s", "^", "D", "v", "P")
+# Figure S5 keeps black dashed lines for the headline layer, so model line styles avoid plain dashes.
+_MODEL_LINESTYLES = ("-", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,10 +209,27 @@ def _class_axis_label(task_conf: Mapping[str, Any]) -> str:
     return "class"
 
 
-def _macro_tick_label(task_conf: Mapping[str, Any]) -> str:
-    # For binary tasks the macro row is the positive class's score (architecture.md).
-    classes = list(task_conf.get("classes", []))
+def configured_classes(task_conf: Mapping[str, Any], task: str = "<task>") -> list[str] | None:
+    """The task's configured class names, or None when ``classes`` is ``all`` (every finding of the data)."""
+    classes = task_conf.get("classes", [])
+    if isinstance(classes, str):
+        if classes != "all":
+            raise ValueError(f"tasks.{task}.classes is {classes!r}; expected a list of class names or 'all'")
+        return None
+    return [str(c) for c in classes]
+
+
+def _positive_class(task_conf: Mapping[str, Any], task: str = "<task>") -> str | None:
+    classes = configured_classes(task_conf, task) or []
+    return classes[1] if task_conf.get("kind") == "binary" and len(classes) == 2 else None
+
+
+def _macro_tick_label(task: str, task_conf: Mapping[str, Any], metric: str) -> str:
+    # Binary tasks: macro F1 is the mean of both classes' F1 (the paper's); macro AUC is the positive class's.
+    classes = configured_classes(task_conf, task) or []
     if task_conf.get("kind") == "binary" and len(classes) == 2:
+        if metric == "f1":
+            return f"macro F1\n({classes[0]}, {classes[1]})"
         return f"{classes[1]} vs {classes[0]}"
     return "macro average"
 
@@ -278,25 +301,33 @@ def bar_table(
 
 
 def class_order(table: pd.DataFrame, task: str, task_conf: Mapping[str, Any]) -> list[str]:
-    """Classes of a task in config order, then any extra classes found in the table (sorted)."""
-    configured = [str(c) for c in task_conf.get("classes", [])]
-    in_table = set(table.loc[table["task"] == task, "class"]) - {MACRO}
-    extra = sorted(in_table - set(configured))
+    """Classes of a task in config order, then any extra classes found in the table (sorted).
+
+    With ``classes: all`` there is no configured order: the classes come in the order they first
+    appear in the table (the probe stage writes them in the data's finding order).
+    """
+    in_table = list(dict.fromkeys(table.loc[table["task"] == task, "class"]))
+    in_table = [c for c in in_table if c != MACRO]
+    configured = configured_classes(task_conf, task)
+    if configured is None:
+        return in_table
+    extra = sorted(set(in_table) - set(configured))
     return configured + extra
 
 
 def support_filter(
     metrics: pd.DataFrame, task: str, models: Mapping[str, Mapping[str, Any]], min_positives: int
-) -> pd.Series:
-    """Findings with at least ``min_positives`` test positives, sorted by support (descending).
+) -> pd.Series | None:
+    """Findings with more than ``min_positives`` test positives, sorted by support (descending).
 
-    Support comes from the ``support`` rows of the table (value = number of test positives). All
-    models share the test set, so their counts agree; if they do not (a model skipped images), the
-    smallest count is used, so that a finding is kept only where every model's AUC rests on enough
-    positives.
+    Strictly more, as the authors' ``label_counts > 50``. Support comes from the ``support`` rows of
+    the table (value = number of test positives). All models share the test set, so their counts
+    agree; if they do not (a model skipped images), the smallest count is used, so that a finding is
+    kept only where every model's AUC rests on enough positives.
 
     Returns:
-        Series finding -> support, sorted by support descending, then finding name.
+        Series finding -> support, sorted by support descending, then finding name; None when the
+        table has no ``support`` rows for the task (nothing to filter on).
     """
     rows = metrics[
         (metrics["task"] == task)
@@ -305,14 +336,19 @@ def support_filter(
         & metrics["model"].isin(list(models))
     ]
     if rows.empty:
-        raise ValueError(
-            f"figure5: the metrics table has no 'support' rows for task {task}; "
-            "they are needed to filter findings by number of positives"
-        )
+        return None
     support = rows.groupby("class")["value"].min()
-    kept = support[support >= min_positives]
+    kept = support[support > min_positives]
     order = sorted(kept.index, key=lambda finding: (-kept[finding], finding))
     return kept.reindex(order).rename("support")
+
+
+def min_test_positives(tasks: Mapping[str, Mapping[str, Any]], task: str) -> int:
+    """``tasks.<task>.min_test_positives`` (0 when absent): findings need strictly more test positives."""
+    value = tasks[task].get("min_test_positives", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"tasks.{task}.min_test_positives is {value!r}; expected an integer >= 0")
+    return int(value)
 
 
 def efficiency_curves(
@@ -389,36 +425,56 @@ def order_layers(names: Sequence[str]) -> list[str]:
     return ordered
 
 
-def relative_depths(names: Sequence[str]) -> dict[str, float]:
-    """Relative depth of each layer: index / largest index, so models of any depth share an axis.
+def check_layer_order(order: str) -> str:
+    """``order`` itself if it is one of :data:`LAYER_ORDERS` (config ``figures.figureS5_order``)."""
+    if order not in LAYER_ORDERS:
+        raise ValueError(f"figures.figureS5_order is {order!r}; expected one of {', '.join(LAYER_ORDERS)}")
+    return order
 
-    ``image_embeds`` (CLIP's projection after the last hidden layer) is placed one layer step past
-    the last hidden layer, i.e. at ``(max_index + 1) / max_index``.
+
+def _authors_positions(rows: pd.DataFrame, names: Sequence[str]) -> list[int | None]:
+    """The authors' layer index of each layer in ``names`` (rows indexed by layer name).
+
+    The ``authors_layer`` column, where the table has one, was computed from the activations file's
+    own number of hidden states, so it is right even when only some layers were stored; without it
+    the index follows from the layer names, assuming every layer was stored.
     """
-    ordered = order_layers(names)
-    hidden = [n for n in ordered if n != EMBEDDINGS_LAYER]
-    max_index = max((layer_index(n) for n in hidden), default=0)
-    scale = max(max_index, 1)  # a single layer 0 sits at depth 0 instead of dividing by zero
-    depths = {n: layer_index(n) / scale for n in hidden}
-    if EMBEDDINGS_LAYER in ordered:
-        depths[EMBEDDINGS_LAYER] = (max_index + 1) / scale
-    return depths
+    if "authors_layer" in rows.columns:
+        stored = pd.to_numeric(rows["authors_layer"].astype(str).str.strip(), errors="coerce")
+        if stored.notna().any():
+            return [None if pd.isna(stored[name]) else int(stored[name]) for name in names]
+    return authors_labels(list(names))
 
 
 def layer_curves(
     layers: pd.DataFrame,
     tasks: Mapping[str, Mapping[str, Any]],
     models: Mapping[str, Mapping[str, Any]],
+    metric: str = "auc",
+    order: str = "depth",
 ) -> pd.DataFrame:
-    """Per-layer headline metric (class ``macro``) with its CI, in layer order.
+    """Per-layer ``metric`` (class ``macro``) with its bootstrap SD and CI, in the order of the x axis.
+
+    Args:
+        layers: the layers table (already checked).
+        tasks, models: config sections; tasks and models come out in their order.
+        metric: the metric drawn (``figures.figureS5_metric``), the same for every task.
+        order: ``depth``: x is the ``hidden_states`` index; ``authors``: x is the authors' layer
+            index, the position of the layer file in their text-sorted list (``x.0, x.1, x.10, ...``;
+            see :mod:`medprobe.layers`). ``hidden.0`` has no authors' index (they never saved it) and
+            is left out of that order.
+
+    ``image_embeds`` (a projection after the last hidden layer) is placed one step right of the
+    rightmost layer in either order.
 
     Returns:
-        Columns ``task, model, layer, index, depth, value, ci_low, ci_high``; tasks and models in
-        config order, layers by integer index with ``image_embeds`` last.
+        Columns ``task, model, layer, index, x, value, sd, ci_low, ci_high`` (``index`` = the layer
+        name's number, -1 for ``image_embeds``), rows of one task x model sorted by ``x``.
     """
+    check_layer_order(order)
+    columns = ["task", "model", "layer", "index", "x", "value", "sd", "ci_low", "ci_high"]
     frames = []
     for task in tasks:
-        metric = headline_metric(tasks, task)
         for model in models:
             rows = layers[
                 (layers["task"] == task)
@@ -434,29 +490,64 @@ def layer_curves(
                     f"layers table: task {task}, model {model}, layer {layer!r}, metric {metric} "
                     "appears more than once"
                 )
-            depths = relative_depths(rows["layer"].tolist())
-            ordered = order_layers(rows["layer"].tolist())
-            rows = rows.set_index("layer").loc[ordered].reset_index()
+            names = order_layers(rows["layer"].tolist())
+            rows = rows.set_index("layer").loc[names]
+            hidden = [n for n in names if n != EMBEDDINGS_LAYER]
+            if order == "depth":
+                positions = {n: layer_index(n) for n in hidden}
+            else:
+                labels = dict(zip(hidden, _authors_positions(rows.loc[hidden], hidden)))
+                positions = {n: x for n, x in labels.items() if x is not None}
+                if len(positions) < len(hidden):
+                    log.info(
+                        "figureS5: task %s, model %s: %s left out of the authors' order (no authors' index)",
+                        task, model, ", ".join(n for n in hidden if n not in positions),
+                    )
+            if EMBEDDINGS_LAYER in names:
+                positions[EMBEDDINGS_LAYER] = max(positions.values(), default=-1) + 1
+            drawn = sorted(positions, key=lambda n: positions[n])
             frames.append(
                 pd.DataFrame(
                     {
                         "task": task,
                         "model": model,
-                        "layer": ordered,
-                        "index": [
-                            -1 if n == EMBEDDINGS_LAYER else layer_index(n) for n in ordered
-                        ],
-                        "depth": [depths[n] for n in ordered],
-                        "value": rows["value"].to_numpy(),
-                        "ci_low": rows["ci_low"].to_numpy(),
-                        "ci_high": rows["ci_high"].to_numpy(),
-                    }
+                        "layer": drawn,
+                        "index": [-1 if n == EMBEDDINGS_LAYER else layer_index(n) for n in drawn],
+                        "x": [positions[n] for n in drawn],
+                        "value": rows.loc[drawn, "value"].to_numpy(float),
+                        "sd": rows.loc[drawn, "sd"].to_numpy(float),
+                        "ci_low": rows.loc[drawn, "ci_low"].to_numpy(float),
+                        "ci_high": rows.loc[drawn, "ci_high"].to_numpy(float),
+                    },
+                    columns=columns,
                 )
             )
-    columns = ["task", "model", "layer", "index", "depth", "value", "ci_low", "ci_high"]
     if not frames:
         return pd.DataFrame(columns=columns)
     return pd.concat(frames, ignore_index=True)[columns]
+
+
+def headline_layers(
+    metrics: pd.DataFrame, tasks: Mapping[str, Mapping[str, Any]], models: Mapping[str, Mapping[str, Any]]
+) -> dict[tuple[str, str], str]:
+    """The headline layer (fixed or chosen on validation) of each task x model: the ``layer`` column of
+    the metrics table.
+
+    Raises:
+        ValueError: the rows of one task x model name more than one layer.
+    """
+    rows = metrics[metrics["task"].isin(list(tasks)) & metrics["model"].isin(list(models))]
+    headline = {}
+    for (task, model), group in rows.groupby(["task", "model"], sort=False):
+        names = sorted(set(group["layer"].astype(str).str.strip()) - {"", "nan"})
+        if len(names) > 1:
+            raise ValueError(
+                f"metrics table: task {task}, model {model} names more than one headline layer "
+                f"({', '.join(names)}); metrics.csv holds one layer per model and task"
+            )
+        if names:
+            headline[(task, model)] = names[0]
+    return headline
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,8 +579,12 @@ def _grouped_bars(
     sds: pd.DataFrame,
     models: Mapping[str, Mapping[str, Any]],
     tick_labels: Sequence[str],
+    horizontal: bool = False,
 ) -> None:
-    """Grouped bars: one group per row of ``values``, one bar per model, SD error bars."""
+    """Grouped bars: one group per row of ``values``, one bar per model, SD error bars.
+
+    ``horizontal`` draws the groups top to bottom (long lists of findings), first group on top.
+    """
     n_models = values.shape[1]
     width = 0.8 / max(n_models, 1)
     centres = np.arange(values.shape[0], dtype=float)
@@ -500,25 +595,25 @@ def _grouped_bars(
         drawn = np.isfinite(heights)
         if not drawn.any():
             continue
-        ax.bar(
-            x[drawn],
-            heights[drawn],
-            width=width,
-            color=_model_colour(models, model),
-            label=_model_label(models, model),
-            gid=model,
-        )
+        style = dict(color=_model_colour(models, model), label=_model_label(models, model), gid=model)
+        if horizontal:
+            ax.barh(x[drawn], heights[drawn], height=width, **style)
+        else:
+            ax.bar(x[drawn], heights[drawn], width=width, **style)
         with_error = drawn & np.isfinite(errors)
         if with_error.any():
-            ax.errorbar(
-                x[with_error],
-                heights[with_error],
-                yerr=errors[with_error],
-                fmt="none",
-                ecolor="black",
-                elinewidth=0.8,
-                capsize=2,
-            )
+            spread = {"xerr" if horizontal else "yerr": errors[with_error]}
+            at = (heights[with_error], x[with_error]) if horizontal else (x[with_error], heights[with_error])
+            ax.errorbar(*at, **spread, fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+    if horizontal:
+        ax.set_yticks(centres)
+        ax.set_yticklabels(tick_labels, fontsize=7)
+        ax.set_ylim(values.shape[0] - 0.4, -0.6)  # inverted: the first group on top
+        ax.set_xlim(*UNIT_YLIM)
+        ax.set_xticks(np.linspace(0, 1, 6))
+        ax.grid(axis="x", linewidth=0.4, alpha=0.5)
+        ax.set_axisbelow(True)
+        return
     ax.set_xticks(centres)
     longest_line = max((len(line) for label in tick_labels for line in label.split("\n")), default=0)
     rotate = longest_line > 8 and len(tick_labels) > 4
@@ -578,7 +673,7 @@ def _bar_figure(
             tick_labels = list(values.index)
         else:
             values, sds = bar_table(metrics, task, metric, models, [MACRO])
-            tick_labels = [_macro_tick_label(task_conf)] * len(values.index)
+            tick_labels = [_macro_tick_label(task, task_conf, metric)] * len(values.index)
         if values.empty or values.isna().all().all():
             log.warning("%s: no %s rows for task %s; panel (%s) skipped", figure_name, metric, task, letter)
             continue
@@ -648,29 +743,51 @@ def figure4(
     _save(build_figure4(metrics, tasks, models), out_stem)
 
 
+def figure5_findings(
+    metrics: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    task: str = "T7",
+) -> tuple[list[str], pd.Series | None]:
+    """The findings Figure 5 draws, in order, and their test positives (None without support rows).
+
+    The probe stage already probes only findings with more than ``tasks.<task>.min_test_positives``
+    test positives; the same strict rule is applied here again to the ``support`` rows, where the
+    table has them, so that a table from a run with a lower threshold still gives the paper's figure.
+    With support rows the findings are sorted by support (descending), else they keep the order of
+    :func:`class_order`.
+    """
+    threshold = min_test_positives(tasks, task)
+    support = support_filter(metrics, task, models, threshold)
+    if support is None:
+        log.info("figure5: no 'support' rows for task %s; every finding in the table is drawn", task)
+        return class_order(metrics, task, tasks[task]), None
+    if support.empty:
+        raise ValueError(
+            f"figure5: no finding of task {task} has more than {threshold} test positives "
+            f"(tasks.{task}.min_test_positives); lower the threshold or use more test data"
+        )
+    return list(support.index), support
+
+
 def build_figure5(
     metrics: pd.DataFrame,
     tasks: Mapping[str, Mapping[str, Any]],
     models: Mapping[str, Mapping[str, Any]],
     task: str = "T7",
-    min_positives: int = 50,
 ) -> Figure:
-    """Figure 5: per-finding headline metric of a multilabel task, findings with enough positives.
+    """Figure 5: per-finding headline metric of a multilabel task, in two side-by-side panels.
 
-    Findings with support >= ``min_positives`` are sorted by support (descending) and split into
-    two panels (first half = the most frequent findings).
+    Findings as in :func:`figure5_findings` (strictly more than ``tasks.<task>.min_test_positives``
+    test positives, most frequent first); the first half of them in the left panel, the rest in the
+    right one (the paper's 54 findings: 27 and 27). Horizontal bars, one per model, with SD error bars.
     """
     metrics = _prepare(metrics, "figure5: metrics table")
     if task not in tasks:
         raise ValueError(f"figure5: task {task!r} is not in the tasks config (known: {', '.join(tasks)})")
     metric = headline_metric(tasks, task)
-    support = support_filter(metrics, task, models, min_positives)
-    if support.empty:
-        raise ValueError(
-            f"figure5: no finding of task {task} has at least {min_positives} test positives "
-            "(figures.figure5_min_positives); lower the threshold or use more test data"
-        )
-    values, sds = bar_table(metrics, task, metric, models, list(support.index))
+    findings, support = figure5_findings(metrics, tasks, models, task)
+    values, sds = bar_table(metrics, task, metric, models, findings)
     values = values.dropna(how="all")
     sds = sds.reindex(index=values.index)
     if values.empty:
@@ -679,16 +796,20 @@ def build_figure5(
     half = math.ceil(len(findings) / 2)
     halves = [findings[:half], findings[half:]] if len(findings) > 1 else [findings]
 
-    figure = _new_figure(width=min(max(6.0, 2.5 + half * (0.35 * values.shape[1] + 0.4)), 18.0), height=3.6 * len(halves) + 0.6)
-    axes = figure.subplots(len(halves), 1, squeeze=False)[:, 0]
+    row_height = 0.1 * values.shape[1] + 0.15
+    figure = _new_figure(width=6.0 * len(halves), height=max(4.0, 1.6 + half * row_height))
+    axes = figure.subplots(1, len(halves), squeeze=False)[0]
+    threshold = min_test_positives(tasks, task)
+    rule = f" (findings with > {threshold} test positives)" if threshold else ""
     for ax, letter, part in zip(axes, "ab", halves):
-        labels = [f"{finding}\n(n={int(support[finding])})" for finding in part]
-        # Keep bar widths equal in both panels: pad the shorter half with empty slots.
+        labels = [finding if support is None else f"{finding} (n={int(support[finding])})" for finding in part]
+        # Keep bar heights equal in both panels: pad the shorter half with empty slots.
         padded = list(part) + [f"__pad{i}" for i in range(half - len(part))]
-        _grouped_bars(ax, values.reindex(padded), sds.reindex(padded), models, labels + [""] * (half - len(part)))
-        ax.set_title(_panel_title(letter, task, tasks[task], f" (findings with >= {min_positives} positives)"), fontsize=9)
-        ax.set_ylabel(_metric_label(metric))
-        ax.set_xlabel("finding (test positives)")
+        _grouped_bars(
+            ax, values.reindex(padded), sds.reindex(padded), models, labels + [""] * (half - len(part)), horizontal=True
+        )
+        ax.set_title(_panel_title(letter, task, tasks[task], rule), fontsize=9)
+        ax.set_xlabel(_metric_label(metric))
     top = _figure_legend(figure, models, list(values.columns[values.notna().any()]))
     figure.tight_layout(rect=(0, 0, 1, top))
     return figure
@@ -700,10 +821,9 @@ def figure5(
     models: Mapping[str, Mapping[str, Any]],
     out_stem: str | Path,
     task: str = "T7",
-    min_positives: int = 50,
 ) -> None:
-    """Draw Figure 5 (per-finding AUC of T7, findings with >= ``min_positives`` test positives)."""
-    _save(build_figure5(metrics, tasks, models, task=task, min_positives=min_positives), out_stem)
+    """Draw Figure 5 (per-finding AUC of T7, findings with > ``tasks.T7.min_test_positives`` test positives)."""
+    _save(build_figure5(metrics, tasks, models, task=task), out_stem)
 
 
 def _disciplines(tasks: Mapping[str, Mapping[str, Any]], present_tasks: Sequence[str]) -> list[str]:
@@ -794,14 +914,63 @@ def figure6(
     _save(build_figure6(efficiency, tasks, models), out_stem)
 
 
+def _task_colour(tasks: Mapping[str, Mapping[str, Any]], discipline: str, task: str) -> str:
+    same_discipline = [t for t in tasks if tasks[t].get("discipline", "other") == discipline]
+    return _MODEL_COLOURS[same_discipline.index(task) % len(_MODEL_COLOURS)]
+
+
+def _model_linestyle(models: Mapping[str, Mapping[str, Any]], model: str) -> Any:
+    return _MODEL_LINESTYLES[list(models).index(model) % len(_MODEL_LINESTYLES)]
+
+
+def _curve_ylim(curves: pd.DataFrame) -> tuple[float, float]:
+    """y range of the drawn bands with a margin, within :data:`UNIT_YLIM`: fluctuations across layers of a
+    few hundredths must stay visible, which a full 0-1 axis would flatten."""
+    sd = curves["sd"].fillna(0.0)
+    low, high = float((curves["value"] - sd).min()), float((curves["value"] + sd).max())
+    margin = max(0.05 * (high - low), 0.02)
+    return max(UNIT_YLIM[0], low - margin), min(UNIT_YLIM[1], high + margin)
+
+
+_LAYER_AXIS_LABELS = {
+    "depth": "layer (hidden_states index, true depth)",
+    "authors": "layer, authors' index (position in their text-sorted files x.0, x.1, x.10, ...)",
+}
+
+
 def build_figureS5(
-    layers: pd.DataFrame, tasks: Mapping[str, Mapping[str, Any]], models: Mapping[str, Mapping[str, Any]]
+    layers: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    metrics: pd.DataFrame | None = None,
+    order: str = "depth",
+    metric: str = "auc",
 ) -> Figure:
-    """Figure S5: headline metric (macro) against relative layer depth, CI band, panel per discipline."""
+    """Figure S5: ``metric`` (class ``macro``) of a probe on each layer, one panel per discipline.
+
+    Every task of a discipline is drawn in its panel against the layer, as the mean line with the
+    bootstrap SD as a band around it; the paper shows AUC for every discipline, F1 tasks included,
+    hence one ``metric`` for all (``figures.figureS5_metric``).
+
+    x axis (``figures.figureS5_order``): ``depth`` is the ``hidden_states`` index; ``authors`` the
+    authors' layer index, the position in their text-sorted list of layer files, in which the
+    paper's curves run (its "layer 32" of the 80B model is ``hidden.39``); see :func:`layer_curves`.
+    ``image_embeds`` is a star one step right of the last layer.
+
+    The paper draws IDEFICS-80B alone; here every configured model with rows in the layers table is
+    drawn, so that the models can be compared: colour = task, line style = model. The headline layer
+    of each task x model (``layer`` of the metrics table, fixed or chosen on validation) is marked by
+    a black dashed vertical line and a black ring on its curve (the ring tells which curve a line
+    belongs to when models or tasks differ in their headline layer). Without ``metrics`` no headline
+    layer is marked.
+    """
+    check_layer_order(order)
     layers = _prepare(layers, "figureS5: layers table")
-    curves = layer_curves(layers, tasks, models)
+    headline = {} if metrics is None else headline_layers(_prepare(metrics, "figureS5: metrics table"), tasks, models)
+    curves = layer_curves(layers, tasks, models, metric=metric, order=order)
     if curves.empty:
-        raise _no_data("figureS5", list(tasks), "layers", " (class 'macro', headline metric)")
+        detail = f" (class 'macro', metric {metric} = figures.figureS5_metric)"
+        raise _no_data("figureS5", list(tasks), "layers", detail)
     present_tasks = list(dict.fromkeys(curves["task"]))
     disciplines = _disciplines(tasks, present_tasks)
     figure = _new_figure(width=11.0 if len(disciplines) > 1 else 6.0, height=4.2 * math.ceil(len(disciplines) / 2) + 0.3)
@@ -809,34 +978,55 @@ def build_figureS5(
     for letter, ax, discipline in zip("abcdefghij", axes, disciplines):
         panel_tasks = [t for t in present_tasks if tasks[t].get("discipline", "other") == discipline]
         has_embeddings = False
+        headline_x: list[float] = []
+        panel = curves[curves["task"].isin(panel_tasks)]
         for task in panel_tasks:
-            linestyle, _ = _task_style(tasks, discipline, task)
+            colour = _task_colour(tasks, discipline, task)
             for model in models:
                 line = curves[(curves["task"] == task) & (curves["model"] == model)]
                 if line.empty:
                     continue
-                colour = _model_colour(models, model)
-                x = line["depth"].to_numpy(float)
-                ax.plot(
-                    x, line["value"].to_numpy(float), color=colour, linestyle=linestyle, linewidth=1.2,
-                    label=f"{task} · {_model_label(models, model)}",
-                )
-                ax.fill_between(
-                    x, line["ci_low"].to_numpy(float), line["ci_high"].to_numpy(float),
-                    color=colour, alpha=0.15, linewidth=0,
-                )
+                hidden = line[line["layer"] != EMBEDDINGS_LAYER]
+                x = hidden["x"].to_numpy(float)
+                mean = hidden["value"].to_numpy(float)
+                sd = hidden["sd"].to_numpy(float)
+                label = f"{task} · {_model_label(models, model)}"
+                ax.plot(x, mean, color=colour, linestyle=_model_linestyle(models, model), linewidth=1.2, label=label)
+                ax.fill_between(x, mean - sd, mean + sd, color=colour, alpha=0.15, linewidth=0)
                 embeds = line[line["layer"] == EMBEDDINGS_LAYER]
                 if not embeds.empty:
                     has_embeddings = True
-                    ax.plot(embeds["depth"], embeds["value"], color=colour, marker="*", markersize=9, linestyle="none")
+                    ax.errorbar(
+                        embeds["x"], embeds["value"], yerr=embeds["sd"], color=colour, marker="*", markersize=9,
+                        linestyle="none", label="_nolegend_",
+                    )
+                chosen = headline.get((task, model))
+                if chosen is None:
+                    continue
+                at = line[line["layer"] == chosen]
+                if at.empty:
+                    log.warning(
+                        "figureS5: headline layer %s of task %s, model %s is not drawn (not in the layers table "
+                        "for metric %s, or without a place in the %s order)", chosen, task, model, metric, order,
+                    )
+                    continue
+                headline_x.append(float(at["x"].iloc[0]))
+                ax.plot(at["x"], at["value"], linestyle="none", marker="o", markersize=6, markerfacecolor="none",
+                        markeredgecolor="black", label="_nolegend_")
+        for x in sorted(set(headline_x)):
+            ax.axvline(x, color="black", linestyle="--", linewidth=1.0, gid="headline", label="_nolegend_")
         handles, labels = ax.get_legend_handles_labels()
+        if headline_x:
+            handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1.0))
+            labels.append("headline layer")
         if has_embeddings:
             handles.append(Line2D([], [], color="black", marker="*", markersize=9, linestyle="none"))
             labels.append(f"{EMBEDDINGS_LAYER} (projection)")
         ax.legend(handles, labels, fontsize=7, loc="best", frameon=True, framealpha=0.8)
-        ax.set_ylim(*UNIT_YLIM)
-        ax.set_xlabel("relative layer depth (layer index / last index)")
-        ax.set_ylabel(f"{_panel_metric_label(tasks, panel_tasks)} (95% CI)")
+        ax.set_ylim(*_curve_ylim(panel))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(_LAYER_AXIS_LABELS[order], fontsize=8)
+        ax.set_ylabel(f"{_metric_label(metric)} (mean ± bootstrap SD)")
         ax.set_title(f"({letter}) {discipline}", fontsize=10)
         ax.grid(linewidth=0.4, alpha=0.5)
     figure.tight_layout()
@@ -848,9 +1038,53 @@ def figureS5(
     tasks: Mapping[str, Mapping[str, Any]],
     models: Mapping[str, Mapping[str, Any]],
     out_stem: str | Path,
+    metrics: pd.DataFrame | None = None,
+    order: str = "depth",
+    metric: str = "auc",
 ) -> None:
-    """Draw Figure S5 (headline metric per layer, relative depth, CI band) from the layers table."""
-    _save(build_figureS5(layers, tasks, models), out_stem)
+    """Draw Figure S5 (``metric`` per layer with SD band, headline layer marked); see :func:`build_figureS5`."""
+    _save(build_figureS5(layers, tasks, models, metrics=metrics, order=order, metric=metric), out_stem)
+
+
+def figureS6_panels(
+    groups: pd.DataFrame,
+    tasks: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    task: str = "T2",
+) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """The panels of Figure S6: ``(y label, values, sds)``, values and SDs with rows = groups, columns = models.
+
+    For an F1 task two panels: the paper's macro F1 (for a binary task the mean of both classes' F1)
+    and the positive class's F1 (``f1_positive`` rows, or the positive class's own ``f1`` rows in
+    tables without them). Otherwise one panel of the task's headline metric. Panels without any row
+    are left out; all panels share the groups of the first, in sorted order.
+    """
+    if task not in tasks:
+        raise ValueError(f"figureS6: task {task!r} is not in the tasks config (known: {', '.join(tasks)})")
+    metric = headline_metric(tasks, task)
+    # Rows without a group (empty in the CSV, NaN in a DataFrame built in memory) belong to no bar.
+    rows = groups[~groups["group"].str.strip().isin(["", "nan"])]
+
+    def table(metric_name: str, class_name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return bar_table(rows, task, metric_name, models, None, category_column="group", class_name=class_name)
+
+    panels = []
+    if metric == "f1":
+        positive = _positive_class(tasks[task], task)
+        macro_label = "macro F1 (mean of both classes)" if positive else "macro F1"
+        panels.append((macro_label, *table("f1", MACRO)))
+        if positive:
+            values, sds = table("f1_positive", MACRO)
+            if values.empty:
+                values, sds = table("f1", positive)
+            panels.append((f"F1 of {positive} (positive class)", values, sds))
+    else:
+        panels.append((_metric_label(metric), *table(metric, MACRO)))
+    panels = [(label, values, sds) for label, values, sds in panels if not values.isna().all().all()]
+    if not panels:
+        raise _no_data("figureS6", [task], "groups", f" (class 'macro', metric {metric})")
+    order = list(panels[0][1].index)
+    return [(label, values.reindex(order), sds.reindex(order)) for label, values, sds in panels]
 
 
 def build_figureS6(
@@ -859,23 +1093,22 @@ def build_figureS6(
     models: Mapping[str, Mapping[str, Any]],
     task: str = "T2",
 ) -> Figure:
-    """Figure S6: headline metric (macro) of ``task`` per sub-group (organ), grouped bars per model."""
+    """Figure S6: ``task`` per sub-group (organ), grouped bars per model with SD error bars, one panel
+    per metric of :func:`figureS6_panels` (T2: macro F1 and the positive class's F1), stacked."""
     groups = _prepare(groups, "figureS6: groups table", extra=("group",))
-    if task not in tasks:
-        raise ValueError(f"figureS6: task {task!r} is not in the tasks config (known: {', '.join(tasks)})")
-    metric = headline_metric(tasks, task)
-    # Rows without a group (empty in the CSV, NaN in a DataFrame built in memory) belong to no bar.
-    rows = groups[~groups["group"].str.strip().isin(["", "nan"])]
-    values, sds = bar_table(rows, task, metric, models, None, category_column="group", class_name=MACRO)
-    if values.empty or values.isna().all().all():
-        raise _no_data("figureS6", [task], "groups", f" (class 'macro', metric {metric})")
-    figure = _new_figure(width=min(max(6.0, 3.0 + 0.45 * values.size), 18.0), height=4.4)
-    ax = figure.subplots()
-    _grouped_bars(ax, values, sds, models, list(values.index))
-    ax.set_title(f"{task}: {tasks[task].get('name', task)}, by {'organ' if task == 'T2' else 'group'}", fontsize=10)
-    ax.set_ylabel(_metric_label(metric))
-    ax.set_xlabel("organ" if task == "T2" else "group")
-    top = _figure_legend(figure, models, list(values.columns[values.notna().any()]))
+    panels = figureS6_panels(groups, tasks, models, task)
+    n_groups, n_models = panels[0][1].shape
+    figure = _new_figure(width=min(max(6.0, 3.0 + 0.45 * n_groups * n_models), 18.0), height=3.8 * len(panels) + 0.6)
+    axes = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
+    what = "organ" if task == "T2" else "group"
+    present: set[str] = set()
+    for ax, letter, (label, values, sds) in zip(axes, "abcdefghij", panels):
+        _grouped_bars(ax, values, sds, models, list(values.index))
+        ax.set_title(f"({letter}) {task}: {tasks[task].get('name', task)}, by {what}", fontsize=10)
+        ax.set_ylabel(label)
+        ax.set_xlabel(what)
+        present.update(values.columns[values.notna().any()])
+    top = _figure_legend(figure, models, [m for m in models if m in present])
     figure.tight_layout(rect=(0, 0, 1, top))
     return figure
 
@@ -887,7 +1120,7 @@ def figureS6(
     out_stem: str | Path,
     task: str = "T2",
 ) -> None:
-    """Draw Figure S6 (T2 headline metric per organ group) from the groups table."""
+    """Draw Figure S6 (T2 macro and positive-class F1 per organ group) from the groups table."""
     _save(build_figureS6(groups, tasks, models, task=task), out_stem)
 
 
@@ -992,6 +1225,22 @@ FIGURES: dict[str, tuple[Callable[..., None], str]] = {
     "figureS6": (figureS6, "groups"),
     "figure1d": (figure1d, "nejm"),
 }
+#: Further tables a figure reads when given, passed by name: Figure S5 marks the headline layer of metrics.csv.
+_OPTIONAL_TABLES: dict[str, tuple[str, ...]] = {"figureS5": ("metrics",)}
+#: Figure name -> {keyword argument: (key of the config's ``figures`` section, default)}.
+_FIGURE_OPTIONS: dict[str, dict[str, tuple[str, Any]]] = {
+    "figure5": {"task": ("figure5_task", "T7")},
+    "figureS5": {"order": ("figureS5_order", "depth"), "metric": ("figureS5_metric", "auc")},
+    "figureS6": {"task": ("figureS6_task", "T2")},
+}
+
+
+def figure_options(name: str, figures_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Keyword arguments of figure ``name`` from the config's ``figures`` section (defaults where absent)."""
+    figures_config = figures_config or {}
+    return {
+        argument: figures_config.get(key, default) for argument, (key, default) in _FIGURE_OPTIONS.get(name, {}).items()
+    }
 
 
 def draw(
@@ -1006,11 +1255,11 @@ def draw(
 
     Args:
         name: one of :data:`FIGURES`.
-        tables: result tables by name (``metrics``, ``layers``, ``efficiency``, ``groups``); only
-            the one the figure reads is needed.
+        tables: result tables by name (``metrics``, ``layers``, ``efficiency``, ``groups``); the one
+            the figure reads is needed, Figure S5 also uses ``metrics`` when given (headline layer).
         tasks, models: the config's ``tasks`` and ``models`` sections.
         out_stem: output path without extension.
-        **options: passed on (``task`` and ``min_positives`` for figure5, ``task`` for figureS6).
+        **options: passed on; :func:`figure_options` makes them from the config's ``figures`` section.
     """
     if name not in FIGURES:
         raise ValueError(f"unknown figure {name!r}; known figures: {', '.join(FIGURES)}")
@@ -1020,4 +1269,5 @@ def draw(
             f"{name} needs the {table_name!r} table (results/tables/{table_name}.csv); "
             f"given: {', '.join(tables) or 'none'}"
         )
-    function(tables[table_name], tasks, models, out_stem, **options)
+    extra = {table: tables[table] for table in _OPTIONAL_TABLES.get(name, ()) if table in tables}
+    function(tables[table_name], tasks, models, out_stem, **extra, **options)

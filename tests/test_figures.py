@@ -29,7 +29,7 @@ TASKS = {
     "T6": {"name": "Glaucoma", "discipline": "ophthalmology", "kind": "binary", "metric": "auc",
            "classes": ["no_glaucoma", "glaucoma"]},
     "T7": {"name": "Chest radiograph findings", "discipline": "radiology", "kind": "multilabel", "metric": "auc",
-           "classes": ["cardiomegaly", "effusion", "nodule", "fracture", "scoliosis"]},
+           "classes": ["cardiomegaly", "effusion", "nodule", "fracture", "scoliosis"], "min_test_positives": 9},
     "T8": {"name": "Knee osteoarthritis", "discipline": "radiology", "kind": "multiclass", "metric": "auc",
            "classes": ["0", "1", "2"], "graded": True},
 }
@@ -40,7 +40,8 @@ MODELS = {
     "absent": {"label": "Never run"},
 }
 RUN_MODELS = ["big", "small"]
-# Test positives per T7 finding; with min_positives=10, "fracture" and "scoliosis" must be dropped.
+# Test positives per T7 finding; with min_test_positives=9 (strictly more kept), "fracture" and "scoliosis" must
+# be dropped.
 T7_SUPPORT = {"cardiomegaly": 40, "effusion": 25, "nodule": 12, "fracture": 9, "scoliosis": 3}
 
 
@@ -75,10 +76,11 @@ def layers() -> pd.DataFrame:
     rows = []
     # "big" has 13 hidden layers, "small" 5 plus CLIP's projected embeddings.
     names = {"big": [f"hidden.{i}" for i in range(13)], "small": [f"hidden.{i}" for i in range(5)] + ["image_embeds"]}
-    for task, conf in TASKS.items():
+    for task in TASKS:
         for model in RUN_MODELS:
             for layer in names[model]:
-                rows.append(_row(task, model, "macro", conf["metric"], rng.uniform(0.5, 0.9), 0.02, layer=layer))
+                for metric in ("auc", "f1"):  # every task has both, as in layers.csv
+                    rows.append(_row(task, model, "macro", metric, rng.uniform(0.5, 0.9), 0.02, layer=layer))
     table = pd.DataFrame(rows)
     return table.sample(frac=1.0, random_state=3).reset_index(drop=True)  # file order must not matter
 
@@ -103,8 +105,9 @@ def groups() -> pd.DataFrame:
     rows = []
     for group in ("Breast", "Colon", "Kidney"):
         for model in RUN_MODELS:
-            for cls in ("malignant", "macro"):
-                row = _row("T2", model, cls, "f1", rng.uniform(0.5, 0.95), rng.uniform(0.01, 0.05))
+            # macro f1 = mean of both classes' F1 (the paper's); macro f1_positive = the positive class's F1.
+            for cls, metric in (("benign", "f1"), ("malignant", "f1"), ("macro", "f1"), ("macro", "f1_positive")):
+                row = _row("T2", model, cls, metric, rng.uniform(0.5, 0.95), rng.uniform(0.01, 0.05))
                 row["group"] = group
                 rows.append(row)
     return pd.DataFrame(rows)
@@ -180,10 +183,9 @@ def test_figure_rejects_table_without_required_column(tmp_path, metrics):
 
 def test_every_figure_is_written_as_pdf_and_png(tmp_path, metrics, layers, efficiency, groups):
     tables = {"metrics": metrics, "layers": layers, "efficiency": efficiency, "groups": groups}
-    options = {"figure5": {"min_positives": 10}}
     for name in ("figure3", "figure4", "figure5", "figure6", "figureS5", "figureS6"):
         stem = tmp_path / "figs" / name
-        figures.draw(name, tables, TASKS, MODELS, stem, **options.get(name, {}))
+        figures.draw(name, tables, TASKS, MODELS, stem)
         _check_outputs(stem)
 
 
@@ -302,37 +304,101 @@ def test_missing_tasks_are_skipped_and_empty_figure_raises(metrics, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Figure 5: support filter
+# Figure 5: support rule, order, two side-by-side panels
 # ---------------------------------------------------------------------------------------------
 
 
-def test_support_filter_drops_rare_findings(metrics):
-    kept = figures.support_filter(metrics, "T7", MODELS, min_positives=10)
-    expected = sorted((f for f, n in T7_SUPPORT.items() if n >= 10), key=lambda f: -T7_SUPPORT[f])
+def _hbars_by_model_and_tick(ax) -> dict[tuple[str, str], tuple[float, float]]:
+    """(model label, tick label) -> (bar length, bar centre) of horizontal bars read back from the Axes."""
+    ticks = {round(t, 6): label.get_text() for t, label in zip(ax.get_yticks(), ax.get_yticklabels())}
+    bars = {}
+    for container in ax.containers:
+        if not isinstance(container, BarContainer):
+            continue
+        for patch in container.patches:
+            centre = patch.get_y() + patch.get_height() / 2
+            bars[(container.get_label(), ticks[round(float(np.round(centre)), 6)])] = (patch.get_width(), centre)
+    return bars
+
+
+def _findings(ax) -> list[str]:
+    """Findings of a Figure 5 panel from top to bottom (tick labels without the support count)."""
+    ticks = sorted(zip(ax.get_yticks(), ax.get_yticklabels()), key=lambda tick: tick[0])
+    if not ax.yaxis_inverted():
+        ticks.reverse()
+    return [label.get_text().split(" (n=")[0] for _, label in ticks if label.get_text()]
+
+
+def test_support_filter_keeps_findings_with_strictly_more_positives(metrics):
+    kept = figures.support_filter(metrics, "T7", MODELS, min_positives=9)
+    expected = sorted((f for f, n in T7_SUPPORT.items() if n > 9), key=lambda f: -T7_SUPPORT[f])
     assert list(kept.index) == expected == ["cardiomegaly", "effusion", "nodule"]
     assert kept.tolist() == [40, 25, 12]
-    # Boundary: support equal to the threshold is kept.
-    assert "nodule" in figures.support_filter(metrics, "T7", MODELS, min_positives=12).index
+    # Boundary: a finding with exactly the threshold's number of positives is left out (the authors' > 50).
+    assert "nodule" not in figures.support_filter(metrics, "T7", MODELS, min_positives=12).index
+    assert "nodule" in figures.support_filter(metrics, "T7", MODELS, min_positives=11).index
 
 
-def test_figure5_plots_only_kept_findings_in_two_halves(metrics):
-    figure = figures.build_figure5(metrics, TASKS, MODELS, min_positives=10)
-    top, bottom = figure.get_axes()
-    shown = [{tick.split("\n")[0] for _, tick in _bars_by_model_and_tick(ax)} for ax in (top, bottom)]
-    assert shown == [{"cardiomegaly", "effusion"}, {"nodule"}]
-    heights = _bars_by_model_and_tick(top)
-    assert heights[("Small VLM", "effusion\n(n=25)")][0] == _lookup(metrics, "T7", "small", "effusion", "auc")[0]
+def test_figure5_reads_min_test_positives_from_task_and_applies_it_strictly(metrics):
+    tasks = {**TASKS, "T7": {**TASKS["T7"], "min_test_positives": 12}}
+    figure = figures.build_figure5(metrics, tasks, MODELS)
+    shown = [finding for ax in figure.get_axes() for finding in _findings(ax)]
+    assert shown == ["cardiomegaly", "effusion"]  # nodule has exactly 12 test positives
+    # Without the key every finding with a positive is drawn.
+    tasks["T7"] = {k: v for k, v in TASKS["T7"].items() if k != "min_test_positives"}
+    shown = [finding for ax in figures.build_figure5(metrics, tasks, MODELS).get_axes() for finding in _findings(ax)]
+    assert shown == ["cardiomegaly", "effusion", "nodule", "fracture", "scoliosis"]
+
+
+def test_figure5_first_half_left_rest_right(metrics):
+    figure = figures.build_figure5(metrics, TASKS, MODELS)
+    left, right = figure.get_axes()
+    assert left.get_position().x1 < right.get_position().x0  # side by side, not stacked
+    assert left.get_position().y0 == pytest.approx(right.get_position().y0)
+    assert [_findings(left), _findings(right)] == [["cardiomegaly", "effusion"], ["nodule"]]
+    bars = _hbars_by_model_and_tick(left)
+    length, _ = bars[("Small VLM", "effusion (n=25)")]
+    assert length == _lookup(metrics, "T7", "small", "effusion", "auc")[0]
+
+
+def test_figure5_without_support_rows_draws_every_finding_in_table_order(metrics):
+    # The probe stage already keeps only findings with enough positives; support rows are only a guard.
+    table = metrics[(metrics["metric"] != "support") & ~((metrics["task"] == "T7") & (metrics["class"] == "nodule"))]
+    order = ["scoliosis", "cardiomegaly", "fracture", "effusion"]
+    rows = [table[(table["task"] == "T7") & (table["class"] == finding)] for finding in order]
+    table = pd.concat([table[(table["task"] != "T7") | (table["class"] == "macro")], *rows])
+    tasks = {**TASKS, "T7": {**TASKS["T7"], "classes": "all"}}
+    figure = figures.build_figure5(table, tasks, MODELS)
+    assert [finding for ax in figure.get_axes() for finding in _findings(ax)] == order
 
 
 def test_figure5_threshold_above_every_finding_raises(metrics, tmp_path):
-    with pytest.raises(ValueError, match=r"figure5.*T7.*at least 41"):
-        figures.figure5(metrics, TASKS, MODELS, tmp_path / "f5", min_positives=41)
-    with pytest.raises(ValueError, match=r"figure5.*'support' rows"):
-        figures.figure5(metrics[metrics["metric"] != "support"], TASKS, MODELS, tmp_path / "f5")
+    tasks = {**TASKS, "T7": {**TASKS["T7"], "min_test_positives": 40}}  # the most frequent finding has 40
+    with pytest.raises(ValueError, match=r"figure5.*T7.*more than 40.*tasks\.T7\.min_test_positives"):
+        figures.figure5(metrics, tasks, MODELS, tmp_path / "f5")
+    assert not (tmp_path / "f5.pdf").exists()
+
+
+def test_classes_all_takes_classes_in_table_order(metrics, tmp_path):
+    tasks = {name: {**conf, "classes": "all"} if name == "T7" else conf for name, conf in TASKS.items()}
+    # Table order, not the characters of "all".
+    assert figures.class_order(metrics, "T7", tasks["T7"]) == TASKS["T7"]["classes"]
+    assert figures.class_order(metrics, "T3", tasks["T3"]) == TASKS["T3"]["classes"]
+    tables = {"metrics": metrics}
+    for name in ("figure3", "figure4", "figure5"):
+        figures.draw(name, tables, tasks, MODELS, tmp_path / name)
+        _check_outputs(tmp_path / name)
+    with pytest.raises(ValueError, match=r"tasks\.T7\.classes is 'every'"):
+        figures.class_order(metrics, "T7", {**TASKS["T7"], "classes": "every"})
+
+
+def test_figure3_binary_f1_bar_says_it_is_the_mean_of_both_classes(metrics):
+    axes = figures.build_figure3(metrics, TASKS, MODELS).get_axes()
+    assert {tick for _, tick in _bars_by_model_and_tick(axes[1])} == {"macro F1\n(benign, malignant)"}
 
 
 # ---------------------------------------------------------------------------------------------
-# Figure S5: layer order and depth
+# Figure S5: per-layer curves
 # ---------------------------------------------------------------------------------------------
 
 
@@ -341,33 +407,124 @@ def test_layers_are_ordered_numerically_with_embeddings_last():
     assert figures.order_layers(names) == [
         "hidden.0", "hidden.1", "hidden.2", "hidden.9", "hidden.10", "hidden.12", "image_embeds",
     ]
-    depths = figures.relative_depths(names)
-    assert depths["hidden.9"] == pytest.approx(9 / 12) and depths["hidden.12"] == 1.0
-    assert depths["image_embeds"] == pytest.approx(13 / 12)
     with pytest.raises(ValueError, match=r"'pooler'"):
         figures.order_layers(["hidden.1", "pooler"])
 
 
 def test_layer_curves_follow_depth_order(layers):
-    curves = figures.layer_curves(layers, TASKS, MODELS)
+    curves = figures.layer_curves(layers, TASKS, MODELS, metric="auc")
     big = curves[(curves["task"] == "T3") & (curves["model"] == "big")]
     assert big["layer"].tolist() == [f"hidden.{i}" for i in range(13)]
-    np.testing.assert_allclose(big["depth"], np.arange(13) / 12)
+    np.testing.assert_allclose(big["x"], np.arange(13))
     small = curves[(curves["task"] == "T3") & (curves["model"] == "small")]
     assert small["layer"].tolist()[-2:] == ["hidden.4", "image_embeds"]
+    assert small["x"].tolist()[-2:] == [4, 5]  # the projection one step past the last hidden layer
     for row in small.itertuples():
-        source = layers[(layers["task"] == "T3") & (layers["model"] == "small") & (layers["layer"] == row.layer)]
-        assert row.value == source["value"].item() and row.ci_high == source["ci_high"].item()
+        source = layers[(layers["task"] == "T3") & (layers["model"] == "small") & (layers["layer"] == row.layer)
+                        & (layers["metric"] == "auc")]
+        assert row.value == source["value"].item() and row.sd == source["sd"].item()
 
 
 def test_figureS5_lines_run_left_to_right(layers):
     figure = figures.build_figureS5(layers, TASKS, MODELS)
     axes = figure.get_axes()
     assert [ax.get_title() for ax in axes] == ["(a) pathology", "(b) dermatology", "(c) ophthalmology", "(d) radiology"]
-    lines = [line for line in axes[0].get_lines() if line.get_label().startswith("T1 · Big")]
-    (line,) = lines
+    (line,) = [line for line in axes[0].get_lines() if line.get_label().startswith("T1 · Big")]
     x = np.asarray(line.get_xdata(), dtype=float)
-    assert np.all(np.diff(x) > 0) and x[0] == 0.0 and x[-1] == 1.0
+    assert np.all(np.diff(x) > 0) and x[0] == 0.0 and x[-1] == 12.0
+
+
+def _layer_tables(n_hidden_states: int, headline: str, task: str = "T3"):
+    """layers.csv rows of one model for every hidden.i, and the metrics.csv rows naming its headline layer."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for i in range(n_hidden_states):
+        for metric in ("auc", "f1"):
+            rows.append(_row(task, "big", "macro", metric, rng.uniform(0.5, 0.9), rng.uniform(0.01, 0.03),
+                             layer=f"hidden.{i}"))
+    metrics = pd.DataFrame([_row(task, "big", "macro", metric, 0.8, 0.02, layer=headline) for metric in ("auc", "f1")])
+    return pd.DataFrame(rows), metrics
+
+
+def _headline_lines(ax) -> list[float]:
+    return sorted(
+        float(line.get_xdata()[0])
+        for line in ax.get_lines()
+        if line.get_gid() == "headline" and line.get_linestyle() == "--" and line.get_color() == "black"
+    )
+
+
+def test_figureS5_authors_order_puts_hidden39_at_32_and_marks_the_fixed_layer():
+    layers, metrics = _layer_tables(81, headline="hidden.39")  # the 80-layer model: 81 hidden states
+    curves = figures.layer_curves(layers, TASKS, MODELS, metric="auc", order="authors")
+    assert curves.set_index("layer").loc["hidden.39", "x"] == 32
+    assert "hidden.0" not in set(curves["layer"])  # never saved by the authors: no index
+    assert sorted(curves["x"]) == list(range(80))
+    figure = figures.build_figureS5(layers, TASKS, MODELS, metrics=metrics, order="authors")
+    (ax,) = figure.get_axes()
+    assert _headline_lines(ax) == [32.0]
+    assert "authors" in ax.get_xlabel()
+    (line,) = [line for line in ax.get_lines() if line.get_label() == "T3 · Big VLM"]
+    auc = layers[layers["metric"] == "auc"].set_index("layer")["value"]
+    text_sorted = [int(name[2:-3]) for name in sorted(f"x.{k}.pt" for k in range(80))]  # x.0, x.1, x.10, ...
+    expected = [auc[f"hidden.{lix + 1}"] for lix in text_sorted]
+    np.testing.assert_allclose(line.get_ydata(), expected)
+    # Depth order: the same layer at its hidden_states index.
+    figure = figures.build_figureS5(layers, TASKS, MODELS, metrics=metrics, order="depth")
+    assert _headline_lines(figure.get_axes()[0]) == [39.0]
+
+
+def test_figureS5_uses_the_authors_layer_column_when_present():
+    layers, metrics = _layer_tables(81, headline="hidden.39")
+    stored = layers[layers["layer"].isin(["hidden.1", "hidden.11", "hidden.39"])].copy()
+    # Only three layers stored: the deepest stored name alone cannot tell the model has 80 layer files.
+    stored["authors_layer"] = stored["layer"].map({"hidden.1": "0", "hidden.11": "2", "hidden.39": "32"})
+    curves = figures.layer_curves(stored, TASKS, MODELS, metric="auc", order="authors")
+    assert dict(zip(curves["layer"], curves["x"])) == {"hidden.1": 0, "hidden.11": 2, "hidden.39": 32}
+
+
+def test_figureS5_draws_the_chosen_metric_with_sd_band():
+    layers, metrics = _layer_tables(9, headline="hidden.4", task="T1")  # T1's headline metric is F1
+    for metric in ("auc", "f1"):
+        figure = figures.build_figureS5(layers, TASKS, MODELS, metrics=metrics, metric=metric)
+        (ax,) = figure.get_axes()
+        (line,) = [line for line in ax.get_lines() if line.get_label() == "T1 · Big VLM"]
+        rows = layers[layers["metric"] == metric].set_index("layer").loc[[f"hidden.{i}" for i in range(9)]]
+        np.testing.assert_allclose(line.get_ydata(), rows["value"])
+        assert ax.get_ylabel().startswith(figures.METRIC_LABELS[metric])
+        (band,) = ax.collections
+        vertices = band.get_paths()[0].vertices
+        for x, row in enumerate(rows.itertuples()):
+            at_x = vertices[np.isclose(vertices[:, 0], x), 1]
+            assert at_x.min() == pytest.approx(row.value - row.sd) and at_x.max() == pytest.approx(row.value + row.sd)
+        assert _headline_lines(ax) == [4.0]
+
+
+def test_figureS5_rejects_unknown_order_and_headline_layer_conflicts():
+    layers, metrics = _layer_tables(9, headline="hidden.4")
+    with pytest.raises(ValueError, match=r"figures\.figureS5_order.*'text'.*depth, authors"):
+        figures.build_figureS5(layers, TASKS, MODELS, metrics=metrics, order="text")
+    conflicting = pd.concat([metrics, metrics.assign(layer="hidden.5")])
+    with pytest.raises(ValueError, match=r"task T3, model big.*hidden\.4.*hidden\.5"):
+        figures.build_figureS5(layers, TASKS, MODELS, metrics=conflicting)
+
+
+def test_figure_options_unpack_the_figures_config():
+    config = {"figure5_task": "T7", "figureS6_task": "T2", "figureS5_order": "authors", "figureS5_metric": "f1"}
+    assert figures.figure_options("figureS5", config) == {"order": "authors", "metric": "f1"}
+    assert figures.figure_options("figure5", config) == {"task": "T7"}
+    assert figures.figure_options("figureS6", config) == {"task": "T2"}
+    assert figures.figure_options("figure3", config) == {}
+    assert figures.figure_options("figureS5", {}) == {"order": "depth", "metric": "auc"}
+
+
+def test_draw_passes_metrics_to_figureS5_for_the_headline_layer(tmp_path, monkeypatch):
+    layers, metrics = _layer_tables(81, headline="hidden.39")
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda figure, stem: drawn.setdefault("figure", figure))
+    figures.draw("figureS5", {"layers": layers, "metrics": metrics}, TASKS, MODELS, tmp_path / "s5",
+                 **figures.figure_options("figureS5", {"figureS5_order": "authors"}))
+    assert _headline_lines(drawn["figure"].get_axes()[0]) == [32.0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,12 +567,28 @@ def test_figure6_with_one_discipline(efficiency, tmp_path):
         figures.figure6(efficiency[efficiency["model"] == "nobody"], TASKS, MODELS, tmp_path / "none")
 
 
-def test_figureS6_bars_equal_group_values(groups):
+def test_figureS6_shows_macro_and_positive_class_f1_per_organ(groups):
     figure = figures.build_figureS6(groups, TASKS, MODELS)
-    (ax,) = figure.get_axes()
-    bars = _bars_by_model_and_tick(ax)
-    assert {tick for _, tick in bars} == {"Breast", "Colon", "Kidney"}
+    macro_ax, positive_ax = figure.get_axes()
+    assert "macro F1" in macro_ax.get_ylabel() and "malignant" in positive_ax.get_ylabel()
+    labels = {conf["label"]: model for model, conf in MODELS.items()}
+    for ax, metric in ((macro_ax, "f1"), (positive_ax, "f1_positive")):
+        bars = _bars_by_model_and_tick(ax)
+        assert {tick for _, tick in bars} == {"Breast", "Colon", "Kidney"}
+        errors = _error_bar_extents(ax)
+        for (label, group), (height, centre) in bars.items():
+            row = groups[(groups["group"] == group) & (groups["model"] == labels[label])
+                         & (groups["class"] == "macro") & (groups["metric"] == metric)]
+            assert height == row["value"].item()
+            assert errors[round(centre, 6)] == pytest.approx((row["value"].item() - row["sd"].item(),
+                                                               row["value"].item() + row["sd"].item()))
+
+
+def test_figureS6_positive_f1_falls_back_to_the_positive_class_row(groups):
+    older = groups[groups["metric"] != "f1_positive"]
+    _, positive_ax = figures.build_figureS6(older, TASKS, MODELS).get_axes()
+    bars = _bars_by_model_and_tick(positive_ax)
     for (label, group), (height, _) in bars.items():
-        model = "big" if label == "Big VLM" else "small"
-        expected = groups[(groups["group"] == group) & (groups["model"] == model) & (groups["class"] == "macro")]
-        assert height == expected["value"].item()
+        row = older[(older["group"] == group) & (older["model"] == ("big" if label == "Big VLM" else "small"))
+                    & (older["class"] == "malignant")]
+        assert height == row["value"].item()
