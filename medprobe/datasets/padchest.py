@@ -101,16 +101,12 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str] | str, label_rule:
         "source": "padchest",
         # automatic labels may train but never test; prepare holds test patients out of the radiologist-labelled rows
         "partition": np.where(method.to_numpy() == AUTOMATIC, "train", ""),
-        "method": method.to_numpy(),
     })
     usable = np.array(labelled, dtype=bool) & np.array(present, dtype=bool)
     missing_files = [str(file) for file, ok, has in zip(files, present, labelled) if has and not ok]
     excluded["image file missing"] = len(missing_files)
     excluded["missing_files"] = missing_files[:1000]
     result = result[usable].reset_index(drop=True)
-    for name, rows in result.groupby("method"):
-        excluded[f"kept: MethodLabel {name}"] = int(len(rows))
-    result = result.drop(columns="method")
     result.attrs["excluded"] = excluded
     return result
 
