@@ -34,7 +34,7 @@ from medprobe.images import BadImageError, preprocess
 
 log = logging.getLogger("medprobe.prepare")
 
-RECIPE_VERSION = "2"  # 2: fractions other than 1/k held out as several folds; partition-train rows of test patients dropped
+RECIPE_VERSION = "2"
 RAW_COLUMNS = ["image_id", "file", "patient_id", "source", "partition"]
 MANIFEST_COLUMNS = ["image_id", "path", "split", "patient_id", "label", "labels", "source", "group"]
 SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
