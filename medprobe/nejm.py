@@ -9,8 +9,11 @@ Steps, each a function here:
 
 * :func:`load_cases` reads and checks the case folders; :func:`split_shots` takes the in-context shots
   (the first ``shots`` cases by date, or named ones) out of the test set.
-* :func:`build_prompt` writes the interleaved image-and-text prompt in the IDEFICS instruct chat format;
-  :func:`prompt_hash` fingerprints it (text and image bytes).
+* :func:`build_prompt` writes the interleaved image-and-text prompt in one of :data:`TEMPLATES`: the
+  paper's Figure S2 text (``figure_s2``) or the IDEFICS instruct chat turns (``chat``);
+  :func:`prompt_hash` fingerprints it (text and image bytes). The template also decides what
+  likelihood mode scores (:func:`likelihood_continuations`), where generation stops
+  (:func:`stop_strings`) and which part of a generated text is the answer (:func:`extract_choice`).
 * :func:`extract_choice` maps a generated answer to one of the five choices by layered rules and says
   which rule decided; :func:`answer_cases` runs the three modes (greedy, sampled top-k, likelihood) and
   appends one JSON record per answer to a cache that makes reruns skip finished work.
@@ -43,6 +46,7 @@ __all__ = [
     "Case",
     "MODES",
     "RULES",
+    "TEMPLATES",
     "accuracy_table",
     "answer_cases",
     "assign_strata",
@@ -53,6 +57,7 @@ __all__ = [
     "prompt_hash",
     "prompt_text",
     "split_shots",
+    "stop_strings",
     "stratum_edges",
     "top_k_correct",
 ]
@@ -61,6 +66,8 @@ N_CHOICES = 5
 END_OF_UTTERANCE = "<end_of_utterance>"
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".tif", ".tiff", ".bmp")
+#: Prompt templates (config key ``nejm.template``): the paper's Figure S2 text, or IDEFICS instruct turns.
+TEMPLATES = ("chat", "figure_s2")
 #: Answer modes: the greedy answer, sampled answers (top-k accuracy) and choice likelihoods.
 MODES = ("greedy", "sample", "likelihood")
 #: Extraction rules, in the order they are tried (``likelihood`` records need no parsing).
@@ -211,25 +218,85 @@ def split_shots(
 # --------------------------------------------------------------------------------------------
 
 
+def check_template(template: str) -> str:
+    """``template`` if it is one of :data:`TEMPLATES`, else ``ValueError`` naming the config key."""
+    if template not in TEMPLATES:
+        raise ValueError(f"nejm.template must be one of {list(TEMPLATES)}, got {template!r}")
+    return template
+
+
+def numbered_choices(case: Case) -> list[str]:
+    """``1. {choice}`` ... ``5. {choice}``."""
+    return [f"{number}. {choice}" for number, choice in enumerate(case.choices, start=1)]
+
+
+def figure_s2_text(case: Case, *, solved: bool) -> str:
+    """One case's text after its image, as printed in the paper's Figure S2.
+
+    ``Question:``, ``Choices:``, the numbered choices and ``Answer:`` are separated by blank lines; a
+    solved shot continues ``Answer: {answer}`` and, when the case has an ``explanation``, a blank line
+    and ``Reason: {explanation}``. The query stops at ``Answer:``. Only the question is shown (the
+    figure has no case history); ``case.context`` is left out.
+    """
+    lines = [f"Question: {case.question}", "", "Choices:", "", *numbered_choices(case), ""]
+    if not solved:
+        return "\n".join([*lines, "Answer:"])
+    lines.append(f"Answer: {case.answer}")
+    if case.explanation:
+        lines += ["", f"Reason: {case.explanation}"]
+    return "\n".join(lines)
+
+
 def case_text(case: Case) -> str:
-    """The user turn's text after the image: history, question and numbered choices."""
+    """The chat template's user turn after the image: history, question and numbered choices."""
     lines = [f"{case.context} {case.question}".strip(), "Choices:"]
-    lines += [f"{number}. {choice}" for number, choice in enumerate(case.choices, start=1)]
+    lines += numbered_choices(case)
     return "\n".join(lines)
 
 
 def answer_text(case: Case) -> str:
-    """A solved shot's answer: the numbered choice, then the reason when the case gives one."""
+    """The chat template's solved-shot answer: the numbered choice, then the reason when the case gives one."""
     text = f"Answer: {case.answer_index + 1}. {case.answer}."
     if case.explanation:
         text += f" Reason: {case.explanation}"
     return text
 
 
-def build_prompt(shots: Sequence[Case], query: Case) -> list[str | Path]:
+def build_prompt(shots: Sequence[Case], query: Case, template: str = "chat") -> list[str | Path]:
     """The interleaved few-shot prompt as a processor list (image paths stand for the images).
 
-    IDEFICS instruct chat format, one user turn per case and the shots' answers as assistant turns::
+    ``figure_s2``: the text of the paper's Figure S2, each case's image first (images and texts
+    alternate, so the IDEFICS processor inserts nothing between them)::
+
+        <image>Question: {question}
+
+        Choices:
+
+        1. ...
+        ...
+        5. ...
+
+        Answer: {answer}
+
+        Reason: {explanation}
+
+        <image>...(second shot, the same)...
+
+        <image>Question: {question of the query}
+
+        Choices:
+
+        1. ...
+        ...
+        5. ...
+
+        Answer:
+
+    The model continues after ``Answer:``; likelihood mode scores `` {choice}\\n``. A shot without an
+    ``explanation`` ends at its ``Answer:`` line. The case history (``context``) is not shown.
+
+    ``chat``: IDEFICS instruct chat format, one user turn per case and the shots' answers as assistant
+    turns::
 
         User:<image>{context} {question}
         Choices:
@@ -242,6 +309,11 @@ def build_prompt(shots: Sequence[Case], query: Case) -> list[str | Path]:
     The model continues after ``Assistant:``; likelihood mode scores `` Answer: {n}. {choice}``.
     """
     items: list[str | Path] = []
+    if check_template(template) == "figure_s2":
+        for shot in shots:
+            # A blank line closes each shot, as between the blocks inside a case.
+            items += [shot.image, figure_s2_text(shot, solved=True) + "\n\n"]
+        return [*items, query.image, figure_s2_text(query, solved=False)]
     for index, case in enumerate([*shots, query]):
         items += ["User:" if index == 0 else "\nUser:", case.image, f"{case_text(case)}{END_OF_UTTERANCE}"]
         if index < len(shots):
@@ -290,9 +362,26 @@ def load_images(items: Sequence[str | Path], cache: dict[Path, Any] | None = Non
     return out
 
 
-def likelihood_continuations(case: Case) -> list[str]:
-    """What likelihood mode scores after ``Assistant:``, one per choice, in the shots' answer format."""
+def likelihood_continuations(case: Case, template: str = "chat") -> list[str]:
+    """What likelihood mode scores after the prompt, one per choice, in the shots' answer format.
+
+    ``figure_s2``: `` {choice}\\n`` after ``Answer:``. The line break that ends a shot's answer line is
+    scored too, so that a choice that begins another (``Leukemia``, ``Leukemia cutis``) is not favoured
+    by the summed score merely for being shorter. ``chat``: `` Answer: {n}. {choice}`` after
+    ``Assistant:`` (the number tells such choices apart).
+    """
+    if check_template(template) == "figure_s2":
+        return [f" {choice}\n" for choice in case.choices]
     return [f" Answer: {number}. {choice}" for number, choice in enumerate(case.choices, start=1)]
+
+
+def stop_strings(template: str = "chat") -> tuple[str, ...]:
+    """Text at which generation stops, besides ``</s>`` and ``<end_of_utterance>`` (the chat turns' end).
+
+    Figure S2 has no end-of-turn marker: a model that has answered and given its reason goes on with
+    a next ``Question:``, so that ends the answer.
+    """
+    return ("Question:",) if check_template(template) == "figure_s2" else ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,17 +409,31 @@ def _normalise(text: str) -> str:
     return " ".join(_WORD.findall(text.lower()))
 
 
-def _answer_part(raw: str) -> str:
-    """The assistant's answer alone: cut at the end of its turn or the start of a next one."""
+# Where a figure_s2 answer (the text after "Answer:") ends: a blank line, or the next block's label.
+_FIGURE_S2_ANSWER_END = re.compile(r"\n\s*\n|\b(?:Reason|Question|Choices|User|Assistant)\s*:")
+
+
+def _answer_part(raw: str, template: str = "chat") -> str:
+    """The answer alone.
+
+    ``chat``: the assistant's turn, cut at its end or the start of a next turn (its ``Reason:`` stays,
+    the shots teach it on the answer's line). ``figure_s2``: the text after ``Answer:`` up to a blank
+    line or the next label (``Reason:``, ``Question:``, ...), so that the reason never decides.
+    """
     text = raw.split(END_OF_UTTERANCE)[0]
+    if template == "figure_s2":
+        return _FIGURE_S2_ANSWER_END.split(text.strip(), maxsplit=1)[0].strip()
     text = re.split(r"\n?\s*(?:User|Assistant)\s*:", text)[0]
     return text.strip()
 
 
-def extract_choice(raw: str, choices: Sequence[str], fuzzy_cutoff: float = 0.8) -> tuple[int | None, str]:
+def extract_choice(
+    raw: str, choices: Sequence[str], fuzzy_cutoff: float = 0.8, template: str = "chat"
+) -> tuple[int | None, str]:
     """Map a generated answer to a choice; returns ``(0-based index or None, the rule that decided)``.
 
-    Rules, tried in order on the answer part of ``raw`` (up to ``<end_of_utterance>`` or a next turn):
+    Rules, tried in order on the answer part of ``raw`` (``chat``: up to ``<end_of_utterance>`` or a
+    next turn; ``figure_s2``: up to a blank line or the next label such as ``Reason:``):
 
     1. ``exact_text``: exactly one choice's text occurs in the answer (case, punctuation and spacing
        ignored; whole words; a choice contained in a longer named choice does not count).
@@ -345,7 +448,7 @@ def extract_choice(raw: str, choices: Sequence[str], fuzzy_cutoff: float = 0.8) 
     """
     if len(choices) == 0:
         raise ValueError("extract_choice needs the case's choices")
-    answer = _answer_part(raw)
+    answer = _answer_part(raw, check_template(template))
     norm_answer = f" {_normalise(answer)} "
     norm_choices = [_normalise(choice) for choice in choices]
 
@@ -492,6 +595,7 @@ def answer_cases(
     model_cfg: Mapping[str, Any],
     shots: int = 2,
     shot_ids: Sequence[str] = (),
+    template: str = "chat",
     top_k_samples: int = 3,
     temperature: float = 1.0,
     top_k: int = 50,
@@ -510,14 +614,19 @@ def answer_cases(
     (1-5 or null), ``choice`` (its text), ``rule`` (see :data:`RULES`), ``correct``, ``answer`` (1-5),
     ``settings``, and for likelihood mode ``scores_sum``, ``scores_mean`` and ``n_tokens`` per choice.
 
+    ``template`` (one of :data:`TEMPLATES`) writes the prompts, the likelihood continuations, the stop
+    strings and the answer parsing alike.
+
     Every answer is appended to ``<out_path stem>.cache.jsonl`` as soon as its batch is done (flushed
     and synced). A rerun, also after Snakemake has removed ``out_path``, loads the cache and only
-    answers what is missing: a case whose prompt hash (its text, shots or images) or answer settings
-    changed is answered again. ``out_path`` is written last, atomically, with the current records.
+    answers what is missing: a case whose prompt hash (its text, shots or images; the template writes
+    the text, so another template gives other hashes) or answer settings changed is answered again.
+    ``out_path`` is written last, atomically, with the current records.
 
     ``adapter`` (tests) replaces loading ``model_cfg``; it needs ``generate`` and
     ``choice_loglikelihoods`` (see :class:`medprobe.models.idefics.IdeficsAdapter`).
     """
+    check_template(template)
     if likelihood_score not in ("sum", "mean"):
         raise ValueError(f"nejm.likelihood_score must be 'sum' or 'mean', got {likelihood_score!r}")
     if batch_size < 1 or top_k_samples < 1 or max_new_tokens < 1:
@@ -530,7 +639,14 @@ def answer_cases(
     logger.info(
         "%d test cases; shots: %s", len(test_cases), ", ".join(f"{c.id} ({c.date})" for c in shot_cases) or "none"
     )
-    prompts = {case.id: build_prompt(shot_cases, case) for case in test_cases}
+    for shot in shot_cases:
+        if not shot.explanation:
+            logger.warning(
+                "shot %s (%s) has no 'explanation': its answer is shown without a Reason",
+                shot.id,
+                shot.image.parent / "case.json",
+            )
+    prompts = {case.id: build_prompt(shot_cases, case, template) for case in test_cases}
     hashes = {case_id: prompt_hash(items) for case_id, items in prompts.items()}
     if test_cases:
         logger.info("prompt of %s:\n%s", test_cases[0].id, prompt_text(prompts[test_cases[0].id]))
@@ -567,6 +683,8 @@ def answer_cases(
         "cache %s: %s", cache_path, ", ".join(f"{mode} {len(test_cases) - len(todo[mode])}/{len(test_cases)} done" for mode in MODES)
     )
     images: dict[Path, Any] = {}
+    # Under chat, generate is called as before (adapters without stop strings keep working).
+    stops = {"stop_strings": list(stop_strings(template))} if stop_strings(template) else {}
     started = time.perf_counter()
     try:
         if any(todo.values()) and adapter is None:
@@ -599,10 +717,13 @@ def answer_cases(
 
         for batch in _batches(todo["greedy"], batch_size):
             outputs = adapter.generate(
-                [load_images(prompts[c.id], images) for c in batch], max_new_tokens=max_new_tokens, do_sample=False
+                [load_images(prompts[c.id], images) for c in batch],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                **stops,
             )
             journal.add(
-                record(case, "greedy", 0, texts[0], *extract_choice(texts[0], case.choices, fuzzy_cutoff))
+                record(case, "greedy", 0, texts[0], *extract_choice(texts[0], case.choices, fuzzy_cutoff, template))
                 for case, texts in zip(batch, outputs)
             )
             logger.info("greedy: %d cases answered", len(batch))
@@ -616,13 +737,14 @@ def answer_cases(
                 top_k=top_k,
                 num_return_sequences=top_k_samples,
                 seed=_sample_seed(seed, case.id),
+                **stops,
             )
             journal.add(
-                record(case, "sample", s, text, *extract_choice(text, case.choices, fuzzy_cutoff))
+                record(case, "sample", s, text, *extract_choice(text, case.choices, fuzzy_cutoff, template))
                 for s, text in enumerate(texts)
             )
         for case in todo["likelihood"]:
-            continuations = likelihood_continuations(case)
+            continuations = likelihood_continuations(case, template)
             sums, n_tokens = adapter.choice_loglikelihoods(load_images(prompts[case.id], images), continuations)
             means = [s / n for s, n in zip(sums, n_tokens)]
             scores = sums if likelihood_score == "sum" else means
@@ -661,7 +783,7 @@ def answer_cases(
                 parsed_choice=best + 1,
                 choice=case.choices[best],
                 correct=best == case.answer_index,
-                raw_output=likelihood_continuations(case)[best].strip(),
+                raw_output=likelihood_continuations(case, template)[best].strip(),
             )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")

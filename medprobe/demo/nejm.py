@@ -5,6 +5,8 @@ give for the real (copyrighted, never shipped) cases. The picture hints at the a
 has its own shape and colour, drawn on a noisy background, so a model can in principle pick the right
 choice from the image. ``reader_shares`` mimic the published share of readers choosing each answer; the
 share of the correct answer spreads evenly from 0.15 to 0.9 so that every difficulty stratum has cases.
+With ``explanations=True`` each case also gets an ``explanation`` naming the drawn sign, which the
+prompts show as a solved shot's reason (Figure S2's ``Reason:`` line).
 """
 
 from __future__ import annotations
@@ -74,13 +76,30 @@ _FINDINGS = [
     "a swelling that appeared after a hike",
     "weight loss and night sweats",
 ]
+# How each shape reads in an explanation.
+_SHAPE_WORDS = {
+    "ring": "ring",
+    "dots": "scattered dots",
+    "square": "square",
+    "blob": "irregular patch",
+    "circle": "round spot",
+    "triangle": "triangle",
+    "cross": "cross",
+    "stripe": "slanted stripes",
+    "dot_on_white": "dot on a pale disc",
+}
 _QUESTIONS = ["What is the most likely diagnosis?", "What is the diagnosis?", "Which of the following is the most likely diagnosis?"]
 
 
-def generate_cases(out_dir: str | Path, *, n_cases: int = 30, seed: int = 0) -> list[Path]:
+def generate_cases(
+    out_dir: str | Path, *, n_cases: int = 30, seed: int = 0, explanations: bool = False
+) -> list[Path]:
     """Write ``n_cases`` synthetic NEJM-style cases (``<out_dir>/<id>/{image.png,case.json}``).
 
     Cases are dated weekly from 2005-10-13 in id order. Deterministic for a given ``seed``.
+    ``explanations`` adds each case's ``explanation`` (:func:`explanation`); it draws no random
+    numbers, so the cases are otherwise the same with and without it. It is off by default because
+    the chat prompt shows a shot's explanation too, so turning it on changes the demo's chat prompts.
 
     Returns:
         The case folders, sorted by date.
@@ -118,6 +137,8 @@ def generate_cases(out_dir: str | Path, *, n_cases: int = 30, seed: int = 0) -> 
             "answer": answer,
             "reader_shares": shares,
         }
+        if explanations:
+            case["explanation"] = explanation(answer)
         folder = out_dir / case_id
         folder.mkdir(parents=True, exist_ok=True)
         image = _draw_case_image(rng, answer)
@@ -130,6 +151,13 @@ def generate_cases(out_dir: str | Path, *, n_cases: int = 30, seed: int = 0) -> 
         os.replace(tmp, folder / "case.json")
         folders.append(folder)
     return folders
+
+
+def explanation(diagnosis: str) -> str:
+    """The reason a solved demo case gives: the shape and colour its image draws for ``diagnosis``."""
+    shape, colour = DIAGNOSES[diagnosis]
+    red, green, blue = colour
+    return f"The {_SHAPE_WORDS[shape]} drawn in RGB {red}, {green}, {blue} is this synthetic set's sign of {diagnosis}."
 
 
 def _reader_shares(rng: np.random.Generator, answer_share: float, answer_position: int) -> list[float]:

@@ -11,6 +11,7 @@ with rule_logging(snakemake):
         model_cfg=snakemake.params.model,
         shots=nejm["shots"],
         shot_ids=nejm["shot_ids"],
+        template=nejm["template"],
         top_k_samples=nejm["top_k_samples"],
         temperature=nejm["temperature"],
         top_k=nejm["top_k"],
