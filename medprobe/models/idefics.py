@@ -1,4 +1,4 @@
-"""IDEFICS (v1) adapter: ``IdeficsForVisionText2Text`` with the instruct prompt, last-token pooling.
+"""IDEFICS (v1) adapter: ``IdeficsForVisionText2Text`` with a chat or question/answer prompt, last-token pooling.
 
 Covers ``HuggingFaceM4/idefics-9b-instruct``, ``HuggingFaceM4/idefics-80b-instruct`` and the tiny demo
 stand-ins of :mod:`medprobe.demo.models`.
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from medprobe.models.base import Adapter, register
+from medprobe.models.base import PROMPT_FORMATS, Adapter, register
 
 __all__ = ["IdeficsAdapter", "as_prompt_list"]
 
@@ -29,12 +29,19 @@ def as_prompt_list(prompt: str | Sequence[str], n_images: int) -> list[str]:
 
 @register("idefics")
 class IdeficsAdapter(Adapter):
-    """IDEFICS v1.  The prompt follows the instruct models' chat format::
+    """IDEFICS v1.  The prompt is laid out in one of two formats (``prompt_format``)::
 
-        <s>User:<fake_token_around_image><image><fake_token_around_image>{prompt}<end_of_utterance>\\nAssistant:
+        chat:             <s>User:<fake_token_around_image><image><fake_token_around_image>
+                          {prompt}<end_of_utterance>\\nAssistant:
+        question_answer:  <s><fake_token_around_image><image><fake_token_around_image>
+                          Question: {prompt} Answer:
 
-    and the pooled vector of each hidden state is the one at the last real (non-padding) token, i.e. the
-    position from which the model would generate its answer (the paper's choice).
+    (one line each, broken here for width).  ``chat`` is the instruct models' conversation format;
+    ``question_answer`` is what the paper's code gave the model (the processor gets
+    ``[image, "Question: {prompt} Answer:"]``, no turns).  Either way the sequence starts with exactly one
+    BOS, written by the processor itself, and the pooled vector of each hidden state is the one at the last
+    real (non-padding) token, i.e. the position from which the model would generate its answer (the
+    paper's choice).
 
     ``hidden.i`` is transformers' ``hidden_states[i]``: ``hidden.0`` the input of decoder layer 0, recorded
     *after* the gated cross-attention block that precedes it (so it already sees the image),
@@ -43,6 +50,7 @@ class IdeficsAdapter(Adapter):
     """
 
     pooling = "last"
+    prompt_formats = PROMPT_FORMATS
 
     @classmethod
     def load_model(cls, checkpoint: str, **kwargs: Any) -> torch.nn.Module:
@@ -64,15 +72,48 @@ class IdeficsAdapter(Adapter):
     def hidden_dim(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def prompt_text(self, prompt: str) -> str:
+    def prompt_text(self, prompt: str, prompt_format: str = "chat") -> str:
+        self.check_prompt_format(prompt_format)
+        if prompt_format == "question_answer":
+            return f"Question: {prompt} Answer:"
         # transformers 5.x no longer appends <end_of_utterance> on its own, so it is written here.
         return f"{prompt}<end_of_utterance>\nAssistant:"
 
-    def preprocess(self, images: Sequence[Image.Image], prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
+    def preprocess(
+        self, images: Sequence[Image.Image], prompt: str | Sequence[str], prompt_format: str = "chat"
+    ) -> dict[str, torch.Tensor]:
+        self.check_prompt_format(prompt_format)
         prompts = as_prompt_list(prompt, len(images))
-        conversations = [["User:", image, self.prompt_text(text)] for image, text in zip(images, prompts)]
+        before_image = [] if prompt_format == "question_answer" else ["User:"]
+        conversations = [
+            [*before_image, image, self.prompt_text(text, prompt_format)] for image, text in zip(images, prompts)
+        ]
         encoded = self.processor(text=conversations, return_tensors="pt")
+        self._check_one_bos(encoded["input_ids"], encoded["attention_mask"])
         return {key: value for key, value in encoded.items()}
+
+    def _check_one_bos(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Every row must start with exactly one BOS.
+
+        The processor writes the BOS itself and tokenises with ``add_special_tokens=False`` (transformers
+        4.32 to 5.x alike), so a tokenizer that adds its own BOS does not double it.  The paper's code
+        prepended a second BOS to the processor's ids, but only to build a mask it never used: the model
+        was run on a fresh processor call, i.e. on one BOS, which is what this reproduces.
+        """
+        bos = self.processor.tokenizer.bos_token_id
+        if bos is None:
+            return
+        first = attention_mask.long().argmax(dim=1)  # the first real token, whichever side is padded
+        rows = torch.arange(input_ids.shape[0])
+        n_leading = (input_ids[rows, first] == bos).long()
+        has_second = first + 1 < input_ids.shape[1]
+        second = input_ids[rows, torch.where(has_second, first + 1, first)]
+        n_leading += (has_second & (second == bos)).long()
+        if not torch.all(n_leading == 1):
+            raise RuntimeError(
+                f"the processor of {self.checkpoint} gave {n_leading.tolist()} leading BOS tokens per row, "
+                "expected exactly 1; check the tokenizer's add_bos_token and the processor's add_special_tokens"
+            )
 
     def _pooled_states(self, batch: dict[str, torch.Tensor], keep: Sequence[int]) -> tuple[torch.Tensor, None]:
         attention_mask = batch["attention_mask"]
@@ -125,7 +166,8 @@ class IdeficsAdapter(Adapter):
 
     # ------------------------------------------------------------------ answering (NEJM evaluation)
     # Conversations are processor lists: strings and PIL images interleaved in reading order, e.g.
-    # ["User:", image, "question<end_of_utterance>", "\nAssistant:"] (see medprobe.nejm.build_prompt).
+    # ["User:", image, "question<end_of_utterance>", "\nAssistant:"] or [image, "Question: ...\n\nAnswer:"]
+    # (see medprobe.nejm.build_prompt).
 
     def _encode_conversations(self, conversations: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
         """Tokenise interleaved conversations, left-padded (new tokens follow the last column), on the device."""
@@ -158,10 +200,13 @@ class IdeficsAdapter(Adapter):
         top_k: int = 50,
         num_return_sequences: int = 1,
         seed: int | None = None,
+        stop_strings: Sequence[str] = (),
     ) -> list[list[str]]:
         """Answer each conversation: greedy (default) or sampled continuations, decoded without special tokens.
 
-        Generation stops at ``<end_of_utterance>`` or ``</s>``; image tokens are never generated. With
+        Generation stops at ``<end_of_utterance>`` or ``</s>``, and at any of ``stop_strings`` (for
+        prompts that have no end-of-turn token; the stop string stays at the end of the text); image
+        tokens are never generated. With
         ``do_sample`` the torch RNG is seeded with ``seed`` inside :func:`torch.random.fork_rng`, so the
         caller's RNG state is untouched and one call with one seed gives the same samples every time.
 
@@ -184,6 +229,8 @@ class IdeficsAdapter(Adapter):
         )
         if banned:
             options["bad_words_ids"] = banned
+        if stop_strings:
+            options.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
         if do_sample:
             options.update(temperature=float(temperature), top_k=int(top_k), top_p=1.0)
         else:
