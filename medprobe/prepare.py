@@ -5,9 +5,9 @@ in docs/architecture.md; this module turns it into the manifest contract:
 
 * train/test come from the dataset's own partition where it has one; otherwise patients are split
   (``tasks.<task>.test_fraction``, else ``split.test_fraction``, of the patients with unassigned rows);
-* ``partition = train`` means "never test": where a patient has such rows next to unassigned ones (PadChest's
-  automatic labels next to radiologist labels) and is held out for test, the ``train`` rows are dropped and
-  counted, so no patient is in two splits;
+* ``partition = train`` means "never test": a patient with such rows (PadChest's automatic labels) is a
+  training patient with all of its rows, so the test patients are drawn from the others and nothing is dropped
+  (the paper's PadChest counts add up to the whole dataset: 86,715 + 7,943 = 94,658 images);
 * validation patients are carved out of train;
 * all splits are grouped by patient (no patient in two splits) and stratified by each patient's
   majority label, with scikit-learn's StratifiedGroupKFold;
@@ -148,25 +148,19 @@ def grouped_holdout(table: pd.DataFrame, fraction: float, kind: str, seed: int) 
     return mask
 
 
-DROPPED = ""  # split of a row left out: a ``partition = train`` row of a patient held out for test
-DROPPED_REASON = "partition-train rows of patients held out for test (e.g. PadChest automatic labels)"
-
-
 def assign_splits(table: pd.DataFrame, kind: str, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
     """Split column (train/val/test), grouped by patient; the dataset's own partition is respected.
 
-    ``test_fraction`` of the patients with unassigned rows go to test with those rows; their rows with
-    ``partition = train`` (which may never be test) get :data:`DROPPED`."""
+    ``test_fraction`` of the patients whose rows are all unassigned go to test; a patient with a
+    ``partition = train`` row (which may never be test) stays in train with all its rows."""
     split = pd.Series("train", index=table.index, dtype=object)
     split[table["partition"] == "test"] = "test"
-    unassigned = table["partition"] == ""
-    if unassigned.any():
-        pool = table[unassigned]
+    training_patients = set(table["patient_id"][table["partition"] == "train"]) - {""}
+    eligible = (table["partition"] == "") & ~table["patient_id"].isin(training_patients)
+    if eligible.any():
+        pool = table[eligible]
         held = grouped_holdout(pool, test_fraction, kind, seed)
         split[pool.index[held]] = "test"
-        test_patients = set(pool["patient_id"][held]) - {""}
-        train_only = (table["partition"] == "train") & table["patient_id"].isin(test_patients)
-        split[train_only] = DROPPED
     train = table[split == "train"]
     if len(train):
         held = grouped_holdout(train, val_fraction, kind, seed + 1)
@@ -252,10 +246,6 @@ def prepare_task(
         raise ValueError(f"{metadata_path}: no usable image left for task {task}")
 
     splits = assign_splits(kept, kind, val_fraction, test_fraction, seed)
-    dropped = kept[splits == DROPPED]
-    for image_id in dropped["image_id"]:  # the images folder holds the manifest's images only
-        (images_dir / f"{image_id}.png").unlink(missing_ok=True)
-    kept, splits = kept[splits != DROPPED].reset_index(drop=True), splits[splits != DROPPED].reset_index(drop=True)
     manifest = pd.DataFrame(
         {
             "image_id": kept["image_id"],
@@ -277,11 +267,6 @@ def prepare_task(
     counts = class_counts(manifest, kind)
     findings = present_findings(manifest) if classes == "all" else list(classes)
     warnings = missing_class_warnings(counts, findings, kind, f"{manifest_path} (task {task})")
-    excluded = {}
-    if len(dropped):
-        excluded[DROPPED_REASON] = int(len(dropped))
-        log.info("%s: %d image(s) of %d test patient(s) left out: %s", task, len(dropped),
-                 dropped["patient_id"].nunique(), DROPPED_REASON)
     sidecar = {
         "task": task,
         "recipe_version": RECIPE_VERSION,
@@ -293,7 +278,6 @@ def prepare_task(
         "sources": {"metadata.csv": {"path": str(metadata_path), "sha256": sha256_file(metadata_path)}},
         "n_skipped": len(skipped),
         "skipped": skipped,
-        "excluded": excluded,
         "warnings": warnings,
         "split_settings": {"val_fraction": val_fraction, "test_fraction": test_fraction,
                            "test_fraction_from": fraction_origin, "seed": seed},
