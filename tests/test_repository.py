@@ -58,13 +58,15 @@ def test_demo_dry_run_plans_every_step(repo, tmp_path):
     assert jobs["prepare"] == jobs["demo_data"] == 8 and jobs["figure"] == 6
 
 
-def test_paper_dry_run_plans_the_whole_study(repo, tmp_path):
-    result = run(SNAKEMAKE + ["-n", "--configfile", str(repo / "config" / "paper.yaml"), "--directory", str(tmp_path)], repo)
+@pytest.mark.parametrize("configfile", ["paper.yaml", "rigorous.yaml"])
+def test_paper_dry_run_plans_the_whole_study(repo, tmp_path, configfile):
+    result = run(SNAKEMAKE + ["-n", "--configfile", str(repo / "config" / configfile), "--directory", str(tmp_path)], repo)
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout)
     # 3 models x 8 tasks + PLIP on T1 and T2
-    assert jobs["extract"] == jobs["probe"] == jobs["evaluate"] == 26
+    assert jobs["extract"] == jobs["probe"] == jobs["efficiency"] == jobs["evaluate"] == 26
     assert jobs["raw_dataset"] == 8 and "demo_data" not in jobs and jobs["figure"] == 6
+    assert jobs["compare"] == 8 and jobs["efficiency_retained"] == jobs["findings_table"] == 1
 
 
 def test_bad_config_value_stops_before_any_job(repo, tmp_path):

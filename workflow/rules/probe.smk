@@ -41,7 +41,8 @@ rule efficiency:
         task=task_config,
         probe=config["probe"],
         efficiency={
-            key: config["efficiency"][key] for key in ("fractions", "seeds", "sampling")
+            key: config["efficiency"][key]
+            for key in ("fractions", "seeds", "sampling")
         },
         mode=model_probe_mode,
         seed=config["seed"],
