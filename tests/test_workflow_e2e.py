@@ -197,7 +197,7 @@ def test_the_paper_protocol_runs_on_the_demo(repo, demo_paper):
     with h5py.File(results / "probes" / "clip" / "T1" / "predictions.h5", "r") as handle:
         np.testing.assert_allclose(handle["probabilities"][:], reference.predict_proba(embeddings[test]), atol=1e-5)
 
-    # T7: every finding of the data with more than 3 positive test images, and only those.
+    # T7: the findings with more than 3 positive test images, and only those.
     t7 = load_manifest(results / "manifests" / "T7.csv")
     test_labels = t7.loc[t7["split"] == "test", "labels"].str.split("|").explode()
     counts = test_labels[test_labels != ""].value_counts()
