@@ -6,18 +6,14 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import evaluate_all, task_settings
 from sklearn.metrics import f1_score, roc_auc_score
 
 from medprobe import stats
-from medprobe.evaluate import (
-    TABLE_COLUMNS,
-    collect,
-    compare_models,
-    efficiency_retained,
-    efficiency_summary,
-    evaluate_model_task,
-    findings_summary,
-)
+from medprobe.evaluate import compare_models
+from medprobe.settings import EvaluationSettings
+from medprobe.summaries import efficiency_retained, efficiency_summary, findings_summary
+from medprobe.tables import TABLE_COLUMNS, collect
 
 TASK = {"kind": "multiclass", "classes": ["a", "b", "c"], "graded": False, "metric": "auc"}
 EVALUATION = {"bootstrap": 200, "ci": 0.95}
@@ -35,12 +31,15 @@ def make_probe_dir(folder, ids, probabilities, layers=2, with_efficiency=True):
         handle["ids"] = np.array(ids, dtype=object).astype("S")
         handle["probabilities"] = stack
         handle.attrs["layer_names"] = [f"hidden.{i}" for i in range(layers)]
+        handle.attrs["classes"] = TASK["classes"]
     if with_efficiency:
         with h5py.File(folder / "efficiency.h5", "w") as handle:
             handle["probabilities"] = np.stack([np.stack([probabilities, probabilities])] * 2)
             handle["n_train"] = np.array([[5, 5], [10, 10]])
+            handle["ids"] = np.array(ids, dtype=object).astype("S")
             handle.attrs["fractions"] = [0.5, 1.0]
             handle.attrs["seeds"] = [0, 1]
+            handle.attrs["classes"] = TASK["classes"]
     (folder / "probe.json").write_text(json.dumps({"layer": "hidden.0", "n_train": 10}))
 
 
@@ -71,7 +70,7 @@ def setup(tmp_path):
 
 def test_metrics_agree_with_sklearn(setup):
     tmp_path, manifest_path, labels, probabilities, _ = setup
-    tables = evaluate_model_task(task="T", model="m", task_config=TASK, manifest=manifest_path,
+    tables = evaluate_all(task="T", model="m", task_config=TASK, manifest=manifest_path,
                                  probe_dir=tmp_path / "probe_a", evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
     metrics = tables["metrics"]
     assert list(metrics.columns) == TABLE_COLUMNS
@@ -89,7 +88,7 @@ def test_metrics_agree_with_sklearn(setup):
 
 def test_layers_efficiency_and_groups_tables(setup):
     tmp_path, manifest_path, labels, probabilities, ids = setup
-    tables = evaluate_model_task(task="T", model="m", task_config=TASK, manifest=manifest_path,
+    tables = evaluate_all(task="T", model="m", task_config=TASK, manifest=manifest_path,
                                  probe_dir=tmp_path / "probe_a", evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
     layers = tables["layers"]
     assert sorted(set(layers["layer"])) == ["hidden.0", "hidden.1"]
@@ -109,7 +108,7 @@ def test_layers_efficiency_and_groups_tables(setup):
 def test_reruns_are_byte_identical(setup):
     tmp_path, manifest_path, *_ = setup
     for out in ("out1", "out2"):
-        evaluate_model_task(task="T", model="m", task_config=TASK, manifest=manifest_path,
+        evaluate_all(task="T", model="m", task_config=TASK, manifest=manifest_path,
                             probe_dir=tmp_path / "probe_a", evaluation=EVALUATION, seed=0, out_dir=tmp_path / out)
     for name in ("metrics", "layers", "efficiency", "groups"):
         assert (tmp_path / "out1" / f"{name}.csv").read_bytes() == (tmp_path / "out2" / f"{name}.csv").read_bytes()
@@ -117,10 +116,10 @@ def test_reruns_are_byte_identical(setup):
 
 def test_comparisons_and_collect(setup):
     tmp_path, manifest_path, *_ = setup
-    table = compare_models(task="T", task_config=TASK, manifest=manifest_path,
+    table = compare_models(task="T", task_settings=task_settings(TASK), manifest=manifest_path,
                            predictions={"good": tmp_path / "probe_a" / "predictions.h5",
                                         "random": tmp_path / "probe_b" / "predictions.h5"},
-                           baseline="random", evaluation=EVALUATION, seed=0, out_path=tmp_path / "cmp.csv")
+                           baseline="random", evaluation=EvaluationSettings.from_dict(EVALUATION), seed=0, out_path=tmp_path / "cmp.csv")
     auc = table[(table["class"] == "macro") & (table["metric"] == "auc") & (table["test"] == "bootstrap")].iloc[0]
     assert auc["model"] == "good" and auc["baseline"] == "random"
     assert auc["difference"] > 0.2 and auc["ci_low"] > 0 and auc["p_value"] < 0.05
@@ -140,7 +139,7 @@ def test_comparisons_and_collect(setup):
     np.testing.assert_allclose(macro["p_holm"], macro["p_value"])
     assert (table["p_holm"] >= table["p_value"] - 1e-12).all()
     for name in ("a", "b"):
-        evaluate_model_task(task="T", model=name, task_config=TASK, manifest=manifest_path,
+        evaluate_all(task="T", model=name, task_config=TASK, manifest=manifest_path,
                             probe_dir=tmp_path / f"probe_{name}", evaluation=EVALUATION, seed=0, out_dir=tmp_path / name)
     combined = collect([tmp_path / "a" / "metrics.csv", tmp_path / "b" / "metrics.csv"], tmp_path / "all.csv")
     assert list(combined["model"].unique()) == ["a", "b"]
@@ -152,7 +151,7 @@ def test_prediction_ids_outside_the_test_split_are_refused(setup):
     manifest.loc[manifest["image_id"] == "img005", "split"] = "train"
     manifest.to_csv(manifest_path, index=False)
     with pytest.raises(ValueError, match="img005"):
-        evaluate_model_task(task="T", model="m", task_config=TASK, manifest=manifest_path,
+        evaluate_all(task="T", model="m", task_config=TASK, manifest=manifest_path,
                             probe_dir=tmp_path / "probe_a", evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
 
 
@@ -200,7 +199,7 @@ def test_layers_table_names_each_layer_in_the_authors_numbering(setup):
     ids = pd.read_csv(manifest_path).query("split == 'test'")["image_id"].tolist()
     rng = np.random.default_rng(3)
     make_probe_dir(folder, ids, rng.dirichlet(np.ones(3), len(ids)), layers=13)
-    tables = evaluate_model_task(task="T", model="m", task_config=TASK, manifest=manifest_path,
+    tables = evaluate_all(task="T", model="m", task_config=TASK, manifest=manifest_path,
                                  probe_dir=folder, evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
     authors = tables["layers"].drop_duplicates("layer").set_index("layer")["authors_layer"]
     # 12 files x.0 ... x.11 in text order: x.0, x.1, x.10, x.11, x.2, ...
@@ -213,8 +212,8 @@ def test_layers_table_names_each_layer_in_the_authors_numbering(setup):
 def test_comparison_pairs_choose_what_is_tested(setup):
     tmp_path, manifest_path, *_ = setup
     predictions = {"good": tmp_path / "probe_a" / "predictions.h5", "random": tmp_path / "probe_b" / "predictions.h5"}
-    table = compare_models(task="T", task_config=TASK, manifest=manifest_path, predictions=predictions,
-                           pairs=[["random", "good"], ["good", "absent_model"]], evaluation=EVALUATION, seed=0,
+    table = compare_models(task="T", task_settings=task_settings(TASK), manifest=manifest_path, predictions=predictions,
+                           pairs=[["random", "good"], ["good", "absent_model"]], evaluation=EvaluationSettings.from_dict(EVALUATION), seed=0,
                            out_path=tmp_path / "cmp.csv")
     assert set(zip(table["model"], table["baseline"])) == {("random", "good")}
     auc = table[(table["class"] == "macro") & (table["metric"] == "auc") & (table["test"] == "bootstrap")].iloc[0]

@@ -21,11 +21,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import evaluate_all, task_settings
 
 from medprobe import checks
 from medprobe.checks import ImageTooLargeError, NonFiniteError, OomBackoff, check_finite, run_with_oom_backoff
-from medprobe.evaluate import compare_models, evaluate_model_task, load_predictions, write_table
+from medprobe.evaluate import compare_models, load_predictions
 from medprobe.prepare import _write_atomic
+from medprobe.settings import EvaluationSettings
+from medprobe.tables import write_table
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 FAKE_TOKENS = {"HF_TOKEN": "hf_FAKEtoken1234567890abcdef", "KAGGLE_KEY": "kagglefakekey0987654321"}
@@ -98,14 +101,14 @@ def test_nan_probabilities_are_reported_with_image_ids(tmp_path):
     with pytest.raises(NonFiniteError, match=r"predictions\.h5: probabilities of 1 of 6 image\(s\).*test3"):
         load_predictions(tmp_path / "probe" / "predictions.h5")
     with pytest.raises(NonFiniteError, match="test3"):
-        evaluate_model_task(task="T", model="m", task_config=TASK3, manifest=manifest, probe_dir=tmp_path / "probe",
+        evaluate_all(task="T", model="m", task_config=TASK3, manifest=manifest, probe_dir=tmp_path / "probe",
                             evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
     # a NaN in one layer's probabilities (layers.h5) is caught too, naming the layer
     bad_layer = good.copy()
     bad_layer[0, 1] = np.inf
     write_probe_dir(tmp_path / "probe2", manifest, good, TASK3["classes"], layers=[good, bad_layer])
     with pytest.raises(NonFiniteError, match=r"layers\.h5 layer hidden\.1: probabilities.*test0"):
-        evaluate_model_task(task="T", model="m", task_config=TASK3, manifest=manifest, probe_dir=tmp_path / "probe2",
+        evaluate_all(task="T", model="m", task_config=TASK3, manifest=manifest, probe_dir=tmp_path / "probe2",
                             evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
     assert ids[3] == "test3"
 
@@ -117,7 +120,7 @@ def test_class_missing_from_the_test_split_is_reported_not_a_crash(tmp_path, cap
     probabilities = rng.dirichlet(np.ones(3), size=6)
     write_probe_dir(tmp_path / "probe", manifest, probabilities, TASK3["classes"])
     with caplog.at_level(logging.WARNING, logger="medprobe"):
-        tables = evaluate_model_task(task="T", model="m", task_config=TASK3, manifest=manifest,
+        tables = evaluate_all(task="T", model="m", task_config=TASK3, manifest=manifest,
                                      probe_dir=tmp_path / "probe", evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
     assert any("class 'c' has no positives among 6 image(s)" in record.getMessage() for record in caplog.records)
     metrics = tables["metrics"]
@@ -125,10 +128,10 @@ def test_class_missing_from_the_test_split_is_reported_not_a_crash(tmp_path, cap
     assert np.isnan(auc["c"]) and np.isfinite(auc["a"]) and np.isfinite(auc["macro"])
     # paired comparisons of two models on such a task run too (DeLong rows are NaN for the class)
     write_probe_dir(tmp_path / "probe_b", manifest, rng.dirichlet(np.ones(3), size=6), TASK3["classes"])
-    table = compare_models(task="T", task_config=TASK3, manifest=manifest,
+    table = compare_models(task="T", task_settings=task_settings(TASK3), manifest=manifest,
                            predictions={"m": tmp_path / "probe" / "predictions.h5",
                                         "base": tmp_path / "probe_b" / "predictions.h5"},
-                           baseline="base", evaluation=EVALUATION, seed=0, out_path=tmp_path / "cmp.csv")
+                           baseline="base", evaluation=EvaluationSettings.from_dict(EVALUATION), seed=0, out_path=tmp_path / "cmp.csv")
     delong = table[(table["test"] == "delong") & (table["class"] == "c")]
     assert len(delong) == 1 and np.isnan(delong["p_value"].iloc[0])
 
@@ -140,7 +143,7 @@ def test_finding_without_positives_is_reported(tmp_path, caplog):
     write_probe_dir(tmp_path / "probe", manifest, np.random.default_rng(1).random((6, 3)), task["classes"],
                     kind="multilabel")
     with caplog.at_level(logging.WARNING, logger="medprobe"):
-        tables = evaluate_model_task(task="T", model="m", task_config=task, manifest=manifest,
+        tables = evaluate_all(task="T", model="m", task_config=task, manifest=manifest,
                                      probe_dir=tmp_path / "probe", evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
     messages = [record.getMessage() for record in caplog.records]
     assert any("finding 'z' has no positives" in message for message in messages), messages
@@ -223,6 +226,7 @@ def test_writers_leave_the_old_file_when_interrupted(tmp_path, monkeypatch, writ
 # -------------------------------------------------------------------------------------------- integrity
 def test_probe_refuses_activations_made_from_another_manifest(tmp_path):
     from medprobe.probe import probe_task
+    from medprobe.settings import AdamSettings, ProbeSettings, SGDSettings, TaskSettings
 
     manifest = tmp_path / "m.csv"
     labels = {"train": ["a", "b"] * 4, "val": ["a", "b"] * 2, "test": ["a", "b"] * 2}
@@ -233,13 +237,22 @@ def test_probe_refuses_activations_made_from_another_manifest(tmp_path):
         handle["activations"] = np.random.default_rng(0).normal(size=(len(ids), 1, 3)).astype(np.float32)
         handle.attrs["layer_names"] = ["hidden.0"]
         handle.attrs["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
-    options = dict(kind="binary", classes=["a", "b"], C_grid=[1.0], refine=False)
-    summary = probe_task(tmp_path / "acts.h5", manifest, tmp_path / "ok", **options)
+    task = TaskSettings(name="t", discipline="test", dataset="demo", kind="binary", metric="auc", prompt="",
+                        classes=("a", "b"), graded=False, min_test_positives=0)
+    probe = ProbeSettings(mode="regularised", C_grid=(1.0,), refine=False, refit=False, max_iter=200, tol=1e-6,
+                          class_weight="none", dtype="float64", adam=AdamSettings(80, 1e-4, 512, False),
+                          sgd=SGDSettings(0.001, 10000, "balanced", 1))
+
+    def probe_into(out):
+        return probe_task(tmp_path / "acts.h5", manifest, predictions=out / "predictions.h5", layers=out / "layers.h5",
+                          summary=out / "probe.json", task=task, probe=probe, layer="validation", seed=0, protocol=None)
+
+    summary = probe_into(tmp_path / "ok")
     assert summary["layer"] == "hidden.0"
     labels["test"] = ["b", "a"] * 2  # relabelled after extraction: same ids, different manifest
     write_manifest(manifest, labels)
     with pytest.raises(ValueError, match="extracted from a different manifest.*manifest_sha256"):
-        probe_task(tmp_path / "acts.h5", manifest, tmp_path / "changed", **options)
+        probe_into(tmp_path / "changed")
 
 
 # ---------------------------------------------------------------------------------------------- security

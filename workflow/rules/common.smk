@@ -145,10 +145,6 @@ def shard_files(wildcards):
     ]
 
 
-def evaluation_files(model, task):
-    return [f"results/evaluation/{model}/{task}/{table}.csv" for table in TABLES]
-
-
 def task_predictions(wildcards):
     """Test predictions of the models compared on this task."""
     compared = {model for pair in comparison_pairs(wildcards) for model in pair}
@@ -157,6 +153,52 @@ def task_predictions(wildcards):
         for model in medprobe_config.task_models(config, wildcards.task)
         if model in compared
     }
+
+
+# The probe output each evaluation table scores.
+EVALUATION_SOURCES = {
+    "metrics": "predictions.h5",
+    "groups": "predictions.h5",
+    "layers": "layers.h5",
+    "efficiency": "efficiency.h5",
+}
+
+
+def evaluation_table(wildcards):
+    """The table an evaluate job writes: rule evaluate's is metrics.csv, evaluate_table's its wildcard."""
+    return wildcards.get("table", "metrics")
+
+
+def evaluation_source(wildcards):
+    source = EVALUATION_SOURCES[evaluation_table(wildcards)]
+    return f"results/probes/{wildcards.model}/{wildcards.task}/{source}"
+
+
+def compare_inputs(wildcards):
+    return {
+        "manifest": f"results/manifests/{wildcards.task}.csv",
+        **task_predictions(wildcards),
+    }
+
+
+def compared_models(wildcards):
+    return list(task_predictions(wildcards))
+
+
+def task_metrics(wildcards):
+    """Every model's headline table of one task (results/tables/by_task)."""
+    return [
+        f"results/evaluation/{model}/{wildcards.task}/metrics.csv"
+        for model in medprobe_config.task_models(config, wildcards.task)
+    ]
+
+
+def model_metrics(wildcards):
+    """One model's headline table of every task it runs (results/tables/by_model)."""
+    return [
+        f"results/evaluation/{wildcards.model}/{task}/metrics.csv"
+        for task in medprobe_config.model_tasks(config, wildcards.model)
+    ]
 
 
 def table_inputs(wildcards):

@@ -1,36 +1,40 @@
 # Predictions -> metrics with bootstrap CIs, paired comparisons, and the collected result tables.
 
 
+# The headline table, and each other table in a job of its own that reads only the probe output it scores:
+# changing the label-efficiency settings rescores efficiency.csv alone.
 rule evaluate:
     input:
         manifest="results/manifests/{task}.csv",
-        predictions="results/probes/{model}/{task}/predictions.h5",
-        layers="results/probes/{model}/{task}/layers.h5",
         summary="results/probes/{model}/{task}/probe.json",
-        efficiency="results/probes/{model}/{task}/efficiency.h5",
+        source=evaluation_source,
     output:
-        expand("results/evaluation/{{model}}/{{task}}/{table}.csv", table=TABLES),
+        "results/evaluation/{model}/{task}/metrics.csv",
     log:
-        "logs/evaluate/{model}/{task}.log",
+        "logs/evaluate/{model}/{task}/metrics.log",
     conda:
         ENV
     params:
+        table=evaluation_table,
         task=task_config,
         evaluation=evaluation_settings,
         seed=config["seed"],
-        out_dir=subpath(output[0], parent=True),
     script:
         "../scripts/evaluate.py"
 
 
+use rule evaluate as evaluate_table with:
+    output:
+        "results/evaluation/{model}/{task}/{table}.csv",
+    log:
+        "logs/evaluate/{model}/{task}/{table}.log",
+    wildcard_constraints:
+        table="layers|efficiency|groups",
+
+
 rule compare:
     input:
-        unpack(
-            lambda wildcards: {
-                "manifest": f"results/manifests/{wildcards.task}.csv",
-                **task_predictions(wildcards),
-            }
-        ),
+        unpack(compare_inputs),
     output:
         "results/evaluation/comparisons/{task}.csv",
     log:
@@ -39,7 +43,7 @@ rule compare:
         ENV
     params:
         task=task_config,
-        models=lambda wildcards: list(task_predictions(wildcards)),
+        models=compared_models,
         pairs=comparison_pairs,
         evaluation=evaluation_settings,
         seed=config["seed"],
@@ -62,10 +66,7 @@ rule collect_table:
 
 rule task_table:
     input:
-        lambda wildcards: [
-            f"results/evaluation/{model}/{wildcards.task}/metrics.csv"
-            for model in medprobe_config.task_models(config, wildcards.task)
-        ],
+        task_metrics,
     output:
         "results/tables/by_task/{task}.csv",
     log:
@@ -78,10 +79,7 @@ rule task_table:
 
 rule model_table:
     input:
-        lambda wildcards: [
-            f"results/evaluation/{wildcards.model}/{task}/metrics.csv"
-            for task in medprobe_config.model_tasks(config, wildcards.model)
-        ],
+        model_metrics,
     output:
         "results/tables/by_model/{model}.csv",
     log:

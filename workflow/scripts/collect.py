@@ -1,5 +1,5 @@
 """Concatenate per-job tables into one results table."""
-from medprobe.evaluate import collect
+from medprobe.tables import collect
 from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):

@@ -1,15 +1,16 @@
 """Paired comparisons of the configured model pairs on one task."""
 from medprobe.evaluate import compare_models
+from medprobe.settings import EvaluationSettings, TaskSettings
 from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
     compare_models(
         task=snakemake.wildcards.task,
-        task_config=snakemake.params.task,
+        task_settings=TaskSettings.from_dict(snakemake.params.task),
         manifest=snakemake.input.manifest,
         predictions={model: snakemake.input[model] for model in snakemake.params.models},
         pairs=snakemake.params.pairs,
-        evaluation=snakemake.params.evaluation,
+        evaluation=EvaluationSettings.from_dict(snakemake.params.evaluation),
         seed=snakemake.params.seed,
         out_path=snakemake.output[0],
     )

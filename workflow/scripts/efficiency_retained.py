@@ -1,5 +1,5 @@
 """The paper's label-efficiency numbers: retained share of one task per discipline."""
-from medprobe.evaluate import efficiency_retained
+from medprobe.summaries import efficiency_retained
 from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):

@@ -1,5 +1,5 @@
 """Retained share of the full-data headline metric per discipline, model and training fraction."""
-from medprobe.evaluate import efficiency_summary
+from medprobe.summaries import efficiency_summary
 from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):

@@ -1,17 +1,18 @@
-"""Score one model x task: headline metrics, per-layer curve, label efficiency, sub-groups."""
-from pathlib import Path
-
-from medprobe.evaluate import evaluate_model_task
+"""Score one model x task into one result table (metrics, layers, efficiency or groups)."""
+from medprobe.evaluate import evaluation_table
+from medprobe.settings import EvaluationSettings, TaskSettings
 from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
-    evaluate_model_task(
+    evaluation_table(
+        snakemake.params.table,
+        source=snakemake.input.source,
+        manifest=snakemake.input.manifest,
+        summary=snakemake.input.summary,
+        out=snakemake.output[0],
         task=snakemake.wildcards.task,
         model=snakemake.wildcards.model,
-        task_config=snakemake.params.task,
-        manifest=snakemake.input.manifest,
-        probe_dir=Path(snakemake.input.summary).parent,
-        evaluation=snakemake.params.evaluation,
+        task_settings=TaskSettings.from_dict(snakemake.params.task),
+        evaluation=EvaluationSettings.from_dict(snakemake.params.evaluation),
         seed=snakemake.params.seed,
-        out_dir=snakemake.params.out_dir,
     )

@@ -1,5 +1,5 @@
 """Findings of each multilabel task reaching each AUC threshold, per model."""
-from medprobe.evaluate import findings_summary
+from medprobe.summaries import findings_summary
 from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
