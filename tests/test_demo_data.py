@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler, label_binarize
 
-from medprobe.demo import data as demo_data
+from medprobe.demo.data import files as demo_files
 from medprobe.demo.data import METADATA_COLUMNS, generate_task
 from medprobe.demo.nejm import generate_cases
 
@@ -47,7 +47,8 @@ def generated(tmp_path_factory) -> dict[str, tuple[Path, pd.DataFrame]]:
     root = tmp_path_factory.mktemp("demo_raw")
     out = {}
     for task_id, patients in PATIENTS.items():
-        path = generate_task(task_id, _task(task_id, patients), root / task_id, seed=0, images_per_patient=IMAGES_PER_PATIENT)
+        path = generate_task(task_id, _task(task_id, patients), root / task_id / "metadata.csv", seed=0,
+                             images_per_patient=IMAGES_PER_PATIENT)
         assert path == root / task_id / "metadata.csv"
         out[task_id] = (root / task_id, pd.read_csv(path, dtype=str, keep_default_na=False))
     return out
@@ -247,35 +248,35 @@ def test_deterministic(tmp_path):
     tiny = {"train": 3, "test": 2}
     for task_id in ("T1", "T3", "T7", "T8"):  # TIFF, JPEG, 16-bit PNG, upsampled large image
         paths = [
-            generate_task(task_id, _task(task_id, tiny), tmp_path / run / task_id, seed=7, images_per_patient=2)
+            generate_task(task_id, _task(task_id, tiny), tmp_path / run / task_id / "metadata.csv", seed=7, images_per_patient=2)
             for run in ("a", "b")
         ]
         assert paths[0].read_bytes() == paths[1].read_bytes()
         for file in pd.read_csv(paths[0], dtype=str, keep_default_na=False)["file"]:
             assert (paths[0].parent / file).read_bytes() == (paths[1].parent / file).read_bytes(), file
-    other = generate_task("T1", _task("T1", tiny), tmp_path / "c" / "T1", seed=8, images_per_patient=2)
+    other = generate_task("T1", _task("T1", tiny), tmp_path / "c" / "T1" / "metadata.csv", seed=8, images_per_patient=2)
     first = pd.read_csv(other, dtype=str)["file"][0]
     assert (other.parent / first).read_bytes() != (tmp_path / "a" / "T1" / first).read_bytes()
 
 
 def test_unknown_task_and_bad_entries(tmp_path):
     with pytest.raises(ValueError, match="T9"):
-        generate_task("T9", TASKS["T1"], tmp_path, seed=0, images_per_patient=1)
+        generate_task("T9", TASKS["T1"], tmp_path / "metadata.csv", seed=0, images_per_patient=1)
     with pytest.raises(ValueError, match=r"demo_patients\.test"):
-        generate_task("T1", {**TASKS["T1"], "demo_patients": {"train": 2}}, tmp_path, seed=0, images_per_patient=1)
+        generate_task("T1", {**TASKS["T1"], "demo_patients": {"train": 2}}, tmp_path / "metadata.csv", seed=0, images_per_patient=1)
     with pytest.raises(ValueError, match="XYZ"):
-        generate_task("T1", {**TASKS["T1"], "classes": ["ADI", "XYZ"]}, tmp_path, seed=0, images_per_patient=1)
+        generate_task("T1", {**TASKS["T1"], "classes": ["ADI", "XYZ"]}, tmp_path / "metadata.csv", seed=0, images_per_patient=1)
     with pytest.raises(ValueError, match="images_per_patient"):
-        generate_task("T1", TASKS["T1"], tmp_path, seed=0, images_per_patient=0)
+        generate_task("T1", TASKS["T1"], tmp_path / "metadata.csv", seed=0, images_per_patient=0)
     with pytest.raises(ValueError, match=r"tasks\.T7\.kind"):
-        generate_task("T7", {**TASKS["T7"], "kind": "binary"}, tmp_path, seed=0, images_per_patient=1)
+        generate_task("T7", {**TASKS["T7"], "kind": "binary"}, tmp_path / "metadata.csv", seed=0, images_per_patient=1)
 
 
 def test_interrupted_run_leaves_no_table(tmp_path, monkeypatch):
     task = _task("T2", {"train": 2, "test": 1})
-    metadata = generate_task("T2", task, tmp_path, seed=0, images_per_patient=2)
+    metadata = generate_task("T2", task, tmp_path / "metadata.csv", seed=0, images_per_patient=2)
     assert metadata.exists()
-    real_save = demo_data._save_image
+    real_save = demo_files.save_image
     calls = []
 
     def failing_save(*args, **kwargs):
@@ -284,9 +285,9 @@ def test_interrupted_run_leaves_no_table(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(demo_data, "_save_image", failing_save)
+    monkeypatch.setattr(demo_files, "save_image", failing_save)
     with pytest.raises(KeyboardInterrupt):
-        generate_task("T2", task, tmp_path, seed=1, images_per_patient=2)
+        generate_task("T2", task, tmp_path / "metadata.csv", seed=1, images_per_patient=2)
     assert not metadata.exists()  # never a table pointing at a half-written image set
 
 

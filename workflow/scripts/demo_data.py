@@ -1,5 +1,4 @@
 """Generate one synthetic demo task's raw data (metadata.csv + images)."""
-from pathlib import Path
 
 from medprobe.demo.data import generate_task
 from medprobe.workflow import rule_logging
@@ -8,7 +7,7 @@ with rule_logging(snakemake):
     generate_task(
         snakemake.wildcards.task,
         snakemake.params.task,
-        Path(snakemake.output[0]).parent,
+        snakemake.output[0],
         seed=snakemake.params.seed,
         images_per_patient=snakemake.params.images_per_patient,
     )
