@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,27 +19,22 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from medprobe.labels import encode_targets, load_manifest
-from medprobe.paper_probes import fit_sgd
 from medprobe.probe import (
-    _LayerFeatures,
-    _LayerObjective,
-    _drive,
-    _initial_parameters,
-    _lbfgs,
-    _line_search,
-    _prepare_targets,
-    efficiency_seeds,
     efficiency_task,
-    image_subsets,
-    fit_adam,
     fit,
+    fit_adam,
     fit_layers,
+    fit_sgd,
+    image_subsets,
     log_loss,
     macro_auc,
     nested_subsets,
     probe_task,
     select_C,
 )
+from medprobe.probe.lbfgs import _drive, _LayerFeatures, _LayerObjective, _lbfgs, _line_search
+from medprobe.probe.problem import _initial_parameters, _prepare_targets
+from medprobe.settings import AdamSettings, EfficiencySettings, ProbeSettings, SGDSettings, TaskSettings
 
 
 @pytest.fixture(autouse=True)
@@ -152,10 +148,10 @@ def test_float32_close_to_float64():
 @pytest.mark.parametrize("kind,n_out", [("binary", 1), ("multiclass", 4), ("multilabel", 3)])
 def test_workflow_default_precision_matches_sklearn(kind, n_out):
     """The workflow's default probe.dtype (float32 features, float64 parameters and loss) keeps the
-    issue's agreement with scikit-learn: test macro AUC within 0.002 and log-loss within 1e-3."""
-    import yaml
-
+    agreement with scikit-learn: test macro AUC within 0.002 and log-loss within 1e-3."""
     from pathlib import Path
+
+    import yaml
 
     schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
     dtype = schema["properties"]["probe"]["properties"]["dtype"]["default"]
@@ -540,13 +536,35 @@ def write_task(tmp_path, *, with_embeddings=False, informative_layer=1, n_layers
     return h5_path, manifest_path, manifest
 
 
-PROBE_SETTINGS = dict(kind="binary", classes=["benign", "malignant"], C_grid=[0.01, 0.1, 1.0], refine=True, max_iter=200, tol=1e-6, class_weight="none")
+# The settings of these tests, written out in full: settings objects have no defaults.
+PROBE = ProbeSettings(
+    mode="regularised", C_grid=(0.01, 0.1, 1.0), refine=True, refit=False, max_iter=200, tol=1e-6,
+    class_weight="none", dtype="float64",
+    adam=AdamSettings(epochs=80, lr=1e-4, batch_size=512, standardise=False),
+    sgd=SGDSettings(alpha=0.001, max_iter=10000, class_weight="balanced", random_state=1),
+)
+BINARY = TaskSettings(name="tiny", discipline="test", dataset="demo", kind="binary", metric="auc", prompt="",
+                      classes=("benign", "malignant"), graded=False, min_test_positives=0)
+MULTILABEL = dataclasses.replace(BINARY, kind="multilabel", classes=tuple(FINDINGS))
+
+
+def run_probe(h5_path, manifest_path, out, *, task=BINARY, probe=PROBE, layer="validation", seed=0, protocol=None):
+    """probe_task writing its three files into ``out`` under the rule's names."""
+    return probe_task(h5_path, manifest_path, predictions=out / "predictions.h5", layers=out / "layers.h5",
+                      summary=out / "probe.json", task=task, probe=probe, layer=layer, seed=seed, protocol=protocol)
+
+
+def run_efficiency(h5_path, manifest_path, summary, out, *, fractions, seeds, sampling="patients", task=BINARY,
+                   probe=PROBE, seed=0):
+    efficiency = EfficiencySettings(fractions=tuple(fractions), seeds=seeds, sampling=sampling)
+    return efficiency_task(h5_path, manifest_path, summary, out, task=task, probe=probe, efficiency=efficiency,
+                           seed=seed)
 
 
 def test_probe_task_writes_contract_files_and_selects_informative_layer(tmp_path):
     h5_path, manifest_path, manifest = write_task(tmp_path, with_embeddings=True)
     out = tmp_path / "probes"
-    result = probe_task(h5_path, manifest_path, out, **PROBE_SETTINGS)
+    result = run_probe(h5_path, manifest_path, out)
     test_ids = manifest["image_id"][manifest["split"] == "test"].tolist()
     names = ["hidden.0", "hidden.1", "hidden.2", "image_embeds"]
 
@@ -579,10 +597,10 @@ def test_probe_task_writes_contract_files_and_selects_informative_layer(tmp_path
     np.testing.assert_allclose(layer_proba[1], direct, atol=1e-4)
 
     # Fixed layers: int means hidden.i, strings are names, unknown names are listed.
-    fixed = probe_task(h5_path, manifest_path, tmp_path / "fixed", **PROBE_SETTINGS, layer=2)
+    fixed = run_probe(h5_path, manifest_path, tmp_path / "fixed", layer=2)
     assert fixed["layer"] == "hidden.2" and fixed["selection"] == "fixed"
     with pytest.raises(ValueError, match=r"hidden\.9.*image_embeds"):
-        probe_task(h5_path, manifest_path, tmp_path / "bad", **PROBE_SETTINGS, layer="hidden.9")
+        run_probe(h5_path, manifest_path, tmp_path / "bad", layer="hidden.9")
 
 
 def test_probe_task_rejects_mismatched_ids_and_hash(tmp_path):
@@ -590,7 +608,7 @@ def test_probe_task_rejects_mismatched_ids_and_hash(tmp_path):
     with h5py.File(h5_path, "a") as f:
         f.attrs["manifest_sha256"] = "0" * 64
     with pytest.raises(ValueError, match=r"acts\.h5.*task\.csv"):
-        probe_task(h5_path, manifest_path, tmp_path / "out", **PROBE_SETTINGS)
+        run_probe(h5_path, manifest_path, tmp_path / "out")
 
     h5_path, manifest_path, manifest = write_task(tmp_path)
     reordered = manifest.iloc[::-1]
@@ -598,16 +616,15 @@ def test_probe_task_rejects_mismatched_ids_and_hash(tmp_path):
     with h5py.File(h5_path, "a") as f:  # hash matches, order does not
         f.attrs["manifest_sha256"] = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
     with pytest.raises(ValueError, match=r"acts\.h5 ids do not match manifest .*task\.csv"):
-        probe_task(h5_path, manifest_path, tmp_path / "out", **PROBE_SETTINGS)
+        run_probe(h5_path, manifest_path, tmp_path / "out")
     assert not (tmp_path / "out" / "probe.json").exists()
 
 
 def test_efficiency_task(tmp_path):
     h5_path, manifest_path, manifest = write_task(tmp_path)
     out = tmp_path / "probes"
-    probe_task(h5_path, manifest_path, out, **PROBE_SETTINGS)
-    settings = {k: PROBE_SETTINGS[k] for k in ("kind", "classes", "max_iter", "tol", "class_weight")}
-    summary = efficiency_task(h5_path, manifest_path, out / "probe.json", out / "efficiency.h5", fractions=[0.25, 0.5, 1.0], seeds=2, **settings)
+    run_probe(h5_path, manifest_path, out)
+    summary = run_efficiency(h5_path, manifest_path, out / "probe.json", out / "efficiency.h5", fractions=[0.25, 0.5, 1.0], seeds=2)
     n_test = int((manifest["split"] == "test").sum())
     n_train = int((manifest["split"] == "train").sum())
     with h5py.File(out / "efficiency.h5") as f:
@@ -624,7 +641,7 @@ def test_efficiency_task(tmp_path):
         np.testing.assert_allclose(proba[2, 0], f["probabilities"][:], atol=1e-4)
     assert summary["layer"] == "hidden.1"
     # Deterministic given the seeds.
-    efficiency_task(h5_path, manifest_path, out / "probe.json", tmp_path / "again.h5", fractions=[0.25, 0.5, 1.0], seeds=2, **settings)
+    run_efficiency(h5_path, manifest_path, out / "probe.json", tmp_path / "again.h5", fractions=[0.25, 0.5, 1.0], seeds=2)
     with h5py.File(tmp_path / "again.h5") as f:
         np.testing.assert_array_equal(f["probabilities"][:], proba)
 
@@ -632,9 +649,9 @@ def test_efficiency_task(tmp_path):
 def test_probe_and_efficiency_multilabel_with_unseen_finding(tmp_path, caplog):
     h5_path, manifest_path, manifest = write_task(tmp_path, multilabel=True, informative_layer=2)
     out = tmp_path / "probes"
-    settings = dict(kind="multilabel", classes=FINDINGS, max_iter=200, tol=1e-6, class_weight="balanced")
+    probe = dataclasses.replace(PROBE, class_weight="balanced", refine=False)
     with caplog.at_level(logging.WARNING, logger="medprobe.probe"):
-        result = probe_task(h5_path, manifest_path, out, C_grid=[0.01, 0.1, 1.0], refine=False, **settings)
+        result = run_probe(h5_path, manifest_path, out, task=MULTILABEL, probe=probe)
     assert "fracture" in caplog.text and result["absent_train_classes"] == ["fracture"]
     # The layer carrying the 'effusion' signal wins on validation macro AUC over the findings with both labels.
     assert result["layer"] == "hidden.2"
@@ -642,7 +659,8 @@ def test_probe_and_efficiency_multilabel_with_unseen_finding(tmp_path, caplog):
     with h5py.File(out / "predictions.h5") as f:
         proba = f["probabilities"][:]
     assert proba.shape == (n_test, 3) and proba[:, 2].max() < 1e-2
-    efficiency_task(h5_path, manifest_path, out / "probe.json", out / "efficiency.h5", fractions=[0.1, 1.0], seeds=[7], **settings)
+    run_efficiency(h5_path, manifest_path, out / "probe.json", out / "efficiency.h5", fractions=[0.1, 1.0], seeds=(7,),
+                   task=MULTILABEL, probe=probe)
     with h5py.File(out / "efficiency.h5") as f:
         assert f["probabilities"].shape == (2, 1, n_test, 3)
         np.testing.assert_array_equal(f.attrs["seeds"], [7])
@@ -727,8 +745,8 @@ def _split_rows(manifest):
 def test_probe_task_adam_trains_on_every_non_test_row(tmp_path):
     h5_path, manifest_path, manifest = write_task(tmp_path)
     adam = {"epochs": 20, "lr": 0.01, "batch_size": 32}
-    result = probe_task(h5_path, manifest_path, tmp_path / "out", **PROBE_SETTINGS, mode="adam", adam=adam, seed=3,
-                        layer=1, protocol="paper")
+    probe = dataclasses.replace(PROBE, mode="adam", adam=AdamSettings(**adam, standardise=False))
+    result = run_probe(h5_path, manifest_path, tmp_path / "out", probe=probe, seed=3, layer=1, protocol="paper")
     assert result["settings"]["mode"] == "adam" and result["settings"]["adam"]["epochs"] == 20
     assert result["C"] is None and result["protocol"] == "paper" and result["fit_rows"] == "train+val"
     assert result["validation_layer"] is None and result["layer"] == "hidden.1"
@@ -742,23 +760,23 @@ def test_probe_task_adam_trains_on_every_non_test_row(tmp_path):
     with h5py.File(tmp_path / "out" / "predictions.h5") as f:
         np.testing.assert_allclose(f["probabilities"][:], direct, atol=1e-5)
         assert f.attrs["C"] == np.inf
-    settings = {k: PROBE_SETTINGS[k] for k in ("kind", "classes", "max_iter", "tol", "class_weight")}
-    efficiency_task(h5_path, manifest_path, tmp_path / "out" / "probe.json", tmp_path / "eff.h5", fractions=[0.5, 1.0],
-                    seeds=[1], mode="adam", adam=adam, seed=3, sampling="images", **settings)
+    run_efficiency(h5_path, manifest_path, tmp_path / "out" / "probe.json", tmp_path / "eff.h5", fractions=[0.5, 1.0],
+                   seeds=(1,), probe=probe, seed=3, sampling="images")
     with h5py.File(tmp_path / "eff.h5") as f:
         np.testing.assert_allclose(f["probabilities"][1, 0], direct, atol=1e-5)  # fraction 1.0 = the headline
         assert list(f["n_train"][:, 0]) == [int(0.5 * fit_rows.sum()), int(fit_rows.sum())]
     with pytest.raises(ValueError, match="no finite C"):
-        efficiency_task(h5_path, manifest_path, tmp_path / "out" / "probe.json", tmp_path / "x.h5", fractions=[1.0],
-                        seeds=1, **settings)
+        run_efficiency(h5_path, manifest_path, tmp_path / "out" / "probe.json", tmp_path / "x.h5", fractions=[1.0],
+                       seeds=1)
     with pytest.raises(ValueError, match="probe.mode"):
-        probe_task(h5_path, manifest_path, tmp_path / "bad", **PROBE_SETTINGS, mode="paper")
+        run_probe(h5_path, manifest_path, tmp_path / "bad", probe=PROBE.for_mode("paper"))
 
 
 def test_probe_task_adam_with_validation_layer_scores_train_only_probes(tmp_path):
     h5_path, manifest_path, manifest = write_task(tmp_path)
     adam = {"epochs": 30, "lr": 0.05, "batch_size": 32}
-    result = probe_task(h5_path, manifest_path, tmp_path / "out", **PROBE_SETTINGS, mode="adam", adam=adam)
+    probe = dataclasses.replace(PROBE, mode="adam", adam=AdamSettings(**adam, standardise=False))
+    result = run_probe(h5_path, manifest_path, tmp_path / "out", probe=probe)
     assert result["layer"] == result["validation_layer"] == "hidden.1" and result["selection"] == "validation"
     rows = _split_rows(manifest)
     with h5py.File(h5_path) as f:
@@ -771,7 +789,7 @@ def test_probe_task_adam_with_validation_layer_scores_train_only_probes(tmp_path
 
 def test_probe_task_sgd_on_the_embeddings(tmp_path):
     h5_path, manifest_path, manifest = write_task(tmp_path, with_embeddings=True)
-    result = probe_task(h5_path, manifest_path, tmp_path / "out", **PROBE_SETTINGS, mode="sgd", layer="image_embeds")
+    result = run_probe(h5_path, manifest_path, tmp_path / "out", probe=PROBE.for_mode("sgd"), layer="image_embeds")
     assert result["layer"] == "image_embeds" and result["settings"]["sgd"]["class_weight"] == "balanced"
     rows = _split_rows(manifest)
     fit_rows = rows["train"] | rows["val"]
@@ -788,8 +806,8 @@ def test_probe_task_sgd_on_the_embeddings(tmp_path):
 
 def test_probe_task_refit_uses_train_and_val_at_the_chosen_C(tmp_path):
     h5_path, manifest_path, manifest = write_task(tmp_path)
-    plain = probe_task(h5_path, manifest_path, tmp_path / "plain", **PROBE_SETTINGS)
-    result = probe_task(h5_path, manifest_path, tmp_path / "refit", **PROBE_SETTINGS, refit=True)
+    plain = run_probe(h5_path, manifest_path, tmp_path / "plain")
+    result = run_probe(h5_path, manifest_path, tmp_path / "refit", probe=dataclasses.replace(PROBE, refit=True))
     assert result["C"] == plain["C"] and result["layer"] == plain["layer"] and result["fit_rows"] == "train+val"
     rows = _split_rows(manifest)
     fit_rows = rows["train"] | rows["val"]
@@ -809,7 +827,8 @@ def test_image_subsets_are_the_authors_numpy_draws():
         assert set(np.flatnonzero(mask)) == set(expected.tolist())
     with pytest.raises(ValueError, match="0 images"):
         image_subsets(5, [0.1], seed=1)
-    assert efficiency_seeds(3, 10) == [10, 11, 12] and efficiency_seeds([1], 10) == [1]
+    counted, listed = (EfficiencySettings(fractions=(1.0,), seeds=seeds, sampling="images") for seeds in (3, (1,)))
+    assert counted.seed_list(10) == [10, 11, 12] and listed.seed_list(10) == [1]
 
 
 def test_probe_task_layer_in_the_authors_numbering(tmp_path):
@@ -817,23 +836,24 @@ def test_probe_task_layer_in_the_authors_numbering(tmp_path):
     with h5py.File(h5_path, "a") as f:
         f.attrs["num_hidden_states"] = 13
     # 12 layer files x.0 ... x.11 sort as x.0, x.1, x.10, x.11, x.2, ...: index 4 is x.2 = hidden_states[3].
-    result = probe_task(h5_path, manifest_path, tmp_path / "out", **PROBE_SETTINGS, layer="authors:4")
+    result = run_probe(h5_path, manifest_path, tmp_path / "out", layer="authors:4")
     assert result["layer"] == "hidden.3" and result["requested_layer"] == "authors:4"
 
 
 def test_multilabel_all_findings_and_the_strict_min_test_positives_rule(tmp_path):
     h5_path, manifest_path, manifest = write_task(tmp_path, multilabel=True, informative_layer=2)
     test = (manifest["split"] == "test").to_numpy()
-    counts = {f: int(manifest["labels"][test].str.split("|").apply(lambda v: f in v).sum()) for f in FINDINGS}
+    counts = {f: int(manifest["labels"][test].str.split("|").apply(lambda v, f=f: f in v).sum()) for f in FINDINGS}
     threshold = counts["nodule"]  # nodule has exactly `threshold` test positives: left out by the strict rule
-    settings = dict(kind="multilabel", max_iter=200, tol=1e-6, class_weight="balanced", C_grid=[0.1], refine=False)
-    result = probe_task(h5_path, manifest_path, tmp_path / "out", classes="all", min_test_positives=threshold,
-                        **settings)
+    probe = dataclasses.replace(PROBE, class_weight="balanced", C_grid=(0.1,), refine=False)
+    everything_task = dataclasses.replace(MULTILABEL, classes="all")
+    result = run_probe(h5_path, manifest_path, tmp_path / "out", probe=probe,
+                       task=dataclasses.replace(everything_task, min_test_positives=threshold))
     kept = [f for f in ("effusion", "nodule") if counts[f] > threshold]
     assert result["classes"] == kept and result["dropped_classes"]["nodule"] == threshold
     with h5py.File(tmp_path / "out" / "predictions.h5") as f:
         assert list(f.attrs["classes"]) == kept and f["probabilities"].shape[1] == len(kept)
-    everything = probe_task(h5_path, manifest_path, tmp_path / "all", classes="all", **settings)
+    everything = run_probe(h5_path, manifest_path, tmp_path / "all", task=everything_task, probe=probe)
     train_counts = manifest["labels"][manifest["split"] == "train"].str.split("|").explode().value_counts()
     assert everything["classes"] == [f for f in train_counts.index if f]  # 'fracture' never occurs
 
@@ -846,5 +866,5 @@ def test_non_finite_activations_stop_the_probe_naming_the_images(tmp_path):
         data[11, 2, 0] = np.inf
         f["activations"][:] = data
     with pytest.raises(ValueError, match=r"hidden\.2.*img007.*img011|img007.*img011.*hidden\.2"):
-        probe_task(h5_path, manifest_path, tmp_path / "probes", **PROBE_SETTINGS)
+        run_probe(h5_path, manifest_path, tmp_path / "probes")
     assert not (tmp_path / "probes" / "predictions.h5").exists()

@@ -17,7 +17,7 @@ rule probe:
     params:
         task=task_config,
         probe=config["probe"],
-        layer=lambda wildcards: config["models"][wildcards.model]["layer"],
+        layer=lookup(dpath="models/{model}/layer", within=config),
         mode=model_probe_mode,
         protocol=config["protocol"],
         seed=config["seed"],

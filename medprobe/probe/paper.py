@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medprobe.labels import KINDS
+
 logger = logging.getLogger(__name__)
-KINDS = ("binary", "multiclass", "multilabel")
 
 
 def _n_outputs(kind: str, y: np.ndarray, n_classes: int | None) -> int:
@@ -116,20 +119,38 @@ def fit_adam(
     n, d = features.shape
     if n == 0:
         raise ValueError("the Adam probe got no training rows")
-    if standardise:
-        mean = features.double().mean(0)
-        std = features.double().std(0, unbiased=False)
-        std = torch.where(std > 0, std, torch.ones_like(std))
-        features = ((features.double() - mean) / std).to(torch.float32)
-        mean_np, std_np = mean.cpu().numpy(), std.cpu().numpy()
-    else:
-        mean_np, std_np = np.zeros(d), np.ones(d)
+    features, mean_np, std_np = _scaled(features, standardise)
     n_out = _n_outputs(kind, y_np, n_classes)
     absent = _absent(kind, y_np, n_out)
     _warn_absent(absent, class_names, kind)
     targets = torch.as_tensor(y_np, device=device)
     targets = targets.to(torch.float32) if kind == "multilabel" else targets.to(torch.int64)
+    linear = _train_adam(features, targets, kind, n_out, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    return LinearProbe(
+        mean=mean_np, std=std_np, coef=linear.weight.detach().double().cpu().numpy().copy(),
+        intercept=linear.bias.detach().double().cpu().numpy().copy(), kind=kind,
+        n_iter=int(epochs) * math.ceil(n / batch_size), absent_classes=absent,
+    )
 
+
+def _scaled(features: torch.Tensor, standardise: bool) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The features the probe trains on, with the mean and SD it applies (0 and 1 when not standardised)."""
+    d = features.shape[1]
+    if not standardise:
+        return features, np.zeros(d), np.ones(d)
+    mean = features.double().mean(0)
+    std = features.double().std(0, unbiased=False)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    features = ((features.double() - mean) / std).to(torch.float32)
+    return features, mean.cpu().numpy(), std.cpu().numpy()
+
+
+def _train_adam(
+    features: torch.Tensor, targets: torch.Tensor, kind: str, n_out: int, *, epochs: int, lr: float,
+    batch_size: int, seed: int,
+) -> torch.nn.Linear:
+    """The authors' loop: ``nn.Linear``, Adam, ``epochs`` passes of shuffled mini-batches, seeded by ``seed``."""
+    device, (n, d) = features.device, features.shape
     with torch.random.fork_rng(devices=[]):  # the caller's global generator is left as it was
         torch.manual_seed(int(seed))
         linear = torch.nn.Linear(d, n_out)
@@ -147,11 +168,7 @@ def fit_adam(
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-    return LinearProbe(
-        mean=mean_np, std=std_np, coef=linear.weight.detach().double().cpu().numpy().copy(),
-        intercept=linear.bias.detach().double().cpu().numpy().copy(), kind=kind,
-        n_iter=int(epochs) * math.ceil(n / batch_size), absent_classes=absent,
-    )
+    return linear
 
 
 @dataclass
@@ -203,7 +220,6 @@ def fit_sgd(
     """The authors' CLIP baseline: ``SGDClassifier(loss="log_loss", penalty="l2", ...)`` on raw ``X``."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import SGDClassifier
-    import warnings
 
     if kind not in KINDS:
         raise ValueError(f"unknown task kind {kind!r}; expected one of {list(KINDS)}")

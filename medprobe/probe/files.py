@@ -1,0 +1,173 @@
+"""The probes' files: activations read and checked against their manifest, probe outputs written.
+
+File contracts (``layers.h5``, ``predictions.h5``, ``probe.json``, ``efficiency.h5``) are in
+docs/architecture.md, section "Probes". Every output is written to a temporary sibling and renamed into
+place (:func:`medprobe.io.atomic_path`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import h5py
+import numpy as np
+
+from medprobe.checks import check_finite
+from medprobe.io import atomic_path, decode_strings, sha256_file, write_strings, write_text_atomic
+from medprobe.labels import load_manifest
+from medprobe.layers import EMBEDDINGS_LAYER, resolve_layer
+
+SPLITS = ("train", "val", "test")
+
+
+class Activations:
+    """An activations file open for reading, checked against the manifest it was extracted from: the same
+    image ids in the same order, the manifest's SHA-256, and arrays of matching shape.
+
+    ``layer_names`` are the stored hidden layers followed by ``image_embeds`` when the file holds the
+    projected image embeddings. Use as a context manager; layers are read one at a time (:meth:`read`).
+    """
+
+    def __init__(self, path: str | os.PathLike, manifest_csv: str | os.PathLike) -> None:
+        self.path, self.manifest_csv = path, manifest_csv
+        self.manifest = load_manifest(manifest_csv)
+        self.handle = h5py.File(path, "r")
+        try:
+            self.layer_names = self._checked_layer_names()
+        except BaseException:
+            self.handle.close()
+            raise
+        self.num_hidden_states = self.handle.attrs.get("num_hidden_states")
+
+    def __enter__(self) -> Activations:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
+
+    def _checked_layer_names(self) -> list[str]:
+        for key in ("ids", "activations"):
+            if key not in self.handle:
+                raise ValueError(f"activations file {self.path}: missing dataset {key!r}")
+        ids = decode_strings(self.handle["ids"][:])
+        self._check_ids(ids)
+        self._check_manifest_hash()
+        return self._check_shapes(len(ids))
+
+    def _check_ids(self, ids: list[str]) -> None:
+        expected = self.manifest["image_id"]
+        if ids != expected.tolist():
+            mismatch = next(
+                (i for i, (a, b) in enumerate(zip(ids, expected)) if a != b),
+                min(len(ids), len(self.manifest)),
+            )
+            raise ValueError(
+                f"activations file {self.path} ids do not match manifest {self.manifest_csv} image_id "
+                f"({len(ids)} vs {len(self.manifest)} rows; first difference at row {mismatch})"
+            )
+
+    def _check_manifest_hash(self) -> None:
+        stored = self.handle.attrs.get("manifest_sha256")
+        stored = decode_strings(stored)[0] if stored is not None else None
+        actual = sha256_file(self.manifest_csv)
+        if stored != actual:
+            raise ValueError(
+                f"activations file {self.path} was extracted from a different manifest: its "
+                f"manifest_sha256 is {stored!r} but {self.manifest_csv} hashes to {actual!r}"
+            )
+
+    def _check_shapes(self, n_ids: int) -> list[str]:
+        shape = self.handle["activations"].shape
+        if "layer_names" not in self.handle.attrs:
+            raise ValueError(f"activations file {self.path}: missing attribute 'layer_names'")
+        layer_names = decode_strings(self.handle.attrs["layer_names"])
+        if len(shape) != 3 or shape[0] != n_ids or shape[1] != len(layer_names):
+            raise ValueError(
+                f"activations file {self.path}: 'activations' has shape {shape}, expected "
+                f"({n_ids}, {len(layer_names)}, D) for {len(layer_names)} layer_names"
+            )
+        if "embeddings" in self.handle:
+            rows = self.handle["embeddings"].shape[0]
+            if rows != n_ids:
+                raise ValueError(f"activations file {self.path}: 'embeddings' has {rows} rows, ids {n_ids}")
+            layer_names = layer_names + [EMBEDDINGS_LAYER]
+        return layer_names
+
+    def resolve(self, layer: int | str) -> str:
+        """The stored layer name a config value means (:func:`medprobe.layers.resolve_layer`)."""
+        return resolve_layer(layer, self.layer_names, os.fspath(self.path), self.num_hidden_states)
+
+    def read(self, name: str) -> np.ndarray:
+        """One layer's features ``(N, D)``, checked finite; never the whole activations array."""
+        if name == EMBEDDINGS_LAYER and "embeddings" in self.handle:
+            features = self.handle["embeddings"][:]
+        else:
+            features = self.handle["activations"][:, self.layer_names.index(name), :]
+        check_finite(features, self.manifest["image_id"].tolist(), f"{self.path} layer {name}", "activations")
+        return features
+
+    def split_masks(self, need_val: bool = True) -> dict[str, np.ndarray]:
+        """Row masks of the manifest's ``train``, ``val`` and ``test`` splits; each needed one must be non-empty."""
+        masks = {split: (self.manifest["split"] == split).to_numpy() for split in SPLITS}
+        for split in SPLITS if need_val else ("train", "test"):
+            if not masks[split].any():
+                raise ValueError(f"manifest {self.manifest_csv} has no rows with split == {split!r}")
+        return masks
+
+
+@contextlib.contextmanager
+def _h5_output(path: str | os.PathLike) -> Iterator[h5py.File]:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as out:
+        yield out
+
+
+def write_layers(
+    path: str | os.PathLike, ids: Sequence[str], probabilities: np.ndarray, *, val_scores: np.ndarray,
+    Cs: np.ndarray, layer_names: list[str], classes: list[str], kind: str, num_hidden_states: Any,
+) -> None:
+    """``layers.h5``: every layer's test probabilities ``(L, N, C)``, validation score and C."""
+    with _h5_output(path) as out:
+        write_strings(out, "ids", ids)
+        out.create_dataset("probabilities", data=probabilities, dtype=np.float32)
+        out.create_dataset("val_score", data=val_scores.astype(np.float64))
+        out.create_dataset("C", data=Cs)
+        out.attrs["layer_names"] = layer_names
+        out.attrs["classes"] = classes
+        out.attrs["kind"] = kind
+        if num_hidden_states is not None:
+            out.attrs["num_hidden_states"] = int(num_hidden_states)
+
+
+def write_predictions(
+    path: str | os.PathLike, ids: Sequence[str], probabilities: np.ndarray, *, classes: list[str], layer: str,
+    kind: str, C: float,
+) -> None:
+    """``predictions.h5``: the headline layer's test probabilities ``(N, C)``."""
+    with _h5_output(path) as out:
+        write_strings(out, "ids", ids)
+        out.create_dataset("probabilities", data=probabilities, dtype=np.float32)
+        out.attrs["classes"] = classes
+        out.attrs["layer"] = layer
+        out.attrs["kind"] = kind
+        out.attrs["C"] = C
+
+
+def write_efficiency(
+    path: str | os.PathLike, ids: Sequence[str], probabilities: np.ndarray, n_train: np.ndarray, *,
+    attrs: dict[str, Any],
+) -> None:
+    """``efficiency.h5``: test probabilities ``(fractions, seeds, N, C)``, training-set sizes, and ``attrs``."""
+    with _h5_output(path) as out:
+        out.create_dataset("probabilities", data=probabilities, dtype=np.float32)
+        out.create_dataset("n_train", data=n_train)
+        write_strings(out, "ids", ids)
+        for key, value in attrs.items():
+            out.attrs[key] = value
+
+
+def write_json(path: str | os.PathLike, content: dict) -> None:
+    write_text_atomic(path, json.dumps(content, indent=2) + "\n")

@@ -1,0 +1,178 @@
+"""Validation metrics and the choice of C on the validation split."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from medprobe.probe.problem import (
+    _PARAM_DTYPE,
+    ArrayLike,
+    _check_kind,
+    _normalise_class_weight,
+    _prepare_targets,
+    _resolve_device,
+    _resolve_dtype,
+    _standardise,
+    _Targets,
+    _warn_absent,
+)
+from medprobe.probe.solver import LogisticProbe, _fit_prepared
+
+
+def log_loss(probe: LogisticProbe, X: ArrayLike, y: ArrayLike, *, class_weight: str | None = None) -> float:
+    """Mean negative log-likelihood of ``y`` under the probe, computed from logits (no clipping).
+
+    Binary/multiclass: mean over samples (as ``sklearn.metrics.log_loss``). Multilabel: the mean over
+    findings of each finding's binary log-loss. With ``class_weight='balanced'`` every sample is
+    weighted by the balanced weights of ``y`` itself, mirroring the training objective.
+    """
+    class_weight = _normalise_class_weight(class_weight)
+    logits = probe.decision_function(X)
+    n_outputs = probe.coef.shape[0] if probe.kind == "multiclass" else None
+    targets = _prepare_targets(y, logits.shape[0], probe.kind, n_outputs, class_weight, None, torch.float64, logits.device)
+    if probe.kind == "multiclass":
+        nll = -torch.log_softmax(logits, dim=1).gather(1, targets.values[:, None]).squeeze(1)
+        return float((nll * targets.weights).sum() / targets.weight_sum)
+    nll = F.binary_cross_entropy_with_logits(logits, targets.values, reduction="none")
+    per_output = (nll * targets.weights).sum(0) / targets.weight_sum
+    return float(per_output.mean())
+
+
+def macro_auc(y: np.ndarray, probabilities: np.ndarray, kind: str) -> float:
+    """Validation macro AUC: binary -> the positive class's AUC; multiclass -> mean one-vs-rest AUC;
+    multilabel -> mean per-finding AUC. Classes without both positives and negatives in ``y`` are
+    skipped; NaN when none is left."""
+    _check_kind(kind)
+    y = np.asarray(y)
+    if kind == "binary":
+        indicator, scores = (y == 1)[:, None].astype(int), probabilities[:, 1:2]
+    elif kind == "multiclass":
+        indicator = (y[:, None] == np.arange(probabilities.shape[1])[None, :]).astype(int)
+        scores = probabilities
+    else:
+        indicator, scores = y.astype(int), probabilities
+    aucs = [
+        roc_auc_score(indicator[:, k], scores[:, k])
+        for k in range(indicator.shape[1])
+        if 0 < indicator[:, k].sum() < indicator.shape[0]
+    ]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def _proba_log_loss(y: np.ndarray, probabilities: np.ndarray, kind: str) -> float:
+    """Mean negative log-likelihood from probabilities (binary/multiclass; multilabel: mean over findings)."""
+    eps = np.finfo(np.float64).eps
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), eps, 1 - eps)
+    if kind == "multilabel":
+        y = np.asarray(y, dtype=np.float64)
+        return float(np.mean(-(y * np.log(p) + (1 - y) * np.log1p(-p))))
+    return float(np.mean(-np.log(p[np.arange(len(y)), np.asarray(y, dtype=np.int64)])))
+
+
+@dataclass
+class _Selection:
+    C: float
+    val_auc: float
+    val_log_loss: float
+    probe: LogisticProbe
+    table: list[tuple[float, float]]  # (C, validation log-loss) for every C tried, in order tried
+
+
+def _check_grid(grid: Sequence[float]) -> np.ndarray:
+    values = np.asarray(list(grid), dtype=np.float64)
+    if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"C grid must be a non-empty list of positive numbers, got {list(grid)!r}")
+    return np.unique(values)  # sorted ascending: strong to weak regularisation
+
+
+def _select(
+    Z: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    targets: _Targets,
+    X_val: ArrayLike,
+    y_val: np.ndarray,
+    grid: Sequence[float],
+    *,
+    refine: bool,
+    refine_points: int,
+    max_iter: int,
+    tol: float,
+    class_weight: str | None,
+) -> _Selection:
+    """C search on prepared training data (one layer). The grid's values are fitted together, sharing
+    their passes over the features (:func:`_drive`); the refinement's values likewise, each warm-started
+    from the fit at the nearest smaller grid value."""
+    grid_values = _check_grid(grid)
+    tried: dict[float, tuple[float, LogisticProbe]] = {}
+
+    def evaluate(Cs: Sequence[float], init: LogisticProbe | None) -> None:
+        problems = [(0, C, init) for C in Cs]
+        for C, probe in zip(Cs, _fit_prepared(Z, mean, std, targets, problems, max_iter=max_iter, tol=tol)):
+            tried[C] = (log_loss(probe, X_val, y_val, class_weight=class_weight), probe)
+
+    def best_of(candidates: Sequence[float]) -> float:
+        # Lowest validation log-loss; ties go to the smaller C (the more regularised model).
+        return min(candidates, key=lambda c: (tried[c][0], c))
+
+    evaluate([float(C) for C in grid_values], None)
+    best = best_of([float(c) for c in grid_values])
+    if refine and refine_points > 0 and grid_values.size > 1:
+        position = int(np.searchsorted(grid_values, best))
+        low = grid_values[max(position - 1, 0)]
+        high = grid_values[min(position + 1, grid_values.size - 1)]
+        fine = [float(C) for C in np.geomspace(low, high, refine_points + 2)[1:-1]]
+        fine = [C for C in fine if not any(math.isclose(C, done, rel_tol=1e-9) for done in tried)]
+        if fine:
+            evaluate(fine, tried[float(low)][1])
+        best = best_of(list(tried))
+    loss, probe = tried[best]
+    auc = macro_auc(y_val, probe.predict_proba(X_val), probe.kind)
+    return _Selection(best, auc, loss, probe, [(c, tried[c][0]) for c in tried])
+
+
+def select_C(
+    X_train: ArrayLike,
+    y_train: ArrayLike,
+    X_val: ArrayLike,
+    y_val: ArrayLike,
+    kind: str,
+    grid: Sequence[float],
+    *,
+    refine: bool = True,
+    refine_points: int = 5,
+    max_iter: int = 200,
+    tol: float = 1e-6,
+    class_weight: str | None = None,
+    sample_weight: ArrayLike | None = None,
+    n_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    dtype: torch.dtype | str = torch.float64,
+    device: str | torch.device | None = None,
+) -> tuple[float, float]:
+    """Pick C by validation log-loss (lower is better) over the log ``grid``.
+
+    With ``refine``, ``refine_points`` log-spaced values strictly between the best grid point's
+    neighbours are tried as well. Returns ``(C, validation macro AUC at that C)``.
+    """
+    _check_kind(kind)
+    class_weight = _normalise_class_weight(class_weight)
+    dtype = _resolve_dtype(dtype)
+    device = _resolve_device(X_train, device)
+    X3 = X_train[None] if isinstance(X_train, torch.Tensor) else np.asarray(X_train)[None]
+    Z, mean, std = _standardise(X3, dtype, device)
+    targets = _prepare_targets(y_train, Z.shape[1], kind, n_classes, class_weight, sample_weight, _PARAM_DTYPE, device)
+    _warn_absent(targets, class_names)
+    y_val_np = y_val.cpu().numpy() if isinstance(y_val, torch.Tensor) else np.asarray(y_val)
+    selection = _select(
+        Z, mean, std, targets, X_val, y_val_np, grid, refine=refine, refine_points=refine_points,
+        max_iter=max_iter, tol=tol, class_weight=class_weight,
+    )
+    return selection.C, selection.val_auc
