@@ -15,18 +15,6 @@ import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
-# Figures and the tasks they draw (the paper's panels); a figure whose tasks are all absent from the
-# config is simply not built.
-FIGURE_TASKS = {
-    "figure3": ["T1", "T2", "T3", "T4"],
-    "figure4": ["T5", "T6", "T8"],
-    "figure5": ["T7"],
-    "figure6": None,  # every task
-    "figureS5": None,
-    "figureS6": ["T2"],
-}
-
-
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key."""
 
@@ -226,17 +214,14 @@ def task_models(config: dict[str, Any], task: str) -> list[str]:
     return [model for model in config["models"] if task in model_tasks(config, model)]
 
 
-def figures(config: dict[str, Any]) -> list[str]:
-    """Figures the config can draw (at least one of their tasks is configured)."""
-    names = []
-    for name, tasks in FIGURE_TASKS.items():
-        if name == "figure5":
-            tasks = [config["figures"]["figure5_task"]]
-        elif name == "figureS6":
-            tasks = [config["figures"]["figureS6_task"]]
-        if tasks is None or any(task in config["tasks"] for task in tasks):
-            names.append(name)
-    return names
+def figures(
+    config: dict[str, Any], tables: tuple[str, ...] | list[str] = ("metrics", "layers", "efficiency", "groups")
+) -> list[str]:
+    """Figures drawn for ``config`` when the workflow writes the result ``tables`` (by default those of the
+    probes, without the NEJM table of Figure 1d): see :data:`medprobe.figures.FIGURES`."""
+    from medprobe.figures import planned  # not at the top: the figures package imports pandas
+
+    return planned(config, tables)
 
 
 def raw_dir(config: dict[str, Any], task: str) -> str:

@@ -1,9 +1,13 @@
-"""Tests for medprobe.figures: files written, plotted data equal to the tables, filters and ordering."""
+"""Tests for medprobe.figures: the registry, files written, plotted data equal to the tables, filters and ordering."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
+import jinja2
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +15,7 @@ from matplotlib.container import BarContainer, ErrorbarContainer
 from PIL import Image
 
 from medprobe import figures
+from medprobe.settings import FiguresSettings
 
 PDF_MAGIC = b"%PDF-"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -43,6 +48,9 @@ RUN_MODELS = ["big", "small"]
 # Test positives per T7 finding; with min_test_positives=9 (strictly more kept), "fracture" and "scoliosis" must
 # be dropped.
 T7_SUPPORT = {"cardiomegaly": 40, "effusion": 25, "nodule": 12, "fracture": 9, "scoliosis": 3}
+# The schema's defaults for the config's `figures` section.
+OPTIONS = FiguresSettings(figure5_task="T7", figureS6_task="T2", figureS5_order="depth", figureS5_metric="auc")
+REPORT_CAPTION = Path(__file__).resolve().parent.parent / "workflow" / "report" / "figure.rst"
 
 
 def _row(task, model, cls, metric, value, sd, layer="hidden.4", fraction=1.0, seed=float("nan")):
@@ -113,6 +121,44 @@ def groups() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+NEJM_STRATA = ["0-20%", "20-40%", "40-60%", "60-80%", "80-100%"]
+
+
+@pytest.fixture(scope="module")
+def nejm() -> pd.DataFrame:
+    """A nejm.csv: per model and answer mode the accuracy per difficulty stratum and overall, the readers, chance."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for model in RUN_MODELS:
+        for mode in ("greedy", "top3", "likelihood"):
+            for low, stratum in enumerate(NEJM_STRATA + ["all"]):
+                rows.append({"model": model, "mode": mode, "stratum": stratum, "stratum_low": low / 5,
+                             "stratum_high": (low + 1) / 5, "accuracy": rng.uniform(0.2, 0.9),
+                             "sd": rng.uniform(0.01, 0.05), "n_cases": 10 + low})
+    for low, stratum in enumerate(NEJM_STRATA):
+        rows.append({"model": "readers", "mode": "readers", "stratum": stratum, "stratum_low": low / 5,
+                     "stratum_high": (low + 1) / 5, "accuracy": 0.1 + 0.2 * low, "sd": 0.01, "n_cases": 10 + low})
+    rows.append({"model": "chance", "mode": "chance", "stratum": "all", "stratum_low": 0.0, "stratum_high": 1.0,
+                 "accuracy": 0.2, "sd": 0.0, "n_cases": 50})
+    return pd.DataFrame(rows)
+
+
+def _write(folder, name, table) -> Path:
+    """``table`` as ``folder/<name>.csv``, the way the workflow hands tables to draw()."""
+    path = folder / f"{name}.csv"
+    table.to_csv(path, index=False)
+    return path
+
+
+def _render(name, tables, tasks=TASKS, options=OPTIONS):
+    return figures.render(name, tables, tasks, MODELS, options)
+
+
+def _draw(name, tables, stem, tasks=TASKS, options=OPTIONS) -> None:
+    figures.draw(name, tables, stem.with_suffix(".pdf"), stem.with_suffix(".png"), tasks=tasks, models=MODELS,
+                 options=options)
+
+
 def _check_outputs(stem) -> None:
     pdf = stem.with_suffix(".pdf").read_bytes()
     png = stem.with_suffix(".png").read_bytes()
@@ -125,6 +171,45 @@ def _check_outputs(stem) -> None:
         assert image.format == "PNG"
     # 200 dpi: every figure is at least 5 x 3 inches.
     assert width >= 1000 and height >= 600
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: which figures a config gets, what each reads, its caption
+# ---------------------------------------------------------------------------------------------
+
+PROBE_TABLES = ["metrics", "layers", "efficiency", "groups"]
+
+
+def test_planned_figures_follow_the_written_tables_and_the_configured_tasks():
+    config = {"tasks": TASKS, "figures": dataclasses.asdict(OPTIONS)}
+    paper = ["figure3", "figure4", "figure5", "figure6", "figureS5", "figureS6"]
+    assert figures.planned(config, PROBE_TABLES) == paper
+    assert figures.planned(config, PROBE_TABLES + ["nejm"]) == ["figure1d"] + paper  # when the NEJM branch runs
+    assert figures.planned(config, ["metrics"]) == ["figure3", "figure4", "figure5"]
+    only_t5 = {**config, "tasks": {"T5": TASKS["T5"]}}
+    assert figures.planned(only_t5, PROBE_TABLES) == ["figure4", "figure6", "figureS5"]
+    # Figures 5 and S6 draw the task their option names.
+    other = {**config, "tasks": {"T3": TASKS["T3"]}, "figures": {**config["figures"], "figure5_task": "T3"}}
+    assert figures.planned(other, PROBE_TABLES) == ["figure3", "figure5", "figure6", "figureS5"]
+
+
+def test_figure_tasks_are_the_config_entries_a_figure_draws():
+    config = {"tasks": TASKS, "figures": {**dataclasses.asdict(OPTIONS), "figureS6_task": "T4"}}
+    assert list(figures.figure_tasks("figure3", config)) == ["T1", "T2", "T3", "T4"]
+    assert list(figures.figure_tasks("figure4", config)) == ["T5", "T6", "T8"]
+    assert figures.figure_tasks("figure5", config) == {"T7": TASKS["T7"]}
+    assert list(figures.figure_tasks("figureS6", config)) == ["T4"]
+    assert list(figures.figure_tasks("figure6", config)) == list(TASKS) == list(figures.figure_tasks("figureS5", config))
+    assert figures.figure_tasks("figure1d", config) == {}
+
+
+def test_every_figure_has_a_one_sentence_caption_in_the_report():
+    template = jinja2.Template(REPORT_CAPTION.read_text())
+    for name in figures.FIGURES:
+        caption = figures.FIGURES[name].caption
+        assert caption.endswith(".") and ". " not in caption, name
+        job = SimpleNamespace(wildcards=SimpleNamespace(figure=name), params=SimpleNamespace(caption=caption))
+        assert template.render(snakemake=job).strip() == f"{name}: {caption}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,12 +253,12 @@ def test_groups_table_requires_group_column(tmp_path, groups):
     with pytest.raises(ValueError, match=r"'group'"):
         figures.load_table(path)
     with pytest.raises(ValueError, match=r"figureS6.*'group'"):
-        figures.figureS6(groups.drop(columns=["group"]), TASKS, MODELS, tmp_path / "s6")
+        figures.render("figureS6", {"groups": groups.drop(columns=["group"])}, TASKS, MODELS, OPTIONS)
 
 
-def test_figure_rejects_table_without_required_column(tmp_path, metrics):
+def test_figure_rejects_table_without_required_column(metrics):
     with pytest.raises(ValueError, match=r"figure3.*'metric'"):
-        figures.figure3(metrics.drop(columns=["metric"]), TASKS, MODELS, tmp_path / "f3")
+        figures.render("figure3", {"metrics": metrics.drop(columns=["metric"])}, TASKS, MODELS, OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,31 +266,40 @@ def test_figure_rejects_table_without_required_column(tmp_path, metrics):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_every_figure_is_written_as_pdf_and_png(tmp_path, metrics, layers, efficiency, groups):
-    tables = {"metrics": metrics, "layers": layers, "efficiency": efficiency, "groups": groups}
-    for name in ("figure3", "figure4", "figure5", "figure6", "figureS5", "figureS6"):
+def test_every_figure_is_written_as_pdf_and_png(tmp_path, metrics, layers, efficiency, groups, nejm):
+    tables = {"metrics": metrics, "layers": layers, "efficiency": efficiency, "groups": groups, "nejm": nejm}
+    paths = {name: _write(tmp_path, name, table) for name, table in tables.items()}
+    for name in figures.FIGURES:
+        spec = figures.FIGURES[name]
         stem = tmp_path / "figs" / name
-        figures.draw(name, tables, TASKS, MODELS, stem)
+        _draw(name, {table: paths[table] for table in spec.tables}, stem)
         _check_outputs(stem)
+    assert sorted(path.name for path in (tmp_path / "figs").iterdir()) == sorted(
+        f"{name}.{extension}" for name in figures.FIGURES for extension in ("pdf", "png")
+    )  # written atomically: no temporary file is left behind
 
 
 def test_png_has_figure_size_at_200_dpi(tmp_path, metrics):
-    expected = figures.build_figure4(metrics, TASKS, MODELS).get_size_inches() * 200
-    figures.figure4(metrics, TASKS, MODELS, tmp_path / "f4")
+    expected = figures.render("figure4", {"metrics": metrics}, TASKS, MODELS, OPTIONS).get_size_inches() * 200
+    figures.save(figures.render("figure4", {"metrics": metrics}, TASKS, MODELS, OPTIONS), tmp_path / "f4.pdf",
+                 tmp_path / "f4.png")
     with Image.open(tmp_path / "f4.png") as image:
         assert image.size == (round(expected[0]), round(expected[1]))
 
 
 def test_draw_rejects_unknown_figure_and_missing_table(tmp_path, metrics):
-    with pytest.raises(ValueError, match=r"figure7.*figure3"):
-        figures.draw("figure7", {"metrics": metrics}, TASKS, MODELS, tmp_path / "x")
+    with pytest.raises(KeyError, match=r"figure7.*figure3"):
+        figures.render("figure7", {"metrics": metrics}, TASKS, MODELS, OPTIONS)
     with pytest.raises(ValueError, match=r"figure6.*'efficiency'"):
-        figures.draw("figure6", {"metrics": metrics}, TASKS, MODELS, tmp_path / "x")
+        _draw("figure6", {"metrics": _write(tmp_path, "metrics", metrics)}, tmp_path / "x")
+    with pytest.raises(ValueError, match=r"figureS5.*'metrics'"):
+        figures.render("figureS5", {"layers": metrics}, TASKS, MODELS, OPTIONS)
 
 
 def test_reruns_write_identical_pdf(tmp_path, metrics):
-    figures.figure3(metrics, TASKS, MODELS, tmp_path / "one")
-    figures.figure3(metrics, TASKS, MODELS, tmp_path / "two")
+    path = _write(tmp_path, "metrics", metrics)
+    _draw("figure3", {"metrics": path}, tmp_path / "one")
+    _draw("figure3", {"metrics": path}, tmp_path / "two")
     assert (tmp_path / "one.pdf").read_bytes() == (tmp_path / "two.pdf").read_bytes()
     assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
 
@@ -245,7 +339,7 @@ def _lookup(table, task, model, cls, metric):
     matches = [
         (row.value, row.sd)
         for row in table.itertuples()
-        if row.task == task and row.model == model and getattr(row, "_6") == cls and row.metric == metric
+        if row.task == task and row.model == model and row._6 == cls and row.metric == metric
     ]
     assert len(matches) == 1
     return matches[0]
@@ -253,7 +347,7 @@ def _lookup(table, task, model, cls, metric):
 
 def test_figure3_bar_heights_and_error_bars_equal_table(metrics):
     assert list(metrics.columns).index("class") == 5  # itertuples renames the keyword column to _6
-    figure = figures.build_figure3(metrics, TASKS, MODELS)
+    figure = _render("figure3", {"metrics": metrics})
     axes = figure.get_axes()
     titles = [ax.get_title() for ax in axes]
     assert [t.split(":")[0] for t in titles] == ["(a) T1", "(b) T2", "(c) T3", "(d) T4"]
@@ -290,16 +384,16 @@ def test_bar_table_matches_direct_pivot(metrics):
 def test_duplicate_rows_are_an_error(metrics):
     doubled = pd.concat([metrics, metrics[metrics["task"] == "T1"]])
     with pytest.raises(ValueError, match=r"task T1, model big.*2 rows"):
-        figures.build_figure3(doubled, TASKS, MODELS)
+        _render("figure3", {"metrics": doubled})
 
 
 def test_missing_tasks_are_skipped_and_empty_figure_raises(metrics, tmp_path):
     without_t2 = metrics[metrics["task"] != "T2"]
-    titles = [ax.get_title() for ax in figures.build_figure3(without_t2, TASKS, MODELS).get_axes()]
+    titles = [ax.get_title() for ax in _render("figure3", {"metrics": without_t2}).get_axes()]
     assert [t.split(":")[0] for t in titles] == ["(a) T1", "(c) T3", "(d) T4"]
     only_radiology = metrics[metrics["task"].isin(["T7", "T8"])]
     with pytest.raises(ValueError, match=r"figure3: nothing to draw.*T1, T2, T3, T4"):
-        figures.figure3(only_radiology, TASKS, MODELS, tmp_path / "f3")
+        _draw("figure3", {"metrics": _write(tmp_path, "metrics", only_radiology)}, tmp_path / "f3")
     assert not (tmp_path / "f3.pdf").exists()
 
 
@@ -341,17 +435,17 @@ def test_support_filter_keeps_findings_with_strictly_more_positives(metrics):
 
 def test_figure5_reads_min_test_positives_from_task_and_applies_it_strictly(metrics):
     tasks = {**TASKS, "T7": {**TASKS["T7"], "min_test_positives": 12}}
-    figure = figures.build_figure5(metrics, tasks, MODELS)
+    figure = _render("figure5", {"metrics": metrics}, tasks)
     shown = [finding for ax in figure.get_axes() for finding in _findings(ax)]
     assert shown == ["cardiomegaly", "effusion"]  # nodule has exactly 12 test positives
     # Without the key every finding with a positive is drawn.
     tasks["T7"] = {k: v for k, v in TASKS["T7"].items() if k != "min_test_positives"}
-    shown = [finding for ax in figures.build_figure5(metrics, tasks, MODELS).get_axes() for finding in _findings(ax)]
+    shown = [finding for ax in _render("figure5", {"metrics": metrics}, tasks).get_axes() for finding in _findings(ax)]
     assert shown == ["cardiomegaly", "effusion", "nodule", "fracture", "scoliosis"]
 
 
 def test_figure5_first_half_left_rest_right(metrics):
-    figure = figures.build_figure5(metrics, TASKS, MODELS)
+    figure = _render("figure5", {"metrics": metrics})
     left, right = figure.get_axes()
     assert left.get_position().x1 < right.get_position().x0  # side by side, not stacked
     assert left.get_position().y0 == pytest.approx(right.get_position().y0)
@@ -368,14 +462,14 @@ def test_figure5_without_support_rows_draws_every_finding_in_table_order(metrics
     rows = [table[(table["task"] == "T7") & (table["class"] == finding)] for finding in order]
     table = pd.concat([table[(table["task"] != "T7") | (table["class"] == "macro")], *rows])
     tasks = {**TASKS, "T7": {**TASKS["T7"], "classes": "all"}}
-    figure = figures.build_figure5(table, tasks, MODELS)
+    figure = _render("figure5", {"metrics": table}, tasks)
     assert [finding for ax in figure.get_axes() for finding in _findings(ax)] == order
 
 
 def test_figure5_threshold_above_every_finding_raises(metrics, tmp_path):
     tasks = {**TASKS, "T7": {**TASKS["T7"], "min_test_positives": 40}}  # the most frequent finding has 40
     with pytest.raises(ValueError, match=r"figure5.*T7.*more than 40.*tasks\.T7\.min_test_positives"):
-        figures.figure5(metrics, tasks, MODELS, tmp_path / "f5")
+        _draw("figure5", {"metrics": _write(tmp_path, "metrics", metrics)}, tmp_path / "f5", tasks)
     assert not (tmp_path / "f5.pdf").exists()
 
 
@@ -384,16 +478,16 @@ def test_classes_all_takes_classes_in_table_order(metrics, tmp_path):
     # Table order, not the characters of "all".
     assert figures.class_order(metrics, "T7", tasks["T7"]) == TASKS["T7"]["classes"]
     assert figures.class_order(metrics, "T3", tasks["T3"]) == TASKS["T3"]["classes"]
-    tables = {"metrics": metrics}
+    tables = {"metrics": _write(tmp_path, "metrics", metrics)}
     for name in ("figure3", "figure4", "figure5"):
-        figures.draw(name, tables, tasks, MODELS, tmp_path / name)
+        _draw(name, tables, tmp_path / name, tasks)
         _check_outputs(tmp_path / name)
     with pytest.raises(ValueError, match=r"tasks\.T7\.classes is 'every'"):
         figures.class_order(metrics, "T7", {**TASKS["T7"], "classes": "every"})
 
 
 def test_figure3_binary_f1_bar_says_it_is_the_mean_of_both_classes(metrics):
-    axes = figures.build_figure3(metrics, TASKS, MODELS).get_axes()
+    axes = _render("figure3", {"metrics": metrics}).get_axes()
     assert {tick for _, tick in _bars_by_model_and_tick(axes[1])} == {"macro F1\n(benign, malignant)"}
 
 
@@ -425,8 +519,8 @@ def test_layer_curves_follow_depth_order(layers):
         assert row.value == source["value"].item() and row.sd == source["sd"].item()
 
 
-def test_figureS5_lines_run_left_to_right(layers):
-    figure = figures.build_figureS5(layers, TASKS, MODELS)
+def test_figureS5_lines_run_left_to_right(layers, metrics):
+    figure = _render("figureS5", {"layers": layers, "metrics": metrics})
     axes = figure.get_axes()
     assert [ax.get_title() for ax in axes] == ["(a) pathology", "(b) dermatology", "(c) ophthalmology", "(d) radiology"]
     (line,) = [line for line in axes[0].get_lines() if line.get_label().startswith("T1 · Big")]
@@ -446,6 +540,9 @@ def _layer_tables(n_hidden_states: int, headline: str, task: str = "T3"):
     return pd.DataFrame(rows), metrics
 
 
+AUTHORS_ORDER = dataclasses.replace(OPTIONS, figureS5_order="authors")
+
+
 def _headline_lines(ax) -> list[float]:
     return sorted(
         float(line.get_xdata()[0])
@@ -460,7 +557,7 @@ def test_figureS5_authors_order_puts_hidden39_at_32_and_marks_the_fixed_layer():
     assert curves.set_index("layer").loc["hidden.39", "x"] == 32
     assert "hidden.0" not in set(curves["layer"])  # never saved by the authors: no index
     assert sorted(curves["x"]) == list(range(80))
-    figure = figures.build_figureS5(layers, TASKS, MODELS, metrics=metrics, order="authors")
+    figure = _render("figureS5", {"layers": layers, "metrics": metrics}, options=AUTHORS_ORDER)
     (ax,) = figure.get_axes()
     assert _headline_lines(ax) == [32.0]
     assert "authors" in ax.get_xlabel()
@@ -470,7 +567,7 @@ def test_figureS5_authors_order_puts_hidden39_at_32_and_marks_the_fixed_layer():
     expected = [auc[f"hidden.{lix + 1}"] for lix in text_sorted]
     np.testing.assert_allclose(line.get_ydata(), expected)
     # Depth order: the same layer at its hidden_states index.
-    figure = figures.build_figureS5(layers, TASKS, MODELS, metrics=metrics, order="depth")
+    figure = _render("figureS5", {"layers": layers, "metrics": metrics})
     assert _headline_lines(figure.get_axes()[0]) == [39.0]
 
 
@@ -486,7 +583,8 @@ def test_figureS5_uses_the_authors_layer_column_when_present():
 def test_figureS5_draws_the_chosen_metric_with_sd_band():
     layers, metrics = _layer_tables(9, headline="hidden.4", task="T1")  # T1's headline metric is F1
     for metric in ("auc", "f1"):
-        figure = figures.build_figureS5(layers, TASKS, MODELS, metrics=metrics, metric=metric)
+        figure = _render("figureS5", {"layers": layers, "metrics": metrics},
+                         options=dataclasses.replace(OPTIONS, figureS5_metric=metric))
         (ax,) = figure.get_axes()
         (line,) = [line for line in ax.get_lines() if line.get_label() == "T1 · Big VLM"]
         rows = layers[layers["metric"] == metric].set_index("layer").loc[[f"hidden.{i}" for i in range(9)]]
@@ -503,27 +601,31 @@ def test_figureS5_draws_the_chosen_metric_with_sd_band():
 def test_figureS5_rejects_unknown_order_and_headline_layer_conflicts():
     layers, metrics = _layer_tables(9, headline="hidden.4")
     with pytest.raises(ValueError, match=r"figures\.figureS5_order.*'text'.*depth, authors"):
-        figures.build_figureS5(layers, TASKS, MODELS, metrics=metrics, order="text")
+        _render("figureS5", {"layers": layers, "metrics": metrics},
+                options=dataclasses.replace(OPTIONS, figureS5_order="text"))
     conflicting = pd.concat([metrics, metrics.assign(layer="hidden.5")])
     with pytest.raises(ValueError, match=r"task T3, model big.*hidden\.4.*hidden\.5"):
-        figures.build_figureS5(layers, TASKS, MODELS, metrics=conflicting)
+        _render("figureS5", {"layers": layers, "metrics": conflicting})
 
 
-def test_figure_options_unpack_the_figures_config():
-    config = {"figure5_task": "T7", "figureS6_task": "T2", "figureS5_order": "authors", "figureS5_metric": "f1"}
-    assert figures.figure_options("figureS5", config) == {"order": "authors", "metric": "f1"}
-    assert figures.figure_options("figure5", config) == {"task": "T7"}
-    assert figures.figure_options("figureS6", config) == {"task": "T2"}
-    assert figures.figure_options("figure3", config) == {}
-    assert figures.figure_options("figureS5", {}) == {"order": "depth", "metric": "auc"}
+def test_figure5_and_figureS6_draw_the_tasks_their_options_name(metrics, groups):
+    t3 = metrics[metrics["task"] == "T3"].assign(task="T9")
+    tasks = {**TASKS, "T9": {**TASKS["T3"], "name": "Skin lesions again", "min_test_positives": 0}}
+    options = dataclasses.replace(OPTIONS, figure5_task="T9", figureS6_task="T9")
+    titles = [ax.get_title() for ax in _render("figure5", {"metrics": t3}, tasks, options).get_axes()]
+    assert titles == ["(a) T9: Skin lesions again", "(b) T9: Skin lesions again"]
+    with pytest.raises(ValueError, match=r"figureS6: nothing to draw.*T9"):
+        _render("figureS6", {"groups": groups}, tasks, options)
 
 
 def test_draw_passes_metrics_to_figureS5_for_the_headline_layer(tmp_path, monkeypatch):
     layers, metrics = _layer_tables(81, headline="hidden.39")
+    paths = {"layers": _write(tmp_path, "layers", layers), "metrics": _write(tmp_path, "metrics", metrics)}
     drawn = {}
-    monkeypatch.setattr(figures, "_save", lambda figure, stem: drawn.setdefault("figure", figure))
-    figures.draw("figureS5", {"layers": layers, "metrics": metrics}, TASKS, MODELS, tmp_path / "s5",
-                 **figures.figure_options("figureS5", {"figureS5_order": "authors"}))
+    monkeypatch.setattr(figures, "save", lambda figure, pdf, png: drawn.update(figure=figure, files=(pdf, png)))
+    options = FiguresSettings.from_dict({**dataclasses.asdict(OPTIONS), "figureS5_order": "authors"})
+    figures.draw("figureS5", paths, tmp_path / "s5.pdf", tmp_path / "s5.png", tasks=TASKS, models=MODELS, options=options)
+    assert drawn["files"] == (tmp_path / "s5.pdf", tmp_path / "s5.png")
     assert _headline_lines(drawn["figure"].get_axes()[0]) == [32.0]
 
 
@@ -550,7 +652,7 @@ def test_efficiency_curves_mean_and_band(efficiency):
 
 
 def test_figure6_plots_seed_means_on_log_axis(efficiency):
-    figure = figures.build_figure6(efficiency, TASKS, MODELS)
+    figure = _render("figure6", {"efficiency": efficiency})
     ax = figure.get_axes()[2]  # ophthalmology
     assert ax.get_xscale() == "log"
     (line,) = [line for line in ax.get_lines() if line.get_label() == "T6 · Small VLM"]
@@ -561,14 +663,15 @@ def test_figure6_plots_seed_means_on_log_axis(efficiency):
 
 
 def test_figure6_with_one_discipline(efficiency, tmp_path):
-    figures.figure6(efficiency[efficiency["task"] == "T4"], TASKS, MODELS, tmp_path / "f6")
+    _draw("figure6", {"efficiency": _write(tmp_path, "efficiency", efficiency[efficiency["task"] == "T4"])},
+          tmp_path / "f6")
     _check_outputs(tmp_path / "f6")
     with pytest.raises(ValueError, match=r"figure6: nothing to draw"):
-        figures.figure6(efficiency[efficiency["model"] == "nobody"], TASKS, MODELS, tmp_path / "none")
+        _render("figure6", {"efficiency": efficiency[efficiency["model"] == "nobody"]})
 
 
 def test_figureS6_shows_macro_and_positive_class_f1_per_organ(groups):
-    figure = figures.build_figureS6(groups, TASKS, MODELS)
+    figure = _render("figureS6", {"groups": groups})
     macro_ax, positive_ax = figure.get_axes()
     assert "macro F1" in macro_ax.get_ylabel() and "malignant" in positive_ax.get_ylabel()
     labels = {conf["label"]: model for model, conf in MODELS.items()}
@@ -586,9 +689,43 @@ def test_figureS6_shows_macro_and_positive_class_f1_per_organ(groups):
 
 def test_figureS6_positive_f1_falls_back_to_the_positive_class_row(groups):
     older = groups[groups["metric"] != "f1_positive"]
-    _, positive_ax = figures.build_figureS6(older, TASKS, MODELS).get_axes()
+    _, positive_ax = _render("figureS6", {"groups": older}).get_axes()
     bars = _bars_by_model_and_tick(positive_ax)
     for (label, group), (height, _) in bars.items():
         row = older[(older["group"] == group) & (older["model"] == ("big" if label == "Big VLM" else "small"))
                     & (older["class"] == "malignant")]
         assert height == row["value"].item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 1d: NEJM accuracy by difficulty
+# ---------------------------------------------------------------------------------------------
+
+
+def test_figure1d_bars_readers_and_chance_equal_the_nejm_table(nejm):
+    (ax,) = _render("figure1d", {"nejm": nejm}, tasks={}).get_axes()
+    ticks = [label.get_text().split("\n")[0] for label in ax.get_xticklabels()]
+    assert ticks == NEJM_STRATA  # easiest last: strata by the readers' share, not by name
+    bars = {}
+    for container in ax.containers:
+        if isinstance(container, BarContainer):
+            for patch in container.patches:
+                stratum = ticks[int(np.round(patch.get_x() + patch.get_width() / 2))]
+                bars[(patch.get_gid(), stratum)] = patch.get_height()
+    expected = {
+        (f"{row.model}:{row.mode}", row.stratum): row.accuracy
+        for row in nejm.itertuples()
+        if row.model in RUN_MODELS and row.stratum != "all"
+    }
+    assert bars == pytest.approx(expected, abs=1e-12)
+    (readers,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer) and c.get_label() == "human readers"]
+    np.testing.assert_allclose(np.asarray(readers.lines[0].get_ydata(), float), [0.1, 0.3, 0.5, 0.7, 0.9])
+    (chance,) = [line for line in ax.get_lines() if line.get_gid() == "chance"]
+    assert list(chance.get_ydata()) == [0.2, 0.2]
+    labels = [container.get_label() for container in ax.containers if isinstance(container, BarContainer)]
+    assert labels[:3] == ["Big VLM, greedy", "Big VLM, top-3 sampled", "Big VLM, likelihood"]
+
+
+def test_figure1d_without_model_rows_raises(nejm):
+    with pytest.raises(ValueError, match="figure1d: nothing to draw"):
+        _render("figure1d", {"nejm": nejm[nejm["model"].isin(["readers", "chance"])]}, tasks={})

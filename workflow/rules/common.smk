@@ -1,4 +1,5 @@
 # Helpers only: config validation and the functions rules use to name their inputs.
+import functools
 import json
 import os
 import sys
@@ -7,6 +8,7 @@ from snakemake.logging import logger
 
 import medprobe.checkpoints as medprobe_checkpoints
 import medprobe.config as medprobe_config
+import medprobe.figures as medprobe_figures
 
 medprobe_config.resolve_extends(config, workflow.basedir)
 medprobe_config.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -26,7 +28,7 @@ wildcard_constraints:
     task="|".join(TASKS),
     model="|".join(MODELS),
     table="|".join(TABLES + ["comparisons"]),
-    figure="|".join(medprobe_config.FIGURE_TASKS),
+    figure="|".join(medprobe_figures.FIGURES),
 
 
 def task_config(wildcards):
@@ -228,20 +230,40 @@ def evaluation_settings(wildcards):
 
 
 def all_figures():
+    """Every figure whose tables this config writes (Figure 1d: when the NEJM evaluation runs)."""
+    tables = TABLES + (["nejm"] if all_nejm() else [])
     return [
         f"results/figures/{name}.{extension}"
-        for name in medprobe_config.figures(config)
+        for name in medprobe_config.figures(config, tables)
         for extension in ("pdf", "png")
     ]
+
+
+def figure_tables(wildcards):
+    """The result tables a figure reads, by name (medprobe.figures.FIGURES)."""
+    return {
+        table: f"results/tables/{table}.csv"
+        for table in medprobe_figures.FIGURES[wildcards.figure].tables
+    }
+
+
+def figure_tasks(wildcards):
+    """Only the tasks a figure draws, so that editing another task's entry does not redraw it."""
+    return medprobe_figures.figure_tasks(wildcards.figure, config)
+
+
+def figure_caption(wildcards):
+    return medprobe_figures.FIGURES[wildcards.figure].caption
 
 
 def nejm_answer_files():
     return [f"results/nejm/{model}/answers.jsonl" for model in config["nejm"]["models"]]
 
 
+@functools.cache  # the default target and all_figures both ask; warn once
 def all_nejm():
-    """The NEJM table and Figure 1d when the config names models and the cases are there (or the demo
-    makes them); user-supplied cases that are missing skip them with a warning."""
+    """The NEJM table when the config names models and the cases are there (or the demo makes them);
+    user-supplied cases that are missing skip it, and Figure 1d, with a warning."""
     if not config["nejm"]["models"]:
         return []
     cases_dir = config["nejm"]["cases_dir"]
@@ -251,11 +273,7 @@ def all_nejm():
             "(the cases are user-supplied, see docs/nejm.md)"
         )
         return []
-    return [
-        "results/tables/nejm.csv",
-        "results/figures/figure1d.pdf",
-        "results/figures/figure1d.png",
-    ]
+    return ["results/tables/nejm.csv"]
 
 
 def model_labels():

@@ -1,12 +1,9 @@
-# Figures drawn from the result tables alone.
+# Figures drawn from the result tables alone: one rule for every figure of medprobe.figures.FIGURES.
 
 
 rule figure:
     input:
-        metrics="results/tables/metrics.csv",
-        layers="results/tables/layers.csv",
-        efficiency="results/tables/efficiency.csv",
-        groups="results/tables/groups.csv",
+        unpack(figure_tables),
     output:
         pdf="results/figures/{figure}.pdf",
         png=report(
@@ -19,8 +16,9 @@ rule figure:
     conda:
         ENV
     params:
-        tasks=config["tasks"],
+        tasks=figure_tasks,
         models=model_labels(),
         options=config["figures"],
+        caption=figure_caption,
     script:
         "../scripts/figure.py"

@@ -1,4 +1,5 @@
-# NEJM Image Challenge: few-shot multiple-choice answers per model, accuracy by difficulty, Figure 1d.
+# NEJM Image Challenge: few-shot multiple-choice answers per model, accuracy by difficulty (drawn as
+# Figure 1d by rule figure).
 
 
 rule nejm_answers:
@@ -40,23 +41,3 @@ rule nejm_table:
         seed=config["seed"],
     script:
         "../scripts/nejm_table.py"
-
-
-rule figure1d:
-    input:
-        "results/tables/nejm.csv",
-    output:
-        pdf="results/figures/figure1d.pdf",
-        png=report(
-            "results/figures/figure1d.png",
-            caption="../report/figure1d.rst",
-            category="Figures",
-        ),
-    log:
-        "logs/figures/figure1d.log",
-    conda:
-        ENV
-    params:
-        models=model_labels(),
-    script:
-        "../scripts/nejm_figure.py"

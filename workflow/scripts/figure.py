@@ -1,17 +1,15 @@
-"""Draw one figure from the result tables."""
-from pathlib import Path
-
-from medprobe.figures import draw, figure_options, load_table
+"""Draw one figure of medprobe.figures.FIGURES from the result tables the rule declares."""
+from medprobe.figures import draw
+from medprobe.settings import FiguresSettings
 from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
-    tables = {name: load_table(snakemake.input[name]) for name in ("metrics", "layers", "efficiency", "groups")}
-    name = snakemake.wildcards.figure
     draw(
-        name,
-        tables,
-        snakemake.params.tasks,
-        snakemake.params.models,
-        str(Path(snakemake.output.pdf).with_suffix("")),
-        **figure_options(name, snakemake.params.options),
+        snakemake.wildcards.figure,
+        tables=dict(snakemake.input.items()),
+        out_pdf=snakemake.output.pdf,
+        out_png=snakemake.output.png,
+        tasks=snakemake.params.tasks,
+        models=snakemake.params.models,
+        options=FiguresSettings.from_dict(snakemake.params.options),
     )
