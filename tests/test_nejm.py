@@ -7,13 +7,32 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from medprobe import nejm
+from medprobe.config import SCHEMA_PATH
 from medprobe.demo.nejm import generate_cases
 from medprobe.figures import draw, figure1d
+from medprobe.settings import NejmSettings
 
 CHOICES = ["Psoriasis", "Melanoma", "Amelanotic melanoma", "Tinea corporis", "Lichen planus"]
+
+
+def nejm_settings(**changes) -> NejmSettings:
+    """The schema's ``nejm`` defaults with ``changes``."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    defaults = {key: spec["default"] for key, spec in schema["properties"]["nejm"]["properties"].items()}
+    return NejmSettings.from_dict({**defaults, **changes})
+
+
+def answer_cases(cases_dir, out, *, adapter, **changes):
+    """``nejm.answer_cases`` by ``adapter`` as model ``m``, the cache next to ``out``, with ``changes`` to the
+    default settings."""
+    return nejm.answer_cases(
+        cases_dir, out, out.with_name("answers.cache.jsonl"), model_name="m", model_cfg={"checkpoint": "x"},
+        settings=nejm_settings(**changes), seed=0, adapter=adapter,
+    )
 
 
 def write_case(root: Path, case_id: str, date: str, answer: str, *, shares=None, explanation="", colour=(200, 0, 0)):
@@ -339,8 +358,8 @@ class FakeAdapter:
 def test_answers_are_resumable_and_redone_when_the_prompt_changes(cases_dir, tmp_path):
     out = tmp_path / "nejm" / "m" / "answers.jsonl"
     fake = FakeAdapter({"q1": "Melanoma", "q2": "no idea"})
-    kwargs = dict(model_name="m", model_cfg={"checkpoint": "x"}, max_new_tokens=5, adapter=fake, top_k_samples=3)
-    nejm.answer_cases(cases_dir, out, **kwargs)
+    kwargs = dict(max_new_tokens=5, adapter=fake, top_k_samples=3)
+    answer_cases(cases_dir, out, **kwargs)
     records = nejm.load_answers(out)
     assert len(records) == 2 * (1 + 3 + 1)
     greedy = {r["case_id"]: r for r in records if r["mode"] == "greedy"}
@@ -354,7 +373,7 @@ def test_answers_are_resumable_and_redone_when_the_prompt_changes(cases_dir, tmp
 
     # Snakemake removes the output before a rerun: the cache makes the rerun skip finished cases.
     out.unlink()
-    nejm.answer_cases(cases_dir, out, **kwargs)
+    answer_cases(cases_dir, out, **kwargs)
     assert fake.calls == calls
     assert nejm.load_answers(out) == records
 
@@ -365,14 +384,14 @@ def test_answers_are_resumable_and_redone_when_the_prompt_changes(cases_dir, tmp
     data = json.loads((cases_dir / "q2" / "case.json").read_text())
     data["context"] = "A patient (q2) presented with a rash again."
     (cases_dir / "q2" / "case.json").write_text(json.dumps(data))
-    nejm.answer_cases(cases_dir, out, **kwargs)
+    answer_cases(cases_dir, out, **kwargs)
     assert fake.calls == {"generate": calls["generate"] + 2, "likelihood": calls["likelihood"] + 1}
     new = {(r["case_id"], r["mode"], r["sample"]): r["prompt_hash"] for r in nejm.load_answers(out)}
     old = {(r["case_id"], r["mode"], r["sample"]): r["prompt_hash"] for r in records}
     assert all(new[k] == old[k] for k in new if k[0] == "q1") and all(new[k] != old[k] for k in new if k[0] == "q2")
 
     # Mean-per-token likelihood picks choice 2 from the stored scores, without the model.
-    nejm.answer_cases(cases_dir, out, **{**kwargs, "likelihood_score": "mean"})
+    answer_cases(cases_dir, out, **{**kwargs, "likelihood_score": "mean"})
     assert fake.calls["likelihood"] == calls["likelihood"] + 1
     assert {r["parsed_choice"] for r in nejm.load_answers(out) if r["mode"] == "likelihood"} == {2}
 
@@ -407,9 +426,9 @@ def test_answer_cases_use_the_template_throughout(cases_dir, tmp_path, caplog):
             (9, 9, 9): " Hard to say.\n\nReason: tinea corporis is likely.",
         }
     )
-    kwargs = dict(model_name="m", model_cfg={"checkpoint": "x"}, adapter=fake, top_k_samples=2)
+    kwargs = dict(adapter=fake, top_k_samples=2)
     with caplog.at_level("WARNING", logger="medprobe.nejm"):
-        nejm.answer_cases(cases_dir, out, template="figure_s2", **kwargs)
+        answer_cases(cases_dir, out, template="figure_s2", **kwargs)
     assert "shot s2" in caplog.text and "no 'explanation'" in caplog.text and "shot s1" not in caplog.text
     generated = [call for call in fake.calls if call[0] == "generate"]
     assert len(generated) == 2 + 2 and all(call[1].endswith("\nAnswer:") for call in generated)
@@ -425,16 +444,16 @@ def test_answer_cases_use_the_template_throughout(cases_dir, tmp_path, caplog):
     # The template writes the prompt, so another template re-answers every case; the first template's
     # answers stay in the cache and are reused when it comes back.
     calls = len(fake.calls)
-    nejm.answer_cases(cases_dir, out, template="chat", **kwargs)
+    answer_cases(cases_dir, out, template="chat", **kwargs)
     assert len(fake.calls) == calls + 2 * 3
     assert all("stop_strings" not in call[2] for call in fake.calls[calls:] if call[0] == "generate")
     hashes = {r["prompt_hash"] for r in nejm.load_answers(out)}
     assert not hashes & {r["prompt_hash"] for r in records}
     calls = len(fake.calls)
-    nejm.answer_cases(cases_dir, out, template="figure_s2", **kwargs)
+    answer_cases(cases_dir, out, template="figure_s2", **kwargs)
     assert len(fake.calls) == calls and nejm.load_answers(out) == records
     with pytest.raises(ValueError, match=r"nejm\.template must be one of \['chat', 'figure_s2'\], got 'Figure'"):
-        nejm.answer_cases(cases_dir, out, template="Figure", **kwargs)
+        answer_cases(cases_dir, out, template="Figure", **kwargs)
 
 
 def test_demo_explanations_change_nothing_else(tmp_path):
@@ -451,9 +470,7 @@ def test_demo_explanations_change_nothing_else(tmp_path):
 
 def test_accuracy_table_and_figure(cases_dir, tmp_path):
     out = tmp_path / "answers.jsonl"
-    nejm.answer_cases(
-        cases_dir, out, model_name="m", model_cfg={"checkpoint": "x"}, adapter=FakeAdapter({"q1": "Melanoma", "q2": "?"})
-    )
+    answer_cases(cases_dir, out, adapter=FakeAdapter({"q1": "Melanoma", "q2": "?"}))
     table, unparseable = nejm.accuracy_table({"m": out}, cases_dir, n_boot=200, seed=1)
     assert list(table.columns) == list(nejm.TABLE_COLUMNS)
     row = table.set_index(["model", "mode", "stratum"])

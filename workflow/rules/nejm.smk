@@ -16,6 +16,8 @@ rule nejm_answers:
     resources:
         gpu=model_gpus,
     params:
+        # Outlives the output (Snakemake removes that before a rerun), so that a rerun resumes.
+        cache="results/nejm/{model}/answers.cache.jsonl",
         model=model_config,
         nejm=config["nejm"],
         seed=config["seed"],
@@ -35,7 +37,6 @@ rule nejm_table:
     conda:
         ENV
     params:
-        models=config["nejm"]["models"],
         nejm=config["nejm"],
         bootstrap=config["evaluation"]["bootstrap"],
         seed=config["seed"],
