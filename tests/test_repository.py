@@ -55,7 +55,7 @@ def test_demo_dry_run_plans_every_step(repo, tmp_path):
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout)
     assert jobs["extract"] == jobs["probe"] == jobs["efficiency"] == jobs["evaluate"] == 24
-    assert jobs["prepare"] == jobs["demo_data"] == 8 and jobs["figure"] == 6
+    assert jobs["prepare"] == jobs["demo_data"] == 8 and jobs["figure"] == 7  # 3, 4, 5, 6, S5, S6 and NEJM 1d
 
 
 @pytest.mark.parametrize("configfile", ["paper.yaml", "rigorous.yaml"])
