@@ -34,6 +34,7 @@ from medprobe.demo.models import build  # noqa: E402
 from medprobe.extract import extract_activations  # noqa: E402
 from medprobe.models.clip import ClipAdapter  # noqa: E402
 from medprobe.models.idefics import IdeficsAdapter  # noqa: E402
+from medprobe.settings import ExtractionSettings  # noqa: E402
 
 PROMPT = "What can you see on this histopathology image?"
 
@@ -160,11 +161,19 @@ def time_ours(adapter, manifest, root, repeats, batch_size, num_workers, model_n
         extract_activations(
             manifest,
             out,
+            settings=ExtractionSettings(
+                batch_size=batch_size,
+                num_workers=num_workers,
+                dtype="float16",
+                prefetch_factor=2,
+                shards=1,
+                compression="none",
+                compression_level=4,
+                prompt_format="chat",
+            ),
             model_name=model_name,
-            model_cfg={"checkpoint": adapter.checkpoint},
+            model={"checkpoint": adapter.checkpoint},
             prompt=PROMPT,
-            batch_size=batch_size,
-            num_workers=num_workers,
             root=root,
             progress=False,
             adapter=adapter,

@@ -7,7 +7,6 @@ checks here cover what a schema cannot express (references between sections).
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +79,11 @@ def resolve_extends(config: dict[str, Any], root: str | Path = ".") -> dict[str,
 
 
 def known_adapters() -> list[str]:
-    """Adapter names registered in medprobe/models (``@register("name")``), read from the source so that
-    checking a config does not import torch."""
-    folder = Path(__file__).resolve().parent / "models"
-    names = set()
-    for path in folder.glob("*.py"):
-        names.update(re.findall(r"""^@register\(\s*["']([^"']+)["']\s*\)""", path.read_text(), flags=re.MULTILINE))
-    return sorted(names)
+    """The adapter names a model entry may give (``medprobe.models.ADAPTER_NAMES``; importing that package
+    does not import torch, and its adapters can register no other name)."""
+    from medprobe.models import ADAPTER_NAMES
+
+    return sorted(ADAPTER_NAMES)
 
 
 def _describe_schema_error(config: dict[str, Any], schema_path: str | Path) -> str | None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-__all__ = ["DeviceClaim", "claim_devices", "device_pool", "lock_dir", "placement"]
+__all__ = ["DeviceClaim", "claim_devices", "device_pool", "lock_dir"]
 
 logger = logging.getLogger("medprobe.devices")
 
@@ -133,16 +133,7 @@ def claim_devices(
     if n == 0:
         return DeviceClaim([], "none")
     if env.get("SLURM_JOB_ID") or env.get("CUDA_VISIBLE_DEVICES") is not None:
-        visible = _parse_indices(env.get("CUDA_VISIBLE_DEVICES", ""), "CUDA_VISIBLE_DEVICES")
-        if len(visible) < n:
-            logger.warning(
-                "the job asks for %d GPU(s) but the scheduler made %d visible (CUDA_VISIBLE_DEVICES=%r)",
-                n,
-                len(visible),
-                env.get("CUDA_VISIBLE_DEVICES", ""),
-            )
-        logger.info("using the scheduler's GPU assignment CUDA_VISIBLE_DEVICES=%r", env.get("CUDA_VISIBLE_DEVICES", ""))
-        return DeviceClaim(visible, "scheduler")
+        return _scheduler_claim(n, env)
     pool = device_pool(env)
     if not pool and env.get(POOL_VARIABLE) is None:
         logger.warning("the job asks for %d GPU(s) but this machine has none; running on the CPU", n)
@@ -154,37 +145,54 @@ def claim_devices(
     directory.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     while True:
-        handles: list[IO[bytes]] = []
-        claimed: list[str] = []
-        for index in pool:
-            handle = open(directory / f"gpu{index}.lock", "ab")  # noqa: SIM115 - held beyond this scope
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            handles.append(handle)
-            claimed.append(index)
-            if len(claimed) == n:
-                break
-        if len(claimed) == n:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(claimed)
-            logger.info("claimed GPU(s) %s (locks in %s)", ",".join(claimed), directory)
-            return DeviceClaim(claimed, "locked", handles)
-        for handle in handles:  # not enough free: give back what we took, so that no two jobs deadlock
-            handle.close()
+        claim = _lock_free_devices(pool, n, directory)
+        if len(claim.devices) == n:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(claim.devices)
+            logger.info("claimed GPU(s) %s (locks in %s)", ",".join(claim.devices), directory)
+            return claim
+        # Fewer than n free: give back what was taken, so that no two jobs that each hold some wait for ever.
+        claim.release()
         if time.monotonic() >= deadline:
             raise TimeoutError(
-                f"only {len(claimed)} of the {n} GPU(s) needed were free after {timeout:.0f} s "
+                f"only {len(claim.devices)} of the {n} GPU(s) needed were free after {timeout:.0f} s "
                 f"(pool {pool}, locks in {directory}); other jobs hold the rest"
             )
         time.sleep(poll_interval)
 
 
-def placement(model_cfg: Mapping[str, object], claim: DeviceClaim) -> dict[str, object]:
-    """The model entry to load with the claimed devices: ``device_map: auto`` when the job has several
-    GPUs and the entry names no ``device_map`` (so the model is spread over all of them)."""
-    entry = dict(model_cfg)
-    if len(claim.devices) > 1 and entry.get("device_map") is None:
-        entry["device_map"] = "auto"
-    return entry
+def _scheduler_claim(n: int, env: Mapping[str, str]) -> DeviceClaim:
+    """The devices the scheduler made visible, taken as they are (nothing is locked)."""
+    visible = _parse_indices(env.get("CUDA_VISIBLE_DEVICES", ""), "CUDA_VISIBLE_DEVICES")
+    if len(visible) < n:
+        logger.warning(
+            "the job asks for %d GPU(s) but the scheduler made %d visible (CUDA_VISIBLE_DEVICES=%r)",
+            n,
+            len(visible),
+            env.get("CUDA_VISIBLE_DEVICES", ""),
+        )
+    logger.info("using the scheduler's GPU assignment CUDA_VISIBLE_DEVICES=%r", env.get("CUDA_VISIBLE_DEVICES", ""))
+    return DeviceClaim(visible, "scheduler")
+
+
+def _lock(directory: Path, index: str) -> IO[bytes] | None:
+    """The open lock file of device ``index`` with its exclusive lock taken, or None when another job holds it."""
+    handle = open(directory / f"gpu{index}.lock", "ab")  # noqa: SIM115 - held beyond this scope
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def _lock_free_devices(pool: list[str], n: int, directory: Path) -> DeviceClaim:
+    """Lock free devices of ``pool`` in pool order until ``n`` are held (fewer when fewer are free)."""
+    claim = DeviceClaim([], "locked")
+    for index in pool:
+        handle = _lock(directory, index)
+        if handle is not None:
+            claim.devices.append(index)
+            claim._handles.append(handle)
+            if len(claim.devices) == n:
+                break
+    return claim

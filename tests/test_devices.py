@@ -1,17 +1,20 @@
-"""GPU assignment for concurrent local jobs (medprobe.devices); no GPU needed."""
+"""GPU assignment for concurrent local jobs (medprobe.devices) and the GPU-job loader (medprobe.gpu_job); no GPU needed."""
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 
-from medprobe.devices import DeviceClaim, claim_devices, device_pool, placement
+from medprobe.devices import DeviceClaim, claim_devices, device_pool
+from medprobe.gpu_job import GpuJob
 
 # A job: claim N devices, report CUDA_VISIBLE_DEVICES, hold them until the release file appears.
 JOB = """
@@ -112,8 +115,46 @@ def test_bad_requests_are_named(tmp_path):
 
 def test_several_gpus_spread_the_model_unless_the_entry_says_otherwise():
     entry = {"adapter": "idefics", "checkpoint": "x"}
-    assert placement(entry, DeviceClaim(["0", "1"], "locked"))["device_map"] == "auto"
-    assert "device_map" not in placement(entry, DeviceClaim(["3"], "locked")) and "device_map" not in entry
-    assert (
-        placement(entry | {"device_map": "balanced"}, DeviceClaim(["0", "1"], "scheduler"))["device_map"] == "balanced"
-    )
+    assert GpuJob(DeviceClaim(["0", "1"], "locked")).model_entry(entry)["device_map"] == "auto"
+    assert "device_map" not in GpuJob(DeviceClaim(["3"], "locked")).model_entry(entry) and "device_map" not in entry
+    balanced = entry | {"device_map": "balanced"}
+    assert GpuJob(DeviceClaim(["0", "1"], "scheduler")).model_entry(balanced)["device_map"] == "balanced"
+
+
+def test_a_job_loads_its_model_onto_its_devices(tmp_path, monkeypatch):
+    loaded = []
+
+    def load_adapter(entry, device=None):
+        loaded.append((entry, device))
+        return types.SimpleNamespace(device=device)
+
+    monkeypatch.setattr("medprobe.models.load_adapter", load_adapter)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    entry = {"adapter": "idefics", "checkpoint": "x"}
+    with GpuJob.claim_devices(2, env=local_env(tmp_path, pool="4,6")) as job:
+        assert job.devices == ["4", "6"] and job.device == "cuda"
+        job.load_adapter(entry)
+    assert loaded == [(entry | {"device_map": "auto"}, "cuda")]
+    assert claim_devices(2, env=local_env(tmp_path, pool="4,6")).devices == ["4", "6"]  # released on exit
+    GpuJob.on("cuda:1").load_adapter(entry)
+    assert loaded[-1] == (entry, "cuda:1")
+
+
+def test_a_job_without_gpus_runs_on_the_cpu(tmp_path, monkeypatch):
+    assert GpuJob.claim_devices(0, env=local_env(tmp_path)).device == "cpu"
+    cpu_only = {"PATH": str(tmp_path / "empty"), "MEDPROBE_GPU_LOCK_DIR": str(tmp_path / "l")}
+    assert GpuJob.claim_devices(1, env=cpu_only).device == "cpu"  # no GPU on the machine
+    assert GpuJob.claim_devices(1, env={"SLURM_JOB_ID": "1", "CUDA_VISIBLE_DEVICES": ""}).device == "cpu"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # claimed, but torch has no CUDA
+    assert GpuJob.claim_devices(1, env=local_env(tmp_path, pool="0")).device == "cpu"
+    assert GpuJob.on(None).device == "cpu" and GpuJob.on("cpu").device == "cpu"
+
+
+def test_the_loader_claims_without_torch_in_python_3_7_syntax(repo):
+    # KNEEL's environment (Python 3.7, no medprobe install) claims its GPU through this module too.
+    source = (repo / "medprobe" / "gpu_job.py").read_text()
+    for path in ("medprobe/gpu_job.py", "medprobe/devices.py", "medprobe/__init__.py"):
+        ast.parse((repo / path).read_text(), feature_version=(3, 7))
+    assert "import torch" not in source.split("class GpuJob")[0]
+    check = "import sys, medprobe.gpu_job; medprobe.gpu_job.GpuJob.claim_devices(0); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=repo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -16,8 +17,10 @@ from PIL import Image, ImageDraw
 import medprobe
 from medprobe.demo.models import build
 from medprobe.extract import ImageReadError, extract_activations, layer_names, read_activations
+from medprobe.gpu_job import GpuJob
 from medprobe.models import load_adapter
 from medprobe.models.base import Adapter
+from medprobe.settings import ExtractionSettings
 
 torch.set_num_threads(1)
 
@@ -25,6 +28,22 @@ PROMPT = "What can you see on this fundus photograph?"
 # The paper's prompt for the pathology tasks, word for word ("seen" sic).
 PAPER_PROMPT = "What can you seen on this histological picture?"
 N_IMAGES = 10
+# The schema's defaults (workflow/schemas/config.schema.yaml, extraction:).
+SETTINGS = ExtractionSettings(
+    batch_size=16,
+    num_workers=0,
+    dtype="float16",
+    prefetch_factor=2,
+    shards=1,
+    compression="none",
+    compression_level=4,
+    prompt_format="chat",
+)
+CPU = GpuJob.on("cpu")
+
+
+def settings(**changes) -> ExtractionSettings:
+    return dataclasses.replace(SETTINGS, **changes)
 
 
 @pytest.fixture(scope="session")
@@ -95,11 +114,11 @@ def test_idefics_file_matches_the_contract(dataset, tmp_path, idefics_cfg):
     out = extract_activations(
         dataset,
         tmp_path / "act" / "T5.h5",
+        settings=settings(batch_size=4),
         model_name="idefics_9b",
-        model_cfg=idefics_cfg,
+        model=idefics_cfg,
         prompt=PROMPT,
-        batch_size=4,
-        device="cpu",
+        job=CPU,
         root=tmp_path,
         progress=False,
     )
@@ -150,13 +169,11 @@ def test_question_answer_file_records_the_papers_prompt_and_the_model_depth(data
     out = extract_activations(
         dataset,
         tmp_path / "qa.h5",
+        settings=settings(prompt_format="question_answer", batch_size=4),
         model_name="idefics_9b",
-        model_cfg=idefics_cfg,
+        model=idefics_cfg | {"layers": [3, 1]},
         prompt=PAPER_PROMPT,
-        prompt_format="question_answer",
-        layers=[3, 1],
-        batch_size=4,
-        device="cpu",
+        job=CPU,
         root=tmp_path,
         progress=False,
     )
@@ -176,17 +193,18 @@ def test_question_answer_file_records_the_papers_prompt_and_the_model_depth(data
 
 
 def test_clip_files_do_not_depend_on_the_prompt_format(dataset, tmp_path, clip_cfg, monkeypatch):
-    common = dict(model_name="clip", model_cfg=clip_cfg, batch_size=4, device="cpu", root=tmp_path, progress=False)
-    chat = read_all(extract_activations(dataset, tmp_path / "chat.h5", prompt=PROMPT, **common))
+    common = dict(model_name="clip", model=clip_cfg, job=CPU, root=tmp_path, progress=False)
+    qa, chat_settings = settings(batch_size=4, prompt_format="question_answer"), settings(batch_size=4)
+    chat = read_all(extract_activations(dataset, tmp_path / "chat.h5", settings=chat_settings, prompt=PROMPT, **common))
     out = tmp_path / "qa.h5"
     # An interrupted question_answer run is resumed by a chat run: an image-only model sees no prompt.
     with monkeypatch.context() as patch:
         count_forwards(patch, fail_after=1)
         with pytest.raises(Interrupt):
-            extract_activations(dataset, out, prompt=PAPER_PROMPT, prompt_format="question_answer", **common)
+            extract_activations(dataset, out, settings=qa, prompt=PAPER_PROMPT, **common)
     with monkeypatch.context() as patch:
         calls = count_forwards(patch)
-        extract_activations(dataset, out, prompt=PROMPT, prompt_format="chat", **common)
+        extract_activations(dataset, out, settings=chat_settings, prompt=PROMPT, **common)
     assert calls == [4, 2]
     resumed = read_all(out)
     assert resumed["attr:prompt"] == resumed["attr:prompt_format"] == "" and resumed["attr:num_hidden_states"] == 5
@@ -200,13 +218,11 @@ def test_clip_embeddings_layer_subset_and_float32(dataset, tmp_path, clip_cfg, c
     out = extract_activations(
         dataset,
         tmp_path / "clip.h5",
+        settings=settings(batch_size=3, dtype="float32"),
         model_name="clip",
-        model_cfg=clip_cfg,
+        model=clip_cfg | {"layers": [-1, 0, 2]},
         prompt=PROMPT,
-        batch_size=3,
-        dtype="float32",
-        layers=[-1, 0, 2],
-        device="cpu",
+        job=CPU,
         root=tmp_path,
         progress=False,
     )
@@ -240,14 +256,11 @@ def test_clip_embeddings_layer_subset_and_float32(dataset, tmp_path, clip_cfg, c
     with_workers = extract_activations(
         dataset,
         tmp_path / "clip_workers.h5",
+        settings=settings(batch_size=3, num_workers=2, dtype="float32"),
         model_name="clip",
-        model_cfg=clip_cfg,
+        model=clip_cfg | {"layers": [-1, 0, 2]},
         prompt=PROMPT,
-        batch_size=3,
-        num_workers=2,
-        dtype="float32",
-        layers=[-1, 0, 2],
-        device="cpu",
+        job=CPU,
         root=tmp_path,
         progress=False,
     )
@@ -282,11 +295,11 @@ def read_all(path: Path) -> dict[str, np.ndarray]:
 def test_interrupted_extraction_resumes_to_identical_data(dataset, tmp_path, idefics_cfg, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="medprobe.extract")
     kwargs = dict(
+        settings=settings(batch_size=3),
         model_name="idefics_9b",
-        model_cfg=idefics_cfg,
+        model=idefics_cfg,
         prompt=PROMPT,
-        batch_size=3,
-        device="cpu",
+        job=CPU,
         root=tmp_path,
         progress=False,
     )
@@ -316,32 +329,26 @@ def test_interrupted_extraction_resumes_to_identical_data(dataset, tmp_path, ide
 
 
 def test_a_partial_file_for_other_settings_is_started_over(dataset, tmp_path, idefics_cfg, monkeypatch, caplog):
-    kwargs = dict(
-        model_name="idefics_9b", model_cfg=idefics_cfg, batch_size=4, device="cpu", root=tmp_path, progress=False
-    )
+    kwargs = dict(settings=settings(batch_size=4), model_name="idefics_9b", job=CPU, root=tmp_path, progress=False)
     out = tmp_path / "act.h5"
     with monkeypatch.context() as patch:
         count_forwards(patch, fail_after=1)
         with pytest.raises(Interrupt):
-            extract_activations(dataset, out, prompt="Another prompt?", layers=[0, 1], **kwargs)
+            extract_activations(
+                dataset, out, model=idefics_cfg | {"layers": [0, 1]}, prompt="Another prompt?", **kwargs
+            )
     with monkeypatch.context() as patch:
         calls = count_forwards(patch)
-        extract_activations(dataset, out, prompt=PROMPT, **kwargs)
+        extract_activations(dataset, out, model=idefics_cfg, prompt=PROMPT, **kwargs)
     assert calls == [4, 4, 2]  # everything recomputed
     assert "different manifest, model, prompt, prompt format, layers or dtype; starting over" in caplog.text
-    fresh = read_all(extract_activations(dataset, tmp_path / "fresh.h5", prompt=PROMPT, **kwargs))
+    fresh = read_all(extract_activations(dataset, tmp_path / "fresh.h5", model=idefics_cfg, prompt=PROMPT, **kwargs))
     np.testing.assert_array_equal(read_all(out)["activations"], fresh["activations"])
 
 
 def test_a_partial_of_the_other_prompt_format_starts_over(dataset, tmp_path, idefics_cfg, monkeypatch, caplog):
     kwargs = dict(
-        model_name="idefics_9b",
-        model_cfg=idefics_cfg,
-        prompt=PAPER_PROMPT,
-        batch_size=4,
-        device="cpu",
-        root=tmp_path,
-        progress=False,
+        model_name="idefics_9b", model=idefics_cfg, prompt=PAPER_PROMPT, job=CPU, root=tmp_path, progress=False
     )
     out = tmp_path / "act.h5"
     partial = tmp_path / "act.h5.partial"
@@ -350,15 +357,19 @@ def test_a_partial_of_the_other_prompt_format_starts_over(dataset, tmp_path, ide
         with monkeypatch.context() as patch:
             count_forwards(patch, fail_after=2)
             with pytest.raises(Interrupt):
-                extract_activations(dataset, out, prompt_format=first, **kwargs)
+                extract_activations(dataset, out, settings=settings(batch_size=4, prompt_format=first), **kwargs)
         with h5py.File(partial, "r") as handle:
             assert handle.attrs["rows_done"] == 8 and handle.attrs["prompt_format"] == first
         with monkeypatch.context() as patch:
             calls = count_forwards(patch)
-            extract_activations(dataset, out, prompt_format=second, **kwargs)
+            extract_activations(dataset, out, settings=settings(batch_size=4, prompt_format=second), **kwargs)
         assert calls == [4, 4, 2], (first, second)  # nothing of the other format's rows is kept
         assert "starting over" in caplog.text and "resuming" not in caplog.text
-        fresh = read_all(extract_activations(dataset, tmp_path / f"{second}.h5", prompt_format=second, **kwargs))
+        fresh = read_all(
+            extract_activations(
+                dataset, tmp_path / f"{second}.h5", settings=settings(batch_size=4, prompt_format=second), **kwargs
+            )
+        )
         rerun = read_all(out)
         assert rerun["attr:prompt_format"] == second
         np.testing.assert_array_equal(rerun["activations"], fresh["activations"])
@@ -371,13 +382,14 @@ def test_missing_image_is_named_before_the_model_loads(dataset, tmp_path, idefic
     def must_not_load(*args, **kwargs):
         raise AssertionError("model loaded although an image is missing")
 
-    monkeypatch.setattr("medprobe.extract.load_adapter", must_not_load)
+    monkeypatch.setattr("medprobe.models.load_adapter", must_not_load)
     with pytest.raises(FileNotFoundError, match=r"'img_07'.*images/img_07\.png"):
         extract_activations(
             dataset,
             tmp_path / "x.h5",
+            settings=SETTINGS,
             model_name="m",
-            model_cfg=idefics_cfg,
+            model=idefics_cfg,
             prompt=PROMPT,
             root=tmp_path,
             progress=False,
@@ -391,12 +403,11 @@ def test_unreadable_image_is_named(dataset, tmp_path, clip_cfg, num_workers):
         extract_activations(
             dataset,
             tmp_path / "x.h5",
+            settings=settings(batch_size=4, num_workers=num_workers),
             model_name="clip",
-            model_cfg=clip_cfg,
+            model=clip_cfg,
             prompt="",
-            batch_size=4,
-            num_workers=num_workers,
-            device="cpu",
+            job=CPU,
             root=tmp_path,
             progress=False,
         )
@@ -404,13 +415,18 @@ def test_unreadable_image_is_named(dataset, tmp_path, clip_cfg, num_workers):
 
 
 def test_bad_arguments_are_named(dataset, tmp_path, clip_cfg):
-    common = dict(model_name="clip", model_cfg=clip_cfg, prompt="", device="cpu", root=tmp_path, progress=False)
+    common = dict(model_name="clip", prompt="", job=CPU, root=tmp_path, progress=False)
     with pytest.raises(ValueError, match="'bfloat16'.*float16, float32"):
-        extract_activations(dataset, tmp_path / "x.h5", dtype="bfloat16", **common)
+        extract_activations(dataset, tmp_path / "x.h5", settings=settings(dtype="bfloat16"), model=clip_cfg, **common)
     with pytest.raises(ValueError, match="layer 5 is out of range.*5 hidden states"):
-        extract_activations(dataset, tmp_path / "x.h5", layers=[0, 5], **common)
+        extract_activations(
+            dataset, tmp_path / "x.h5", settings=SETTINGS, model=clip_cfg | {"layers": [0, 5]}, **common
+        )
     with pytest.raises(ValueError, match="'prompt_format' is 'plain'.*chat, question_answer"):
-        extract_activations(dataset, tmp_path / "x.h5", prompt_format="plain", **common)
+        extract_activations(
+            dataset, tmp_path / "x.h5", settings=settings(prompt_format="plain"), model=clip_cfg, **common
+        )
+    common |= dict(settings=SETTINGS, model=clip_cfg)
     bad_manifest = tmp_path / "bad.csv"
     bad_manifest.write_text("image_id,file\na,b.png\n")
     with pytest.raises(ValueError, match=r"bad\.csv.*\['path'\]"):
@@ -431,10 +447,11 @@ def test_absolute_paths_and_single_row_chunks(tmp_path, clip_cfg):
     out = extract_activations(
         manifest,
         tmp_path / "one.h5",
+        settings=SETTINGS,
         model_name="clip",
-        model_cfg=clip_cfg,
+        model=clip_cfg,
         prompt="",
-        device="cpu",
+        job=CPU,
         root=tmp_path / "elsewhere",
         progress=False,
     )
@@ -448,7 +465,9 @@ KILLABLE_RUN = """
 import sys, time, logging
 import torch
 from medprobe.extract import extract_activations
+from medprobe.gpu_job import GpuJob
 from medprobe.models.base import Adapter
+from medprobe.settings import ExtractionSettings
 torch.set_num_threads(1)
 logging.basicConfig(level=logging.INFO)
 original = Adapter.forward
@@ -456,8 +475,10 @@ def slow_forward(self, batch, layers=None):  # slow enough to be killed mid-run;
     time.sleep(float(sys.argv[5]))
     return original(self, batch, layers)
 Adapter.forward = slow_forward
-extract_activations(sys.argv[1], sys.argv[2], model_name="idefics_9b", model_cfg={"adapter": "idefics",
-    "checkpoint": sys.argv[3]}, prompt="What can you see?", batch_size=2, device="cpu", root=sys.argv[4], progress=False)
+settings = ExtractionSettings(batch_size=2, num_workers=0, dtype="float16", prefetch_factor=2, shards=1,
+    compression="none", compression_level=4, prompt_format="chat")
+extract_activations(sys.argv[1], sys.argv[2], settings=settings, model_name="idefics_9b", model={"adapter": "idefics",
+    "checkpoint": sys.argv[3]}, prompt="What can you see?", job=GpuJob.on("cpu"), root=sys.argv[4], progress=False)
 """
 
 
@@ -523,19 +544,19 @@ def test_shard_rows_are_whole_batches_covering_every_row():
 def test_sharded_extraction_merges_into_the_unsharded_file(dataset, tmp_path, clip_cfg, compression):
     from medprobe.extract import merge_shards
 
+    whole = settings(batch_size=2, compression=compression or "none")
+    in_three = dataclasses.replace(whole, shards=3)
     common = dict(
-        model_name="clip",
-        model_cfg=clip_cfg,
-        prompt="",
-        batch_size=2,
-        layers=[1, 3],
-        compression=compression,
-        device="cpu",
-        root=tmp_path,
-        progress=False,
+        model_name="clip", model=clip_cfg | {"layers": [1, 3]}, prompt="", job=CPU, root=tmp_path, progress=False
     )
-    unsharded = read_all(extract_activations(dataset, tmp_path / "whole.h5", **common))
-    shards = [extract_activations(dataset, tmp_path / "T.shards" / f"{i}.h5", shard=(i, 3), **common) for i in range(3)]
+    unsharded = read_all(extract_activations(dataset, tmp_path / "whole.h5", settings=whole, **common))
+    shards = [
+        extract_activations(dataset, tmp_path / "T.shards" / f"{i}.h5", settings=in_three, shard=i, **common)
+        for i in range(3)
+    ]
+    # The file of one job over the whole manifest is already the activations file: merging only names it.
+    linked = merge_shards(dataset, [tmp_path / "whole.h5"], tmp_path / "linked.h5")
+    assert linked.read_bytes() == (tmp_path / "whole.h5").read_bytes()
     with h5py.File(shards[1], "r") as handle:  # 5 batches of 2 over 3 shards: rows 2-5 in shard 1
         assert (handle.attrs["row_start"], handle.attrs["row_stop"], handle["activations"].shape[0]) == (2, 6, 4)
     merged = read_all(merge_shards(dataset, list(reversed(shards)), tmp_path / "merged.h5"))
@@ -551,11 +572,18 @@ def test_sharded_extraction_merges_into_the_unsharded_file(dataset, tmp_path, cl
         assert w["activations"].compression == compression and w["activations"].chunks == (N_IMAGES, 1, 64)
     with pytest.raises(ValueError, match=r"expected shards 0..2, got \[0, 2\]"):
         merge_shards(dataset, [shards[0], shards[2]], tmp_path / "bad.h5")
-    other = extract_activations(dataset, tmp_path / "o.shards" / "1.h5", shard=(1, 3), **(common | {"layers": [0]}))
+    other = extract_activations(
+        dataset,
+        tmp_path / "o.shards" / "1.h5",
+        settings=in_three,
+        shard=1,
+        **(common | {"model": clip_cfg | {"layers": [0]}}),
+    )
     with pytest.raises(ValueError, match="different run.*layer_names"):
         merge_shards(dataset, [shards[0], other, shards[2]], tmp_path / "bad.h5")
     # An empty shard (more shards than batches) is a valid file and merges too.
-    empty = extract_activations(dataset, tmp_path / "e.shards" / "0.h5", shard=(0, 9), **common)
+    in_nine = dataclasses.replace(whole, shards=9)
+    empty = extract_activations(dataset, tmp_path / "e.shards" / "0.h5", settings=in_nine, shard=0, **common)
     with h5py.File(empty, "r") as handle:
         assert handle["activations"].shape == (0, 2, 64)
 
@@ -567,7 +595,9 @@ def test_projected_size_is_logged_and_a_full_disk_refuses_to_start(dataset, tmp_
     from medprobe.extract import InsufficientDiskSpaceError, projected_size
 
     caplog.set_level(logging.INFO, logger="medprobe.extract")
-    common = dict(model_name="clip", model_cfg=clip_cfg, prompt="", device="cpu", root=tmp_path, progress=False)
+    common = dict(
+        settings=SETTINGS, model_name="clip", model=clip_cfg, prompt="", job=CPU, root=tmp_path, progress=False
+    )
     out = extract_activations(dataset, tmp_path / "a.h5", **common)
     ids = manifest_ids(dataset)
     needed = projected_size(ids, 5, 64, 32, np.dtype(np.float16))
@@ -584,8 +614,8 @@ def test_projected_size_is_logged_and_a_full_disk_refuses_to_start(dataset, tmp_
 def test_progress_goes_to_the_log_with_rate_and_eta(dataset, tmp_path, clip_cfg, caplog):
     caplog.set_level(logging.INFO, logger="medprobe.extract")
     extract_activations(
-        dataset, tmp_path / "p.h5", model_name="clip", model_cfg=clip_cfg, prompt="", batch_size=4, device="cpu",
-        root=tmp_path, progress="log",
+        dataset, tmp_path / "p.h5", settings=settings(batch_size=4), model_name="clip", model=clip_cfg, prompt="",
+        job=CPU, root=tmp_path, progress="log",
     )  # fmt: skip
     bar_lines = [r.getMessage() for r in caplog.records if "img/s" in r.getMessage()]
     assert bar_lines and bar_lines[-1].startswith("clip: 100%") and f"{N_IMAGES}/{N_IMAGES}" in bar_lines[-1]
@@ -595,8 +625,15 @@ def test_progress_goes_to_the_log_with_rate_and_eta(dataset, tmp_path, clip_cfg,
 
 def test_out_of_memory_halves_the_batch_and_keeps_the_data(dataset, tmp_path, clip_cfg, monkeypatch, caplog):
     """A CUDA OOM (simulated: forwards of more than 2 images raise) halves the batch; the file is unchanged."""
-    kwargs = dict(model_name="clip", model_cfg=clip_cfg, prompt="", batch_size=8, device="cpu", root=tmp_path,
-                  progress=False)
+    kwargs = dict(
+        settings=settings(batch_size=8),
+        model_name="clip",
+        model=clip_cfg,
+        prompt="",
+        job=CPU,
+        root=tmp_path,
+        progress=False,
+    )
     reference = read_all(extract_activations(dataset, tmp_path / "reference.h5", **kwargs))
     original = Adapter.forward
     sizes: list[int] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +12,13 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
+import medprobe.models
 from medprobe.demo.models import MODEL_NAMES, build
-from medprobe.models import ADAPTERS, Adapter, load_adapter, register
+from medprobe.models import ADAPTER_NAMES, ADAPTERS, load_adapter
+from medprobe.models.base import Adapter, register
 from medprobe.models.clip import ClipAdapter
 from medprobe.models.idefics import IdeficsAdapter
+from medprobe.registry import Registry
 
 torch.set_num_threads(1)
 
@@ -99,26 +104,42 @@ def test_bad_config_values_are_named(tiny_models):
         load_adapter({"adapter": "clip"})
 
 
+def test_declared_adapter_names_are_the_registered_ones(repo):
+    # Config validation reads ADAPTER_NAMES without importing torch; the registry is what loads.
+    assert sorted(ADAPTER_NAMES) == sorted(ADAPTERS.names())
+    check = (
+        "import sys, medprobe.config, medprobe.extract.merge; "
+        "assert medprobe.config.known_adapters() == sorted(medprobe.models.ADAPTER_NAMES); "
+        "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=repo)
+
+
 def test_register_adds_an_adapter_that_load_adapter_dispatches_to(monkeypatch, tiny_models):
-    monkeypatch.delitem(ADAPTERS, "clip-float16", raising=False)
+    # A registry of this test's own, so that the session's registry keeps only the declared adapters.
+    registry = Registry("model adapter")
+    registry.register("clip", ClipAdapter)
+    monkeypatch.setattr(medprobe.models, "ADAPTERS", registry)
+    with pytest.raises(ValueError, match="'clip-float16' is not declared.*ADAPTER_NAMES"):
+        register("clip-float16")(type("Undeclared", (ClipAdapter,), {}))
+    monkeypatch.setattr(medprobe.models, "ADAPTER_NAMES", (*ADAPTER_NAMES, "clip-float16"))
 
     @register("clip-float16")
     class HalfClip(ClipAdapter):
         pass
 
-    try:
-        adapter = load_adapter(
-            {"adapter": "clip-float16", "checkpoint": str(tiny_models["tiny-clip"]), "torch_dtype": "float16"}
-        )
-        assert type(adapter) is HalfClip and adapter.name == "clip-float16"
-        assert next(adapter.model.parameters()).dtype == torch.float16
-    finally:
-        ADAPTERS.pop("clip-float16")
+    adapter = load_adapter(
+        {"adapter": "clip-float16", "checkpoint": str(tiny_models["tiny-clip"]), "torch_dtype": "float16"}
+    )
+    assert type(adapter) is HalfClip and adapter.name == "clip-float16"
+    assert next(adapter.model.parameters()).dtype == torch.float16
     with pytest.raises(TypeError, match="subclass of Adapter"):
         register("not-an-adapter")(int)
     with pytest.raises(ValueError, match="already registered"):
         register("clip")(HalfClip)
-    assert ADAPTERS["clip"] is ClipAdapter and issubclass(ClipAdapter, Adapter)
+    assert registry["clip"] is ClipAdapter and issubclass(ClipAdapter, Adapter)
+    monkeypatch.undo()
+    assert ADAPTERS["clip"] is ClipAdapter and "clip-float16" not in ADAPTERS and HalfClip.name == "clip-float16"
 
 
 # ---------------------------------------------------------------------------- IDEFICS

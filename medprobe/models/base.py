@@ -1,10 +1,10 @@
-"""The adapter base class and the adapter registry.
+"""The adapter base class and the decorator that registers an adapter.
 
 An adapter wraps one family of Hugging Face models behind the four things extraction needs: the exact
 prompt text, CPU preprocessing of a batch of images, a forward pass that returns one pooled vector per
 hidden state, and a description of the layers.  Adding a model family is one module in this package
-that subclasses :class:`Adapter` and decorates it with :func:`register`; the package imports every
-module in it, so nothing else needs editing.
+that subclasses :class:`Adapter` and decorates it with :func:`register`, and its name in
+:data:`medprobe.models.ADAPTER_NAMES`; the registry imports every module of the package.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+import medprobe.models
+from medprobe.models import PROMPT_FORMATS
+
 __all__ = [
-    "ADAPTERS",
     "ATTN_IMPLEMENTATIONS",
     "Adapter",
     "PROMPT_FORMATS",
@@ -29,8 +31,6 @@ __all__ = [
     "resolve_torch_dtype",
 ]
 
-ADAPTERS: dict[str, type[Adapter]] = {}
-
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -38,10 +38,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
-# How an instruct VLM is given the task prompt (the config's ``extraction.prompt_format``):
-# ``chat``            the instruct models' User/Assistant turns around the image and the prompt;
-# ``question_answer`` the authors' protocol: the image, then "Question: {prompt} Answer:", no turns.
-PROMPT_FORMATS = ("chat", "question_answer")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
@@ -75,9 +71,12 @@ def register(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
     def decorator(cls: type[Adapter]) -> type[Adapter]:
         if not (isinstance(cls, type) and issubclass(cls, Adapter)):
             raise TypeError(f"@register({name!r}) must decorate a subclass of Adapter, got {cls!r}")
-        if name in ADAPTERS and ADAPTERS[name] is not cls:
-            raise ValueError(f"adapter name {name!r} is already registered by {ADAPTERS[name].__qualname__}")
-        ADAPTERS[name] = cls
+        if name not in medprobe.models.ADAPTER_NAMES:
+            raise ValueError(
+                f"adapter name {name!r} is not declared: add it to ADAPTER_NAMES in medprobe/models/__init__.py "
+                "(config validation reads the names there without importing torch)"
+            )
+        medprobe.models.ADAPTERS.register(name, cls)
         cls.name = name
         return cls
 

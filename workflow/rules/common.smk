@@ -124,26 +124,18 @@ def model_gpus(wildcards):
     return config["models"][wildcards.model]["gpus"]
 
 
-def model_resource(name):
-    """Extraction job resource `name` from models.<model>.resources (mem_mb, runtime, ...)."""
-    return lambda wildcards: config["models"][wildcards.model]["resources"][name]
-
-
-def model_shards(model):
-    entry = config["models"][model]
-    return entry.get("shards", config["extraction"]["shards"])
-
-
-def models_matching(sharded):
-    """Regex of the models extracted in shards (or in one job); one that matches nothing when none are."""
-    names = [m for m in MODELS if (model_shards(m) > 1) == sharded]
-    return "|".join(names) if names else "(?!x)x"
+def model_extraction(wildcards):
+    """The extraction section with the model's own batch_size and shards (models.<model>) laid over it."""
+    entry = config["models"][wildcards.model]
+    own = {key: entry[key] for key in ("batch_size", "shards") if key in entry}
+    return config["extraction"] | own
 
 
 def shard_files(wildcards):
+    """The model's extraction jobs of one task (one shard each), which merge_shards joins."""
     return [
         f"results/activations/{wildcards.model}/{wildcards.task}.shards/{shard}.h5"
-        for shard in range(model_shards(wildcards.model))
+        for shard in range(model_extraction(wildcards)["shards"])
     ]
 
 

@@ -1,4 +1,7 @@
 # Images + prompt through a model; the pooled state of every layer into the activations HDF5.
+# Every extraction is sharded: a model with `shards: n` (or extraction.shards) runs n jobs per task, each
+# over consecutive whole batches of the manifest, and merge_shards joins them. With one shard, the job's
+# file already is the activations file and merge_shards only gives it its name (a hard link, no copy).
 
 
 rule demo_model:
@@ -11,7 +14,7 @@ rule demo_model:
     conda:
         ENV
     params:
-        seed=config["seed"],
+        seed=lookup(dpath="seed", within=config),
     script:
         "../scripts/demo_model.py"
 
@@ -21,55 +24,26 @@ rule extract:
         manifest="results/manifests/{task}.csv",
         checkpoint=model_checkpoint,
     output:
-        "results/activations/{model}/{task}.h5",
-    log:
-        "logs/extract/{model}/{task}.log",
-    wildcard_constraints:
-        model=models_matching(sharded=False),
-    conda:
-        ENV
-    threads: config["threads"]["extract"]
-    resources:
-        gpu=model_gpus,
-        mem_mb=model_resource("mem_mb"),
-        runtime=model_resource("runtime"),
-        cpus_per_gpu=model_resource("cpus_per_gpu"),
-        gpu_model=model_resource("gpu_model"),
-    params:
-        model=model_config,
-        prompt=lambda wildcards: config["tasks"][wildcards.task]["prompt"],
-        extraction=config["extraction"],
-        shards=1,
-    script:
-        "../scripts/extract.py"
-
-
-# Models with shards > 1: one job per consecutive slice of the manifest, merged into the same file.
-rule extract_shard:
-    input:
-        manifest="results/manifests/{task}.csv",
-        checkpoint=model_checkpoint,
-    output:
         temp("results/activations/{model}/{task}.shards/{shard}.h5"),
     log:
         "logs/extract/{model}/{task}.shards/{shard}.log",
     wildcard_constraints:
-        model=models_matching(sharded=True),
         shard=r"\d+",
     conda:
         ENV
     threads: config["threads"]["extract"]
     resources:
-        gpu=model_gpus,
-        mem_mb=model_resource("mem_mb"),
-        runtime=model_resource("runtime"),
-        cpus_per_gpu=model_resource("cpus_per_gpu"),
-        gpu_model=model_resource("gpu_model"),
+        gpu=lookup(dpath="models/{model}/gpus", within=config),
+        mem_mb=lookup(dpath="models/{model}/resources/mem_mb", within=config),
+        runtime=lookup(dpath="models/{model}/resources/runtime", within=config),
+        cpus_per_gpu=lookup(
+            dpath="models/{model}/resources/cpus_per_gpu", within=config
+        ),
+        gpu_model=lookup(dpath="models/{model}/resources/gpu_model", within=config),
     params:
         model=model_config,
-        prompt=lambda wildcards: config["tasks"][wildcards.task]["prompt"],
-        extraction=config["extraction"],
-        shards=lambda wildcards: model_shards(wildcards.model),
+        prompt=lookup(dpath="tasks/{task}/prompt", within=config),
+        extraction=model_extraction,
     script:
         "../scripts/extract.py"
 
@@ -81,9 +55,7 @@ rule merge_shards:
     output:
         "results/activations/{model}/{task}.h5",
     log:
-        "logs/extract/{model}/{task}.merge.log",
-    wildcard_constraints:
-        model=models_matching(sharded=True),
+        "logs/merge_shards/{model}/{task}.log",
     conda:
         ENV
     script:

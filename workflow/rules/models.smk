@@ -14,8 +14,8 @@ rule fetch_model:
     conda:
         ENV_FETCH
     params:
-        repo_id=lambda wildcards: config["models"][wildcards.model]["checkpoint"],
-        revision=lambda wildcards: config["models"][wildcards.model]["revision"],
+        repo_id=lookup(dpath="models/{model}/checkpoint", within=config),
+        revision=lookup(dpath="models/{model}/revision", within=config),
         source=workflow.basedir,
     script:
         "../scripts/fetch_model.py"

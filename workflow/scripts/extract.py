@@ -1,29 +1,21 @@
-"""Images + prompt through the model; pooled per-layer states into the activations HDF5 (or one shard of it)."""
+"""Images + prompt through the model; pooled per-layer states into one shard of the activations HDF5."""
 
-from medprobe.devices import claim_devices, placement
+from medprobe.gpu_job import GpuJob
+from medprobe.settings import ExtractionSettings
 from medprobe.workflow import rule_logging
 
-with rule_logging(snakemake):
-    # Before anything touches CUDA: this job's own GPU(s), or the scheduler's assignment as it is.
-    claim = claim_devices(int(snakemake.resources.gpu))
+# The devices are claimed before anything initialises CUDA: this job's own GPU(s), or the scheduler's.
+with rule_logging(snakemake), GpuJob.claim_devices(snakemake.resources.gpu) as job:
     from medprobe.extract import extract_activations
 
-    model = placement(snakemake.params.model, claim)
-    extraction = snakemake.params.extraction
     extract_activations(
         snakemake.input.manifest,
         snakemake.output[0],
+        settings=ExtractionSettings.from_dict(snakemake.params.extraction),
         model_name=snakemake.wildcards.model,
-        model_cfg=model,
+        model=snakemake.params.model,
         prompt=snakemake.params.prompt,
-        prompt_format=extraction["prompt_format"],
-        batch_size=model.get("batch_size", extraction["batch_size"]),
-        num_workers=extraction["num_workers"],
-        prefetch_factor=extraction["prefetch_factor"],
-        dtype=extraction["dtype"],
-        layers=model.get("layers"),
-        compression=extraction["compression"],
-        compression_level=extraction["compression_level"],
-        shard=(int(snakemake.wildcards.get("shard", 0)), snakemake.params.shards),
+        shard=int(snakemake.wildcards.shard),
+        job=job,
         progress="log",
     )

@@ -4,4 +4,4 @@ from medprobe.extract import merge_shards
 from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
-    merge_shards(snakemake.input.manifest, list(snakemake.input.shards), snakemake.output[0])
+    merge_shards(snakemake.input.manifest, snakemake.input.shards, snakemake.output[0])
