@@ -13,17 +13,21 @@ from PIL import Image
 from medprobe import nejm
 from medprobe.config import SCHEMA_PATH
 from medprobe.demo.nejm import generate_cases
-from medprobe.figures import draw, figure1d
-from medprobe.settings import NejmSettings
+from medprobe.figures import draw, figure1d, save
+from medprobe.settings import FiguresSettings, NejmSettings
 
 CHOICES = ["Psoriasis", "Melanoma", "Amelanotic melanoma", "Tinea corporis", "Lichen planus"]
 
 
+def schema_defaults(section: str) -> dict:
+    """The defaults the schema writes for the keys of config section ``section``."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    return {key: spec["default"] for key, spec in schema["properties"][section]["properties"].items()}
+
+
 def nejm_settings(**changes) -> NejmSettings:
     """The schema's ``nejm`` defaults with ``changes``."""
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    defaults = {key: spec["default"] for key, spec in schema["properties"]["nejm"]["properties"].items()}
-    return NejmSettings.from_dict({**defaults, **changes})
+    return NejmSettings.from_dict({**schema_defaults("nejm"), **changes})
 
 
 def answer_cases(cases_dir, out, *, adapter, **changes):
@@ -496,13 +500,15 @@ def test_accuracy_table_and_figure(cases_dir, tmp_path):
     path = tmp_path / "nejm.csv"
     table.to_csv(path, index=False)
     models = {"m": {"label": "Model M"}}
-    figure1d(pd.read_csv(path), None, models, tmp_path / "figs" / "figure1d")
-    draw("figure1d", {"nejm": pd.read_csv(path)}, {}, models, tmp_path / "figs" / "again")
+    options = FiguresSettings.from_dict(schema_defaults("figures"))
+    figs = tmp_path / "figs"
+    save(figure1d({"nejm": pd.read_csv(path)}, {}, models, options), figs / "figure1d.pdf", figs / "figure1d.png")
+    draw("figure1d", {"nejm": path}, figs / "again.pdf", figs / "again.png", tasks={}, models=models, options=options)
     for stem in ("figure1d", "again"):
-        assert (tmp_path / "figs" / f"{stem}.pdf").stat().st_size > 1000
-        assert (tmp_path / "figs" / f"{stem}.png").stat().st_size > 1000
+        assert (figs / f"{stem}.pdf").stat().st_size > 1000
+        assert (figs / f"{stem}.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="nothing to draw"):
-        figure1d(table[table["model"].isin(["readers", "chance"])], None, models, tmp_path / "x")
+        figure1d({"nejm": table[table["model"].isin(["readers", "chance"])]}, {}, models, options)
 
 
 # ---------------------------------------------------------------------------------------------- the model
