@@ -65,7 +65,9 @@ def compute_model_config(model: str, entry: Mapping[str, Any]) -> dict[str, Any]
     resolved = {key: value for key, value in entry.items() if key not in SCHEDULING_KEYS}
     if entry.get("fetch", False):
         if "demo_build" in entry:
-            raise ValueError(f"models.{model}: 'fetch' and 'demo_build' exclude each other (demo models are built locally)")
+            raise ValueError(
+                f"models.{model}: 'fetch' and 'demo_build' exclude each other (demo models are built locally)"
+            )
         resolved["checkpoint"] = checkpoint_dir(model)
         resolved.pop("revision", None)
     return resolved

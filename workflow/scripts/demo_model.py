@@ -1,4 +1,5 @@
 """Build a tiny random demo model offline (stands in for IDEFICS-80B/9B or CLIP)."""
+
 from medprobe.demo.models import build
 from medprobe.workflow import rule_logging
 

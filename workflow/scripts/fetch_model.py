@@ -1,4 +1,5 @@
 """Download a model checkpoint at its pinned revision on the submit host (rule fetch_model)."""
+
 import sys
 
 try:
