@@ -22,7 +22,7 @@ The steps, one module each:
   (accuracy per difficulty stratum with bootstrap SD, the readers' own accuracy and chance).
 """
 
-from medprobe.nejm.answering import MODES, answer_cases, load_answering_model, load_answers
+from medprobe.nejm.answering import MODES, answer_cases, load_answers
 from medprobe.nejm.cases import N_CHOICES, Case, load_case, load_cases, split_shots
 from medprobe.nejm.choices import RULES, extract_choice
 from medprobe.nejm.prompt import (
@@ -60,7 +60,6 @@ __all__ = [
     "check_template",
     "extract_choice",
     "likelihood_continuations",
-    "load_answering_model",
     "load_answers",
     "load_case",
     "load_cases",

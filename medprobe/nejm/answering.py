@@ -2,7 +2,7 @@
 as soon as its batch is done, and a rerun answers only what the cache lacks.
 
 :func:`answer_cases` reads as its steps: :func:`plan_answers` (test cases, prompts and the settings each
-answer depends on) -> :meth:`AnswerPlan.missing` (what the cache lacks) -> :func:`load_answering_model`
+answer depends on) -> :meth:`AnswerPlan.missing` (what the cache lacks) -> the model on the job's devices (:class:`medprobe.gpu_job.GpuJob`)
 -> greedy, sampled and likelihood answers -> :func:`finish_answers` (the current records into the
 answers file).
 """
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from medprobe.gpu_job import GpuJob
 from medprobe.io import write_text_atomic
 from medprobe.nejm.cases import Case, load_cases, split_shots
 from medprobe.nejm.choices import extract_choice
@@ -43,7 +44,6 @@ __all__ = [
     "AnswerPlan",
     "answer_cases",
     "finish_answers",
-    "load_answering_model",
     "load_answers",
     "plan_answers",
 ]
@@ -245,26 +245,6 @@ def plan_answers(
 # --------------------------------------------------------------------------------------------
 
 
-def load_answering_model(model_cfg: Mapping[str, Any], device: str | None = None) -> Any:
-    """The model adapter that answers: ``model_cfg`` loaded on ``device``, or, for a model that asks
-    for several GPUs and names no device, sharded over the GPUs the job sees (``device_map="auto"``).
-
-    The one place the NEJM branch places a model; it claims no device (:mod:`medprobe.devices`).
-    """
-    from medprobe.models import load_adapter
-
-    started = time.perf_counter()
-    cfg = dict(model_cfg)
-    if int(cfg.get("gpus", 1)) > 1 and "device_map" not in cfg and device is None:
-        import torch
-
-        if torch.cuda.device_count() > 1:
-            cfg["device_map"] = "auto"
-    adapter = load_adapter(cfg, device=device)
-    logger.info("loaded %r in %.1f s", adapter, time.perf_counter() - started)
-    return adapter
-
-
 def _sample_seed(seed: int, case_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{case_id}".encode()).digest()[:4], "little")
 
@@ -385,7 +365,7 @@ def answer_cases(
     model_cfg: Mapping[str, Any],
     settings: NejmSettings,
     seed: int,
-    device: str | None = None,
+    job: GpuJob | None = None,
     adapter: Any = None,
 ) -> Path:
     """Answer every test case of ``cases_dir`` in the three modes; write ``out_path`` (JSONL, one record
@@ -405,8 +385,9 @@ def answer_cases(
     text, shots or images; another template gives other hashes) or answer settings changed is answered
     again. ``out_path`` is written last, atomically, with the current records.
 
-    ``adapter`` (tests) replaces :func:`load_answering_model`; it needs ``generate`` and
-    ``choice_loglikelihoods`` (see :class:`medprobe.models.idefics.IdeficsAdapter`).
+    The model is loaded onto ``job``'s devices (:class:`medprobe.gpu_job.GpuJob`; the default is the first
+    CUDA device if any, else the CPU) only when something is left to answer. ``adapter`` (tests) replaces
+    it; it needs ``generate`` and ``choice_loglikelihoods`` (see :class:`medprobe.models.idefics.IdeficsAdapter`).
     """
     check_settings(settings)
     plan = plan_answers(cases_dir, model_name, model_cfg, settings, seed)
@@ -417,7 +398,7 @@ def answer_cases(
     started = time.perf_counter()
     try:
         if any(todo.values()):
-            adapter = load_answering_model(model_cfg, device) if adapter is None else adapter
+            adapter = (job or GpuJob.on(None)).load_adapter(model_cfg) if adapter is None else adapter
             images: dict[Path, Any] = {}
             answer_greedy(plan, adapter, journal, todo["greedy"], images)
             answer_sampled(plan, adapter, journal, todo["sample"], images)

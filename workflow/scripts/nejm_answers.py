@@ -1,10 +1,11 @@
 """NEJM cases through one model: greedy, sampled and likelihood answers into a resumable JSONL."""
 
+from medprobe.gpu_job import GpuJob
 from medprobe.nejm import answer_cases
 from medprobe.settings import NejmSettings
 from medprobe.workflow import rule_logging
 
-with rule_logging(snakemake):
+with rule_logging(snakemake), GpuJob.claim_devices(snakemake.resources.gpu) as job:
     answer_cases(
         snakemake.input.cases,
         snakemake.output[0],
@@ -13,4 +14,5 @@ with rule_logging(snakemake):
         model_cfg=snakemake.params.model,
         settings=NejmSettings.from_dict(snakemake.params.nejm),
         seed=snakemake.params.seed,
+        job=job,
     )
