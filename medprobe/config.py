@@ -123,7 +123,17 @@ def _workflow_root(config_path: Path) -> Path:
 
 def check_references(config: dict[str, Any]) -> None:
     """Checks the schema cannot express: names that refer to other sections must exist."""
-    tasks, models = config["tasks"], config["models"]
+    _check_models(config["models"], config["tasks"])
+    _check_model_names(config)
+    _check_tasks(config["tasks"])
+    _check_efficiency(config.get("efficiency", {}), config["tasks"])
+
+
+def _unknown_model(key: str, name: str, models: dict[str, Any]) -> ConfigError:
+    return ConfigError(f"{key}: unknown model {name!r}; configured models are {sorted(models)}")
+
+
+def _check_models(models: dict[str, Any], tasks: dict[str, Any]) -> None:
     adapters = known_adapters()
     for model_name, model in models.items():
         if adapters and model["adapter"] not in adapters:
@@ -135,18 +145,31 @@ def check_references(config: dict[str, Any]) -> None:
                 raise ConfigError(
                     f"models.{model_name}.tasks: unknown task {task!r}; configured tasks are {sorted(tasks)}"
                 )
-    for model_name, model in models.items():
         if "demo_build" in model and model["checkpoint"] != f"resources/models/{model['demo_build']}":
             raise ConfigError(
                 f"models.{model_name}.checkpoint: a demo_build model is built into "
                 f"resources/models/{model['demo_build']}, got {model['checkpoint']!r}"
             )
+
+
+def _check_model_names(config: dict[str, Any]) -> None:
+    """Model names used outside ``models``: the baseline, the NEJM models, the comparison pairs."""
+    models = config["models"]
     baseline = config.get("baseline_model")
     if baseline is not None and baseline not in models:
-        raise ConfigError(f"baseline_model: unknown model {baseline!r}; configured models are {sorted(models)}")
+        raise _unknown_model("baseline_model", baseline, models)
     for model_name in config.get("nejm", {}).get("models", []):
         if model_name not in models:
-            raise ConfigError(f"nejm.models: unknown model {model_name!r}; configured models are {sorted(models)}")
+            raise _unknown_model("nejm.models", model_name, models)
+    for index, pair in enumerate(config.get("comparisons", [])):
+        for name in pair:
+            if name not in models:
+                raise _unknown_model(f"comparisons[{index}]", name, models)
+        if pair[0] == pair[1]:
+            raise ConfigError(f"comparisons[{index}]: a model is compared with itself ({pair[0]!r})")
+
+
+def _check_tasks(tasks: dict[str, Any]) -> None:
     for task_name, task in tasks.items():
         if task["kind"] == "binary" and len(task["classes"]) != 2:
             raise ConfigError(
@@ -160,18 +183,15 @@ def check_references(config: dict[str, Any]) -> None:
             )
         if task["dataset"] == "demo" and "demo_patients" not in task:
             raise ConfigError(f"tasks.{task_name}.demo_patients: required for the demo dataset")
-    for index, pair in enumerate(config.get("comparisons", [])):
-        for name in pair:
-            if name not in models:
-                raise ConfigError(f"comparisons[{index}]: unknown model {name!r}; configured models are {sorted(models)}")
-        if pair[0] == pair[1]:
-            raise ConfigError(f"comparisons[{index}]: a model is compared with itself ({pair[0]!r})")
-    for discipline, task in config.get("efficiency", {}).get("summary_tasks", {}).items():
+
+
+def _check_efficiency(efficiency: dict[str, Any], tasks: dict[str, Any]) -> None:
+    for discipline, task in efficiency.get("summary_tasks", {}).items():
         if task in tasks and tasks[task]["discipline"] != discipline:
             raise ConfigError(
                 f"efficiency.summary_tasks.{discipline}: task {task!r} belongs to {tasks[task]['discipline']!r}"
             )
-    fractions = config.get("efficiency", {}).get("fractions", [])
+    fractions = efficiency.get("fractions", [])
     if fractions and max(fractions) != 1.0:
         raise ConfigError(
             f"efficiency.fractions: must include 1.0 (the full-data reference the retained share is "
