@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -25,9 +24,10 @@ from urllib.parse import unquote, urlparse
 
 import requests
 
+from medprobe.io import file_digest
+
 log = logging.getLogger("medprobe.download")
 
-CHUNK = 1 << 20
 EXTRACTED_MARKER = ".medprobe-extracted"
 
 
@@ -49,15 +49,6 @@ class AccessDeniedError(ConnectionError):
     def __init__(self, url: str, status: int, reason: str) -> None:
         super().__init__(f"{url}: HTTP {status} {reason}")
         self.url, self.status, self.reason = url, status, reason
-
-
-def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file (``md5`` or ``sha256``)."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify(path: str | Path, *, md5: str | None = None, sha256: str | None = None) -> str:

@@ -8,12 +8,13 @@ manifest's ``path`` points to; extraction applies nothing but the model's own pr
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from medprobe.io import atomic_path
 
 MAX_SIDE = 1024
 # Pillow's default bomb limit (~179 Mpx) warns and only errors at twice that; we refuse anything above
@@ -103,8 +104,6 @@ def downsample(image: Image.Image, max_side: int = MAX_SIDE) -> Image.Image:
 def preprocess(source: str | Path, target: str | Path, max_side: int = MAX_SIDE) -> tuple[int, int]:
     """Read ``source``, normalise and downsample it, write PNG to ``target`` atomically; return its size."""
     image = downsample(load_image(source), max_side)
-    target = Path(target)
-    temporary = target.with_name(f".{target.name}.tmp")
-    image.save(temporary, format="PNG", optimize=False)
-    os.replace(temporary, target)
+    with atomic_path(target) as temporary:
+        image.save(temporary, format="PNG", optimize=False)
     return image.size

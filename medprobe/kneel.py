@@ -15,17 +15,24 @@ The centre is the mean of all the landmarks given for a knee. KNEEL gives 16 per
 femoral, along the joint line); its own 140 mm ROIs are centred on the middle tibial landmark (index 4), which
 lies a few millimetres from the mean - well inside the tolerance of a 140 mm crop.
 
-Running KNEEL: ``workflow/scripts/kneel_landmarks.py`` (in ``envs/kneel.yaml``) calls the upstream pipeline on
-every radiograph of ``knees_all.csv`` (the task's knees, listed by
-:mod:`medprobe.datasets.oai_most`) and writes ``landmarks.csv`` (``file, side, landmark, x, y``, pixels of
-the original image) and ``landmarks_undetected.csv`` (``file, side, reason``); :func:`fetch_snapshots`
-downloads the released model snapshots it needs.
+Running KNEEL: ``workflow/scripts/kneel_landmarks.py`` builds the upstream pipeline in KNEEL's own environment
+(``envs/kneel.yaml``: Python 3.7, numpy and pandas, medprobe not installed) and hands its ``predict`` to
+:func:`annotate`, which runs it on every radiograph of ``knees_all.csv`` (the task's knees, listed by
+:mod:`medprobe.datasets.oai_most`) and writes ``landmarks.csv`` (``file, side, landmark, x, y``, pixels of the
+original image) and ``landmarks_undetected.csv`` (``file, side, reason``). The script imports this module from
+the source tree, so it must stay importable there: Python 3.7 syntax and library, numpy and pandas only at
+import time (tests/test_kneel.py checks the syntax). :func:`fetch_snapshots` downloads the released model
+snapshots the pipeline needs.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import os
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +52,10 @@ LC_SNAPSHOT = "lext-devbox_2019_07_14_16_04_41"
 HC_SNAPSHOT = "lext-devbox_2019_07_14_19_25_40"
 MEAN_STD = "mean_std.npy"
 
-LANDMARK_COLUMNS = ["file", "side", "x", "y"]
+LANDMARK_COLUMNS = ["file", "side", "x", "y"]  # what a landmarks.csv needs; KNEEL's also has `landmark`
+KNEEL_COLUMNS = ["file", "side", "landmark", "x", "y"]
 UNDETECTED_COLUMNS = ["file", "side", "reason"]
+SIDES = ("R", "L")  # the order of KNEEL's output: the patient's right knee (the image's left half), then the left
 
 
 def joint_centre(landmarks: np.ndarray) -> tuple[float, float]:
@@ -118,12 +127,6 @@ def check_snapshots(folder: str | Path) -> dict[str, Path]:
     return paths
 
 
-def snapshots_source(config: dict) -> tuple[str, str | None]:
-    """(URL, pinned SHA-256 or None) of the snapshot archive from the workflow config's ``kneel`` section."""
-    section = config.get("kneel", {})
-    return section.get("snapshots_url") or SNAPSHOTS_URL, section.get("snapshots_sha256") or None
-
-
 def fetch_snapshots(folder: str | Path, url: str = SNAPSHOTS_URL, sha256: str | None = None) -> dict[str, Path]:
     """Download (resumable, checksum-verified when ``sha256`` is pinned) and unpack the KNEEL snapshots so that
     ``folder`` (named ``snapshots_release``) holds them; the archive stays next to it. Returns the paths."""
@@ -184,16 +187,150 @@ def read_undetected(path: str | Path) -> pd.DataFrame:
     return table
 
 
-def install_landmarks(source: str | Path, landmarks: str | Path, undetected: str | Path) -> int:
-    """Check the user's landmark file ``source`` and copy it to ``landmarks`` (atomically), with an empty
-    ``undetected`` list next to it (nothing was detected automatically). Returns the number of knees."""
-    table = read_landmarks(source)
-    for frame, target in ((table, landmarks), (pd.DataFrame(columns=UNDETECTED_COLUMNS), undetected)):
-        target = Path(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.tmp")
-        frame.to_csv(temporary, index=False, lineterminator="\n")
-        os.replace(temporary, target)
-    knees = int(table.groupby(["file", "side"]).ngroups)
-    log.info("%s: landmarks of %d knee(s) -> %s", source, knees, landmarks)
-    return knees
+# ---- running KNEEL (imported by workflow/scripts/kneel_landmarks.py in KNEEL's Python 3.7 environment) --------
+
+def read_knee_list(path: str | Path) -> list[tuple[str, list[str]]]:
+    """Radiographs of a knee list (``file, side, ...``: knees.csv, knees_all.csv) in first-seen order, each with
+    the sides asked for."""
+    order: list[str] = []
+    sides: dict[str, list[str]] = {}
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in ("file", "side") if column not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+        for number, row in enumerate(reader, start=2):
+            side = _side(row["side"] or "")
+            if side not in SIDES:
+                raise ValueError(f"{path}: row {number}: side must be R or L, got {row['side']!r}")
+            if row["file"] not in sides:
+                order.append(row["file"])
+                sides[row["file"]] = []
+            if side not in sides[row["file"]]:
+                sides[row["file"]].append(side)
+    return [(file, sides[file]) for file in order]
+
+
+def dicom_size(path: str | Path) -> tuple[int, int] | None:
+    """(columns, rows) from a DICOM header, or None when pydicom cannot tell."""
+    try:
+        import pydicom
+
+        header = pydicom.dcmread(str(path), stop_before_pixels=True)
+        return int(header.Columns), int(header.Rows)
+    except Exception:  # the bounds check is a safeguard only; KNEEL itself decides what it can read
+        return None
+
+
+def knee_results(path: str | Path, predict: Callable, image_size: Callable | None = None) -> dict[str, tuple]:
+    """KNEEL's answer for both knees of one radiograph, by side: ``("ok", [[x, y], ...])`` or ``("undetected",
+    reason)``. ``predict(path)`` is None when KNEEL cannot read the file, else an array (1, 2, 16, 2) of (x, y)
+    pixels; ``image_size`` (default :func:`dicom_size`) bounds the joint centre."""
+    if not os.path.isfile(path):
+        return {side: ("undetected", "file not found") for side in SIDES}
+    try:
+        landmarks = predict(str(path))
+    except Exception as error:  # one bad radiograph must not stop the others; it is reported
+        reason = f"KNEEL failed: {type(error).__name__}: {error}".replace("\n", " ")
+        return {side: ("undetected", reason) for side in SIDES}
+    if landmarks is None:
+        return {side: ("undetected", "KNEEL could not read it (not a DICOM with pixel data and spacing?)") for side in SIDES}
+    points = np.asarray(landmarks, dtype=float)
+    if points.ndim == 4 and points.shape[0] == 1:
+        points = points[0]
+    if points.ndim != 3 or points.shape[0] != 2 or points.shape[2] != 2:
+        reason = f"unexpected KNEEL output of shape {list(np.shape(landmarks))}"
+        return {side: ("undetected", reason) for side in SIDES}
+    size = (image_size or dicom_size)(path)
+    return {side: _knee_result(points[index], size) for index, side in enumerate(SIDES)}
+
+
+def _knee_result(knee: np.ndarray, size: tuple[int, int] | None) -> tuple:
+    if not np.isfinite(knee).all():
+        return ("undetected", "no joint found")
+    x, y = joint_centre(knee)
+    if size is not None and not (0 <= x < size[0] and 0 <= y < size[1]):
+        return ("undetected", f"joint centre ({x:.0f}, {y:.0f}) outside the {size[0]}x{size[1]} image")
+    return ("ok", knee.tolist())
+
+
+def annotate(knees: Sequence[tuple[str, list[str]]], data_dir: str | Path, predict: Callable,
+             landmarks: str | Path, undetected: str | Path, settings: dict | None = None,
+             image_size: Callable | None = None) -> tuple[int, int]:
+    """Run ``predict`` (KNEEL's pipeline) once per radiograph of ``knees`` (paths below ``data_dir``) and write
+    ``landmarks`` (:data:`KNEEL_COLUMNS`, one row per landmark of each requested knee) and ``undetected``
+    (:data:`UNDETECTED_COLUMNS`, every requested knee without a joint, also logged).
+
+    Progress goes to ``<landmarks>.progress.jsonl``: a run interrupted with the same ``settings`` resumes where it
+    stopped and ends with the same files as an uninterrupted one. Returns (knees found, knees undetected)."""
+    progress_path = f"{landmarks}.progress.jsonl"
+    os.makedirs(os.path.dirname(os.path.abspath(landmarks)), exist_ok=True)
+    done = _read_progress(progress_path, dict(settings or {}))
+    if done:
+        log.info("resuming: %d of %d radiograph(s) done before", sum(file in done for file, _ in knees), len(knees))
+    with open(progress_path, "a" if done else "w") as progress:
+        if not done:
+            progress.write(json.dumps(dict(settings or {})) + "\n")
+        started = time.time()
+        for number, (file, _) in enumerate(knees, start=1):
+            if file in done:
+                continue
+            done[file] = knee_results(os.path.join(str(data_dir), file), predict, image_size)
+            progress.write(json.dumps({"file": file, "results": done[file]}) + "\n")
+            progress.flush()
+            if number % 100 == 0:
+                log.info("%d/%d radiographs (%.1f s each)", number, len(knees), (time.time() - started) / number)
+    found, missed = _result_rows(knees, done)
+    _write_csv(undetected, UNDETECTED_COLUMNS, missed)
+    _write_csv(landmarks, KNEEL_COLUMNS, found)
+    os.remove(progress_path)
+    knees_found = len({(row[0], row[1]) for row in found})
+    log.info("%d knee(s) with landmarks -> %s; %d without -> %s", knees_found, landmarks, len(missed), undetected)
+    return knees_found, len(missed)
+
+
+def _result_rows(knees: Sequence[tuple[str, list[str]]], done: dict[str, dict[str, tuple]]) -> tuple[list, list]:
+    """The rows of landmarks.csv and of landmarks_undetected.csv for the requested knees, in the list's order."""
+    found, missed = [], []
+    for file, sides in knees:
+        for side in sides:
+            status, value = done[file][side]
+            if status == "ok":
+                found.extend([file, side, k, round(x, 2), round(y, 2)] for k, (x, y) in enumerate(value))
+            else:
+                missed.append([file, side, value])
+                log.warning("no landmarks for %s knee %s: %s", file, side, value)
+    return found, missed
+
+
+def _read_progress(path: str, settings: dict) -> dict[str, dict[str, tuple]]:
+    """Results of an interrupted run with the same settings: {file: results}; a torn last line is ignored."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        lines = handle.read().split("\n")
+    try:
+        if json.loads(lines[0]) != settings:
+            log.info("%s was written with other settings; starting over", path)
+            return {}
+    except ValueError:
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        done[entry["file"]] = {side: tuple(value) for side, value in entry["results"].items()}
+    return done
+
+
+def _write_csv(path: str | Path, columns: list[str], rows: list) -> None:
+    # Written by hand rather than with medprobe.io, which this Python 3.7 environment cannot import.
+    path = os.path.abspath(path)
+    temporary = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+    os.replace(temporary, path)

@@ -12,16 +12,18 @@ in docs/architecture.md; this module turns it into the manifest contract:
 * all splits are grouped by patient (no patient in two splits) and stratified by each patient's
   majority label, with scikit-learn's StratifiedGroupKFold;
 * every image goes through :func:`medprobe.images.preprocess`.
+
+:func:`prepare_task` runs the steps in order: read the raw table, preprocess the images, assign the splits,
+write the sidecar and, last, the manifest.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,25 +33,20 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from medprobe.images import BadImageError, preprocess
+from medprobe.io import sha256_file, write_text_atomic
+from medprobe.settings import SplitSettings, TaskSettings
 
 log = logging.getLogger("medprobe.prepare")
 
 RECIPE_VERSION = "2"
+# The raw table every dataset recipe writes (the demo's and the real ones), and the columns it must have.
+RAW_TABLE_COLUMNS = ["image_id", "file", "patient_id", "label", "labels", "source", "partition", "group"]
 RAW_COLUMNS = ["image_id", "file", "patient_id", "source", "partition"]
 MANIFEST_COLUMNS = ["image_id", "path", "split", "patient_id", "label", "labels", "source", "group"]
 SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_raw_table(path: str | Path, kind: str, classes: list[str] | str) -> pd.DataFrame:
+def read_raw_table(path: str | Path, kind: str, classes: Sequence[str] | str) -> pd.DataFrame:
     """Read and check a raw ``metadata.csv``; errors name the file, column and offending values.
 
     ``classes: all`` (multilabel tasks) accepts every finding of the table."""
@@ -191,41 +188,71 @@ def class_counts(manifest: pd.DataFrame, kind: str) -> dict[str, dict[str, int]]
 
 def prepare_task(
     task: str,
-    task_config: dict[str, Any],
-    raw_dir: str | Path,
-    manifest_path: str | Path,
-    sidecar_path: str | Path,
-    images_dir: str | Path,
-    *,
-    val_fraction: float,
-    test_fraction: float,
+    settings: TaskSettings,
+    split: SplitSettings,
     seed: int,
+    *,
+    metadata: str | Path,
+    manifest: str | Path,
+    sidecar: str | Path,
+    images: str | Path,
+    recipe_counts: str | Path | None = None,
     on_bad_image: str = "error",
     threads: int = 1,
 ) -> pd.DataFrame:
-    """Build the manifest, the preprocessed images and the sidecar for one task.
+    """Build the manifest, the preprocessed images and the sidecar of one task from its raw table ``metadata``.
 
-    ``test_fraction`` is ``split.test_fraction``; the task's own ``test_fraction`` (``tasks.<task>.test_fraction``)
-    takes its place where set. The manifest is written last and atomically: if anything fails, no manifest
-    exists, so Snakemake never takes a half-prepared task as complete.
+    ``split.test_fraction`` holds out test patients unless the task sets its own ``test_fraction``;
+    ``recipe_counts`` is a real-dataset recipe's ``counts.json`` (the paper's counts next to those found), copied
+    into the sidecar. The manifest is written last and atomically: if anything fails, no manifest exists, so
+    Snakemake never takes a half-prepared task as complete.
     """
-    raw_dir, images_dir = Path(raw_dir), Path(images_dir)
-    metadata_path = raw_dir / "metadata.csv"
-    kind, classes = task_config["kind"], task_config["classes"]
-    fraction_origin = "split.test_fraction"
-    if task_config.get("test_fraction") is not None:
-        test_fraction = float(task_config["test_fraction"])
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"tasks.{task}.test_fraction: {task_config['test_fraction']!r} is not between 0 and 1")
-        fraction_origin = f"tasks.{task}.test_fraction"
-    table = read_raw_table(metadata_path, kind, classes)
-    images_dir.mkdir(parents=True, exist_ok=True)
+    metadata, images = Path(metadata), Path(images)
+    test_fraction, fraction_origin = task_test_fraction(task, settings, split)
+    table = read_raw_table(metadata, settings.kind, settings.classes)
+    kept, skipped = preprocess_images(table, metadata.parent, images, task, on_bad_image, threads)
+    if kept.empty:
+        raise ValueError(f"{metadata}: no usable image left for task {task}")
+    splits = assign_splits(kept, settings.kind, split.val_fraction, test_fraction, seed)
+    frame = manifest_frame(kept, splits, images, settings.kind)
+    check_manifest(frame, task, metadata, manifest)
+    description = describe(task, settings, frame, metadata, skipped, manifest)
+    description["split_settings"] = {"val_fraction": split.val_fraction, "test_fraction": test_fraction,
+                                     "test_fraction_from": fraction_origin, "seed": seed}
+    if recipe_counts is not None:
+        description["recipe_counts"] = json.loads(Path(recipe_counts).read_text())
+    write_text_atomic(sidecar, json.dumps(description, indent=2) + "\n")
+    write_text_atomic(manifest, frame.to_csv(index=False, lineterminator="\n"))
+    log.info("%s: %d images (%d skipped) -> %s", task, len(frame), len(skipped), manifest)
+    if skipped:
+        shown = ", ".join(entry["image_id"] for entry in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        log.warning("%s: skipped %d of %d image(s) (on_bad_image: skip; listed with reasons in %s): %s",
+                    task, len(skipped), len(table), sidecar, shown)
+    return frame
+
+
+def task_test_fraction(task: str, settings: TaskSettings, split: SplitSettings) -> tuple[float, str]:
+    """The share of patients held out for test and the config key it comes from: the task's own
+    ``test_fraction`` where set, else ``split.test_fraction``."""
+    if settings.test_fraction is None:
+        return split.test_fraction, "split.test_fraction"
+    fraction = float(settings.test_fraction)
+    if not 0 < fraction < 1:
+        raise ValueError(f"tasks.{task}.test_fraction: {settings.test_fraction!r} is not between 0 and 1")
+    return fraction, f"tasks.{task}.test_fraction"
+
+
+def preprocess_images(table: pd.DataFrame, raw_dir: Path, images: Path, task: str, on_bad_image: str,
+                      threads: int) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Preprocess every image of the raw table into ``images/<image_id>.png`` (``file`` is relative to
+    ``raw_dir``); returns the rows kept and, with ``on_bad_image: skip``, the images left out with the reason."""
+    images.mkdir(parents=True, exist_ok=True)
 
     def convert(row: tuple[str, str]) -> str | None:
         image_id, relative = row
         source = Path(relative) if Path(relative).is_absolute() else raw_dir / relative
         try:
-            preprocess(source, images_dir / f"{image_id}.png")
+            preprocess(source, images / f"{image_id}.png")
         except BadImageError as error:
             if on_bad_image == "error":
                 raise BadImageError(error.path, f"{error.reason} (image_id {image_id}, task {task}; set "
@@ -241,15 +268,15 @@ def prepare_task(
         for image_id, file, reason in zip(table["image_id"], table["file"], failures)
         if reason is not None
     ]
-    kept = table[[reason is None for reason in failures]].reset_index(drop=True)
-    if kept.empty:
-        raise ValueError(f"{metadata_path}: no usable image left for task {task}")
+    return table[[reason is None for reason in failures]].reset_index(drop=True), skipped
 
-    splits = assign_splits(kept, kind, val_fraction, test_fraction, seed)
-    manifest = pd.DataFrame(
+
+def manifest_frame(kept: pd.DataFrame, splits: pd.Series, images: Path, kind: str) -> pd.DataFrame:
+    """The manifest: one row per image kept, in the raw table's order, pointing at its preprocessed file."""
+    return pd.DataFrame(
         {
             "image_id": kept["image_id"],
-            "path": [str(images_dir / f"{image_id}.png") for image_id in kept["image_id"]],
+            "path": [str(images / f"{image_id}.png") for image_id in kept["image_id"]],
             "split": splits,
             "patient_id": kept["patient_id"],
             "label": kept["label"] if kind != "multilabel" else "",
@@ -259,40 +286,35 @@ def prepare_task(
         },
         columns=MANIFEST_COLUMNS,
     )
-    check_patients_disjoint(manifest, str(manifest_path))
+
+
+def check_manifest(manifest: pd.DataFrame, task: str, metadata: Path, where: str | Path) -> None:
+    """No patient in two splits, and no split empty."""
+    check_patients_disjoint(manifest, str(where))
     for split in ("train", "val", "test"):
         if not (manifest["split"] == split).any():
-            raise ValueError(f"{metadata_path}: split {split!r} is empty for task {task}; add patients or change split fractions")
+            raise ValueError(f"{metadata}: split {split!r} is empty for task {task}; add patients or change split fractions")
 
+
+def describe(task: str, settings: TaskSettings, manifest: pd.DataFrame, metadata: Path,
+             skipped: list[dict[str, str]], where: str | Path) -> dict[str, Any]:
+    """The sidecar's account of the manifest: classes (or the findings found), counts, source and skipped images."""
+    kind, classes = settings.kind, settings.classes
     counts = class_counts(manifest, kind)
     findings = present_findings(manifest) if classes == "all" else list(classes)
-    warnings = missing_class_warnings(counts, findings, kind, f"{manifest_path} (task {task})")
-    sidecar = {
+    return {
         "task": task,
         "recipe_version": RECIPE_VERSION,
-        "dataset": task_config["dataset"],
+        "dataset": settings.dataset,
         "kind": kind,
-        "classes": classes,
+        "classes": classes if classes == "all" else list(classes),
         **({"findings": findings} if classes == "all" else {}),
         "counts": counts,
-        "sources": {"metadata.csv": {"path": str(metadata_path), "sha256": sha256_file(metadata_path)}},
+        "sources": {"metadata.csv": {"path": str(metadata), "sha256": sha256_file(metadata)}},
         "n_skipped": len(skipped),
         "skipped": skipped,
-        "warnings": warnings,
-        "split_settings": {"val_fraction": val_fraction, "test_fraction": test_fraction,
-                           "test_fraction_from": fraction_origin, "seed": seed},
+        "warnings": missing_class_warnings(counts, findings, kind, f"{where} (task {task})"),
     }
-    recipe_counts = raw_dir / "counts.json"  # written by real-dataset recipes: paper's vs found counts
-    if recipe_counts.exists():
-        sidecar["recipe_counts"] = json.loads(recipe_counts.read_text())
-    _write_atomic(Path(sidecar_path), json.dumps(sidecar, indent=2) + "\n")
-    _write_atomic(Path(manifest_path), manifest.to_csv(index=False, lineterminator="\n"))
-    log.info("%s: %d images (%d skipped) -> %s", task, len(manifest), len(skipped), manifest_path)
-    if skipped:
-        shown = ", ".join(entry["image_id"] for entry in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
-        log.warning("%s: skipped %d of %d image(s) (on_bad_image: skip; listed with reasons in %s): %s",
-                    task, len(skipped), len(table), sidecar_path, shown)
-    return manifest
 
 
 def present_findings(manifest: pd.DataFrame) -> list[str]:
@@ -318,8 +340,5 @@ def missing_class_warnings(counts: dict[str, dict[str, int]], classes: list[str]
     return messages
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+# tests/test_reliability.py imports the former name
+_write_atomic = write_text_atomic

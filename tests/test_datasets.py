@@ -13,10 +13,12 @@ from PIL import Image
 
 from medprobe import datasets, kneel
 from medprobe.datasets import build_raw_table, fetch
-from medprobe.datasets.pannuke import count_nuclei, patch_label
 from medprobe.datasets.padchest import normalise_labels
+from medprobe.datasets.pannuke import count_nuclei, patch_label
 from medprobe.download import MissingDataError
 from medprobe.prepare import prepare_task
+from medprobe.registry import Registry
+from medprobe.settings import SplitSettings, TaskSettings
 
 
 def jpg(path, size=(8, 8)):
@@ -26,6 +28,30 @@ def jpg(path, size=(8, 8)):
 
 def read(path):
     return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def raw_table(dataset, task, raw, data, classes=(), **options):
+    """The recipe's raw table in raw/metadata.csv (its counts in raw/counts.json)."""
+    return build_raw_table(dataset, task, data, raw / "metadata.csv", raw / "counts.json", classes=classes, **options)
+
+
+def prepare(task, entry, raw, tmp_path, val_fraction, test_fraction, seed=0):
+    """prepare_task on raw/metadata.csv (and the recipe's counts) for a task entry (kind, classes, dataset[, test_fraction])."""
+    settings = TaskSettings.from_dict({"name": task, "discipline": "radiology", "metric": "auc", "prompt": "",
+                                       "graded": False, "min_test_positives": 0, **entry})
+    return prepare_task(task, settings, SplitSettings(val_fraction, test_fraction), seed, metadata=raw / "metadata.csv",
+                        recipe_counts=raw / "counts.json", manifest=tmp_path / "m.csv", sidecar=tmp_path / "m.json",
+                        images=tmp_path / "img")
+
+
+def use_recipe(monkeypatch, recipe):
+    """``recipe`` in place of the registered one of its name, for one test."""
+    registry = Registry("dataset recipe")
+    for name in datasets.RECIPES:
+        registry.register(name, recipe if name == recipe.name else datasets.RECIPES[name])
+    if recipe.name not in registry:
+        registry.register(recipe.name, recipe)
+    monkeypatch.setattr(datasets, "RECIPES", registry)
 
 
 def test_registry_has_the_eight_paper_datasets():
@@ -44,11 +70,11 @@ def test_t1_fetch_from_file_urls_extracts_and_converts(tmp_path, monkeypatch):
                 handle.write(image, f"{folder}/{label}/{label}-AAA{folder[:3]}.tif")
     recipe = datasets.get("nct_crc_he")
     local = tuple(datasets.Source(s.name, url=(build / s.name).as_uri(), extract=True) for s in recipe.sources)
-    monkeypatch.setitem(datasets.RECIPES, "nct_crc_he", datasets.Dataset(**{**recipe.__dict__, "sources": local}))
+    use_recipe(monkeypatch, datasets.Dataset(**{**recipe.__dict__, "sources": local}))
     receipt = fetch("nct_crc_he", tmp_path / "data", tmp_path / "data" / "download.json")
     assert set(json.loads((tmp_path / "data" / "download.json").read_text())["files"]) == {"NCT-CRC-HE-100K.zip", "CRC-VAL-HE-7K.zip"}
     assert receipt["files"]["CRC-VAL-HE-7K.zip"]["pinned"] is False
-    table = read(build_raw_table("nct_crc_he", "T1", tmp_path / "raw", tmp_path / "data"))
+    table = read(raw_table("nct_crc_he", "T1", tmp_path / "raw", tmp_path / "data"))
     assert table[["label", "partition"]].values.tolist() == [["ADI", "train"], ["TUM", "train"], ["ADI", "test"]]
     assert (tmp_path / "raw" / table["file"][0]).exists()
     counts = json.loads((tmp_path / "raw" / "counts.json").read_text())
@@ -60,13 +86,13 @@ def test_t1_nested_archive_folder_and_wrong_layout(tmp_path):
     for folder in ("NCT-CRC-HE-100K/NCT-CRC-HE-100K", "CRC-VAL-HE-7K"):  # some copies nest the 100K folder twice
         (data / folder / "MUS").mkdir(parents=True)
         Image.new("RGB", (4, 4)).save(data / folder / "MUS" / "MUS-AAAA.tif")
-    table = read(build_raw_table("nct_crc_he", "T1", tmp_path / "raw", data))
+    table = read(raw_table("nct_crc_he", "T1", tmp_path / "raw", data))
     assert table["partition"].tolist() == ["train", "test"] and table["label"].tolist() == ["MUS", "MUS"]
     assert "NCT-CRC-HE-100K/NCT-CRC-HE-100K/MUS/MUS-AAAA.tif" in table["file"][0]
     (data / "CRC-VAL-HE-7K" / "MUS" / "MUS-AAAA.tif").rename(data / "CRC-VAL-HE-7K" / "MUS-AAAA.tif")
     (data / "CRC-VAL-HE-7K" / "MUS").rmdir()
     with pytest.raises(FileNotFoundError, match="one sub-folder per class"):
-        build_raw_table("nct_crc_he", "T1", tmp_path / "raw2", data)
+        raw_table("nct_crc_he", "T1", tmp_path / "raw2", data)
 
 
 def test_t1_md5s_are_the_zenodo_values_of_the_normalised_archive():
@@ -76,8 +102,7 @@ def test_t1_md5s_are_the_zenodo_values_of_the_normalised_archive():
 
 
 def test_checksums_are_well_formed_and_pinned_ones_name_real_files(repo):
-    datasets._load_modules()
-    for recipe in datasets.RECIPES.values():
+    for recipe in map(datasets.get, datasets.RECIPES):
         for source in recipe.sources:
             assert source.md5 is None or re.fullmatch(r"[0-9a-f]{32}", source.md5), (recipe.name, source.name)
             assert source.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", source.sha256), (recipe.name, source.name)
@@ -94,7 +119,7 @@ def test_published_md5_is_enforced(tmp_path, monkeypatch):
     (tmp_path / "f.zip").write_bytes(b"not the archive")
     source = datasets.Source("f.zip", url=(tmp_path / "f.zip").as_uri(), md5="0" * 32)
     recipe = datasets.Dataset("x", "x", "x", "x", (source,), convert=lambda *a: pd.DataFrame())
-    monkeypatch.setitem(datasets.RECIPES, "x", recipe)
+    use_recipe(monkeypatch, recipe)
     with pytest.raises(ValueError, match="MD5"):
         fetch("x", tmp_path / "data", tmp_path / "data" / "download.json")
     assert not (tmp_path / "data" / "download.json").exists()
@@ -161,7 +186,7 @@ def test_t2_pannuke_folds_layout_and_label_rules(tmp_path):
     write_pannuke(tmp_path / "data", {1: [(0, 5, "Breast"), (12, 3, "Colon")],
                                       2: [(5, 5, "Breast"), (0, 0, "Lung"), (10, 0, "Liver")],
                                       3: [(20, 1, "Kidney"), (0, 2, "Colon")]})
-    table = read(build_raw_table("pannuke", "T2", tmp_path / "raw", tmp_path / "data"))
+    table = read(raw_table("pannuke", "T2", tmp_path / "raw", tmp_path / "data"))
     assert table["image_id"].tolist() == ["pannuke_fold1_00000", "pannuke_fold1_00001", "pannuke_fold2_00002",
                                           "pannuke_fold3_00000", "pannuke_fold3_00001"]
     assert table["label"].tolist() == ["benign", "malignant", "malignant", "malignant", "benign"]
@@ -171,7 +196,7 @@ def test_t2_pannuke_folds_layout_and_label_rules(tmp_path):
     assert counts["label_rule"] == "huang_code"
     assert counts["excluded"] == {"no nucleus in channels 0-4": 1, "neither benign nor malignant (huang_code)": 1}
     assert counts["expected"] == {"total": {"images": 6234, "malignant": 2866, "benign": 3368}}
-    table = read(build_raw_table("pannuke", "T2", tmp_path / "raw2", tmp_path / "data", label_rule="paper_text"))
+    table = read(raw_table("pannuke", "T2", tmp_path / "raw2", tmp_path / "data", label_rule="paper_text"))
     assert table["label"].tolist() == ["benign", "malignant", "malignant", "benign"]  # ten neoplastic: not "more than ten"
     assert json.loads((tmp_path / "raw2" / "counts.json").read_text())["excluded"] == {
         "no nucleus in channels 0-4": 1, "neither benign nor malignant (paper_text)": 2}
@@ -184,7 +209,7 @@ def test_t2_pannuke_folds_layout_and_label_rules(tmp_path):
 ])
 def test_unknown_label_rule_names_the_key_and_the_allowed_values(tmp_path, dataset, rule, message):
     with pytest.raises(ValueError, match=message):
-        build_raw_table(dataset, "T", tmp_path / "raw", tmp_path / "data", label_rule=rule)
+        raw_table(dataset, "T", tmp_path / "raw", tmp_path / "data", label_rule=rule)
 
 
 def test_t3_isic2018_layout_lesion_grouping_and_prepare(tmp_path):
@@ -201,12 +226,12 @@ def test_t3_isic2018_layout_lesion_grouping_and_prepare(tmp_path):
             jpg(data / f"ISIC2018_Task3_{part}_Input" / f"{image}.jpg")
     pd.DataFrame({"image": [f"ISIC_000000{k}" for k in range(1, 7)], "lesion_id": ["HAM_1", "HAM_1", "HAM_2", "HAM_2", "HAM_3", "HAM_4"],
                   "diagnosis_confirm_type": "histopathology"}).to_csv(data / "ISIC2018_Task3_Training_LesionGroupings.csv", index=False)
-    table = read(build_raw_table("isic2018", "T3", tmp_path / "raw", data))
+    table = read(raw_table("isic2018", "T3", tmp_path / "raw", data))
     assert table["label"].tolist() == ["NV", "NV", "MEL", "MEL", "NV", "MEL", "BCC", "MEL", "NV"]
     assert table["partition"].tolist() == ["train"] * 7 + ["test"] * 2
     assert table["patient_id"].tolist() == ["HAM_1", "HAM_1", "HAM_2", "HAM_2", "HAM_3", "HAM_4", "ISIC_0000010", "ISIC_0000020", "ISIC_0000021"]
-    manifest = prepare_task("T3", {"kind": "multiclass", "classes": classes, "dataset": "isic2018"}, tmp_path / "raw",
-                            tmp_path / "m.csv", tmp_path / "m.json", tmp_path / "img", val_fraction=0.34, test_fraction=0.2, seed=0)
+    manifest = prepare("T3", {"kind": "multiclass", "classes": classes, "dataset": "isic2018"}, tmp_path / "raw", tmp_path,
+                       val_fraction=0.34, test_fraction=0.2)
     lesion_splits = manifest[manifest["patient_id"] != ""].groupby("patient_id")["split"].nunique()
     assert (lesion_splits == 1).all() and set(manifest["split"]) == {"train", "val", "test"}
 
@@ -221,11 +246,11 @@ def test_t4_isic2020_split_by_patient(tmp_path):
     (tmp_path / "truth.csv").rename(data / "ISIC_2020_Training_GroundTruth.csv")
     for name, *_ in rows:
         jpg(data / "train" / f"{name}.jpg")
-    table = read(build_raw_table("isic2020", "T4", tmp_path / "raw", data))
+    table = read(raw_table("isic2020", "T4", tmp_path / "raw", data))
     assert table["patient_id"].nunique() == 10 and (table["partition"] == "").all()
     assert (table["label"] == "malignant").sum() == 6
-    manifest = prepare_task("T4", {"kind": "binary", "classes": ["benign", "malignant"], "dataset": "isic2020"}, tmp_path / "raw",
-                            tmp_path / "m.csv", tmp_path / "m.json", tmp_path / "img", val_fraction=0.25, test_fraction=0.2, seed=0)
+    manifest = prepare("T4", {"kind": "binary", "classes": ["benign", "malignant"], "dataset": "isic2020"}, tmp_path / "raw",
+                       tmp_path, val_fraction=0.25, test_fraction=0.2)
     assert (manifest.groupby("patient_id")["split"].nunique() == 1).all()
     assert manifest.groupby("split")["patient_id"].nunique()["test"] == 2
 
@@ -243,7 +268,7 @@ def test_missing_credentialed_data_stops_with_instructions(tmp_path, monkeypatch
     public = tuple(s for s in recipe.sources if s.url)  # public parts (AIROGS) would be downloaded; place them
     for source in public:
         (tmp_path / source.name).parent.mkdir(parents=True, exist_ok=True)
-    monkeypatch.setitem(datasets.RECIPES, dataset, datasets.Dataset(**{**recipe.__dict__, "sources": tuple(s for s in recipe.sources if not s.url)}))
+    use_recipe(monkeypatch, datasets.Dataset(**{**recipe.__dict__, "sources": tuple(s for s in recipe.sources if not s.url)}))
     with pytest.raises(MissingDataError) as error:
         fetch(dataset, tmp_path / "data", tmp_path / "data" / "download.json")
     message = str(error.value)
@@ -274,14 +299,14 @@ def test_t5_eyepacs_aptos_layout(tmp_path):
     pd.DataFrame({"image": ["1_left", "1_right"], "level": [1, 3], "Usage": ["Public", "Private"]}).to_csv(data / "eyepacs" / "retinopathy_solution.csv", index=False)
     (data / "aptos").mkdir()
     pd.DataFrame({"id_code": ["000c1434d8d7"], "diagnosis": [2]}).to_csv(data / "aptos" / "train.csv", index=False)
-    table = read(build_raw_table("eyepacs_aptos", "T5", tmp_path / "raw", data))
+    table = read(raw_table("eyepacs_aptos", "T5", tmp_path / "raw", data))
     assert table["patient_id"].tolist() == ["eyepacs_10", "eyepacs_10", "eyepacs_13", "eyepacs_1", "eyepacs_1", "aptos_000c1434d8d7"]
     assert table["label"].tolist() == ["0", "2", "4", "1", "3", "2"]
     assert table["partition"].tolist() == [""] * 5 + ["test"]
     assert table["file"][0].endswith("eyepacs/train/10_left.jpeg") and table["file"][3].endswith("eyepacs/test/1_left.jpeg")
     pd.DataFrame({"image": ["1_left"], "level": ["5"], "Usage": ["Public"]}).to_csv(data / "eyepacs" / "retinopathy_solution.csv", index=False)
     with pytest.raises(ValueError, match=r"retinopathy_solution.csv: column level has value\(s\) \['5'\]"):
-        build_raw_table("eyepacs_aptos", "T5", tmp_path / "raw2", data)
+        raw_table("eyepacs_aptos", "T5", tmp_path / "raw2", data)
 
 
 def test_t5_eyepacs_patients_split_by_the_task_test_fraction_and_aptos_is_test(tmp_path):
@@ -300,10 +325,9 @@ def test_t5_eyepacs_patients_split_by_the_task_test_fraction_and_aptos_is_test(t
         jpg(data / "eyepacs" / "test" / f"{image}.jpeg")
     for code in ("a1", "a2", "a3"):
         jpg(data / "aptos" / "train_images" / f"{code}.png")
-    build_raw_table("eyepacs_aptos", "T5", tmp_path / "raw", data)
+    raw_table("eyepacs_aptos", "T5", tmp_path / "raw", data)
     task = {"kind": "multiclass", "classes": ["0", "1", "2", "3", "4"], "dataset": "eyepacs_aptos", "test_fraction": 0.17}
-    manifest = prepare_task("T5", task, tmp_path / "raw", tmp_path / "m.csv", tmp_path / "m.json", tmp_path / "img",
-                            val_fraction=0.2, test_fraction=0.2, seed=0)
+    manifest = prepare("T5", task, tmp_path / "raw", tmp_path, val_fraction=0.2, test_fraction=0.2)
     assert set(manifest.loc[manifest["source"] == "aptos", "split"]) == {"test"}
     eyepacs = manifest[manifest["source"] == "eyepacs"]
     assert (eyepacs.groupby("patient_id")["split"].nunique() == 1).all()  # both eyes of a patient together
@@ -335,7 +359,7 @@ def test_t6_airogs_odir_keywords(tmp_path):
     original = module.ODIR_SHEET
     try:
         module.ODIR_SHEET = "ODIR-5K_Training_Annotations(Updated)_V2.xlsx.csv"
-        table = read(build_raw_table("airogs_odir", "T6", tmp_path / "raw", data))
+        table = read(raw_table("airogs_odir", "T6", tmp_path / "raw", data))
     finally:
         module.ODIR_SHEET = original
     assert table["label"].tolist() == ["no_glaucoma", "glaucoma", "no_glaucoma", "glaucoma", "no_glaucoma", "glaucoma"]
@@ -368,7 +392,7 @@ def test_t7_padchest_all_rows_automatic_labels_and_every_finding(tmp_path):
         ("h.png", "1", "P5", "RNN_model", "['']"),
         ("i.png", "1", "P6", "RNN_model", ""),
     ], missing={"d.png"})
-    table = read(build_raw_table("padchest", "T7", tmp_path / "raw", data, classes="all"))
+    table = read(raw_table("padchest", "T7", tmp_path / "raw", data, classes="all"))
     assert table["image_id"].tolist() == ["a", "b", "c", "e"]
     assert table["labels"].tolist() == ["pleural effusion|cardiomegaly", "normal", "normal", "unchanged|copd signs"]
     assert table["partition"].tolist() == ["", "train", "", "train"]  # automatic labels: training only
@@ -378,10 +402,10 @@ def test_t7_padchest_all_rows_automatic_labels_and_every_finding(tmp_path):
     assert excluded["image file missing"] == 1 and excluded["no labels (Labels empty, nan, [] or [''])"] == 4
     assert counts["found"]["train"]["images"] == 2  # the automatic rows
     # a list of findings keeps those (the row stays, with no listed finding)
-    table = read(build_raw_table("padchest", "T7", tmp_path / "raw2", data, classes=["normal", "pleural effusion", "nodule"]))
+    table = read(raw_table("padchest", "T7", tmp_path / "raw2", data, classes=["normal", "pleural effusion", "nodule"]))
     assert table["labels"].tolist() == ["pleural effusion", "normal", "normal", ""]
     # radiologist_only: the radiologist-labelled rows, the automatic ones counted as left out
-    table = read(build_raw_table("padchest", "T7", tmp_path / "raw3", data, classes="all", label_rule="radiologist_only"))
+    table = read(raw_table("padchest", "T7", tmp_path / "raw3", data, classes="all", label_rule="radiologist_only"))
     assert table["image_id"].tolist() == ["a", "c"] and (table["partition"] == "").all()
     assert json.loads((tmp_path / "raw3" / "counts.json").read_text())["excluded"][
         "automatic labels (MethodLabel RNN_model; label_rule radiologist_only)"] == 6
@@ -410,12 +434,10 @@ def test_t7_padchest_to_manifest_tests_radiologist_labels_of_held_out_patients(t
     data = tmp_path / "data"
     write_padchest(data, rows)
     raw = tmp_path / "raw"
-    build_raw_table("padchest", "T7", raw, data, classes="all")
+    raw_table("padchest", "T7", raw, data, classes="all")
     task = {"kind": "multilabel", "classes": "all", "dataset": "padchest", "test_fraction": 0.3}
-    manifest = prepare_task("T7", task, raw, tmp_path / "m.csv", tmp_path / "m.json", tmp_path / "img",
-                            val_fraction=0.2, test_fraction=0.2, seed=0)
+    manifest = prepare("T7", task, raw, tmp_path, val_fraction=0.2, test_fraction=0.2)
     method = {Path(image).stem: label for image, _, _, label, _ in rows}
-    patient_of = {Path(image).stem: patient for image, _, patient, _, _ in rows}
     test = manifest[manifest["split"] == "test"]
     assert len(test) and {method[i] for i in test["image_id"]} == {"Physician"}
     assert (manifest.groupby("patient_id")["split"].nunique() == 1).all()
@@ -453,7 +475,7 @@ def test_t8_crops_from_landmarks(tmp_path):
     pd.DataFrame({"file": ["oai/9000099.png"] * 2, "patient_id": ["9000099"] * 2, "side": ["R", "L"], "kl": ["2", "0"],
                   "source": ["oai"] * 2, "partition": ["train"] * 2, "spacing_row": ["0.5"] * 2, "spacing_col": ["0.5"] * 2}).to_csv(data / "knees.csv", index=False)
     pd.DataFrame({"file": ["oai/9000099.png"] * 3, "side": ["R", "R", "L"], "x": [60, 80, 225], "y": [100, 100, 100]}).to_csv(data / "landmarks.csv", index=False)
-    table = read(build_raw_table("oai_most", "T8", tmp_path / "raw", data))
+    table = read(raw_table("oai_most", "T8", tmp_path / "raw", data))
     assert table["label"].tolist() == ["2", "0"] and table["patient_id"].tolist() == ["oai_9000099"] * 2
     crop = np.asarray(Image.open(tmp_path / "raw" / table["file"][0]))
     assert crop.shape == (280, 280) and crop[140, 140] == 4000  # 140 mm / 0.5 mm, joint in the centre

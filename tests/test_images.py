@@ -89,7 +89,7 @@ def test_preprocess_writes_png_atomically(tmp_path):
     target = tmp_path / "out.png"
     assert preprocess(source, target) == (1024, 512)
     assert Image.open(target).format == "PNG"
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jpg", "out.png"]  # no temporary left
 
 
 def test_cmyk_jpeg_file_becomes_rgb(tmp_path):

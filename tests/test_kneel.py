@@ -3,7 +3,6 @@ the upstream module path and signatures), the crops the recipe makes from its ou
 the snapshot fetch (file:// archive, no network) and the workflow's plan (dry runs)."""
 
 import ast
-import importlib.util
 import json
 import os
 import re
@@ -64,11 +63,10 @@ def knee_points(x, y):
     return tibia + femur
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("kneel_landmarks", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def raw_table(raw, data, **inputs):
+    """T8's raw table in raw/metadata.csv, with the landmark files of ``inputs``."""
+    return build_raw_table("oai_most", "T8", data, raw / "metadata.csv", raw / "counts.json", classes=["0", "1", "2", "3", "4"],
+                           inputs=inputs)
 
 
 @pytest.fixture
@@ -163,7 +161,8 @@ def test_script_writes_kneel_landmarks_and_reports_radiographs_without_joints(tm
 
     # the recipe crops the detected knees (140 mm at 0.5 mm/px = 280 px, joint centred, left knee mirrored)
     # and leaves the undetected ones out, counted
-    table = pd.read_csv(build_raw_table("oai_most", "T8", raw, t8_data), dtype=str, keep_default_na=False)
+    table = pd.read_csv(raw_table(raw, t8_data, landmarks=raw / "landmarks.csv", undetected=raw / "landmarks_undetected.csv"),
+                        dtype=str, keep_default_na=False)
     assert table["image_id"].tolist() == ["oai_oai_9000099_R", "oai_oai_9000099_L"]
     assert table["label"].tolist() == ["2", "0"]
     right_crop, left_crop = (np.asarray(Image.open(raw / file)) for file in table["file"])
@@ -175,8 +174,7 @@ def test_script_writes_kneel_landmarks_and_reports_radiographs_without_joints(tm
 
 
 def test_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, t8_data):
-    script = load_script()
-    knees = script.read_knees(str(t8_data / "knees.csv"))
+    knees = kneel.read_knee_list(t8_data / "knees.csv")
     assert knees == [("oai/9000099.png", ["R", "L"]), ("most/MB00001.png", ["R", "L"]), ("oai/9000100.png", ["R"])]
     answers = {"9000099.png": np.array([[knee_points(70, 100), knee_points(230, 100)]]), "MB00001.png": None,
                "9000100.png": np.full((1, 2, 16, 2), np.nan)}
@@ -190,17 +188,17 @@ def test_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, t8
 
     whole = tmp_path / "whole"
     interrupt = False
-    script.annotate(knees, str(t8_data), predict, str(whole / "l.csv"), str(whole / "u.csv"), {"refine": True})
+    kneel.annotate(knees, str(t8_data), predict, str(whole / "l.csv"), str(whole / "u.csv"), {"refine": True})
     seen.clear()
     part = tmp_path / "part"
     part.mkdir()
     interrupt = True
     with pytest.raises(KeyboardInterrupt):
-        script.annotate(knees, str(t8_data), predict, str(part / "l.csv"), str(part / "u.csv"), {"refine": True})
+        kneel.annotate(knees, str(t8_data), predict, str(part / "l.csv"), str(part / "u.csv"), {"refine": True})
     assert not (part / "l.csv").exists() and (part / "l.csv.progress.jsonl").exists()
     interrupt = False
     seen.clear()
-    script.annotate(knees, str(t8_data), predict, str(part / "l.csv"), str(part / "u.csv"), {"refine": True})
+    kneel.annotate(knees, str(t8_data), predict, str(part / "l.csv"), str(part / "u.csv"), {"refine": True})
     assert seen == ["MB00001.png", "9000100.png"]  # the first radiograph is not run again
     for name in ("l.csv", "u.csv"):
         assert (part / name).read_text() == (whole / name).read_text()
@@ -209,33 +207,29 @@ def test_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, t8
     (part / "l.csv.progress.jsonl").write_text(json.dumps({"refine": False}) + "\n" + json.dumps(
         {"file": "oai/9000099.png", "results": {"R": ["undetected", "x"], "L": ["undetected", "x"]}}) + "\n")
     seen.clear()
-    script.annotate(knees, str(t8_data), predict, str(part / "l.csv"), str(part / "u.csv"), {"refine": True})
+    kneel.annotate(knees, str(t8_data), predict, str(part / "l.csv"), str(part / "u.csv"), {"refine": True})
     assert len(seen) == 3 and (part / "l.csv").read_text() == (whole / "l.csv").read_text()
 
 
-def test_joint_outside_the_image_and_odd_output_are_reported(tmp_path, monkeypatch):
-    script = load_script()
+def test_joint_outside_the_image_and_odd_output_are_reported(tmp_path):
     path = tmp_path / "001"
     path.write_bytes(b"")
-    monkeypatch.setattr(script, "image_size", lambda _: (300, 200))
     outside = np.array([[knee_points(70, 100), knee_points(330, 100)]])
-    results = script.knee_results(str(path), lambda _: outside)
+    results = kneel.knee_results(path, lambda _: outside, image_size=lambda _: (300, 200))
     assert results["R"][0] == "ok" and results["L"] == ("undetected", "joint centre (330, 100) outside the 300x200 image")
-    assert script.knee_results(str(path), lambda _: np.zeros((3, 2)))["R"][1].startswith("unexpected KNEEL output")
-    assert script.knee_results(str(tmp_path / "missing"), lambda _: outside)["L"] == ("undetected", "file not found")
+    assert kneel.knee_results(path, lambda _: np.zeros((3, 2)))["R"][1].startswith("unexpected KNEEL output")
+    assert kneel.knee_results(tmp_path / "missing", lambda _: outside)["L"] == ("undetected", "file not found")
 
 
 def test_script_stays_python37_and_checks_its_inputs(tmp_path, snapshots):
-    for path in (SCRIPT, kneel.__file__.replace("kneel.py", "devices.py")):  # the KNEEL env runs Python 3.7
+    # the KNEEL env runs Python 3.7 and imports these from the source tree
+    for path in [SCRIPT, kneel.__file__] + [kneel.__file__.replace("kneel.py", name) for name in ("devices.py", "gpu_job.py")]:
         ast.parse(open(path).read(), feature_version=(3, 7))
-    script = load_script()
     bad = tmp_path / "knees.csv"
     bad.write_text("file,side\na.png,X\n")
     with pytest.raises(ValueError, match=r"knees.csv: row 2: side must be R or L, got 'X'"):
-        script.read_knees(str(bad))
+        kneel.read_knee_list(bad)
     (snapshots / kneel.HC_SNAPSHOT / "fold_0.pth").unlink()
-    with pytest.raises(FileNotFoundError, match=r"fold_\*\.pth"):
-        script.snapshot_paths(str(snapshots), kneel.LC_SNAPSHOT, kneel.HC_SNAPSHOT, kneel.MEAN_STD)
     with pytest.raises(FileNotFoundError, match=r"fold_\*\.pth"):
         kneel.check_snapshots(snapshots)
 
@@ -250,15 +244,14 @@ def test_users_own_landmarks_are_checked_and_used(tmp_path, t8_data):
     given = tmp_path / "mine.csv"
     pd.DataFrame({"file": ["oai/9000099.png"] * 2, "side": ["r", "L"], "x": [70, 230], "y": [100, 100]}).to_csv(given, index=False)
     raw = tmp_path / "raw"
-    assert kneel.install_landmarks(given, raw / "landmarks.csv", raw / "landmarks_undetected.csv") == 2
-    table = pd.read_csv(build_raw_table("oai_most", "T8", raw, t8_data), dtype=str, keep_default_na=False)
+    table = pd.read_csv(raw_table(raw, t8_data, landmarks=given), dtype=str, keep_default_na=False)
     # the knees without landmarks (and not reported undetected) are taken as ready-made crops
     assert table["file"].tolist()[:2] == ["images/oai_oai_9000099_R.png", "images/oai_oai_9000099_L.png"]
     assert table["file"][2].endswith("data/most/MB00001.png") and len(table) == 5
     assert np.asarray(Image.open(raw / table["file"][0])).shape == (280, 280)
     pd.DataFrame({"file": ["a"], "side": ["R"], "x": ["12"], "y": ["nan"]}).to_csv(given, index=False)
     with pytest.raises(ValueError, match=r"mine.csv: row 2: y must be a finite number of pixels"):
-        kneel.install_landmarks(given, raw / "landmarks.csv", raw / "landmarks_undetected.csv")
+        raw_table(raw, t8_data, landmarks=given)
     pd.DataFrame({"file": ["a"], "x": [1], "y": [2]}).to_csv(given, index=False)
     with pytest.raises(ValueError, match=r"missing column\(s\) \['side'\]"):
         kneel.read_landmarks(given)
@@ -266,10 +259,10 @@ def test_users_own_landmarks_are_checked_and_used(tmp_path, t8_data):
 
 def test_no_landmarks_anywhere_is_a_clear_error_and_knees_csv_stays_required(tmp_path, t8_data):
     with pytest.raises(FileNotFoundError, match=r"landmarks: kneel"):
-        build_raw_table("oai_most", "T8", tmp_path / "raw", t8_data)
+        raw_table(tmp_path / "raw", t8_data)
     with pytest.raises(MissingDataError, match=r"  - knees\.csv") as error:
         fetch("oai_most", tmp_path / "empty", tmp_path / "empty" / "download.json")
-    assert "landmarks: kneel" in str(error.value)  # landmarks are no longer a file the user must bring
+    assert "landmarks: kneel" in str(error.value)  # landmarks are the workflow's, not a file to bring
     receipt = fetch("oai_most", t8_data, tmp_path / "download.json")
     assert set(receipt["files"]) == {"knees.csv"}
 
@@ -348,7 +341,6 @@ def test_snapshot_rule_fetches_from_the_configured_mirror(repo, tmp_path, snapsh
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     kneel.check_snapshots(workdir / "resources" / "kneel" / "snapshots_release")
     assert "pin sha256" in (workdir / "logs" / "kneel_snapshots.log").read_text()
-    assert kneel.snapshots_source({"kneel": {"snapshots_sha256": "a" * 64}}) == (kneel.SNAPSHOTS_URL, "a" * 64)
 
 
 def test_config_checks_the_kneel_settings(repo):
@@ -373,6 +365,6 @@ def test_own_landmarks_replace_the_kneel_job(repo, tmp_path):
     given.write_text("file,side,x,y\n")
     workdir, config_path = paper_workdir(repo, tmp_path, str(given))
     jobs = dry_run(repo, workdir, config_path, "resources/raw/T8/metadata.csv")
-    assert set(jobs) == {"oai_most_files", "kneel_given_landmarks", "raw_dataset"}
-    assert str(given) in jobs["kneel_given_landmarks"]
+    assert set(jobs) == {"oai_most_files", "raw_dataset"}
+    assert str(given) in re.search(r"input: (.*)", jobs["raw_dataset"]).group(1)
 

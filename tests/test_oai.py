@@ -6,7 +6,6 @@ pydicom is not a test dependency: radiographs are PNG bytes at the DICOM's path 
 is replaced by one that reads them with the spacing a DICOM header would give."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,8 +21,8 @@ from medprobe import kneel
 from medprobe.datasets import build_raw_table, oai_most
 from medprobe.download import ChecksumError, MissingDataError
 from medprobe.prepare import prepare_task
+from medprobe.settings import SplitSettings, TaskSettings
 
-SCRIPT = kneel.__file__.rsplit("/medprobe/", 1)[0] + "/workflow/scripts/kneel_landmarks.py"
 READINGS_DIR = "oai/X-Ray Image Assessments_ASCII/Semi-Quant Scoring_ASCII"
 HEADER = "ID|SIDE|READPRJ|VERSION|V{v}BARCDBU|V{v}XRKL|V{v}XRJSM"
 CONTENTS = '"Folder","ParticipantID","StudyDate","Barcode","StudyDescription","SeriesDescription"\n'
@@ -171,17 +170,16 @@ def test_nothing_there_names_both_options_and_where_each_file_goes(tmp_path, rep
                              str(knees), "--receipt", str(receipt)], cwd=repo, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Put one or both of these into" in result.stderr
     assert not receipt.exists() and not knees.exists()
-    # a knees.csv alone is enough (the path users had before the release could be read)
+    # a knees.csv alone is enough
     most_knees(data)
     assert set(oai_most.prepare(data, knees, receipt)["files"]) == {"knees.csv"}
     assert pd.read_csv(knees)["origin"].tolist() == ["knees.csv"] * 2
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("kneel_landmarks", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def raw_table(raw, data, **inputs):
+    """T8's raw table in raw/metadata.csv, with the landmark files of ``inputs``."""
+    return build_raw_table("oai_most", "T8", data, raw / "metadata.csv", raw / "counts.json", classes=["0", "1", "2", "3", "4"],
+                           inputs=inputs)
 
 
 def most_knees(data):
@@ -202,7 +200,7 @@ def test_release_and_most_table_are_listed_for_kneel_with_a_receipt(release):
         f"{READINGS_DIR}/kXR_SQ_BU{visit}.txt" for visit in ("00", "01", "03")}
     assert receipt["knees"] == 6 and receipt["excluded"] == EXCLUDED
     # KNEEL's script reads the list: each radiograph once, with the sides asked for
-    assert load_script().read_knees(str(release / "knees_all.csv")) == [
+    assert kneel.read_knee_list(release / "knees_all.csv") == [
         ("most/MB00001.png", ["R", "L"]), (BASELINE, ["R", "L"]), (REPEAT, ["R", "L"])]
     # a pinned checksum that does not match stops before anything is rewritten
     (release / "download.json").unlink()
@@ -224,7 +222,7 @@ def test_knees_without_a_kl_grade_0_to_4_are_left_out_and_counted(tmp_path):
     receipt = oai_most.prepare(data, data / "knees_all.csv", data / "download.json")
     assert receipt["knees"] == 3 and receipt["excluded"] == excluded
     pd.DataFrame({"file": ["most/MB00001.png"], "side": ["R"], "x": [70], "y": [100]}).to_csv(data / "landmarks.csv", index=False)
-    table = pd.read_csv(build_raw_table("oai_most", "T8", tmp_path / "raw", data), dtype=str, keep_default_na=False)
+    table = pd.read_csv(raw_table(tmp_path / "raw", data), dtype=str, keep_default_na=False)
     assert table["label"].tolist() == ["2", "2", "4"]
     assert json.loads((tmp_path / "raw" / "counts.json").read_text())["excluded"] == excluded
 
@@ -249,7 +247,8 @@ def test_raw_table_crops_release_knees_and_prepare_keeps_patients_together(relea
     landmarks.append([REPEAT, "R", 70, 100])  # the 12-month left knee: KNEEL found no joint; right one: found
     pd.DataFrame(landmarks, columns=["file", "side", "x", "y"]).to_csv(raw / "landmarks.csv", index=False)
     pd.DataFrame([[REPEAT, "L", "no joint found"]], columns=["file", "side", "reason"]).to_csv(raw / "landmarks_undetected.csv", index=False)
-    table = pd.read_csv(build_raw_table("oai_most", "T8", raw, release), dtype=str, keep_default_na=False)
+    table = pd.read_csv(raw_table(raw, release, landmarks=raw / "landmarks.csv", undetected=raw / "landmarks_undetected.csv"),
+                        dtype=str, keep_default_na=False)
     assert table["patient_id"].tolist() == ["most_MB00001"] * 2 + ["oai_9000099"] * 3
     assert table["label"].tolist() == ["1", "3", "2", "0", "3"]
     assert table["partition"].tolist() == ["test", "test", "", "", ""]
@@ -261,14 +260,19 @@ def test_raw_table_crops_release_knees_and_prepare_keeps_patients_together(relea
     assert counts["excluded"] == {**EXCLUDED, "no joint found by KNEEL": 1}
     # a release knee without landmarks is left out, never taken as a ready-made crop of the whole radiograph
     pd.DataFrame(landmarks[:4], columns=["file", "side", "x", "y"]).to_csv(raw / "landmarks.csv", index=False)
-    table = pd.read_csv(build_raw_table("oai_most", "T8", raw, release), dtype=str, keep_default_na=False)
+    table = pd.read_csv(raw_table(raw, release, landmarks=raw / "landmarks.csv", undetected=raw / "landmarks_undetected.csv"),
+                        dtype=str, keep_default_na=False)
     assert len(table) == 4 and json.loads((raw / "counts.json").read_text())["excluded"]["OAI: no landmarks"] == 1
     # no partition: prepare holds whole patients out (both knees, every visit)
     for patient in range(9000200, 9000230):
         table.loc[len(table)] = [f"oai_{patient}", table["file"][2], f"oai_{patient}", str(patient % 5), "", "oai", "", ""]
     table.to_csv(raw / "metadata.csv", index=False)
-    manifest = prepare_task("T8", {"kind": "multiclass", "classes": ["0", "1", "2", "3", "4"], "dataset": "oai_most"}, raw,
-                            tmp_path / "m.csv", tmp_path / "m.json", tmp_path / "img", val_fraction=0.2, test_fraction=0.2, seed=0)
+    settings = TaskSettings.from_dict({"name": "T8", "discipline": "radiology", "dataset": "oai_most", "kind": "multiclass",
+                                       "metric": "auc", "prompt": "", "classes": ["0", "1", "2", "3", "4"], "graded": True,
+                                       "min_test_positives": 0})
+    manifest = prepare_task("T8", settings, SplitSettings(0.2, 0.2), 0, metadata=raw / "metadata.csv",
+                            recipe_counts=raw / "counts.json", manifest=tmp_path / "m.csv", sidecar=tmp_path / "m.json",
+                            images=tmp_path / "img")
     assert (manifest.groupby("patient_id")["split"].nunique() == 1).all()
     assert set(manifest.loc[manifest["patient_id"] == "most_MB00001", "split"]) == {"test"}
     assert {"train", "val", "test"} <= set(manifest["split"])

@@ -9,6 +9,7 @@ from PIL import Image
 
 from medprobe.images import BadImageError
 from medprobe.prepare import MANIFEST_COLUMNS, assign_splits, check_patients_disjoint, prepare_task
+from medprobe.settings import SplitSettings, TaskSettings
 
 TASK = {"kind": "multiclass", "classes": ["a", "b", "c"], "dataset": "demo"}
 
@@ -34,10 +35,16 @@ def write_raw(folder, n_patients=30, per_patient=3, partition=lambda p: "", kind
     return pd.DataFrame(rows)
 
 
-def run(tmp_path, raw, task=TASK, **kwargs):
-    options = dict(val_fraction=0.2, test_fraction=0.25, seed=0, on_bad_image="error")
-    options.update(kwargs)
-    return prepare_task("T", task, raw, tmp_path / "m.csv", tmp_path / "m.json", tmp_path / "images", **options)
+def task_settings(entry):
+    """A task's settings from the keys a test sets (kind, classes, dataset[, test_fraction])."""
+    return TaskSettings.from_dict({"name": "T", "discipline": "pathology", "metric": "auc", "prompt": "", "graded": False,
+                                   "min_test_positives": 0, **entry})
+
+
+def run(tmp_path, raw, task=TASK, val_fraction=0.2, test_fraction=0.25, seed=0, **options):
+    return prepare_task("T", task_settings(task), SplitSettings(val_fraction, test_fraction), seed,
+                        metadata=raw / "metadata.csv", manifest=tmp_path / "m.csv", sidecar=tmp_path / "m.json",
+                        images=tmp_path / "images", **options)
 
 
 def test_manifest_contract_and_patient_grouped_splits(tmp_path):
@@ -210,7 +217,7 @@ def test_recipe_counts_are_copied_into_the_sidecar(tmp_path):
     write_raw(raw, n_patients=12)
     expected = {"expected": {"train": 100}, "found": {"train": 36}}
     (raw / "counts.json").write_text(json.dumps(expected))
-    run(tmp_path, raw)
+    run(tmp_path, raw, recipe_counts=raw / "counts.json")
     assert json.loads((tmp_path / "m.json").read_text())["recipe_counts"] == expected
 
 

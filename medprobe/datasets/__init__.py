@@ -1,9 +1,9 @@
 """Real-dataset recipes: the publishers' archives -> the raw metadata table of docs/architecture.md.
 
-Each paper dataset is a :class:`Dataset` registered under the config's ``tasks.<task>.dataset`` name, in one
-module of this package. A dataset lists its :class:`Source` files (public URL with the publisher's checksum,
-Kaggle competition, or a file the user obtains under a data-use agreement) and a ``convert`` function that
-reads the unpacked files and returns the raw table. Two steps use it:
+Each paper dataset is a :class:`Dataset` registered in :data:`RECIPES` under the config's
+``tasks.<task>.dataset`` name, in one module of this package. A dataset lists its :class:`Source` files (public
+URL with the publisher's checksum, Kaggle competition, or a file the user obtains under a data-use agreement)
+and a ``convert`` function that reads the unpacked files and returns the raw table. Two steps use it:
 
 * :func:`fetch` (rule ``download_dataset``): download what is public, check that manual files are present
   (else stop with :class:`~medprobe.download.MissingDataError` naming the dataset, where to request access,
@@ -12,7 +12,9 @@ reads the unpacked files and returns the raw table. Two steps use it:
   (the paper's expected counts next to the counts found).
 
 A recipe with more than one way to label its images lists them in ``label_rules`` (the first is the default);
-the task's ``label_rule`` picks one and reaches ``convert`` as the keyword argument ``label_rule``.
+the task's ``label_rule`` picks one and reaches ``convert`` as the keyword argument ``label_rule``. A recipe that
+reads files besides its dataset folder names them in ``inputs``; the rule passes their paths and they reach
+``convert`` as keyword arguments too (T8's knee landmarks).
 """
 
 from __future__ import annotations
@@ -22,18 +24,19 @@ import json
 import logging
 import os
 import pkgutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
 from medprobe.download import AccessDeniedError, MissingDataError, download, kaggle_download, safe_extract, verify
+from medprobe.io import atomic_path, write_text_atomic
+from medprobe.prepare import RAW_TABLE_COLUMNS
+from medprobe.registry import Registry
 
 log = logging.getLogger("medprobe.datasets")
-
-RAW_TABLE_COLUMNS = ["image_id", "file", "patient_id", "label", "labels", "source", "partition", "group"]
-DATA_ROOT = "resources/datasets"
 
 
 @dataclass(frozen=True)
@@ -56,24 +59,17 @@ class Dataset:
     licence: str
     access: str  # where to get it / request access
     sources: tuple[Source, ...]
-    # (data_dir, out_dir, task classes[, label_rule=...]) -> raw table; classes is a list or "all" (multilabel)
+    # (data_dir, out_dir, task classes[, label_rule=...][, <input>=path ...]) -> raw table; classes is a list
+    # or "all" (multilabel)
     convert: Callable[..., pd.DataFrame]
     expected: dict[str, dict[str, int]] = field(default_factory=dict)
     manual_note: str = ""
     label_rules: tuple[str, ...] = ()  # values of tasks.<task>.label_rule; the first is the default
+    inputs: tuple[str, ...] = ()  # further files convert reads, by keyword (paths the rule declares)
 
     @property
     def manual(self) -> bool:
         return any(source.url is None for source in self.sources)
-
-
-RECIPES: dict[str, Dataset] = {}
-
-
-def register(dataset: Dataset) -> Dataset:
-    """Register a dataset recipe under ``dataset.name`` (the config's ``tasks.<task>.dataset``)."""
-    RECIPES[dataset.name] = dataset
-    return dataset
 
 
 def _load_modules() -> None:
@@ -81,15 +77,18 @@ def _load_modules() -> None:
         importlib.import_module(f"{__name__}.{module.name}")
 
 
+RECIPES: Registry[Dataset] = Registry("dataset recipe", loader=_load_modules)
+
+
+def register(dataset: Dataset) -> Dataset:
+    """Register a dataset recipe under ``dataset.name`` (the config's ``tasks.<task>.dataset``)."""
+    return RECIPES.register(dataset.name, dataset)
+
+
 def get(name: str) -> Dataset:
     """The registered recipe ``name`` (every module of this package is imported on first use)."""
-    _load_modules()
-    if name not in RECIPES:
-        raise KeyError(
-            f"no download/preparation recipe for dataset {name!r} (recipes: {sorted(RECIPES)}); provide the raw "
-            "table metadata.csv yourself in the format of docs/datasets.md and point the task's raw_dir at its folder"
-        )
-    return RECIPES[name]
+    return RECIPES.get(name, hint="; provide the raw table metadata.csv yourself in the format of docs/datasets.md "
+                       "and point the task's raw_dir at its folder")
 
 
 def missing_message(dataset: Dataset, data_dir: Path, missing: list[Source]) -> str:
@@ -113,50 +112,50 @@ def fetch(name: str, data_dir: str | Path, receipt: str | Path | None = None, ch
     dataset = get(name)
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    checksums = checksums or {}
-    missing = []
-    for source in dataset.sources:
-        if (data_dir / source.name).exists() or source.url:
-            continue
-        if source.kaggle and os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
-            target = (data_dir / source.name).parent
-            whole = source.name.endswith(f"{source.kaggle}.zip")
-            kaggle_download(source.kaggle, target, files=None if whole else [Path(source.name).name])
-            if (data_dir / source.name).exists():
-                continue
-        missing.append(source)
+    missing = [source for source in dataset.sources if not _present(source, data_dir)]
     if missing:
         raise MissingDataError(missing_message(dataset, data_dir, missing))
-    files = {}
-    for source in dataset.sources:
-        path = data_dir / source.name
-        pinned = checksums.get(source.name) or source.sha256
-        if path.is_dir():  # a folder the user unpacked (e.g. EyePACS' multi-part archives): listed, not hashed
-            files[source.name] = {"folder": True, "entries": sum(1 for _ in path.iterdir())}
-            continue
-        if source.url:
-            try:
-                digest = download(source.url, path, md5=source.md5, sha256=pinned)
-            except AccessDeniedError as error:
-                raise MissingDataError(
-                    f"Dataset {dataset.name!r} ({dataset.title}): the server refused {error.url} (HTTP {error.status} "
-                    f"{error.reason}).\nAccess: {dataset.access}\nOnce you have access, download {source.name} by hand "
-                    f"and put it into {data_dir.resolve()}/ (not renamed); rerun, and it is verified"
-                    f"{' and unpacked' if source.extract else ''} instead of downloaded."
-                ) from None
-        else:
-            digest = verify(path, md5=source.md5, sha256=pinned)
-        files[source.name] = {"sha256": digest, "md5": source.md5, "url": source.url, "pinned": bool(pinned or source.md5)}
-        if source.extract:
-            safe_extract(path, path.parent)
+    files = {source.name: _check_source(dataset, source, data_dir, (checksums or {}).get(source.name))
+             for source in dataset.sources}
     result = {"dataset": name, "data_dir": str(data_dir), "files": files}
     if receipt is not None:
-        receipt = Path(receipt)
-        receipt.parent.mkdir(parents=True, exist_ok=True)
-        temporary = receipt.with_name(f".{receipt.name}.tmp")
-        temporary.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(temporary, receipt)
+        write_text_atomic(receipt, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _present(source: Source, data_dir: Path) -> bool:
+    """Whether ``source`` is there or can be fetched: public, already present, or fetched now from Kaggle (with
+    credentials in the environment)."""
+    if (data_dir / source.name).exists() or source.url:
+        return True
+    if source.kaggle and os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        whole = source.name.endswith(f"{source.kaggle}.zip")
+        kaggle_download(source.kaggle, (data_dir / source.name).parent, files=None if whole else [Path(source.name).name])
+        return (data_dir / source.name).exists()
+    return False
+
+
+def _check_source(dataset: Dataset, source: Source, data_dir: Path, pinned: str | None) -> dict[str, Any]:
+    """Download (public) or verify (manual) one source and unpack it; its entry of the receipt."""
+    path = data_dir / source.name
+    pinned = pinned or source.sha256
+    if path.is_dir():  # a folder the user unpacked (e.g. EyePACS' multi-part archives): listed, not hashed
+        return {"folder": True, "entries": sum(1 for _ in path.iterdir())}
+    if source.url:
+        try:
+            digest = download(source.url, path, md5=source.md5, sha256=pinned)
+        except AccessDeniedError as error:
+            raise MissingDataError(
+                f"Dataset {dataset.name!r} ({dataset.title}): the server refused {error.url} (HTTP {error.status} "
+                f"{error.reason}).\nAccess: {dataset.access}\nOnce you have access, download {source.name} by hand "
+                f"and put it into {data_dir.resolve()}/ (not renamed); rerun, and it is verified"
+                f"{' and unpacked' if source.extract else ''} instead of downloaded."
+            ) from None
+    else:
+        digest = verify(path, md5=source.md5, sha256=pinned)
+    if source.extract:
+        safe_extract(path, path.parent)
+    return {"sha256": digest, "md5": source.md5, "url": source.url, "pinned": bool(pinned or source.md5)}
 
 
 def relative_file(path: Path, out_dir: Path) -> str:
@@ -205,27 +204,21 @@ def resolve_label_rule(recipe: Dataset, task: str, label_rule: str | None) -> st
     return label_rule
 
 
-def build_raw_table(dataset: str, task: str, out_dir: str | Path, data_dir: str | Path | None = None,
-                    classes: list[str] | str | None = None, label_rule: str | None = None) -> Path:
-    """Convert dataset ``dataset`` (unpacked in ``data_dir``) into ``out_dir/metadata.csv`` and ``counts.json``.
+def build_raw_table(dataset: str, task: str, data_dir: str | Path, metadata: str | Path, counts: str | Path, *,
+                    classes: list[str] | tuple[str, ...] | str, label_rule: str | None = None,
+                    inputs: Mapping[str, str | Path] | None = None) -> Path:
+    """Convert dataset ``dataset`` (unpacked in ``data_dir``) into the raw table ``metadata`` and the count report
+    ``counts``; images a recipe makes (T8's crops) go below the table's folder.
 
     ``classes`` are the task's classes (multilabel recipes keep only these findings; ``"all"`` keeps every
-    finding); ``label_rule`` the task's ``label_rule`` (None: the recipe's default)."""
+    finding); ``label_rule`` the task's ``label_rule`` (None: the recipe's default); ``inputs`` the further files
+    the recipe reads (its ``inputs``, by name). Returns ``metadata`` as a path."""
     recipe = get(dataset)
     rule = resolve_label_rule(recipe, task, label_rule)
-    out_dir = Path(out_dir)
-    data_dir = Path(data_dir) if data_dir is not None else Path(DATA_ROOT) / dataset
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = "all" if classes == "all" else list(classes or [])
-    if rule is None:
-        table = recipe.convert(data_dir, out_dir, wanted)
-    else:
-        table = recipe.convert(data_dir, out_dir, wanted, label_rule=rule)
+    metadata = Path(metadata)
+    table = _convert(recipe, Path(data_dir), metadata.parent, classes, rule, inputs or {})
     excluded = table.attrs.get("excluded", {})
-    for column in RAW_TABLE_COLUMNS:
-        if column not in table.columns:
-            table[column] = ""
-    table = table[RAW_TABLE_COLUMNS].fillna("").astype(str)
+    table = table.reindex(columns=RAW_TABLE_COLUMNS, fill_value="").fillna("").astype(str)
     if table.empty:
         raise ValueError(f"{data_dir}: dataset {dataset!r} produced no image for task {task}")
     found = raw_counts(table)
@@ -236,13 +229,24 @@ def build_raw_table(dataset: str, task: str, out_dir: str | Path, data_dir: str 
               "excluded": excluded}
     if rule is not None:
         report["label_rule"] = rule
-    (out_dir / "counts.json").write_text(json.dumps(report, indent=2) + "\n")
-    metadata = out_dir / "metadata.csv"
-    temporary = out_dir / ".metadata.csv.tmp"
-    table.to_csv(temporary, index=False, lineterminator="\n")
-    os.replace(temporary, metadata)
+    write_text_atomic(counts, json.dumps(report, indent=2) + "\n")
+    with atomic_path(metadata) as temporary:
+        table.to_csv(temporary, index=False, lineterminator="\n")
     log.info("%s: %d images from %s -> %s", task, len(table), dataset, metadata)
     return metadata
+
+
+def _convert(recipe: Dataset, data_dir: Path, out_dir: Path, classes: list[str] | tuple[str, ...] | str,
+             label_rule: str | None, inputs: Mapping[str, str | Path]) -> pd.DataFrame:
+    """The recipe's raw table, with the label rule and the recipe's further inputs passed by keyword."""
+    unknown = sorted(set(inputs) - set(recipe.inputs))
+    if unknown:
+        raise ValueError(f"dataset {recipe.name!r} reads no input named {unknown}; its inputs: {list(recipe.inputs)}")
+    keywords: dict[str, Any] = {name: Path(path) for name, path in inputs.items()}
+    if label_rule is not None:
+        keywords["label_rule"] = label_rule
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return recipe.convert(data_dir, out_dir, "all" if classes == "all" else list(classes), **keywords)
 
 
 def find_one(root: Path, name: str) -> Path:

@@ -11,7 +11,7 @@ reads ``<root>/NCT-CRC-HE-100K`` and ``<root>/CRC-VAL-HE-7K`` as one folder per 
 nest the folder once more (``NCT-CRC-HE-100K/NCT-CRC-HE-100K/ADI/...``); :func:`class_root` accepts both.
 
 The record holds two 100K archives: ``NCT-CRC-HE-100K.zip`` (Macenko colour-normalised; the archive named in the
-paper and used here) and ``NCT-CRC-HE-100K-NONORM.zip``. Their Zenodo MD5s differ; see ``MD5`` below.
+paper and used here) and ``NCT-CRC-HE-100K-NONORM.zip``, with different MD5s.
 """
 
 from __future__ import annotations
@@ -25,14 +25,9 @@ from medprobe.datasets import Dataset, Source, find_one, register, relative_file
 CLASSES = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
 RECORD = "https://zenodo.org/records/1214456/files"
 PARTS = {"NCT-CRC-HE-100K": "train", "CRC-VAL-HE-7K": "test"}
-# MD5s as listed on the Zenodo record 1214456 (https://zenodo.org/records/1214456). Not fetched live here (no network);
-# taken from public code that pins them, which agrees across independent projects:
-# * NCT-CRC-HE-100K.zip (11,690,284,003 bytes): 6fd702d11df6292bc054397ae038a464, pinned with the byte size by several
-#   acquisition scripts and, with the note "Zenodo page lists md5 6fd702... for this file", by a loader that also lists
-#   NCT-CRC-HE-100K-NONORM.zip = 035777cf327776a71a05c95da6d6325f. kaiko-ai/eva pairs 035777... with the NONORM archive
-#   (crc_he.py, crc_nonorm.py); its crc.py pairs it with NCT-CRC-HE-100K.zip but never verifies it (the MD5 is not passed
-#   to the download) -- the likely origin of the wrong value this recipe carried before.
-# * CRC-VAL-HE-7K.zip (800,276,929 bytes): 2fd1651b4f94ebd818ebf90ad2b6ce06, the same in every source (eva included).
+# The MD5s the Zenodo record lists (NCT-CRC-HE-100K.zip, 11,690,284,003 bytes; CRC-VAL-HE-7K.zip, 800,276,929 bytes), as
+# pinned with the byte sizes by independent acquisition scripts. 035777cf327776a71a05c95da6d6325f belongs to
+# NCT-CRC-HE-100K-NONORM.zip (kaiko-ai/eva crc_nonorm.py), not to the archive used here.
 MD5 = {"NCT-CRC-HE-100K.zip": "6fd702d11df6292bc054397ae038a464", "CRC-VAL-HE-7K.zip": "2fd1651b4f94ebd818ebf90ad2b6ce06"}
 
 

@@ -27,13 +27,13 @@ Rule ``oai_most_files`` (:func:`prepare`) checks which of the two is there (stop
 neither is), lists every knee in ``knees_all.csv`` (the radiographs KNEEL runs on) and writes the receipt.
 
 Landmarks come from the task's ``landmarks`` setting: ``kneel`` runs the upstream KNEEL models (rule
-``kneel_landmarks`` in ``envs/kneel.yaml``), a path names the user's own file (``file, side, x, y``, one row
-per landmark, pixels of the original image); either way the workflow puts ``landmarks.csv`` and
-``landmarks_undetected.csv`` (``file, side, reason``: knees KNEEL found no joint for) into the raw folder
-(``out_dir``) before this recipe runs. Without that, the recipe reads ``landmarks.csv`` next to ``knees.csv``.
-Knees listed as undetected are left out and counted in ``counts.json``; knees of ``knees.csv`` with neither
-landmarks nor an undetected entry are taken as ready-made crops (users who already have crops name them in
-``knees.csv`` and give no landmarks for them); knees of the OAI release without landmarks are left out.
+``kneel_landmarks`` in ``envs/kneel.yaml``, which also lists in ``landmarks_undetected.csv``, ``file, side, reason``,
+the knees it found no joint for), a path names the user's own file (``file, side, x, y``, one row per landmark,
+pixels of the original image); rule ``raw_dataset`` passes them to :func:`convert`. Without them, the recipe
+reads ``landmarks.csv`` next to ``knees.csv``. Knees listed as undetected are left out and counted in
+``counts.json``; knees of ``knees.csv`` with neither landmarks nor an undetected entry are taken as ready-made
+crops (users who already have crops name them in ``knees.csv`` and give no landmarks for them); knees of the OAI
+release without landmarks are left out.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from PIL import Image
 from medprobe import kneel
 from medprobe.datasets import Dataset, Source, register, relative_file
 from medprobe.download import MissingDataError, verify
+from medprobe.io import atomic_path, write_text_atomic
 
 log = logging.getLogger("medprobe.datasets.oai_most")
 
@@ -62,7 +63,8 @@ KNEES = "knees.csv"
 KNEES_ALL = "knees_all.csv"  # every knee of knees.csv and of the OAI release: what KNEEL runs on
 OAI_DIR = "oai"
 LANDMARKS = "landmarks.csv"
-UNDETECTED = "landmarks_undetected.csv"
+# Knees left out of the raw table, counted in counts.json under these reasons
+NO_JOINT, NO_LANDMARKS = "no joint found by KNEEL", "OAI: no landmarks"
 
 BILATERAL_PA = "Bilateral PA Fixed Flexion Knee"
 DICOM_NAME = "001"
@@ -372,19 +374,13 @@ def prepare(data_dir: str | Path, knees_out: str | Path, receipt: str | Path,
         name = path.relative_to(data_dir).as_posix()
         digest = verify(path, sha256=checksums.get(name))
         files[name] = {"sha256": digest, "pinned": name in checksums}
-    _write_atomically(Path(knees_out), lambda target: table.to_csv(target, index=False, lineterminator="\n"))
+    with atomic_path(knees_out) as temporary:
+        table.to_csv(temporary, index=False, lineterminator="\n")
     result = {"dataset": RECIPE.name, "data_dir": str(data_dir), "files": files, "knees": int(len(table)),
               "knees_by_origin": {k: int(v) for k, v in table["origin"].value_counts().items()}, "excluded": excluded}
-    _write_atomically(Path(receipt), lambda target: target.write_text(json.dumps(result, indent=2) + "\n"))
+    write_text_atomic(receipt, json.dumps(result, indent=2) + "\n")
     log.info("%d knee(s) -> %s (%s)", len(table), knees_out, result["knees_by_origin"])
     return result
-
-
-def _write_atomically(target: Path, write) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp")
-    write(temporary)
-    os.replace(temporary, target)
 
 
 # ---- the raw table -----------------------------------------------------------------------------------------
@@ -396,63 +392,70 @@ def _read_pixels(path: Path, row: pd.Series) -> tuple[np.ndarray, tuple[float, f
     return np.asarray(Image.open(path)), spacing
 
 
-def convert(data_dir: Path, out_dir: Path, classes: list[str]) -> pd.DataFrame:
+def convert(data_dir: Path, out_dir: Path, classes: list[str], landmarks: Path | None = None,
+            undetected: Path | None = None) -> pd.DataFrame:
+    """T8's raw table: a 140 mm crop (written below ``out_dir/images/``) of every knee with landmarks, the user's
+    ready-made crops, and in ``attrs["excluded"]`` the knees left out by reason.
+
+    ``landmarks`` are KNEEL's or the user's (else ``landmarks.csv`` next to ``knees.csv``); ``undetected``
+    KNEEL's list of the knees it found no joint for."""
     knees, excluded = knee_table(data_dir)
-    landmarks_path, undetected_path = landmark_files(data_dir, out_dir)
-    landmarks = kneel.read_landmarks(landmarks_path)
-    points = {key: group[["x", "y"]].to_numpy(float) for key, group in landmarks.groupby(["file", "side"])}
-    undetected = set()
-    if undetected_path is not None:
-        undetected = set(map(tuple, kneel.read_undetected(undetected_path)[["file", "side"]].to_numpy().tolist()))
-    image_dir = out_dir / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    rows, left_out, no_landmarks = [], 0, 0
-    for _, row in knees.iterrows():
-        side = row["side"].strip().upper()[:1]
-        if side not in ("R", "L"):
-            raise ValueError(f"{data_dir / KNEES}: file {row['file']}: side must be R or L, got {row['side']!r}")
-        source_path = data_dir / row["file"]
-        image_id = f"{row['source']}_{Path(row['file']).with_suffix('').as_posix().replace('/', '_')}_{side}"
-        if (row["file"], side) in undetected and (row["file"], side) not in points:
-            left_out += 1
-            continue
-        if (row["file"], side) in points:
-            pixels, spacing = _read_pixels(source_path, row)
-            crop = kneel.crop_knee(pixels, kneel.joint_centre(points[(row["file"], side)]), spacing, side)
-            target = image_dir / f"{image_id}.png"
-            Image.fromarray(crop.astype(np.uint16) if crop.dtype.kind in "iu" and crop.max() > 255 else crop.astype(np.uint8)).save(target)
-            file = relative_file(target, out_dir)
-        elif row["origin"] == FROM_OAI_RELEASE:  # a whole bilateral radiograph: never a crop
-            no_landmarks += 1
-            continue
-        else:  # a crop the user made already
-            file = relative_file(source_path, out_dir)
-        rows.append({"image_id": image_id, "file": file, "patient_id": f"{row['source']}_{row['patient_id']}",
-                     "label": row["kl"], "source": row["source"], "partition": row["partition"]})
-    table = pd.DataFrame(rows)
-    if left_out:
-        log.warning("%d knee(s) left out: KNEEL found no joint (listed in %s)", left_out, undetected_path)
-        excluded["no joint found by KNEEL"] = left_out
-    if no_landmarks:
-        log.warning("%d knee(s) of the OAI release left out: no landmarks for them in %s", no_landmarks, landmarks_path)
-        excluded["OAI: no landmarks"] = no_landmarks
+    landmarks = landmarks if landmarks is not None else _default_landmarks(data_dir)
+    table = kneel.read_landmarks(landmarks)
+    points = {key: group[["x", "y"]].to_numpy(float) for key, group in table.groupby(["file", "side"])}
+    missed = set()
+    if undetected is not None:
+        missed = set(map(tuple, kneel.read_undetected(undetected)[["file", "side"]].to_numpy().tolist()))
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rows, left_out = [], Counter()
+    for _, knee in knees.iterrows():
+        row, reason = _knee_row(knee, data_dir, out_dir, points, missed)
+        if reason is not None:
+            left_out[reason] += 1
+        else:
+            rows.append(row)
+    for reason, where in ((NO_JOINT, undetected), (NO_LANDMARKS, landmarks)):
+        if left_out[reason]:
+            log.warning("%d knee(s) left out: %s (%s)", left_out[reason], reason, where)
+            excluded[reason] = left_out[reason]
+    raw = pd.DataFrame(rows)
     if excluded:
-        table.attrs["excluded"] = excluded
-    return table
+        raw.attrs["excluded"] = excluded
+    return raw
 
 
-def landmark_files(data_dir: Path, out_dir: Path) -> tuple[Path, Path | None]:
-    """The landmarks the recipe uses: those the workflow put into the raw folder (KNEEL's or the user's
-    file named by ``tasks.<task>.landmarks``), else ``landmarks.csv`` next to ``knees.csv``."""
-    if (out_dir / LANDMARKS).exists():
-        undetected = out_dir / UNDETECTED
-        return out_dir / LANDMARKS, undetected if undetected.exists() else None
+def _knee_row(knee: pd.Series, data_dir: Path, out_dir: Path, points: dict[tuple[str, str], np.ndarray],
+              undetected: set[tuple[str, str]]) -> tuple[dict[str, str] | None, str | None]:
+    """One knee's row of the raw table (its crop written when it has landmarks), or the reason it is left out."""
+    side = knee["side"].strip().upper()[:1]
+    if side not in ("R", "L"):
+        raise ValueError(f"{data_dir / KNEES}: file {knee['file']}: side must be R or L, got {knee['side']!r}")
+    key = (knee["file"], side)
+    source_path = data_dir / knee["file"]
+    image_id = f"{knee['source']}_{Path(knee['file']).with_suffix('').as_posix().replace('/', '_')}_{side}"
+    if key in points:
+        pixels, spacing = _read_pixels(source_path, knee)
+        crop = kneel.crop_knee(pixels, kneel.joint_centre(points[key]), spacing, side)
+        target = out_dir / "images" / f"{image_id}.png"
+        Image.fromarray(crop.astype(np.uint16) if crop.dtype.kind in "iu" and crop.max() > 255 else crop.astype(np.uint8)).save(target)
+        file = relative_file(target, out_dir)
+    elif key in undetected:
+        return None, NO_JOINT
+    elif knee["origin"] == FROM_OAI_RELEASE:  # a whole bilateral radiograph: never a crop
+        return None, NO_LANDMARKS
+    else:  # a crop the user made already
+        file = relative_file(source_path, out_dir)
+    return {"image_id": image_id, "file": file, "patient_id": f"{knee['source']}_{knee['patient_id']}",
+            "label": knee["kl"], "source": knee["source"], "partition": knee["partition"]}, None
+
+
+def _default_landmarks(data_dir: Path) -> Path:
+    """``landmarks.csv`` next to ``knees.csv``, for a task that names no landmarks."""
     if (data_dir / LANDMARKS).exists():
-        return data_dir / LANDMARKS, None
+        return data_dir / LANDMARKS
     raise FileNotFoundError(
-        f"no knee landmarks for the knees of {data_dir}: neither {out_dir / LANDMARKS} (made by the workflow when "
-        f"the task sets `landmarks: kneel` or `landmarks: <your file>`) nor {data_dir / LANDMARKS} exists; see "
-        "docs/datasets.md (T8)"
+        f"no knee landmarks for the knees of {data_dir}: the task names none (`landmarks: kneel` runs KNEEL, "
+        f"`landmarks: <your file>` takes yours) and {data_dir / LANDMARKS} does not exist; see docs/datasets.md (T8)"
     )
 
 
@@ -466,6 +469,7 @@ RECIPE = register(Dataset(
         Source(KNEES, description="one row per knee: file, patient_id, side, kl, source, partition[, spacing_row, spacing_col]"),
     ),
     convert=convert,
+    inputs=("landmarks", "undetected"),
     expected={"total": {"images": 66089}},
     manual_note=f"Instead of (or next to) {KNEES}, the OAI release as downloaded can go below {OAI_DIR}/: the image "
     "archives, each in a folder named by its visit (00m, 12m, ...), and the kXR_SQ_BU<visit>.txt readings; the "

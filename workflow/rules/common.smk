@@ -43,7 +43,12 @@ def model_config(wildcards):
 
 
 def raw_metadata(wildcards):
-    return f"{medprobe_config.raw_dir(config, wildcards.task)}/metadata.csv"
+    """The task's raw table and, when a dataset recipe makes it (rule raw_dataset), the recipe's counts."""
+    raw = medprobe_config.raw_dir(config, wildcards.task)
+    entry = config["tasks"][wildcards.task]
+    if entry["dataset"] == "demo" or "raw_dir" in entry:
+        return {"metadata": f"{raw}/metadata.csv"}
+    return {"metadata": f"{raw}/metadata.csv", "counts": f"{raw}/counts.json"}
 
 
 def dataset_download(wildcards):
@@ -51,27 +56,19 @@ def dataset_download(wildcards):
 
 
 def dataset_receipt(wildcards):
-    """The download receipt (first: its folder is the recipe's data folder) and, for a task with
-    `landmarks` (T8), the knee landmarks the workflow puts into the raw folder."""
-    inputs = [dataset_download(wildcards)]
-    if "landmarks" in config["tasks"][wildcards.task]:
-        raw = f"resources/raw/{wildcards.task}"  # raw_dataset's folder
-        inputs += [f"{raw}/landmarks.csv", f"{raw}/landmarks_undetected.csv"]
+    """The download receipt and, for a task with `landmarks` (T8), the knee landmarks: those rule
+    kneel_landmarks makes (`kneel`) or the user's own file (a path)."""
+    inputs = {"receipt": dataset_download(wildcards)}
+    landmarks = config["tasks"][wildcards.task].get("landmarks")
+    if landmarks == "kneel":
+        raw = f"resources/raw/{wildcards.task}"
+        inputs.update(
+            landmarks=f"{raw}/landmarks.csv",
+            undetected=f"{raw}/landmarks_undetected.csv",
+        )
+    elif landmarks is not None:
+        inputs["landmarks"] = landmarks
     return inputs
-
-
-def landmark_tasks(kind):
-    """Regex of the tasks whose landmarks come from KNEEL (`kneel`) or from the user's file (`given`)."""
-    names = [
-        task
-        for task, entry in config["tasks"].items()
-        if "landmarks" in entry and (entry["landmarks"] == "kneel") == (kind == "kneel")
-    ]
-    return "|".join(names) if names else "(?!x)x"
-
-
-def given_landmarks(wildcards):
-    return config["tasks"][wildcards.task]["landmarks"]
 
 
 def dataset_folder(wildcards):
@@ -91,11 +88,6 @@ def oai_most_checksums(wildcards):
         if entry["dataset"] == "oai_most":
             pinned.update(entry.get("checksums", {}))
     return json.dumps(pinned, sort_keys=True)
-
-
-def kneel_resource(name):
-    """KNEEL job resource `name` from kneel.resources (mem_mb, runtime, ...)."""
-    return lambda wildcards: config["kneel"]["resources"][name]
 
 
 def dataset_checksums(wildcards):

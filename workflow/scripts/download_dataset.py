@@ -1,9 +1,7 @@
 """Download / verify / extract one dataset's source files (or stop naming the files the user must bring)."""
-from pathlib import Path
 
 from medprobe.datasets import fetch
 from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
-    receipt = Path(snakemake.output[0])
-    fetch(snakemake.wildcards.dataset, receipt.parent, receipt, snakemake.params.checksums)
+    fetch(snakemake.wildcards.dataset, snakemake.params.data_dir, snakemake.output[0], snakemake.params.checksums)

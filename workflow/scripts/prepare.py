@@ -1,18 +1,20 @@
 """Raw metadata -> manifest, preprocessed images and sidecar for one task."""
+
 from medprobe.prepare import prepare_task
+from medprobe.settings import SplitSettings, TaskSettings
 from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
     prepare_task(
         snakemake.wildcards.task,
-        snakemake.params.task,  # its own test_fraction, where set, replaces split.test_fraction
-        raw_dir=snakemake.input[0].rsplit("/", 1)[0],
-        manifest_path=snakemake.output.manifest,
-        sidecar_path=snakemake.output.sidecar,
-        images_dir=snakemake.output.images,
-        val_fraction=snakemake.params.split["val_fraction"],
-        test_fraction=snakemake.params.split["test_fraction"],
-        seed=snakemake.params.seed,
+        TaskSettings.from_dict(snakemake.params.task),
+        SplitSettings.from_dict(snakemake.params.split),
+        snakemake.params.seed,
+        metadata=snakemake.input.metadata,
+        recipe_counts=snakemake.input.get("counts"),
+        manifest=snakemake.output.manifest,
+        sidecar=snakemake.output.sidecar,
+        images=snakemake.output.images,
         on_bad_image=snakemake.params.on_bad_image,
         threads=snakemake.threads,
     )

@@ -1,10 +1,18 @@
 """Real dataset -> raw metadata table (convert the unpacked publisher's files; counts vs the paper's)."""
-from pathlib import Path
 
 from medprobe.datasets import build_raw_table
+from medprobe.settings import TaskSettings
 from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
-    task = snakemake.params.task
-    build_raw_table(task["dataset"], snakemake.wildcards.task, Path(snakemake.output[0]).parent,
-                    Path(snakemake.input[0]).parent, classes=task["classes"], label_rule=task.get("label_rule"))
+    task = TaskSettings.from_dict(snakemake.params.task)
+    build_raw_table(
+        task.dataset,
+        snakemake.wildcards.task,
+        snakemake.params.data_dir,
+        snakemake.output.metadata,
+        snakemake.output.counts,
+        classes=task.classes,
+        label_rule=task.label_rule,
+        inputs={name: path for name, path in snakemake.input.items() if name != "receipt"},
+    )
