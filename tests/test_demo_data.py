@@ -15,8 +15,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler, label_binarize
 
-from medprobe.demo.data import files as demo_files
 from medprobe.demo.data import METADATA_COLUMNS, generate_task
+from medprobe.demo.data import files as demo_files
 from medprobe.demo.nejm import generate_cases
 
 CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "config" / "config.yaml").read_text())

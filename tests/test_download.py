@@ -112,15 +112,18 @@ def test_tar_traversal_and_escaping_symlink_refused(tmp_path):
             for info, data in members:
                 handle.addfile(info, io.BytesIO(data) if data is not None else None)
 
-    escape = tarfile.TarInfo("../escape.txt"); escape.size = 1
+    escape = tarfile.TarInfo("../escape.txt")
+    escape.size = 1
     tar(tmp_path / "a.tar.gz", [(escape, b"x")])
     with pytest.raises(dl.UnsafeArchiveError):
         dl.safe_extract(tmp_path / "a.tar.gz", tmp_path / "t1")
-    link = tarfile.TarInfo("link"); link.type = tarfile.SYMTYPE; link.linkname = "../../etc/passwd"
+    link = tarfile.TarInfo("link")
+    link.type, link.linkname = tarfile.SYMTYPE, "../../etc/passwd"
     tar(tmp_path / "b.tar.gz", [(link, None)])
     with pytest.raises(dl.UnsafeArchiveError):
         dl.safe_extract(tmp_path / "b.tar.gz", tmp_path / "t2")
-    fine = tarfile.TarInfo("dir/ok.txt"); fine.size = 2
+    fine = tarfile.TarInfo("dir/ok.txt")
+    fine.size = 2
     tar(tmp_path / "c.tar.gz", [(fine, b"ok")])
     assert (dl.safe_extract(tmp_path / "c.tar.gz", tmp_path / "t3") / "dir" / "ok.txt").read_text() == "ok"
 
