@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +52,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=7000)
     parser.add_argument("--classes", type=int, default=9)
     parser.add_argument("--replicates", type=int, default=1000)
-    parser.add_argument("--baseline-replicates", type=int, default=40,
-                        help="replicates the sklearn loop is timed on (extrapolated to --replicates)")
+    parser.add_argument(
+        "--baseline-replicates",
+        type=int,
+        default=40,
+        help="replicates the sklearn loop is timed on (extrapolated to --replicates)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -62,8 +65,10 @@ def main() -> None:
     targets, scores = realistic_scores(args.n, args.classes, args.seed)
     indices = bootstrap_indices(args.n, args.replicates, seed=args.seed)
     subset = indices[: min(args.baseline_replicates, args.replicates)]
-    print(f"workload: {args.replicates} replicates x {args.n} samples x {args.classes} classes "
-          f"({len(np.unique(scores))} distinct score values)")
+    print(
+        f"workload: {args.replicates} replicates x {args.n} samples x {args.classes} classes "
+        f"({len(np.unique(scores))} distinct score values)"
+    )
 
     ours_times, result = [], None
     for _ in range(args.repeats):
@@ -82,12 +87,18 @@ def main() -> None:
     difference = np.nanmax(np.abs(result[: len(subset)] - expected))
     if not np.array_equal(np.isnan(result[: len(subset)]), np.isnan(expected)) or difference > 1e-10:
         raise SystemExit(f"bootstrap_auc disagrees with the sklearn loop: max |difference| = {difference:.3g}")
-    print(f"agreement: max |bootstrap_auc - roc_auc_score| = {difference:.2e} over {len(subset)} replicates x "
-          f"{args.classes} classes")
-    print(f"medprobe.stats.bootstrap_auc: {ours:.3f} s for {args.replicates} replicates "
-          f"(median of {args.repeats}: {', '.join(f'{t:.3f}' for t in ours_times)})")
-    print(f"sklearn roc_auc_score loop: {baseline:.2f} s for {args.replicates} replicates, extrapolated from "
-          f"{len(subset)} replicates timed at {statistics.median(baseline_times):.2f} s")
+    print(
+        f"agreement: max |bootstrap_auc - roc_auc_score| = {difference:.2e} over {len(subset)} replicates x "
+        f"{args.classes} classes"
+    )
+    print(
+        f"medprobe.stats.bootstrap_auc: {ours:.3f} s for {args.replicates} replicates "
+        f"(median of {args.repeats}: {', '.join(f'{t:.3f}' for t in ours_times)})"
+    )
+    print(
+        f"sklearn roc_auc_score loop: {baseline:.2f} s for {args.replicates} replicates, extrapolated from "
+        f"{len(subset)} replicates timed at {statistics.median(baseline_times):.2f} s"
+    )
     print(f"speedup={baseline / ours:.1f}")
 
 

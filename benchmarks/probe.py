@@ -62,7 +62,9 @@ def make_layer_torch(n: int, d: int, n_classes: int, seed: int, device: str) -> 
         return torch.randn(*shape, generator=generator, device=device)
 
     latent = normal(n, signal_rank)
-    gumbel = -torch.log(-torch.log(torch.rand(n, n_classes, generator=generator, device=device).clamp_(1e-12, 1 - 1e-7)))
+    gumbel = -torch.log(
+        -torch.log(torch.rand(n, n_classes, generator=generator, device=device).clamp_(1e-12, 1 - 1e-7))
+    )
     y = torch.argmax(latent @ normal(signal_rank, n_classes) + gumbel, dim=1)
     X = latent @ (normal(signal_rank, d) * (2.0 / signal_rank**0.5))
     X += normal(n, d)
@@ -80,8 +82,11 @@ def gpu_benchmark(args: argparse.Namespace) -> int:
     n_test = max(n_train // 5, 1)
     X, y = make_layer_torch(n_train + n_test, d, n_classes, args.seed, device)
     X_train, y_train, X_test, y_test = X[:n_train], y[:n_train], X[n_train:], y[n_train:].cpu().numpy()
-    print(f"device={device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'host'}) n_train={n_train} "
-          f"n_test={n_test} d={d} classes={n_classes} C={args.C} tol={args.tol} max_iter={args.max_iter}", flush=True)
+    print(
+        f"device={device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'host'}) n_train={n_train} "
+        f"n_test={n_test} d={d} classes={n_classes} C={args.C} tol={args.tol} max_iter={args.max_iter}",
+        flush=True,
+    )
     labels = np.arange(n_classes)
     results = {}
     for dtype in ("float32", "float64"):
@@ -91,19 +96,33 @@ def gpu_benchmark(args: argparse.Namespace) -> int:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            probe = fit(X_train, y_train, "multiclass", args.C, max_iter=args.max_iter, tol=args.tol, n_classes=n_classes,
-                        dtype=dtype, device=device)
+            probe = fit(
+                X_train,
+                y_train,
+                "multiclass",
+                args.C,
+                max_iter=args.max_iter,
+                tol=args.tol,
+                n_classes=n_classes,
+                dtype=dtype,
+                device=device,
+            )
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
         loss = log_loss(y_test, probe.predict_proba(X_test), labels=labels)
         results[dtype] = (statistics.median(times), loss, probe.n_iter)
-        print(f"{dtype}: {statistics.median(times):.2f} s (median of {len(times)}), {probe.n_iter} iterations, "
-              f"{1e3 * statistics.median(times) / max(probe.n_iter, 1):.1f} ms per iteration, test log-loss {loss:.6f}, "
-              f"peak device memory {peak:.1f} GiB", flush=True)
+        print(
+            f"{dtype}: {statistics.median(times):.2f} s (median of {len(times)}), {probe.n_iter} iterations, "
+            f"{1e3 * statistics.median(times) / max(probe.n_iter, 1):.1f} ms per iteration, test log-loss {loss:.6f}, "
+            f"peak device memory {peak:.1f} GiB",
+            flush=True,
+        )
     agree = abs(results["float32"][1] - results["float64"][1]) <= 1e-3
-    print(f"float32 - float64 test log-loss {results['float32'][1] - results['float64'][1]:+.2e} {'OK' if agree else 'MISMATCH'}")
+    print(
+        f"float32 - float64 test log-loss {results['float32'][1] - results['float64'][1]:+.2e} {'OK' if agree else 'MISMATCH'}"
+    )
     print(f"gpu_seconds={results['float32'][0]:.2f}")
     return 0 if agree else 1
 
@@ -115,11 +134,17 @@ def main() -> int:
     parser.add_argument("--tol", type=float, default=1e-6)
     parser.add_argument("--max-iter", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per layer (default 3 quick, 1 full)")
-    parser.add_argument("--threads", type=int, default=None, help="threads for torch and BLAS alike (default: library defaults)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads for torch and BLAS alike (default: library defaults)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=3, help="number of layers (independent problems)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="precision of the headline speedup")
-    parser.add_argument("--gpu", action="store_true", help="time one GPU-sized layer on --device instead (no scikit-learn)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "float64"], default="float32", help="precision of the headline speedup"
+    )
+    parser.add_argument(
+        "--gpu", action="store_true", help="time one GPU-sized layer on --device instead (no scikit-learn)"
+    )
     parser.add_argument("--device", default="cuda", help="device of --gpu (cpu runs the same code path at small sizes)")
     parser.add_argument("--gpu-n", type=int, default=100_000, help="training rows of --gpu")
     parser.add_argument("--gpu-d", type=int, default=8192, help="features of --gpu")

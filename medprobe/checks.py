@@ -89,8 +89,10 @@ def coverage_warnings(targets: Any, kind: str, classes: Sequence[str], where: st
         if positives == 0 or (kind == "multilabel" and negatives == 0):
             missing = "positives" if positives == 0 else "negatives"
             noun = "finding" if kind == "multilabel" else "class"
-            messages.append(f"{where}: {noun} {name!r} has no {missing} among {len(targets)} image(s); "
-                            f"its AUC is undefined (NaN) and it is left out of macro averages")
+            messages.append(
+                f"{where}: {noun} {name!r} has no {missing} among {len(targets)} image(s); "
+                f"its AUC is undefined (NaN) and it is left out of macro averages"
+            )
     for message in messages:
         log.warning(message)
     return messages
@@ -125,7 +127,7 @@ def run_with_oom_backoff(
     results: list[Any] = []
     start, size = 0, batch_size
     while start < len(items):
-        batch = items[start:start + size]
+        batch = items[start : start + size]
         try:
             result = fn(batch)
         except torch.cuda.OutOfMemoryError as error:
@@ -189,7 +191,10 @@ class OomBackoff:
         rows = list(range(n))
         parts, size = run_with_oom_backoff(
             lambda chunk: fn(slice_batch(batch, chunk[0], chunk[-1] + 1, n) if len(chunk) < n else batch),
-            rows, size, ids=ids, empty_cache=self.empty_cache,
+            rows,
+            size,
+            ids=ids,
+            empty_cache=self.empty_cache,
         )
         if size < n:
             self.chunk_size = size

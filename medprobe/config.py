@@ -14,6 +14,7 @@ import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key."""
 
@@ -64,8 +65,10 @@ def resolve_extends(config: dict[str, Any], root: str | Path = ".") -> dict[str,
             raise ConfigError(f"extends: {base_path} is extended twice (a loop through {[str(p) for p in chain]})")
         chain.append(base_path.resolve())
         if not base_path.is_file():
-            raise ConfigError(f"extends: the base config {base_path} does not exist (paths are relative to the "
-                              "workflow root, e.g. config/paper.yaml)")
+            raise ConfigError(
+                f"extends: the base config {base_path} does not exist (paths are relative to the "
+                "workflow root, e.g. config/paper.yaml)"
+            )
         try:
             base = yaml.safe_load(base_path.read_text()) or {}
         except yaml.YAMLError as error:
@@ -209,7 +212,8 @@ def comparison_pairs(config: dict[str, Any], task: str) -> list[list[str]]:
     ``baseline_model``), kept where both models run the task."""
     runs = task_models(config, task)
     pairs = config.get("comparisons") or [
-        [model, config["baseline_model"]] for model in config["models"]
+        [model, config["baseline_model"]]
+        for model in config["models"]
         if config.get("baseline_model") and model != config["baseline_model"]
     ]
     return [list(pair) for pair in pairs if pair[0] in runs and pair[1] in runs]

@@ -111,7 +111,9 @@ def download(
         raise ChecksumError(f"{error}; the file was moved aside to {bad} and will not be used") from None
     os.replace(partial, dest)
     if not (md5 or sha256):
-        log.warning("%s: no published checksum; pin sha256 %s in the config to verify later downloads", dest.name, digest)
+        log.warning(
+            "%s: no published checksum; pin sha256 %s in the config to verify later downloads", dest.name, digest
+        )
     log.info("downloaded %s -> %s (sha256 %s)", url, dest, digest)
     return digest
 
@@ -122,7 +124,12 @@ def _fetch_with_retries(url, partial: Path, *, retries, backoff, timeout, sessio
         try:
             _fetch_once(url, partial, timeout=timeout, session=session)
             return
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _RetryableStatus) as error:
+        except (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            _RetryableStatus,
+        ) as error:
             if attempt == retries:
                 raise ConnectionError(f"{url}: download failed after {retries} attempts: {error}") from error
             wait = backoff * 2 ** (attempt - 1)
@@ -193,7 +200,9 @@ def safe_extract(archive: str | Path, target: str | Path) -> Path:
             for member in members:
                 _member_target(target, member.name, archive)
                 if member.issym() or member.islnk():
-                    link = member.linkname if member.islnk() else str(PurePosixPath(member.name).parent / member.linkname)
+                    link = (
+                        member.linkname if member.islnk() else str(PurePosixPath(member.name).parent / member.linkname)
+                    )
                     _member_target(target, link, archive)
                 if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
                     raise UnsafeArchiveError(f"{archive}: member {member.name!r} is a device or fifo")

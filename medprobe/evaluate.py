@@ -34,7 +34,9 @@ def task_classes(manifest_path: str | Path, task_config: dict[str, Any]) -> list
     return task_targets(load_manifest(manifest_path), task_config, str(manifest_path))[1]
 
 
-def test_set(manifest_path: str | Path, task_config: dict[str, Any], ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+def test_set(
+    manifest_path: str | Path, task_config: dict[str, Any], ids: Iterable[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """Targets (of :func:`task_classes`) and bootstrap groups (patient ids) for the test ids, in the order of ``ids``."""
     manifest = load_manifest(manifest_path)
     targets_all = task_targets(manifest, task_config, str(manifest_path))[0]
@@ -75,18 +77,43 @@ class TestScorer:
 
     def score(self, probabilities: np.ndarray, rows: np.ndarray | None = None) -> Scores:
         targets, groups = (self.targets, self.groups) if rows is None else (self.targets[rows], self.groups[rows])
-        return score_predictions(self.config["kind"], self.classes, targets, probabilities,
-                                 n_boot=self.evaluation.bootstrap, seed=self.seed, groups=groups,
-                                 ci=self.evaluation.ci, graded=self.config.get("graded", False))
+        return score_predictions(
+            self.config["kind"],
+            self.classes,
+            targets,
+            probabilities,
+            n_boot=self.evaluation.bootstrap,
+            seed=self.seed,
+            groups=groups,
+            ci=self.evaluation.ci,
+            graded=self.config.get("graded", False),
+        )
 
     def rows(self, scores: Scores, **fixed: Any) -> list[dict[str, Any]]:
-        common = {"task": self.task, "model": self.model, "layer": self.layer, "fraction": 1.0, "seed": self.seed,
-                  "n_train": self.n_train, "n_test": scores.n}
+        common = {
+            "task": self.task,
+            "model": self.model,
+            "layer": self.layer,
+            "fraction": 1.0,
+            "seed": self.seed,
+            "n_train": self.n_train,
+            "n_test": scores.n,
+        }
         return [{**common, **fixed, **row} for row in scores.rows()]
 
 
-def test_scorer(*, task: str, model: str, task_settings: TaskSettings, evaluation: EvaluationSettings, seed: int,
-                manifest: str | Path, summary: str | Path | None, ids: list[str], source: str | Path) -> TestScorer:
+def test_scorer(
+    *,
+    task: str,
+    model: str,
+    task_settings: TaskSettings,
+    evaluation: EvaluationSettings,
+    seed: int,
+    manifest: str | Path,
+    summary: str | Path | None,
+    ids: list[str],
+    source: str | Path,
+) -> TestScorer:
     """The scorer of the test ids ``ids`` read from ``source`` (a probe output whose ``classes`` must be the task's);
     ``summary`` (probe.json) gives the rows' layer and training size (comparisons need neither)."""
     config = task_settings.as_dict()
@@ -95,16 +122,21 @@ def test_scorer(*, task: str, model: str, task_settings: TaskSettings, evaluatio
         _check_classes(Path(source), decode_strings(handle.attrs["classes"]), classes)
     targets, groups = test_set(manifest, config, ids)
     probe = json.loads(Path(summary).read_text()) if summary is not None else {"layer": "", "n_train": 0}
-    return TestScorer(task, model, config, classes, targets, groups, evaluation, seed, probe["layer"],
-                      int(probe["n_train"]))
+    return TestScorer(
+        task, model, config, classes, targets, groups, evaluation, seed, probe["layer"], int(probe["n_train"])
+    )
 
 
 def metrics_table(*, source: str | Path, out: str | Path, **context: Any) -> pd.DataFrame:
     """``metrics.csv``: the headline predictions (``predictions.h5``) scored per class and macro."""
     ids, probabilities, _ = load_predictions(source)
     scorer = test_scorer(ids=ids, source=source, **context)
-    coverage_warnings(scorer.targets, scorer.config["kind"], scorer.classes,
-                      f"{context['manifest']} test split (task {scorer.task}, model {scorer.model})")
+    coverage_warnings(
+        scorer.targets,
+        scorer.config["kind"],
+        scorer.classes,
+        f"{context['manifest']} test split (task {scorer.task}, model {scorer.model})",
+    )
     return _write(scorer.rows(scorer.score(probabilities)), TABLE_COLUMNS, out)
 
 
@@ -149,13 +181,20 @@ def efficiency_table(*, source: str | Path, out: str | Path, **context: Any) -> 
             for s, subset_seed in enumerate(seeds):
                 probabilities = handle["probabilities"][f, s].astype(np.float64)
                 check_finite(probabilities, ids, f"{source} fraction {fraction:g} seed {subset_seed}", "probabilities")
-                rows += scorer.rows(scorer.score(probabilities), fraction=float(fraction), seed=int(subset_seed),
-                                    n_train=int(sizes[f, s]))
+                rows += scorer.rows(
+                    scorer.score(probabilities),
+                    fraction=float(fraction),
+                    seed=int(subset_seed),
+                    n_train=int(sizes[f, s]),
+                )
     return _write(rows, TABLE_COLUMNS, out)
 
 
 TABLES: dict[str, Callable[..., pd.DataFrame]] = {
-    "metrics": metrics_table, "layers": layers_table, "efficiency": efficiency_table, "groups": groups_table,
+    "metrics": metrics_table,
+    "layers": layers_table,
+    "efficiency": efficiency_table,
+    "groups": groups_table,
 }
 
 
@@ -166,8 +205,9 @@ def evaluation_table(table: str, **arguments: Any) -> pd.DataFrame:
     return TABLES[table](**arguments)
 
 
-def _write(rows: list[dict[str, Any]], columns: list[str], out: str | Path,
-           types: dict[str, str] | None = None) -> pd.DataFrame:
+def _write(
+    rows: list[dict[str, Any]], columns: list[str], out: str | Path, types: dict[str, str] | None = None
+) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=columns)
     if types:
         table = table.astype(types)
@@ -197,13 +237,23 @@ def compare_models(
     loaded = {model: load_predictions(predictions[model]) for model in compared}
     for model in compared[1:]:
         if loaded[model][0] != loaded[compared[0]][0]:
-            raise ValueError(f"{predictions[model]}: test ids differ from {predictions[compared[0]]}; "
-                             "models must be compared on the same test images")
+            raise ValueError(
+                f"{predictions[model]}: test ids differ from {predictions[compared[0]]}; "
+                "models must be compared on the same test images"
+            )
     rows = []
     if compared:
-        scorer = test_scorer(task=task, model=compared[0], task_settings=task_settings, evaluation=evaluation,
-                             seed=seed, manifest=manifest, summary=None, ids=loaded[compared[0]][0],
-                             source=predictions[compared[0]])
+        scorer = test_scorer(
+            task=task,
+            model=compared[0],
+            task_settings=task_settings,
+            evaluation=evaluation,
+            seed=seed,
+            manifest=manifest,
+            summary=None,
+            ids=loaded[compared[0]][0],
+            source=predictions[compared[0]],
+        )
         for model in compared[1:]:
             with h5py.File(predictions[model], "r") as handle:
                 _check_classes(Path(predictions[model]), decode_strings(handle.attrs["classes"]), scorer.classes)
@@ -212,8 +262,14 @@ def compare_models(
             {"task": task, "model": model, "baseline": reference, **row}
             for model, reference in pairs
             for row in compare(scored[model], scored[reference], ci=evaluation.ci)
-            + delong_rows(scorer.config["kind"], scorer.classes, scorer.targets, loaded[model][1],
-                          loaded[reference][1], ci=evaluation.ci)
+            + delong_rows(
+                scorer.config["kind"],
+                scorer.classes,
+                scorer.targets,
+                loaded[model][1],
+                loaded[reference][1],
+                ci=evaluation.ci,
+            )
         ]
     table = add_holm(pd.DataFrame(rows, columns=COMPARISON_COLUMNS))
     write_table(table, Path(out_path))

@@ -47,9 +47,7 @@ def load_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if image.width * image.height > MAX_PIXELS:
-                    raise BadImageError(
-                        path, f"declared size {image.width}x{image.height} exceeds {MAX_PIXELS} pixels"
-                    )
+                    raise BadImageError(path, f"declared size {image.width}x{image.height} exceeds {MAX_PIXELS} pixels")
                 image.load()  # decode now, inside the error handling: truncated files fail here
                 image = ImageOps.exif_transpose(image)
     except BadImageError:

@@ -67,7 +67,9 @@ def joint_centre(landmarks: np.ndarray) -> tuple[float, float]:
     return float(x), float(y)
 
 
-def crop_box(centre: tuple[float, float], spacing: tuple[float, float], size_mm: float = CROP_MM) -> tuple[int, int, int, int]:
+def crop_box(
+    centre: tuple[float, float], spacing: tuple[float, float], size_mm: float = CROP_MM
+) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) pixel box of ``size_mm`` around ``centre``; ``spacing`` = (row mm, column mm)."""
     row_mm, column_mm = (float(value) for value in spacing)
     if row_mm <= 0 or column_mm <= 0:
@@ -78,8 +80,9 @@ def crop_box(centre: tuple[float, float], spacing: tuple[float, float], size_mm:
     return x0, y0, x0 + width, y0 + height
 
 
-def crop_knee(image: np.ndarray, centre: tuple[float, float], spacing: tuple[float, float], side: str,
-              size_mm: float = CROP_MM) -> np.ndarray:
+def crop_knee(
+    image: np.ndarray, centre: tuple[float, float], spacing: tuple[float, float], side: str, size_mm: float = CROP_MM
+) -> np.ndarray:
     """Crop one knee (zero padding outside the image); left knees are mirrored (see the module's flip policy)."""
     side = side.upper()[:1]
     if side not in ("L", "R"):
@@ -89,7 +92,7 @@ def crop_knee(image: np.ndarray, centre: tuple[float, float], spacing: tuple[flo
     sx0, sy0 = max(x0, 0), max(y0, 0)
     sx1, sy1 = min(x1, image.shape[1]), min(y1, image.shape[0])
     if sx1 > sx0 and sy1 > sy0:
-        out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
     return out[:, ::-1].copy() if side == "L" else out
 
 
@@ -162,7 +165,9 @@ def read_landmarks(path: str | Path) -> pd.DataFrame:
     table = pd.read_csv(path, dtype={"file": str, "side": str}, keep_default_na=False)
     missing = [column for column in LANDMARK_COLUMNS if column not in table.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(table.columns)} (expected file, side, x, y)")
+        raise ValueError(
+            f"{path}: missing column(s) {missing}; found {list(table.columns)} (expected file, side, x, y)"
+        )
     table["side"] = table["side"].map(_side)
     bad_side = table.index[~table["side"].isin(["R", "L"])]
     if len(bad_side):
@@ -171,7 +176,9 @@ def read_landmarks(path: str | Path) -> pd.DataFrame:
         values = pd.to_numeric(table[column], errors="coerce")
         bad = table.index[~np.isfinite(values.to_numpy(float))]
         if len(bad):
-            raise ValueError(f"{path}: row {bad[0] + 2}: {column} must be a finite number of pixels, got {table[column][bad[0]]!r}")
+            raise ValueError(
+                f"{path}: row {bad[0] + 2}: {column} must be a finite number of pixels, got {table[column][bad[0]]!r}"
+            )
         table[column] = values.astype(float)
     return table
 
@@ -188,6 +195,7 @@ def read_undetected(path: str | Path) -> pd.DataFrame:
 
 
 # ---- running KNEEL (imported by workflow/scripts/kneel_landmarks.py in KNEEL's Python 3.7 environment) --------
+
 
 def read_knee_list(path: str | Path) -> list[tuple[str, list[str]]]:
     """Radiographs of a knee list (``file, side, ...``: knees.csv, knees_all.csv) in first-seen order, each with
@@ -234,7 +242,9 @@ def knee_results(path: str | Path, predict: Callable, image_size: Callable | Non
         reason = f"KNEEL failed: {type(error).__name__}: {error}".replace("\n", " ")
         return {side: ("undetected", reason) for side in SIDES}
     if landmarks is None:
-        return {side: ("undetected", "KNEEL could not read it (not a DICOM with pixel data and spacing?)") for side in SIDES}
+        return {
+            side: ("undetected", "KNEEL could not read it (not a DICOM with pixel data and spacing?)") for side in SIDES
+        }
     points = np.asarray(landmarks, dtype=float)
     if points.ndim == 4 and points.shape[0] == 1:
         points = points[0]
@@ -254,9 +264,15 @@ def _knee_result(knee: np.ndarray, size: tuple[int, int] | None) -> tuple:
     return ("ok", knee.tolist())
 
 
-def annotate(knees: Sequence[tuple[str, list[str]]], data_dir: str | Path, predict: Callable,
-             landmarks: str | Path, undetected: str | Path, settings: dict | None = None,
-             image_size: Callable | None = None) -> tuple[int, int]:
+def annotate(
+    knees: Sequence[tuple[str, list[str]]],
+    data_dir: str | Path,
+    predict: Callable,
+    landmarks: str | Path,
+    undetected: str | Path,
+    settings: dict | None = None,
+    image_size: Callable | None = None,
+) -> tuple[int, int]:
     """Run ``predict`` (KNEEL's pipeline) once per radiograph of ``knees`` (paths below ``data_dir``) and write
     ``landmarks`` (:data:`KNEEL_COLUMNS`, one row per landmark of each requested knee) and ``undetected``
     (:data:`UNDETECTED_COLUMNS`, every requested knee without a joint, also logged).

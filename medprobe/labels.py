@@ -41,8 +41,7 @@ def load_manifest(path: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
     if missing:
         raise ValueError(
-            f"manifest {path}: missing required column(s) {_listing(missing)}; "
-            f"found columns {list(manifest.columns)}"
+            f"manifest {path}: missing required column(s) {_listing(missing)}; found columns {list(manifest.columns)}"
         )
     if "label" not in manifest.columns and "labels" not in manifest.columns:
         raise ValueError(

@@ -71,7 +71,9 @@ def authors_labels(layer_names: Sequence[str], num_hidden_states: int | None = N
     if not any(hidden_index(name) for name in layer_names):
         return [None] * len(layer_names)
     n_files = layer_files(layer_names, num_hidden_states)
-    return [None if hidden_index(name) is None else hidden_to_authors(hidden_index(name), n_files) for name in layer_names]
+    return [
+        None if hidden_index(name) is None else hidden_to_authors(hidden_index(name), n_files) for name in layer_names
+    ]
 
 
 def resolve_layer(
@@ -94,5 +96,7 @@ def resolve_layer(
         name = text
     if name not in layer_names:
         meaning = f" ({text} = {name})" if name != text else ""
-        raise ValueError(f"layer {text!r}{meaning} is not in activations file {source}; stored layers: {list(layer_names)}")
+        raise ValueError(
+            f"layer {text!r}{meaning} is not in activations file {source}; stored layers: {list(layer_names)}"
+        )
     return name

@@ -71,7 +71,9 @@ def read_raw_table(path: str | Path, kind: str, classes: Sequence[str] | str) ->
     if bad_partition:
         raise ValueError(f"{path}: column partition must be train, test or empty; found {bad_partition}")
     if classes == "all" and kind != "multilabel":
-        raise ValueError(f"{path}: classes `all` takes every finding of a multilabel task; a {kind} task lists its classes")
+        raise ValueError(
+            f"{path}: classes `all` takes every finding of a multilabel task; a {kind} task lists its classes"
+        )
     if kind == "multilabel":
         found = {name for value in table["labels"] for name in value.split("|") if name}
     else:
@@ -84,9 +86,7 @@ def read_raw_table(path: str | Path, kind: str, classes: Sequence[str] | str) ->
     mixed = with_partition.groupby("patient_id")["partition"].nunique()
     mixed = mixed[mixed > 1]
     if len(mixed):
-        raise ValueError(
-            f"{path}: patient(s) {list(mixed.index[:10])} appear in both the train and the test partition"
-        )
+        raise ValueError(f"{path}: patient(s) {list(mixed.index[:10])} appear in both the train and the test partition")
     return table
 
 
@@ -140,7 +140,9 @@ def grouped_holdout(table: pd.DataFrame, fraction: float, kind: str, seed: int) 
     strata = patient_strata(table.assign(patient_id=groups), kind)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     mask = np.zeros(len(table), dtype=bool)
-    for _, (_, holdout) in zip(range(n_held), splitter.split(np.zeros(len(table)), strata.to_numpy(), groups.to_numpy())):
+    for _, (_, holdout) in zip(
+        range(n_held), splitter.split(np.zeros(len(table)), strata.to_numpy(), groups.to_numpy())
+    ):
         mask[holdout] = True
     return mask
 
@@ -182,7 +184,11 @@ def class_counts(manifest: pd.DataFrame, kind: str) -> dict[str, dict[str, int]]
             findings = Counter(name for value in rows["labels"] for name in (value.split("|") if value else ["none"]))
         else:
             findings = Counter(rows["label"])
-        counts[str(split)] = {"images": int(len(rows)), "patients": int(rows["patient_id"].nunique()), **dict(sorted(findings.items()))}
+        counts[str(split)] = {
+            "images": int(len(rows)),
+            "patients": int(rows["patient_id"].nunique()),
+            **dict(sorted(findings.items())),
+        }
     return counts
 
 
@@ -217,8 +223,12 @@ def prepare_task(
     frame = manifest_frame(kept, splits, images, settings.kind)
     check_manifest(frame, task, metadata, manifest)
     description = describe(task, settings, frame, metadata, skipped, manifest)
-    description["split_settings"] = {"val_fraction": split.val_fraction, "test_fraction": test_fraction,
-                                     "test_fraction_from": fraction_origin, "seed": seed}
+    description["split_settings"] = {
+        "val_fraction": split.val_fraction,
+        "test_fraction": test_fraction,
+        "test_fraction_from": fraction_origin,
+        "seed": seed,
+    }
     if recipe_counts is not None:
         description["recipe_counts"] = json.loads(Path(recipe_counts).read_text())
     write_text_atomic(sidecar, json.dumps(description, indent=2) + "\n")
@@ -226,8 +236,14 @@ def prepare_task(
     log.info("%s: %d images (%d skipped) -> %s", task, len(frame), len(skipped), manifest)
     if skipped:
         shown = ", ".join(entry["image_id"] for entry in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
-        log.warning("%s: skipped %d of %d image(s) (on_bad_image: skip; listed with reasons in %s): %s",
-                    task, len(skipped), len(table), sidecar, shown)
+        log.warning(
+            "%s: skipped %d of %d image(s) (on_bad_image: skip; listed with reasons in %s): %s",
+            task,
+            len(skipped),
+            len(table),
+            sidecar,
+            shown,
+        )
     return frame
 
 
@@ -242,8 +258,9 @@ def task_test_fraction(task: str, settings: TaskSettings, split: SplitSettings) 
     return fraction, f"tasks.{task}.test_fraction"
 
 
-def preprocess_images(table: pd.DataFrame, raw_dir: Path, images: Path, task: str, on_bad_image: str,
-                      threads: int) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+def preprocess_images(
+    table: pd.DataFrame, raw_dir: Path, images: Path, task: str, on_bad_image: str, threads: int
+) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     """Preprocess every image of the raw table into ``images/<image_id>.png`` (``file`` is relative to
     ``raw_dir``); returns the rows kept and, with ``on_bad_image: skip``, the images left out with the reason."""
     images.mkdir(parents=True, exist_ok=True)
@@ -255,8 +272,11 @@ def preprocess_images(table: pd.DataFrame, raw_dir: Path, images: Path, task: st
             preprocess(source, images / f"{image_id}.png")
         except BadImageError as error:
             if on_bad_image == "error":
-                raise BadImageError(error.path, f"{error.reason} (image_id {image_id}, task {task}; set "
-                                    "on_bad_image: skip to leave such images out)") from None
+                raise BadImageError(
+                    error.path,
+                    f"{error.reason} (image_id {image_id}, task {task}; set "
+                    "on_bad_image: skip to leave such images out)",
+                ) from None
             log.warning("skipping %s", error)
             return error.reason
         return None
@@ -293,11 +313,19 @@ def check_manifest(manifest: pd.DataFrame, task: str, metadata: Path, where: str
     check_patients_disjoint(manifest, str(where))
     for split in ("train", "val", "test"):
         if not (manifest["split"] == split).any():
-            raise ValueError(f"{metadata}: split {split!r} is empty for task {task}; add patients or change split fractions")
+            raise ValueError(
+                f"{metadata}: split {split!r} is empty for task {task}; add patients or change split fractions"
+            )
 
 
-def describe(task: str, settings: TaskSettings, manifest: pd.DataFrame, metadata: Path,
-             skipped: list[dict[str, str]], where: str | Path) -> dict[str, Any]:
+def describe(
+    task: str,
+    settings: TaskSettings,
+    manifest: pd.DataFrame,
+    metadata: Path,
+    skipped: list[dict[str, str]],
+    where: str | Path,
+) -> dict[str, Any]:
     """The sidecar's account of the manifest: classes (or the findings found), counts, source and skipped images."""
     kind, classes = settings.kind, settings.classes
     counts = class_counts(manifest, kind)

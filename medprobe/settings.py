@@ -26,8 +26,10 @@ def build(cls: type[S], section: Mapping[str, Any], where: str) -> S:
         if field.name not in section:
             if field.default is not dataclasses.MISSING:
                 continue
-            raise KeyError(f"{where}.{field.name} is missing: build settings from a validated config "
-                           "(medprobe.config.validate fills every default)")
+            raise KeyError(
+                f"{where}.{field.name} is missing: build settings from a validated config "
+                "(medprobe.config.validate fills every default)"
+            )
         value = section[field.name]
         kind = hints[field.name]
         if dataclasses.is_dataclass(kind):

@@ -12,13 +12,23 @@ import pandas as pd
 from medprobe.tables import as_table, write_table
 
 EFFICIENCY_SUMMARY_COLUMNS = [
-    "discipline", "model", "fraction", "tasks", "metrics", "n_seeds", "n_train",
-    "value_mean", "value_sd", "retained_mean", "retained_sd",
+    "discipline",
+    "model",
+    "fraction",
+    "tasks",
+    "metrics",
+    "n_seeds",
+    "n_train",
+    "value_mean",
+    "value_sd",
+    "retained_mean",
+    "retained_sd",
 ]
 
 
-def efficiency_summary(efficiency: str | Path | pd.DataFrame, tasks: dict[str, dict[str, Any]],
-                       out_path: str | Path | None = None) -> pd.DataFrame:
+def efficiency_summary(
+    efficiency: str | Path | pd.DataFrame, tasks: dict[str, dict[str, Any]], out_path: str | Path | None = None
+) -> pd.DataFrame:
     """Label efficiency as the paper reports it: the share of the full-data metric retained at each fraction.
 
     From the ``efficiency`` table (rows of class ``macro``, each task's headline ``metric`` from ``tasks``): for
@@ -31,8 +41,10 @@ def efficiency_summary(efficiency: str | Path | pd.DataFrame, tasks: dict[str, d
     table = as_table(efficiency)
     missing = {"task", "model", "fraction", "seed", "class", "metric", "value", "n_train"} - set(table.columns)
     if missing:
-        raise ValueError(f"{efficiency if not isinstance(efficiency, pd.DataFrame) else 'efficiency table'}: "
-                         f"missing columns {sorted(missing)}")
+        raise ValueError(
+            f"{efficiency if not isinstance(efficiency, pd.DataFrame) else 'efficiency table'}: "
+            f"missing columns {sorted(missing)}"
+        )
     parts = []
     for task, rows in table.groupby("task", sort=False):
         if task not in tasks:
@@ -50,35 +62,69 @@ def efficiency_summary(efficiency: str | Path | pd.DataFrame, tasks: dict[str, d
         rows = pd.concat(parts, ignore_index=True)
         full = rows[np.isclose(rows["fraction"].astype(float), 1.0)]
         lacking = set(map(tuple, rows[["task", "model"]].drop_duplicates().to_numpy())) - set(
-            map(tuple, full[["task", "model"]].drop_duplicates().to_numpy()))
+            map(tuple, full[["task", "model"]].drop_duplicates().to_numpy())
+        )
         if lacking:
-            raise ValueError(f"efficiency table: no fraction 1.0 rows for (task, model) {sorted(lacking)}; "
-                             "add 1.0 to efficiency.fractions")
+            raise ValueError(
+                f"efficiency table: no fraction 1.0 rows for (task, model) {sorted(lacking)}; "
+                "add 1.0 to efficiency.fractions"
+            )
         keys = ["discipline", "model", "fraction", "seed"]
-        per_seed = rows.groupby(keys, sort=True).agg(
-            value=("value", "mean"), n_train=("n_train", "sum"),
-            tasks=("task", lambda v: ",".join(sorted(set(v)))),
-            metrics=("metric", lambda v: ",".join(sorted(set(v))))).reset_index()
+        per_seed = (
+            rows.groupby(keys, sort=True)
+            .agg(
+                value=("value", "mean"),
+                n_train=("n_train", "sum"),
+                tasks=("task", lambda v: ",".join(sorted(set(v)))),
+                metrics=("metric", lambda v: ",".join(sorted(set(v)))),
+            )
+            .reset_index()
+        )
         reference = per_seed[np.isclose(per_seed["fraction"], 1.0)].set_index(["discipline", "model", "seed"])["value"]
-        per_seed["retained"] = per_seed["value"].to_numpy() / reference.loc[
-            list(zip(per_seed["discipline"], per_seed["model"], per_seed["seed"]))].to_numpy()
-        summary = per_seed.groupby(["discipline", "model", "fraction"], sort=True).agg(
-            tasks=("tasks", "first"), metrics=("metrics", "first"), n_seeds=("seed", "nunique"),
-            n_train=("n_train", "mean"), value_mean=("value", "mean"), value_sd=("value", "std"),
-            retained_mean=("retained", "mean"), retained_sd=("retained", "std")).reset_index()[columns]
+        per_seed["retained"] = (
+            per_seed["value"].to_numpy()
+            / reference.loc[list(zip(per_seed["discipline"], per_seed["model"], per_seed["seed"]))].to_numpy()
+        )
+        summary = (
+            per_seed.groupby(["discipline", "model", "fraction"], sort=True)
+            .agg(
+                tasks=("tasks", "first"),
+                metrics=("metrics", "first"),
+                n_seeds=("seed", "nunique"),
+                n_train=("n_train", "mean"),
+                value_mean=("value", "mean"),
+                value_sd=("value", "std"),
+                retained_mean=("retained", "mean"),
+                retained_sd=("retained", "std"),
+            )
+            .reset_index()[columns]
+        )
     if out_path is not None:
         write_table(summary, Path(out_path))
     return summary
 
 
 EFFICIENCY_RETAINED_COLUMNS = [
-    "discipline", "task", "model", "metric", "fraction", "n_seeds", "n_train",
-    "value_mean", "reference_mean", "retained_mean", "retained_sd",
+    "discipline",
+    "task",
+    "model",
+    "metric",
+    "fraction",
+    "n_seeds",
+    "n_train",
+    "value_mean",
+    "reference_mean",
+    "retained_mean",
+    "retained_sd",
 ]
 
 
-def efficiency_retained(efficiency: str | Path | pd.DataFrame, tasks: dict[str, dict[str, Any]],
-                        summary_tasks: dict[str, str], out_path: str | Path | None = None) -> pd.DataFrame:
+def efficiency_retained(
+    efficiency: str | Path | pd.DataFrame,
+    tasks: dict[str, dict[str, Any]],
+    summary_tasks: dict[str, str],
+    out_path: str | Path | None = None,
+) -> pd.DataFrame:
     """The paper's label-efficiency numbers: for one task per discipline (``summary_tasks``, discipline -> task),
     the task's macro headline metric at each fraction divided by its value at fraction 1.0 (same model, same
     seed), then mean and SD (ddof 1) over seeds. The paper's 95.8 / 94.3 / 95.2 / 94.7 % are the 80B model's
@@ -95,18 +141,30 @@ def efficiency_retained(efficiency: str | Path | pd.DataFrame, tasks: dict[str, 
         full = rows[np.isclose(rows["fraction"].astype(float), 1.0)].set_index(["model", "seed"])["value"]
         lacking = set(zip(rows["model"], rows["seed"])) - set(full.index)
         if lacking:
-            raise ValueError(f"efficiency table: task {task} has no fraction 1.0 rows for (model, seed) "
-                             f"{sorted(lacking)}; add 1.0 to efficiency.fractions")
+            raise ValueError(
+                f"efficiency table: task {task} has no fraction 1.0 rows for (model, seed) "
+                f"{sorted(lacking)}; add 1.0 to efficiency.fractions"
+            )
         reference = full.loc[list(zip(rows["model"], rows["seed"]))].to_numpy()
-        parts.append(rows.assign(discipline=discipline, reference=reference, retained=rows["value"].to_numpy() / reference))
+        parts.append(
+            rows.assign(discipline=discipline, reference=reference, retained=rows["value"].to_numpy() / reference)
+        )
     if not parts:
         summary = pd.DataFrame(columns=EFFICIENCY_RETAINED_COLUMNS)
     else:
         rows = pd.concat(parts, ignore_index=True)
-        summary = rows.groupby(["discipline", "task", "model", "metric", "fraction"], sort=False).agg(
-            n_seeds=("seed", "nunique"), n_train=("n_train", "mean"), value_mean=("value", "mean"),
-            reference_mean=("reference", "mean"), retained_mean=("retained", "mean"),
-            retained_sd=("retained", "std")).reset_index()[EFFICIENCY_RETAINED_COLUMNS]
+        summary = (
+            rows.groupby(["discipline", "task", "model", "metric", "fraction"], sort=False)
+            .agg(
+                n_seeds=("seed", "nunique"),
+                n_train=("n_train", "mean"),
+                value_mean=("value", "mean"),
+                reference_mean=("reference", "mean"),
+                retained_mean=("retained", "mean"),
+                retained_sd=("retained", "std"),
+            )
+            .reset_index()[EFFICIENCY_RETAINED_COLUMNS]
+        )
     if out_path is not None:
         write_table(summary, Path(out_path))
     return summary
@@ -115,8 +173,12 @@ def efficiency_retained(efficiency: str | Path | pd.DataFrame, tasks: dict[str, 
 FINDINGS_COLUMNS = ["task", "model", "layer", "n_findings", "threshold", "n_at_or_above", "findings"]
 
 
-def findings_summary(metrics: str | Path | pd.DataFrame, tasks: dict[str, dict[str, Any]],
-                     thresholds: Iterable[float], out_path: str | Path | None = None) -> pd.DataFrame:
+def findings_summary(
+    metrics: str | Path | pd.DataFrame,
+    tasks: dict[str, dict[str, Any]],
+    thresholds: Iterable[float],
+    out_path: str | Path | None = None,
+) -> pd.DataFrame:
     """Per multilabel task and model: how many findings reach a test AUC of at least each threshold (the paper:
     "Flamingo-80B led to an AUC of at least 0.90 in 7 findings and of at least 0.70 in 40"), and which."""
     table = as_table(metrics)
@@ -124,16 +186,24 @@ def findings_summary(metrics: str | Path | pd.DataFrame, tasks: dict[str, dict[s
     for task, config in tasks.items():
         if config["kind"] != "multilabel":
             continue
-        task_rows = table[(table["task"] == task) & (table["metric"] == "auc") & (table["class"].astype(str) != "macro")]
+        task_rows = table[
+            (table["task"] == task) & (table["metric"] == "auc") & (table["class"].astype(str) != "macro")
+        ]
         for model, per_model in task_rows.groupby("model", sort=False):
             for threshold in thresholds:
                 reached = per_model[per_model["value"] >= threshold].sort_values("value", ascending=False)
-                rows.append({"task": task, "model": model, "layer": per_model["layer"].iloc[0],
-                             "n_findings": len(per_model), "threshold": float(threshold),
-                             "n_at_or_above": len(reached), "findings": "|".join(reached["class"].astype(str))})
+                rows.append(
+                    {
+                        "task": task,
+                        "model": model,
+                        "layer": per_model["layer"].iloc[0],
+                        "n_findings": len(per_model),
+                        "threshold": float(threshold),
+                        "n_at_or_above": len(reached),
+                        "findings": "|".join(reached["class"].astype(str)),
+                    }
+                )
     summary = pd.DataFrame(rows, columns=FINDINGS_COLUMNS)
     if out_path is not None:
         write_table(summary, Path(out_path))
     return summary
-
-

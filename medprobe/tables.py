@@ -16,11 +16,33 @@ import pandas as pd
 from medprobe.io import atomic_path
 
 TABLE_COLUMNS = [
-    "task", "model", "layer", "fraction", "seed", "class", "metric",
-    "value", "sd", "ci_low", "ci_high", "n_train", "n_test", "n_degenerate",
+    "task",
+    "model",
+    "layer",
+    "fraction",
+    "seed",
+    "class",
+    "metric",
+    "value",
+    "sd",
+    "ci_low",
+    "ci_high",
+    "n_train",
+    "n_test",
+    "n_degenerate",
 ]
 COMPARISON_COLUMNS = [
-    "task", "class", "metric", "model", "baseline", "difference", "ci_low", "ci_high", "p_value", "test", "p_holm",
+    "task",
+    "class",
+    "metric",
+    "model",
+    "baseline",
+    "difference",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "test",
+    "p_holm",
 ]
 # Columns read as text: class names such as "0" and layer names must not become numbers.
 _TEXT_COLUMNS = {"class": str, "layer": str, "group": str}

@@ -17,16 +17,30 @@ def repo() -> Path:
 
 
 # The probe output each evaluation table is scored from.
-TABLE_SOURCES = {"metrics": "predictions.h5", "groups": "predictions.h5", "layers": "layers.h5",
-                 "efficiency": "efficiency.h5"}
+TABLE_SOURCES = {
+    "metrics": "predictions.h5",
+    "groups": "predictions.h5",
+    "layers": "layers.h5",
+    "efficiency": "efficiency.h5",
+}
 
 
 def task_settings(task_config, name="T"):
     """TaskSettings of a test's partial task config (the keys scoring does not read get neutral values)."""
     from medprobe.settings import TaskSettings
 
-    return TaskSettings.from_dict({"name": name, "discipline": "pathology", "dataset": "demo", "metric": "auc",
-                                   "prompt": "", "graded": False, "min_test_positives": 0, **task_config})
+    return TaskSettings.from_dict(
+        {
+            "name": name,
+            "discipline": "pathology",
+            "dataset": "demo",
+            "metric": "auc",
+            "prompt": "",
+            "graded": False,
+            "min_test_positives": 0,
+            **task_config,
+        }
+    )
 
 
 def evaluate_all(*, task, model, task_config, manifest, probe_dir, evaluation, seed, out_dir):
@@ -40,7 +54,15 @@ def evaluate_all(*, task, model, task_config, manifest, probe_dir, evaluation, s
     for table, source in TABLE_SOURCES.items():
         if (probe_dir / source).exists():
             tables[table] = evaluation_table(
-                table, source=probe_dir / source, out=out_dir / f"{table}.csv", task=task, model=model,
-                task_settings=task_settings(task_config, task), evaluation=EvaluationSettings.from_dict(evaluation),
-                seed=seed, manifest=manifest, summary=probe_dir / "probe.json")
+                table,
+                source=probe_dir / source,
+                out=out_dir / f"{table}.csv",
+                task=task,
+                model=model,
+                task_settings=task_settings(task_config, task),
+                evaluation=EvaluationSettings.from_dict(evaluation),
+                seed=seed,
+                manifest=manifest,
+                summary=probe_dir / "probe.json",
+            )
     return tables

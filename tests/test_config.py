@@ -40,7 +40,10 @@ def test_paper_config_follows_the_authors_protocol(repo):
     assert config["efficiency"]["sampling"] == "images" and config["efficiency"]["seeds"] == [1]
     assert config["nejm"]["template"] == "figure_s2" and config["figures"]["figureS5_order"] == "authors"
     assert medprobe_config.comparison_pairs(config, "T6") == [
-        ["idefics_80b", "clip"], ["idefics_9b", "clip"], ["idefics_80b", "idefics_9b"]]
+        ["idefics_80b", "clip"],
+        ["idefics_9b", "clip"],
+        ["idefics_80b", "idefics_9b"],
+    ]
     assert ["idefics_80b", "plip"] in medprobe_config.comparison_pairs(config, "T1")
 
 
@@ -74,9 +77,7 @@ def test_paper_config_states_the_paper(repo):
     config = medprobe_config.load(repo / "config" / "paper.yaml")
     tasks, models = config["tasks"], config["models"]
     assert list(tasks) == [f"T{i}" for i in range(1, 9)]
-    assert {t: tasks[t]["metric"] for t in tasks} == {
-        "T1": "f1", "T2": "f1", **{f"T{i}": "auc" for i in range(3, 9)}
-    }
+    assert {t: tasks[t]["metric"] for t in tasks} == {"T1": "f1", "T2": "f1", **{f"T{i}": "auc" for i in range(3, 9)}}
     assert tasks["T7"]["kind"] == "multilabel" and tasks["T2"]["kind"] == "binary"
     assert tasks["T1"]["classes"] == ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
     assert models["idefics_80b"]["checkpoint"] == "HuggingFaceM4/idefics-80b-instruct"
@@ -154,8 +155,20 @@ def test_snakemake_stops_on_a_bad_config_before_any_job(repo, demo, tmp_path):
     bad["efficiency"]["fractions"] = [0.5, 1.0, 2.0]
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path), "--configfile", str(tmp_path / "bad.yaml")],
-        cwd=repo, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(tmp_path / "bad.yaml"),
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     output = result.stdout + result.stderr
     assert result.returncode != 0

@@ -37,11 +37,28 @@ def raw_table(dataset, task, raw, data, classes=(), **options):
 
 def prepare(task, entry, raw, tmp_path, val_fraction, test_fraction, seed=0):
     """prepare_task on raw/metadata.csv (and the recipe's counts) for a task entry (kind, classes, dataset[, test_fraction])."""
-    settings = TaskSettings.from_dict({"name": task, "discipline": "radiology", "metric": "auc", "prompt": "",
-                                       "graded": False, "min_test_positives": 0, **entry})
-    return prepare_task(task, settings, SplitSettings(val_fraction, test_fraction), seed, metadata=raw / "metadata.csv",
-                        recipe_counts=raw / "counts.json", manifest=tmp_path / "m.csv", sidecar=tmp_path / "m.json",
-                        images=tmp_path / "img")
+    settings = TaskSettings.from_dict(
+        {
+            "name": task,
+            "discipline": "radiology",
+            "metric": "auc",
+            "prompt": "",
+            "graded": False,
+            "min_test_positives": 0,
+            **entry,
+        }
+    )
+    return prepare_task(
+        task,
+        settings,
+        SplitSettings(val_fraction, test_fraction),
+        seed,
+        metadata=raw / "metadata.csv",
+        recipe_counts=raw / "counts.json",
+        manifest=tmp_path / "m.csv",
+        sidecar=tmp_path / "m.json",
+        images=tmp_path / "img",
+    )
 
 
 def use_recipe(monkeypatch, recipe):
@@ -55,7 +72,16 @@ def use_recipe(monkeypatch, recipe):
 
 
 def test_registry_has_the_eight_paper_datasets():
-    for name in ["nct_crc_he", "pannuke", "isic2018", "isic2020", "eyepacs_aptos", "airogs_odir", "padchest", "oai_most"]:
+    for name in [
+        "nct_crc_he",
+        "pannuke",
+        "isic2018",
+        "isic2020",
+        "eyepacs_aptos",
+        "airogs_odir",
+        "padchest",
+        "oai_most",
+    ]:
         assert datasets.get(name).name == name
 
 
@@ -72,7 +98,10 @@ def test_t1_fetch_from_file_urls_extracts_and_converts(tmp_path, monkeypatch):
     local = tuple(datasets.Source(s.name, url=(build / s.name).as_uri(), extract=True) for s in recipe.sources)
     use_recipe(monkeypatch, datasets.Dataset(**{**recipe.__dict__, "sources": local}))
     receipt = fetch("nct_crc_he", tmp_path / "data", tmp_path / "data" / "download.json")
-    assert set(json.loads((tmp_path / "data" / "download.json").read_text())["files"]) == {"NCT-CRC-HE-100K.zip", "CRC-VAL-HE-7K.zip"}
+    assert set(json.loads((tmp_path / "data" / "download.json").read_text())["files"]) == {
+        "NCT-CRC-HE-100K.zip",
+        "CRC-VAL-HE-7K.zip",
+    }
     assert receipt["files"]["CRC-VAL-HE-7K.zip"]["pinned"] is False
     table = read(raw_table("nct_crc_he", "T1", tmp_path / "raw", tmp_path / "data"))
     assert table[["label", "partition"]].values.tolist() == [["ADI", "train"], ["TUM", "train"], ["ADI", "test"]]
@@ -98,7 +127,10 @@ def test_t1_nested_archive_folder_and_wrong_layout(tmp_path):
 def test_t1_md5s_are_the_zenodo_values_of_the_normalised_archive():
     md5 = {source.name: source.md5 for source in datasets.get("nct_crc_he").sources}
     # Zenodo record 1214456; 035777cf... is NCT-CRC-HE-100K-NONORM.zip, a different archive (medprobe/datasets/nct_crc_he.py)
-    assert md5 == {"NCT-CRC-HE-100K.zip": "6fd702d11df6292bc054397ae038a464", "CRC-VAL-HE-7K.zip": "2fd1651b4f94ebd818ebf90ad2b6ce06"}
+    assert md5 == {
+        "NCT-CRC-HE-100K.zip": "6fd702d11df6292bc054397ae038a464",
+        "CRC-VAL-HE-7K.zip": "2fd1651b4f94ebd818ebf90ad2b6ce06",
+    }
 
 
 def test_checksums_are_well_formed_and_pinned_ones_name_real_files(repo):
@@ -133,17 +165,22 @@ def hand_mask(neoplastic, other, neoplastic_ids=None):
         mask[k, 0:3, 0] = instance
     for k in range(other):
         mask[k, 10:13, 1 + k % 4] = 100 + k
-    mask[..., 5] = (mask[..., :5].sum(-1) == 0)
+    mask[..., 5] = mask[..., :5].sum(-1) == 0
     return mask
 
 
-@pytest.mark.parametrize("neoplastic, other, expected", [
-    (0, 7, "benign"), (3, 2, None), (40, 10, "malignant"),
-    (0, 0, None),  # no nucleus at all: dropped (Huang et al.'s "purely background"), not benign
-    (10, 0, "malignant"),  # exactly ten: n_neoplastic >= 10
-    (10, 22, "malignant"),  # 10 / (32 + 1 background) = 30.3%
-    (11, 25, None),  # 11 / (36 + 1 background) = 29.7%: the background channel counts in the total
-])
+@pytest.mark.parametrize(
+    "neoplastic, other, expected",
+    [
+        (0, 7, "benign"),
+        (3, 2, None),
+        (40, 10, "malignant"),
+        (0, 0, None),  # no nucleus at all: dropped (Huang et al.'s "purely background"), not benign
+        (10, 0, "malignant"),  # exactly ten: n_neoplastic >= 10
+        (10, 22, "malignant"),  # 10 / (32 + 1 background) = 30.3%
+        (11, 25, None),  # 11 / (36 + 1 background) = 29.7%: the background channel counts in the total
+    ],
+)
 def test_pannuke_huang_code_rule_on_hand_counted_masks(neoplastic, other, expected):
     counts = count_nuclei(hand_mask(neoplastic, other), "huang_code")
     assert counts[0] == neoplastic and counts[:5].sum() == neoplastic + other
@@ -152,10 +189,18 @@ def test_pannuke_huang_code_rule_on_hand_counted_masks(neoplastic, other, expect
     assert patch_label(hand_mask(neoplastic, other)) == expected  # huang_code is the default
 
 
-@pytest.mark.parametrize("neoplastic, other, expected", [
-    (0, 7, "benign"), (0, 0, None), (10, 0, None), (11, 0, "malignant"), (10, 22, None),
-    (11, 25, "malignant"), (11, 26, None),  # 11/36 = 30.6%, 11/37 = 29.7% of the nuclei (channels 0-4)
-])
+@pytest.mark.parametrize(
+    "neoplastic, other, expected",
+    [
+        (0, 7, "benign"),
+        (0, 0, None),
+        (10, 0, None),
+        (11, 0, "malignant"),
+        (10, 22, None),
+        (11, 25, "malignant"),
+        (11, 26, None),  # 11/36 = 30.6%, 11/37 = 29.7% of the nuclei (channels 0-4)
+    ],
+)
 def test_pannuke_paper_text_rule_on_hand_counted_masks(neoplastic, other, expected):
     assert patch_label(hand_mask(neoplastic, other), "paper_text") == expected
 
@@ -183,12 +228,22 @@ def write_pannuke(data, plan):
 
 
 def test_t2_pannuke_folds_layout_and_label_rules(tmp_path):
-    write_pannuke(tmp_path / "data", {1: [(0, 5, "Breast"), (12, 3, "Colon")],
-                                      2: [(5, 5, "Breast"), (0, 0, "Lung"), (10, 0, "Liver")],
-                                      3: [(20, 1, "Kidney"), (0, 2, "Colon")]})
+    write_pannuke(
+        tmp_path / "data",
+        {
+            1: [(0, 5, "Breast"), (12, 3, "Colon")],
+            2: [(5, 5, "Breast"), (0, 0, "Lung"), (10, 0, "Liver")],
+            3: [(20, 1, "Kidney"), (0, 2, "Colon")],
+        },
+    )
     table = read(raw_table("pannuke", "T2", tmp_path / "raw", tmp_path / "data"))
-    assert table["image_id"].tolist() == ["pannuke_fold1_00000", "pannuke_fold1_00001", "pannuke_fold2_00002",
-                                          "pannuke_fold3_00000", "pannuke_fold3_00001"]
+    assert table["image_id"].tolist() == [
+        "pannuke_fold1_00000",
+        "pannuke_fold1_00001",
+        "pannuke_fold2_00002",
+        "pannuke_fold3_00000",
+        "pannuke_fold3_00001",
+    ]
     assert table["label"].tolist() == ["benign", "malignant", "malignant", "malignant", "benign"]
     assert table["group"].tolist() == ["Breast", "Colon", "Liver", "Kidney", "Colon"]
     assert Image.open(tmp_path / "raw" / table["file"][0]).size == (256, 256)
@@ -197,16 +252,30 @@ def test_t2_pannuke_folds_layout_and_label_rules(tmp_path):
     assert counts["excluded"] == {"no nucleus in channels 0-4": 1, "neither benign nor malignant (huang_code)": 1}
     assert counts["expected"] == {"total": {"images": 6234, "malignant": 2866, "benign": 3368}}
     table = read(raw_table("pannuke", "T2", tmp_path / "raw2", tmp_path / "data", label_rule="paper_text"))
-    assert table["label"].tolist() == ["benign", "malignant", "malignant", "benign"]  # ten neoplastic: not "more than ten"
+    assert table["label"].tolist() == [
+        "benign",
+        "malignant",
+        "malignant",
+        "benign",
+    ]  # ten neoplastic: not "more than ten"
     assert json.loads((tmp_path / "raw2" / "counts.json").read_text())["excluded"] == {
-        "no nucleus in channels 0-4": 1, "neither benign nor malignant (paper_text)": 2}
+        "no nucleus in channels 0-4": 1,
+        "neither benign nor malignant (paper_text)": 2,
+    }
 
 
-@pytest.mark.parametrize("dataset, rule, message", [
-    ("pannuke", "huang", r"tasks\.T\.label_rule: 'huang' is not a label rule of dataset 'pannuke'; allowed: huang_code, paper_text"),
-    ("padchest", "physician", r"tasks\.T\.label_rule: 'physician' .* allowed: all_rows, radiologist_only"),
-    ("nct_crc_he", "huang_code", r"tasks\.T\.label_rule: dataset 'nct_crc_he' has a single labelling rule"),
-])
+@pytest.mark.parametrize(
+    "dataset, rule, message",
+    [
+        (
+            "pannuke",
+            "huang",
+            r"tasks\.T\.label_rule: 'huang' is not a label rule of dataset 'pannuke'; allowed: huang_code, paper_text",
+        ),
+        ("padchest", "physician", r"tasks\.T\.label_rule: 'physician' .* allowed: all_rows, radiologist_only"),
+        ("nct_crc_he", "huang_code", r"tasks\.T\.label_rule: dataset 'nct_crc_he' has a single labelling rule"),
+    ],
+)
 def test_unknown_label_rule_names_the_key_and_the_allowed_values(tmp_path, dataset, rule, message):
     with pytest.raises(ValueError, match=message):
         raw_table(dataset, "T", tmp_path / "raw", tmp_path / "data", label_rule=rule)
@@ -215,23 +284,55 @@ def test_unknown_label_rule_names_the_key_and_the_allowed_values(tmp_path, datas
 def test_t3_isic2018_layout_lesion_grouping_and_prepare(tmp_path):
     data = tmp_path / "data"
     classes = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
-    parts = {"Training": [("ISIC_0000001", "NV"), ("ISIC_0000002", "NV"), ("ISIC_0000003", "MEL"), ("ISIC_0000004", "MEL"),
-                          ("ISIC_0000005", "NV"), ("ISIC_0000006", "MEL")],
-             "Validation": [("ISIC_0000010", "BCC")], "Test": [("ISIC_0000020", "MEL"), ("ISIC_0000021", "NV")]}
+    parts = {
+        "Training": [
+            ("ISIC_0000001", "NV"),
+            ("ISIC_0000002", "NV"),
+            ("ISIC_0000003", "MEL"),
+            ("ISIC_0000004", "MEL"),
+            ("ISIC_0000005", "NV"),
+            ("ISIC_0000006", "MEL"),
+        ],
+        "Validation": [("ISIC_0000010", "BCC")],
+        "Test": [("ISIC_0000020", "MEL"), ("ISIC_0000021", "NV")],
+    }
     for part, rows in parts.items():
         truth = pd.DataFrame([{"image": image, **{c: float(c == label) for c in classes}} for image, label in rows])
         (data / f"ISIC2018_Task3_{part}_GroundTruth").mkdir(parents=True)
-        truth.to_csv(data / f"ISIC2018_Task3_{part}_GroundTruth" / f"ISIC2018_Task3_{part}_GroundTruth.csv", index=False)
+        truth.to_csv(
+            data / f"ISIC2018_Task3_{part}_GroundTruth" / f"ISIC2018_Task3_{part}_GroundTruth.csv", index=False
+        )
         for image, _ in rows:
             jpg(data / f"ISIC2018_Task3_{part}_Input" / f"{image}.jpg")
-    pd.DataFrame({"image": [f"ISIC_000000{k}" for k in range(1, 7)], "lesion_id": ["HAM_1", "HAM_1", "HAM_2", "HAM_2", "HAM_3", "HAM_4"],
-                  "diagnosis_confirm_type": "histopathology"}).to_csv(data / "ISIC2018_Task3_Training_LesionGroupings.csv", index=False)
+    pd.DataFrame(
+        {
+            "image": [f"ISIC_000000{k}" for k in range(1, 7)],
+            "lesion_id": ["HAM_1", "HAM_1", "HAM_2", "HAM_2", "HAM_3", "HAM_4"],
+            "diagnosis_confirm_type": "histopathology",
+        }
+    ).to_csv(data / "ISIC2018_Task3_Training_LesionGroupings.csv", index=False)
     table = read(raw_table("isic2018", "T3", tmp_path / "raw", data))
     assert table["label"].tolist() == ["NV", "NV", "MEL", "MEL", "NV", "MEL", "BCC", "MEL", "NV"]
     assert table["partition"].tolist() == ["train"] * 7 + ["test"] * 2
-    assert table["patient_id"].tolist() == ["HAM_1", "HAM_1", "HAM_2", "HAM_2", "HAM_3", "HAM_4", "ISIC_0000010", "ISIC_0000020", "ISIC_0000021"]
-    manifest = prepare("T3", {"kind": "multiclass", "classes": classes, "dataset": "isic2018"}, tmp_path / "raw", tmp_path,
-                       val_fraction=0.34, test_fraction=0.2)
+    assert table["patient_id"].tolist() == [
+        "HAM_1",
+        "HAM_1",
+        "HAM_2",
+        "HAM_2",
+        "HAM_3",
+        "HAM_4",
+        "ISIC_0000010",
+        "ISIC_0000020",
+        "ISIC_0000021",
+    ]
+    manifest = prepare(
+        "T3",
+        {"kind": "multiclass", "classes": classes, "dataset": "isic2018"},
+        tmp_path / "raw",
+        tmp_path,
+        val_fraction=0.34,
+        test_fraction=0.2,
+    )
     lesion_splits = manifest[manifest["patient_id"] != ""].groupby("patient_id")["split"].nunique()
     assert (lesion_splits == 1).all() and set(manifest["split"]) == {"train", "val", "test"}
 
@@ -239,9 +340,18 @@ def test_t3_isic2018_layout_lesion_grouping_and_prepare(tmp_path):
 def test_t4_isic2020_split_by_patient(tmp_path):
     data = tmp_path / "data"
     rows = [(f"ISIC_{k:07d}", f"IP_{k // 3}", "malignant" if k % 5 == 0 else "benign") for k in range(30)]
-    pd.DataFrame({"image_name": [r[0] for r in rows], "patient_id": [r[1] for r in rows], "sex": "male", "age_approx": "45",
-                  "anatom_site_general_challenge": "torso", "diagnosis": "unknown", "benign_malignant": [r[2] for r in rows],
-                  "target": [int(r[2] == "malignant") for r in rows]}).to_csv(tmp_path / "truth.csv", index=False)
+    pd.DataFrame(
+        {
+            "image_name": [r[0] for r in rows],
+            "patient_id": [r[1] for r in rows],
+            "sex": "male",
+            "age_approx": "45",
+            "anatom_site_general_challenge": "torso",
+            "diagnosis": "unknown",
+            "benign_malignant": [r[2] for r in rows],
+            "target": [int(r[2] == "malignant") for r in rows],
+        }
+    ).to_csv(tmp_path / "truth.csv", index=False)
     data.mkdir()
     (tmp_path / "truth.csv").rename(data / "ISIC_2020_Training_GroundTruth.csv")
     for name, *_ in rows:
@@ -249,18 +359,35 @@ def test_t4_isic2020_split_by_patient(tmp_path):
     table = read(raw_table("isic2020", "T4", tmp_path / "raw", data))
     assert table["patient_id"].nunique() == 10 and (table["partition"] == "").all()
     assert (table["label"] == "malignant").sum() == 6
-    manifest = prepare("T4", {"kind": "binary", "classes": ["benign", "malignant"], "dataset": "isic2020"}, tmp_path / "raw",
-                       tmp_path, val_fraction=0.25, test_fraction=0.2)
+    manifest = prepare(
+        "T4",
+        {"kind": "binary", "classes": ["benign", "malignant"], "dataset": "isic2020"},
+        tmp_path / "raw",
+        tmp_path,
+        val_fraction=0.25,
+        test_fraction=0.2,
+    )
     assert (manifest.groupby("patient_id")["split"].nunique() == 1).all()
     assert manifest.groupby("split")["patient_id"].nunique()["test"] == 2
 
 
-@pytest.mark.parametrize("dataset, access, files", [
-    ("eyepacs_aptos", "diabetic-retinopathy-detection", ["eyepacs/trainLabels.csv", "eyepacs/train", "aptos/aptos2019-blindness-detection.zip"]),
-    ("airogs_odir", "odir2019.grand-challenge.org", ["odir/ODIR-5K_Training_Annotations(Updated)_V2.xlsx", "odir/ODIR-5K_Training_Dataset"]),
-    ("padchest", "bimcv.cipf.es", ["PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz", "images"]),
-    ("oai_most", "nda.nih.gov/oai", ["knees.csv"]),
-])
+@pytest.mark.parametrize(
+    "dataset, access, files",
+    [
+        (
+            "eyepacs_aptos",
+            "diabetic-retinopathy-detection",
+            ["eyepacs/trainLabels.csv", "eyepacs/train", "aptos/aptos2019-blindness-detection.zip"],
+        ),
+        (
+            "airogs_odir",
+            "odir2019.grand-challenge.org",
+            ["odir/ODIR-5K_Training_Annotations(Updated)_V2.xlsx", "odir/ODIR-5K_Training_Dataset"],
+        ),
+        ("padchest", "bimcv.cipf.es", ["PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz", "images"]),
+        ("oai_most", "nda.nih.gov/oai", ["knees.csv"]),
+    ],
+)
 def test_missing_credentialed_data_stops_with_instructions(tmp_path, monkeypatch, dataset, access, files):
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     monkeypatch.delenv("KAGGLE_KEY", raising=False)
@@ -268,7 +395,9 @@ def test_missing_credentialed_data_stops_with_instructions(tmp_path, monkeypatch
     public = tuple(s for s in recipe.sources if s.url)  # public parts (AIROGS) would be downloaded; place them
     for source in public:
         (tmp_path / source.name).parent.mkdir(parents=True, exist_ok=True)
-    use_recipe(monkeypatch, datasets.Dataset(**{**recipe.__dict__, "sources": tuple(s for s in recipe.sources if not s.url)}))
+    use_recipe(
+        monkeypatch, datasets.Dataset(**{**recipe.__dict__, "sources": tuple(s for s in recipe.sources if not s.url)})
+    )
     with pytest.raises(MissingDataError) as error:
         fetch(dataset, tmp_path / "data", tmp_path / "data" / "download.json")
     message = str(error.value)
@@ -295,16 +424,31 @@ def test_refused_public_download_tells_how_to_fetch_it_by_hand(tmp_path, monkeyp
 def test_t5_eyepacs_aptos_layout(tmp_path):
     data = tmp_path / "data"
     (data / "eyepacs").mkdir(parents=True)
-    pd.DataFrame({"image": ["10_left", "10_right", "13_left"], "level": [0, 2, 4]}).to_csv(data / "eyepacs" / "trainLabels.csv", index=False)
-    pd.DataFrame({"image": ["1_left", "1_right"], "level": [1, 3], "Usage": ["Public", "Private"]}).to_csv(data / "eyepacs" / "retinopathy_solution.csv", index=False)
+    pd.DataFrame({"image": ["10_left", "10_right", "13_left"], "level": [0, 2, 4]}).to_csv(
+        data / "eyepacs" / "trainLabels.csv", index=False
+    )
+    pd.DataFrame({"image": ["1_left", "1_right"], "level": [1, 3], "Usage": ["Public", "Private"]}).to_csv(
+        data / "eyepacs" / "retinopathy_solution.csv", index=False
+    )
     (data / "aptos").mkdir()
     pd.DataFrame({"id_code": ["000c1434d8d7"], "diagnosis": [2]}).to_csv(data / "aptos" / "train.csv", index=False)
     table = read(raw_table("eyepacs_aptos", "T5", tmp_path / "raw", data))
-    assert table["patient_id"].tolist() == ["eyepacs_10", "eyepacs_10", "eyepacs_13", "eyepacs_1", "eyepacs_1", "aptos_000c1434d8d7"]
+    assert table["patient_id"].tolist() == [
+        "eyepacs_10",
+        "eyepacs_10",
+        "eyepacs_13",
+        "eyepacs_1",
+        "eyepacs_1",
+        "aptos_000c1434d8d7",
+    ]
     assert table["label"].tolist() == ["0", "2", "4", "1", "3", "2"]
     assert table["partition"].tolist() == [""] * 5 + ["test"]
-    assert table["file"][0].endswith("eyepacs/train/10_left.jpeg") and table["file"][3].endswith("eyepacs/test/1_left.jpeg")
-    pd.DataFrame({"image": ["1_left"], "level": ["5"], "Usage": ["Public"]}).to_csv(data / "eyepacs" / "retinopathy_solution.csv", index=False)
+    assert table["file"][0].endswith("eyepacs/train/10_left.jpeg") and table["file"][3].endswith(
+        "eyepacs/test/1_left.jpeg"
+    )
+    pd.DataFrame({"image": ["1_left"], "level": ["5"], "Usage": ["Public"]}).to_csv(
+        data / "eyepacs" / "retinopathy_solution.csv", index=False
+    )
     with pytest.raises(ValueError, match=r"retinopathy_solution.csv: column level has value\(s\) \['5'\]"):
         raw_table("eyepacs_aptos", "T5", tmp_path / "raw2", data)
 
@@ -314,11 +458,16 @@ def test_t5_eyepacs_patients_split_by_the_task_test_fraction_and_aptos_is_test(t
     (data / "eyepacs").mkdir(parents=True)
     train = [f"{p}_{side}" for p in range(1, 41) for side in ("left", "right")]
     test = [f"{p}_{side}" for p in range(41, 61) for side in ("left", "right")]
-    pd.DataFrame({"image": train, "level": [p % 5 for p in range(len(train))]}).to_csv(data / "eyepacs" / "trainLabels.csv", index=False)
+    pd.DataFrame({"image": train, "level": [p % 5 for p in range(len(train))]}).to_csv(
+        data / "eyepacs" / "trainLabels.csv", index=False
+    )
     pd.DataFrame({"image": test, "level": [p % 5 for p in range(len(test))], "Usage": "Public"}).to_csv(
-        data / "eyepacs" / "retinopathy_solution.csv", index=False)
+        data / "eyepacs" / "retinopathy_solution.csv", index=False
+    )
     (data / "aptos").mkdir()
-    pd.DataFrame({"id_code": ["a1", "a2", "a3"], "diagnosis": [0, 2, 4]}).to_csv(data / "aptos" / "train.csv", index=False)
+    pd.DataFrame({"id_code": ["a1", "a2", "a3"], "diagnosis": [0, 2, 4]}).to_csv(
+        data / "aptos" / "train.csv", index=False
+    )
     for image in train:
         jpg(data / "eyepacs" / "train" / f"{image}.jpeg")
     for image in test:
@@ -326,7 +475,12 @@ def test_t5_eyepacs_patients_split_by_the_task_test_fraction_and_aptos_is_test(t
     for code in ("a1", "a2", "a3"):
         jpg(data / "aptos" / "train_images" / f"{code}.png")
     raw_table("eyepacs_aptos", "T5", tmp_path / "raw", data)
-    task = {"kind": "multiclass", "classes": ["0", "1", "2", "3", "4"], "dataset": "eyepacs_aptos", "test_fraction": 0.17}
+    task = {
+        "kind": "multiclass",
+        "classes": ["0", "1", "2", "3", "4"],
+        "dataset": "eyepacs_aptos",
+        "test_fraction": 0.17,
+    }
     manifest = prepare("T5", task, tmp_path / "raw", tmp_path, val_fraction=0.2, test_fraction=0.2)
     assert set(manifest.loc[manifest["source"] == "aptos", "split"]) == {"test"}
     eyepacs = manifest[manifest["source"] == "eyepacs"]
@@ -349,13 +503,22 @@ def test_t6_airogs_odir_keywords(tmp_path):
     data = tmp_path / "data"
     jpg(data / "airogs" / "0" / "TRAIN000000.jpg")
     jpg(data / "airogs" / "1" / "TRAIN000001.JPG")  # found whatever the case of the extension
-    pd.DataFrame({"challenge_id": ["TRAIN000000", "TRAIN000001"], "class": ["NRG", "RG"]}).to_csv(data / "airogs" / "train_labels.csv", index=False)
+    pd.DataFrame({"challenge_id": ["TRAIN000000", "TRAIN000001"], "class": ["NRG", "RG"]}).to_csv(
+        data / "airogs" / "train_labels.csv", index=False
+    )
     (data / "odir" / "ODIR-5K_Training_Dataset").mkdir(parents=True)
-    sheet = pd.DataFrame({"ID": ["0", "1"], "Left-Fundus": ["0_left.jpg", "1_left.jpg"], "Right-Fundus": ["0_right.jpg", "1_right.jpg"],
-                          "Left-Diagnostic Keywords": ["cataract", "suspected glaucoma，moderate non proliferative retinopathy"],
-                          "Right-Diagnostic Keywords": ["normal fundus", "Glaucoma"]})
+    sheet = pd.DataFrame(
+        {
+            "ID": ["0", "1"],
+            "Left-Fundus": ["0_left.jpg", "1_left.jpg"],
+            "Right-Fundus": ["0_right.jpg", "1_right.jpg"],
+            "Left-Diagnostic Keywords": ["cataract", "suspected glaucoma，moderate non proliferative retinopathy"],
+            "Right-Diagnostic Keywords": ["normal fundus", "Glaucoma"],
+        }
+    )
     sheet.to_csv(data / "odir" / "ODIR-5K_Training_Annotations(Updated)_V2.xlsx.csv", index=False)
     import medprobe.datasets.airogs_odir as module
+
     original = module.ODIR_SHEET
     try:
         module.ODIR_SHEET = "ODIR-5K_Training_Annotations(Updated)_V2.xlsx.csv"
@@ -372,7 +535,9 @@ PADCHEST_COLUMNS = ["ImageID", "ImageDir", "PatientID", "MethodLabel", "Labels"]
 
 def write_padchest(data, rows, missing=()):
     data.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=PADCHEST_COLUMNS).to_csv(data / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz", index=False)
+    pd.DataFrame(rows, columns=PADCHEST_COLUMNS).to_csv(
+        data / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz", index=False
+    )
     for image, folder, *_ in rows:
         if image not in missing:
             (data / "images" / folder).mkdir(parents=True, exist_ok=True)
@@ -381,17 +546,21 @@ def write_padchest(data, rows, missing=()):
 
 def test_t7_padchest_all_rows_automatic_labels_and_every_finding(tmp_path):
     data = tmp_path / "data"
-    write_padchest(data, [
-        ("a.png", "0", "P1", "Physician", "['pleural effusion', ' Cardiomegaly', '']"),
-        ("b.png", "0", "P1", "RNN_model", "[' normal']"),
-        ("c.png", "1", "P2", "Physician", "['normal']"),
-        ("d.png", "1", "P3", "Physician", "['unchanged', 'nodule']"),  # image file missing
-        ("e.png", "1", "P4", "RNN_model", "['unchanged', ' COPD  signs', 'copd signs']"),
-        ("f.png", "1", "P4", "RNN_model", "nan"),  # the four rows below are unlabelled, not "no finding"
-        ("g.png", "1", "P5", "RNN_model", "[]"),
-        ("h.png", "1", "P5", "RNN_model", "['']"),
-        ("i.png", "1", "P6", "RNN_model", ""),
-    ], missing={"d.png"})
+    write_padchest(
+        data,
+        [
+            ("a.png", "0", "P1", "Physician", "['pleural effusion', ' Cardiomegaly', '']"),
+            ("b.png", "0", "P1", "RNN_model", "[' normal']"),
+            ("c.png", "1", "P2", "Physician", "['normal']"),
+            ("d.png", "1", "P3", "Physician", "['unchanged', 'nodule']"),  # image file missing
+            ("e.png", "1", "P4", "RNN_model", "['unchanged', ' COPD  signs', 'copd signs']"),
+            ("f.png", "1", "P4", "RNN_model", "nan"),  # the four rows below are unlabelled, not "no finding"
+            ("g.png", "1", "P5", "RNN_model", "[]"),
+            ("h.png", "1", "P5", "RNN_model", "['']"),
+            ("i.png", "1", "P6", "RNN_model", ""),
+        ],
+        missing={"d.png"},
+    )
     table = read(raw_table("padchest", "T7", tmp_path / "raw", data, classes="all"))
     assert table["image_id"].tolist() == ["a", "b", "c", "e"]
     assert table["labels"].tolist() == ["pleural effusion|cardiomegaly", "normal", "normal", "unchanged|copd signs"]
@@ -407,14 +576,21 @@ def test_t7_padchest_all_rows_automatic_labels_and_every_finding(tmp_path):
     # radiologist_only: the radiologist-labelled rows, the automatic ones counted as left out
     table = read(raw_table("padchest", "T7", tmp_path / "raw3", data, classes="all", label_rule="radiologist_only"))
     assert table["image_id"].tolist() == ["a", "c"] and (table["partition"] == "").all()
-    assert json.loads((tmp_path / "raw3" / "counts.json").read_text())["excluded"][
-        "automatic labels (MethodLabel RNN_model; label_rule radiologist_only)"] == 6
+    assert (
+        json.loads((tmp_path / "raw3" / "counts.json").read_text())["excluded"][
+            "automatic labels (MethodLabel RNN_model; label_rule radiologist_only)"
+        ]
+        == 6
+    )
 
 
 def test_padchest_label_strings_of_both_methods():
     assert normalise_labels("['  COPD  signs', 'copd signs']") == ["copd signs"] and normalise_labels("") == []
     assert normalise_labels("[' pulmonary fibrosis', ' chronic changes', 'kyphosis']") == [
-        "pulmonary fibrosis", "chronic changes", "kyphosis"]
+        "pulmonary fibrosis",
+        "chronic changes",
+        "kyphosis",
+    ]
     for empty in ("nan", "[]", "['']", "[' ']", None):
         assert normalise_labels(empty) == []
     assert normalise_labels("normal") == ["normal"] and normalise_labels("'normal'") == ["normal"]
@@ -429,8 +605,15 @@ def test_t7_padchest_to_manifest_tests_radiologist_labels_of_held_out_patients(t
         automatic = 0 if patient < 30 else 1 + patient % 3
         for k in range(physician + automatic):
             names = [str(name) for name in rng.choice(findings, 1 + k % 2, replace=False)]
-            rows.append((f"P{patient:02d}_{k}.png", str(patient % 3), f"P{patient:02d}",
-                         "Physician" if k < physician else "RNN_model", str(names)))
+            rows.append(
+                (
+                    f"P{patient:02d}_{k}.png",
+                    str(patient % 3),
+                    f"P{patient:02d}",
+                    "Physician" if k < physician else "RNN_model",
+                    str(names),
+                )
+            )
     data = tmp_path / "data"
     write_padchest(data, rows)
     raw = tmp_path / "raw"
@@ -454,7 +637,12 @@ def test_t7_padchest_to_manifest_tests_radiologist_labels_of_held_out_patients(t
 
 def test_kneel_crop_geometry_and_flip():
     assert kneel.joint_centre(np.array([[10, 20], [30, 40]])) == (20.0, 30.0)
-    assert kneel.crop_box((100, 200), (0.2, 0.14)) == (100 - 500, 200 - 350, 600, 550)  # 140/0.14=1000 wide, 140/0.2=700 high
+    assert kneel.crop_box((100, 200), (0.2, 0.14)) == (
+        100 - 500,
+        200 - 350,
+        600,
+        550,
+    )  # 140/0.14=1000 wide, 140/0.2=700 high
     image = np.arange(100 * 100, dtype=np.uint16).reshape(100, 100)
     right = kneel.crop_knee(image, (50, 50), (1.0, 1.0), "R", size_mm=20)
     assert right.shape == (20, 20) and right[0, 0] == image[40, 40] and right[-1, -1] == image[59, 59]
@@ -472,9 +660,21 @@ def test_t8_crops_from_landmarks(tmp_path):
     radiograph = np.zeros((200, 300), dtype=np.uint16)
     radiograph[90:110, 60:80] = 4000  # patient's right knee, on the image's left
     Image.fromarray(radiograph).save(data / "oai" / "9000099.png")
-    pd.DataFrame({"file": ["oai/9000099.png"] * 2, "patient_id": ["9000099"] * 2, "side": ["R", "L"], "kl": ["2", "0"],
-                  "source": ["oai"] * 2, "partition": ["train"] * 2, "spacing_row": ["0.5"] * 2, "spacing_col": ["0.5"] * 2}).to_csv(data / "knees.csv", index=False)
-    pd.DataFrame({"file": ["oai/9000099.png"] * 3, "side": ["R", "R", "L"], "x": [60, 80, 225], "y": [100, 100, 100]}).to_csv(data / "landmarks.csv", index=False)
+    pd.DataFrame(
+        {
+            "file": ["oai/9000099.png"] * 2,
+            "patient_id": ["9000099"] * 2,
+            "side": ["R", "L"],
+            "kl": ["2", "0"],
+            "source": ["oai"] * 2,
+            "partition": ["train"] * 2,
+            "spacing_row": ["0.5"] * 2,
+            "spacing_col": ["0.5"] * 2,
+        }
+    ).to_csv(data / "knees.csv", index=False)
+    pd.DataFrame(
+        {"file": ["oai/9000099.png"] * 3, "side": ["R", "R", "L"], "x": [60, 80, 225], "y": [100, 100, 100]}
+    ).to_csv(data / "landmarks.csv", index=False)
     table = read(raw_table("oai_most", "T8", tmp_path / "raw", data))
     assert table["label"].tolist() == ["2", "0"] and table["patient_id"].tolist() == ["oai_9000099"] * 2
     crop = np.asarray(Image.open(tmp_path / "raw" / table["file"][0]))

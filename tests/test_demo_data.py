@@ -47,8 +47,13 @@ def generated(tmp_path_factory) -> dict[str, tuple[Path, pd.DataFrame]]:
     root = tmp_path_factory.mktemp("demo_raw")
     out = {}
     for task_id, patients in PATIENTS.items():
-        path = generate_task(task_id, _task(task_id, patients), root / task_id / "metadata.csv", seed=0,
-                             images_per_patient=IMAGES_PER_PATIENT)
+        path = generate_task(
+            task_id,
+            _task(task_id, patients),
+            root / task_id / "metadata.csv",
+            seed=0,
+            images_per_patient=IMAGES_PER_PATIENT,
+        )
         assert path == root / task_id / "metadata.csv"
         out[task_id] = (root / task_id, pd.read_csv(path, dtype=str, keep_default_na=False))
     return out
@@ -248,7 +253,9 @@ def test_deterministic(tmp_path):
     tiny = {"train": 3, "test": 2}
     for task_id in ("T1", "T3", "T7", "T8"):  # TIFF, JPEG, 16-bit PNG, upsampled large image
         paths = [
-            generate_task(task_id, _task(task_id, tiny), tmp_path / run / task_id / "metadata.csv", seed=7, images_per_patient=2)
+            generate_task(
+                task_id, _task(task_id, tiny), tmp_path / run / task_id / "metadata.csv", seed=7, images_per_patient=2
+            )
             for run in ("a", "b")
         ]
         assert paths[0].read_bytes() == paths[1].read_bytes()
@@ -263,9 +270,17 @@ def test_unknown_task_and_bad_entries(tmp_path):
     with pytest.raises(ValueError, match="T9"):
         generate_task("T9", TASKS["T1"], tmp_path / "metadata.csv", seed=0, images_per_patient=1)
     with pytest.raises(ValueError, match=r"demo_patients\.test"):
-        generate_task("T1", {**TASKS["T1"], "demo_patients": {"train": 2}}, tmp_path / "metadata.csv", seed=0, images_per_patient=1)
+        generate_task(
+            "T1",
+            {**TASKS["T1"], "demo_patients": {"train": 2}},
+            tmp_path / "metadata.csv",
+            seed=0,
+            images_per_patient=1,
+        )
     with pytest.raises(ValueError, match="XYZ"):
-        generate_task("T1", {**TASKS["T1"], "classes": ["ADI", "XYZ"]}, tmp_path / "metadata.csv", seed=0, images_per_patient=1)
+        generate_task(
+            "T1", {**TASKS["T1"], "classes": ["ADI", "XYZ"]}, tmp_path / "metadata.csv", seed=0, images_per_patient=1
+        )
     with pytest.raises(ValueError, match="images_per_patient"):
         generate_task("T1", TASKS["T1"], tmp_path / "metadata.csv", seed=0, images_per_patient=0)
     with pytest.raises(ValueError, match=r"tasks\.T7\.kind"):

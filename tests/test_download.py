@@ -67,7 +67,9 @@ def test_partial_file_from_an_earlier_run_is_resumed(server, tmp_path):
 
 def test_checksum_mismatch_stops_naming_both_checksums_and_moves_the_file_aside(server, tmp_path):
     Handler.fail_first = 0
-    with pytest.raises(dl.ChecksumError, match=r"MD5 [0-9a-f]{32} does not match the expected 0{32}.*moved aside") as error:
+    with pytest.raises(
+        dl.ChecksumError, match=r"MD5 [0-9a-f]{32} does not match the expected 0{32}.*moved aside"
+    ) as error:
         dl.download(server, tmp_path / "file.bin", md5="0" * 32)
     assert str(tmp_path / "file.bin.bad") in str(error.value)
     assert not (tmp_path / "file.bin").exists() and not (tmp_path / "file.bin.part").exists()
@@ -77,7 +79,10 @@ def test_checksum_mismatch_stops_naming_both_checksums_and_moves_the_file_aside(
 def test_verified_file_is_not_downloaded_again(tmp_path):
     dest = tmp_path / "a.bin"
     dest.write_bytes(b"abc")
-    assert dl.download("http://127.0.0.1:9/never", dest, sha256=hashlib.sha256(b"abc").hexdigest()) == hashlib.sha256(b"abc").hexdigest()
+    assert (
+        dl.download("http://127.0.0.1:9/never", dest, sha256=hashlib.sha256(b"abc").hexdigest())
+        == hashlib.sha256(b"abc").hexdigest()
+    )
 
 
 def test_file_url_is_copied(tmp_path):

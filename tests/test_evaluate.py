@@ -51,16 +51,18 @@ def setup(tmp_path):
     logits = rng.normal(size=(n, 3)) + 1.5 * np.eye(3)[labels]
     probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     ids = [f"img{i:03d}" for i in range(n)]
-    manifest = pd.DataFrame({
-        "image_id": ["train0", "val0"] + ids,
-        "path": "x.png",
-        "split": ["train", "val"] + ["test"] * n,
-        "patient_id": ["P-train", "P-val"] + [f"P{i // 2}" for i in range(n)],
-        "label": ["a", "b"] + [TASK["classes"][k] for k in labels],
-        "labels": "",
-        "source": "s",
-        "group": ["", ""] + ["g1" if i % 3 else "g2" for i in range(n)],
-    })
+    manifest = pd.DataFrame(
+        {
+            "image_id": ["train0", "val0"] + ids,
+            "path": "x.png",
+            "split": ["train", "val"] + ["test"] * n,
+            "patient_id": ["P-train", "P-val"] + [f"P{i // 2}" for i in range(n)],
+            "label": ["a", "b"] + [TASK["classes"][k] for k in labels],
+            "labels": "",
+            "source": "s",
+            "group": ["", ""] + ["g1" if i % 3 else "g2" for i in range(n)],
+        }
+    )
     manifest_path = tmp_path / "manifest.csv"
     manifest.to_csv(manifest_path, index=False)
     make_probe_dir(tmp_path / "probe_a", ids, probabilities)
@@ -70,12 +72,22 @@ def setup(tmp_path):
 
 def test_metrics_agree_with_sklearn(setup):
     tmp_path, manifest_path, labels, probabilities, _ = setup
-    tables = evaluate_all(task="T", model="m", task_config=TASK, manifest=manifest_path,
-                                 probe_dir=tmp_path / "probe_a", evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
+    tables = evaluate_all(
+        task="T",
+        model="m",
+        task_config=TASK,
+        manifest=manifest_path,
+        probe_dir=tmp_path / "probe_a",
+        evaluation=EVALUATION,
+        seed=0,
+        out_dir=tmp_path / "out",
+    )
     metrics = tables["metrics"]
     assert list(metrics.columns) == TABLE_COLUMNS
     value = metrics.set_index(["class", "metric"])["value"]
-    assert value["macro", "auc"] == pytest.approx(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
+    assert value["macro", "auc"] == pytest.approx(
+        roc_auc_score(labels, probabilities, multi_class="ovr", average="macro")
+    )
     assert value["macro", "f1"] == pytest.approx(f1_score(labels, probabilities.argmax(1), average="macro"))
     assert value["b", "auc"] == pytest.approx(roc_auc_score(labels == 1, probabilities[:, 1]))
     assert value["c", "support"] == (labels == 2).sum()
@@ -88,8 +100,16 @@ def test_metrics_agree_with_sklearn(setup):
 
 def test_layers_efficiency_and_groups_tables(setup):
     tmp_path, manifest_path, labels, probabilities, ids = setup
-    tables = evaluate_all(task="T", model="m", task_config=TASK, manifest=manifest_path,
-                                 probe_dir=tmp_path / "probe_a", evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
+    tables = evaluate_all(
+        task="T",
+        model="m",
+        task_config=TASK,
+        manifest=manifest_path,
+        probe_dir=tmp_path / "probe_a",
+        evaluation=EVALUATION,
+        seed=0,
+        out_dir=tmp_path / "out",
+    )
     layers = tables["layers"]
     assert sorted(set(layers["layer"])) == ["hidden.0", "hidden.1"]
     headline = tables["metrics"].set_index(["class", "metric"])["value"]
@@ -108,18 +128,35 @@ def test_layers_efficiency_and_groups_tables(setup):
 def test_reruns_are_byte_identical(setup):
     tmp_path, manifest_path, *_ = setup
     for out in ("out1", "out2"):
-        evaluate_all(task="T", model="m", task_config=TASK, manifest=manifest_path,
-                            probe_dir=tmp_path / "probe_a", evaluation=EVALUATION, seed=0, out_dir=tmp_path / out)
+        evaluate_all(
+            task="T",
+            model="m",
+            task_config=TASK,
+            manifest=manifest_path,
+            probe_dir=tmp_path / "probe_a",
+            evaluation=EVALUATION,
+            seed=0,
+            out_dir=tmp_path / out,
+        )
     for name in ("metrics", "layers", "efficiency", "groups"):
         assert (tmp_path / "out1" / f"{name}.csv").read_bytes() == (tmp_path / "out2" / f"{name}.csv").read_bytes()
 
 
 def test_comparisons_and_collect(setup):
     tmp_path, manifest_path, *_ = setup
-    table = compare_models(task="T", task_settings=task_settings(TASK), manifest=manifest_path,
-                           predictions={"good": tmp_path / "probe_a" / "predictions.h5",
-                                        "random": tmp_path / "probe_b" / "predictions.h5"},
-                           baseline="random", evaluation=EvaluationSettings.from_dict(EVALUATION), seed=0, out_path=tmp_path / "cmp.csv")
+    table = compare_models(
+        task="T",
+        task_settings=task_settings(TASK),
+        manifest=manifest_path,
+        predictions={
+            "good": tmp_path / "probe_a" / "predictions.h5",
+            "random": tmp_path / "probe_b" / "predictions.h5",
+        },
+        baseline="random",
+        evaluation=EvaluationSettings.from_dict(EVALUATION),
+        seed=0,
+        out_path=tmp_path / "cmp.csv",
+    )
     auc = table[(table["class"] == "macro") & (table["metric"] == "auc") & (table["test"] == "bootstrap")].iloc[0]
     assert auc["model"] == "good" and auc["baseline"] == "random"
     assert auc["difference"] > 0.2 and auc["ci_low"] > 0 and auc["p_value"] < 0.05
@@ -133,14 +170,22 @@ def test_comparisons_and_collect(setup):
         expected = stats.delong_test((labels == c).astype(int), probabilities[:, c], random[:, c])
         assert delong.loc[name, "p_value"] == pytest.approx(expected["p_value"], rel=1e-5)
     # Holm across the classes of each (model, metric, test) family; macro rows are their own family
-    for (metric, test), family in table[table["class"] != "macro"].groupby(["metric", "test"]):
+    for _, family in table[table["class"] != "macro"].groupby(["metric", "test"]):
         np.testing.assert_allclose(family["p_holm"], stats.holm(family["p_value"].to_numpy()), rtol=1e-5)
     macro = table[table["class"] == "macro"]
     np.testing.assert_allclose(macro["p_holm"], macro["p_value"])
     assert (table["p_holm"] >= table["p_value"] - 1e-12).all()
     for name in ("a", "b"):
-        evaluate_all(task="T", model=name, task_config=TASK, manifest=manifest_path,
-                            probe_dir=tmp_path / f"probe_{name}", evaluation=EVALUATION, seed=0, out_dir=tmp_path / name)
+        evaluate_all(
+            task="T",
+            model=name,
+            task_config=TASK,
+            manifest=manifest_path,
+            probe_dir=tmp_path / f"probe_{name}",
+            evaluation=EVALUATION,
+            seed=0,
+            out_dir=tmp_path / name,
+        )
     combined = collect([tmp_path / "a" / "metrics.csv", tmp_path / "b" / "metrics.csv"], tmp_path / "all.csv")
     assert list(combined["model"].unique()) == ["a", "b"]
 
@@ -151,22 +196,43 @@ def test_prediction_ids_outside_the_test_split_are_refused(setup):
     manifest.loc[manifest["image_id"] == "img005", "split"] = "train"
     manifest.to_csv(manifest_path, index=False)
     with pytest.raises(ValueError, match="img005"):
-        evaluate_all(task="T", model="m", task_config=TASK, manifest=manifest_path,
-                            probe_dir=tmp_path / "probe_a", evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
+        evaluate_all(
+            task="T",
+            model="m",
+            task_config=TASK,
+            manifest=manifest_path,
+            probe_dir=tmp_path / "probe_a",
+            evaluation=EVALUATION,
+            seed=0,
+            out_dir=tmp_path / "out",
+        )
 
 
 def test_efficiency_summary_retained_share_per_discipline(tmp_path):
-    tasks = {"T1": {"discipline": "pathology", "metric": "auc"}, "T2": {"discipline": "pathology", "metric": "f1"},
-             "T3": {"discipline": "radiology", "metric": "auc"}}
+    tasks = {
+        "T1": {"discipline": "pathology", "metric": "auc"},
+        "T2": {"discipline": "pathology", "metric": "f1"},
+        "T3": {"discipline": "radiology", "metric": "auc"},
+    }
     rng = np.random.default_rng(3)
     rows = []
     for task in tasks:
         for seed in (0, 1, 2):
             for fraction in (0.1, 0.5, 1.0):
                 for metric in ("auc", "f1"):
-                    rows.append({"task": task, "model": "m", "layer": "hidden.1", "fraction": fraction, "seed": seed,
-                                 "class": "macro", "metric": metric, "value": rng.uniform(0.5, 1.0),
-                                 "n_train": int(100 * fraction)})
+                    rows.append(
+                        {
+                            "task": task,
+                            "model": "m",
+                            "layer": "hidden.1",
+                            "fraction": fraction,
+                            "seed": seed,
+                            "class": "macro",
+                            "metric": metric,
+                            "value": rng.uniform(0.5, 1.0),
+                            "n_train": int(100 * fraction),
+                        }
+                    )
                 rows.append({**rows[-1], "class": "x", "value": 0.0})  # per-class rows are ignored
     table = pd.DataFrame(rows)
     table.to_csv(tmp_path / "efficiency.csv", index=False)
@@ -174,15 +240,22 @@ def test_efficiency_summary_retained_share_per_discipline(tmp_path):
     assert pd.read_csv(tmp_path / "summary.csv").shape == summary.shape == (6, 11)
 
     def headline(task, fraction, seed):
-        row = table[(table.task == task) & (table.fraction == fraction) & (table.seed == seed)
-                    & (table["class"] == "macro") & (table.metric == tasks[task]["metric"])]
+        row = table[
+            (table.task == task)
+            & (table.fraction == fraction)
+            & (table.seed == seed)
+            & (table["class"] == "macro")
+            & (table.metric == tasks[task]["metric"])
+        ]
         return float(row["value"].iloc[0])
 
     path = summary[(summary.discipline == "pathology") & (summary.fraction == 0.1)].iloc[0]
     values = [(headline("T1", 0.1, s) + headline("T2", 0.1, s)) / 2 for s in range(3)]
     retained = [v / ((headline("T1", 1.0, s) + headline("T2", 1.0, s)) / 2) for s, v in enumerate(values)]
     assert path["tasks"] == "T1,T2" and path["n_seeds"] == 3 and path["n_train"] == 20
-    assert path["value_mean"] == pytest.approx(np.mean(values)) and path["value_sd"] == pytest.approx(np.std(values, ddof=1))
+    assert path["value_mean"] == pytest.approx(np.mean(values)) and path["value_sd"] == pytest.approx(
+        np.std(values, ddof=1)
+    )
     assert path["retained_mean"] == pytest.approx(np.mean(retained))
     assert path["retained_sd"] == pytest.approx(np.std(retained, ddof=1))
     full = summary[summary.fraction == 1.0]
@@ -199,8 +272,16 @@ def test_layers_table_names_each_layer_in_the_authors_numbering(setup):
     ids = pd.read_csv(manifest_path).query("split == 'test'")["image_id"].tolist()
     rng = np.random.default_rng(3)
     make_probe_dir(folder, ids, rng.dirichlet(np.ones(3), len(ids)), layers=13)
-    tables = evaluate_all(task="T", model="m", task_config=TASK, manifest=manifest_path,
-                                 probe_dir=folder, evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
+    tables = evaluate_all(
+        task="T",
+        model="m",
+        task_config=TASK,
+        manifest=manifest_path,
+        probe_dir=folder,
+        evaluation=EVALUATION,
+        seed=0,
+        out_dir=tmp_path / "out",
+    )
     authors = tables["layers"].drop_duplicates("layer").set_index("layer")["authors_layer"]
     # 12 files x.0 ... x.11 in text order: x.0, x.1, x.10, x.11, x.2, ...
     assert pd.isna(authors["hidden.0"]) and authors["hidden.1"] == 0 and authors["hidden.11"] == 2
@@ -212,9 +293,16 @@ def test_layers_table_names_each_layer_in_the_authors_numbering(setup):
 def test_comparison_pairs_choose_what_is_tested(setup):
     tmp_path, manifest_path, *_ = setup
     predictions = {"good": tmp_path / "probe_a" / "predictions.h5", "random": tmp_path / "probe_b" / "predictions.h5"}
-    table = compare_models(task="T", task_settings=task_settings(TASK), manifest=manifest_path, predictions=predictions,
-                           pairs=[["random", "good"], ["good", "absent_model"]], evaluation=EvaluationSettings.from_dict(EVALUATION), seed=0,
-                           out_path=tmp_path / "cmp.csv")
+    table = compare_models(
+        task="T",
+        task_settings=task_settings(TASK),
+        manifest=manifest_path,
+        predictions=predictions,
+        pairs=[["random", "good"], ["good", "absent_model"]],
+        evaluation=EvaluationSettings.from_dict(EVALUATION),
+        seed=0,
+        out_path=tmp_path / "cmp.csv",
+    )
     assert set(zip(table["model"], table["baseline"])) == {("random", "good")}
     auc = table[(table["class"] == "macro") & (table["metric"] == "auc") & (table["test"] == "bootstrap")].iloc[0]
     assert auc["difference"] < -0.2
@@ -225,14 +313,29 @@ def test_efficiency_retained_is_one_task_per_discipline_as_the_paper(tmp_path):
     # The paper's pathology numbers: T1 F1 0.855 at 10 % and 0.892 at 100 % -> 95.8 %; T2 must not enter.
     for task, metric, low, full in [("T1", "f1", 0.855, 0.892), ("T2", "f1", 0.5, 0.9), ("T3", "auc", 0.892, 0.945)]:
         for fraction, value in ((0.1, low), (1.0, full)):
-            rows.append({"task": task, "model": "idefics_80b", "layer": "hidden.39", "fraction": fraction, "seed": 1,
-                         "class": "macro", "metric": metric, "value": value, "n_train": int(fraction * 1000)})
+            rows.append(
+                {
+                    "task": task,
+                    "model": "idefics_80b",
+                    "layer": "hidden.39",
+                    "fraction": fraction,
+                    "seed": 1,
+                    "class": "macro",
+                    "metric": metric,
+                    "value": value,
+                    "n_train": int(fraction * 1000),
+                }
+            )
             rows.append({**rows[-1], "class": "macro", "metric": "auc" if metric == "f1" else "f1", "value": 0.1})
     table = pd.DataFrame(rows)
-    tasks = {"T1": {"metric": "f1", "discipline": "pathology"}, "T2": {"metric": "f1", "discipline": "pathology"},
-             "T3": {"metric": "auc", "discipline": "dermatology"}}
-    summary = efficiency_retained(table, tasks, {"pathology": "T1", "dermatology": "T3", "radiology": "T8"},
-                                  tmp_path / "retained.csv")
+    tasks = {
+        "T1": {"metric": "f1", "discipline": "pathology"},
+        "T2": {"metric": "f1", "discipline": "pathology"},
+        "T3": {"metric": "auc", "discipline": "dermatology"},
+    }
+    summary = efficiency_retained(
+        table, tasks, {"pathology": "T1", "dermatology": "T3", "radiology": "T8"}, tmp_path / "retained.csv"
+    )
     at_10 = summary[summary["fraction"] == 0.1].set_index("discipline")
     assert at_10.loc["pathology", "retained_mean"] == pytest.approx(0.855 / 0.892)
     # The paper's 95.8 % and 94.3 % come from unrounded metrics: the printed ones give 95.85 % and 94.39 %.
@@ -244,11 +347,16 @@ def test_efficiency_retained_is_one_task_per_discipline_as_the_paper(tmp_path):
 
 
 def test_findings_summary_counts_findings_at_each_auc_threshold():
-    metrics = pd.DataFrame({
-        "task": "T7", "model": ["a"] * 4 + ["b"] * 4, "layer": "hidden.1",
-        "class": ["x", "y", "z", "macro"] * 2, "metric": "auc",
-        "value": [0.95, 0.9, 0.71, 0.85, 0.89, 0.7, 0.5, 0.7],
-    })
+    metrics = pd.DataFrame(
+        {
+            "task": "T7",
+            "model": ["a"] * 4 + ["b"] * 4,
+            "layer": "hidden.1",
+            "class": ["x", "y", "z", "macro"] * 2,
+            "metric": "auc",
+            "value": [0.95, 0.9, 0.71, 0.85, 0.89, 0.7, 0.5, 0.7],
+        }
+    )
     tasks = {"T7": {"kind": "multilabel"}, "T1": {"kind": "multiclass"}}
     summary = findings_summary(metrics, tasks, [0.9, 0.7]).set_index(["model", "threshold"])
     assert summary.loc[("a", 0.9), "n_at_or_above"] == 2 and summary.loc[("a", 0.9), "findings"] == "x|y"

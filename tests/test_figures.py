@@ -21,22 +21,65 @@ PDF_MAGIC = b"%PDF-"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 TASKS = {
-    "T1": {"name": "Colorectal tissue", "discipline": "pathology", "kind": "multiclass", "metric": "f1",
-           "classes": ["ADI", "LYM", "TUM"]},
-    "T2": {"name": "Pan-cancer malignancy", "discipline": "pathology", "kind": "binary", "metric": "f1",
-           "classes": ["benign", "malignant"]},
-    "T3": {"name": "Skin lesions", "discipline": "dermatology", "kind": "multiclass", "metric": "auc",
-           "classes": ["MEL", "NV", "BCC"]},
-    "T4": {"name": "Melanoma", "discipline": "dermatology", "kind": "binary", "metric": "auc",
-           "classes": ["benign", "malignant"]},
-    "T5": {"name": "Diabetic retinopathy", "discipline": "ophthalmology", "kind": "multiclass", "metric": "auc",
-           "classes": ["0", "1", "2"], "graded": True},
-    "T6": {"name": "Glaucoma", "discipline": "ophthalmology", "kind": "binary", "metric": "auc",
-           "classes": ["no_glaucoma", "glaucoma"]},
-    "T7": {"name": "Chest radiograph findings", "discipline": "radiology", "kind": "multilabel", "metric": "auc",
-           "classes": ["cardiomegaly", "effusion", "nodule", "fracture", "scoliosis"], "min_test_positives": 9},
-    "T8": {"name": "Knee osteoarthritis", "discipline": "radiology", "kind": "multiclass", "metric": "auc",
-           "classes": ["0", "1", "2"], "graded": True},
+    "T1": {
+        "name": "Colorectal tissue",
+        "discipline": "pathology",
+        "kind": "multiclass",
+        "metric": "f1",
+        "classes": ["ADI", "LYM", "TUM"],
+    },
+    "T2": {
+        "name": "Pan-cancer malignancy",
+        "discipline": "pathology",
+        "kind": "binary",
+        "metric": "f1",
+        "classes": ["benign", "malignant"],
+    },
+    "T3": {
+        "name": "Skin lesions",
+        "discipline": "dermatology",
+        "kind": "multiclass",
+        "metric": "auc",
+        "classes": ["MEL", "NV", "BCC"],
+    },
+    "T4": {
+        "name": "Melanoma",
+        "discipline": "dermatology",
+        "kind": "binary",
+        "metric": "auc",
+        "classes": ["benign", "malignant"],
+    },
+    "T5": {
+        "name": "Diabetic retinopathy",
+        "discipline": "ophthalmology",
+        "kind": "multiclass",
+        "metric": "auc",
+        "classes": ["0", "1", "2"],
+        "graded": True,
+    },
+    "T6": {
+        "name": "Glaucoma",
+        "discipline": "ophthalmology",
+        "kind": "binary",
+        "metric": "auc",
+        "classes": ["no_glaucoma", "glaucoma"],
+    },
+    "T7": {
+        "name": "Chest radiograph findings",
+        "discipline": "radiology",
+        "kind": "multilabel",
+        "metric": "auc",
+        "classes": ["cardiomegaly", "effusion", "nodule", "fracture", "scoliosis"],
+        "min_test_positives": 9,
+    },
+    "T8": {
+        "name": "Knee osteoarthritis",
+        "discipline": "radiology",
+        "kind": "multiclass",
+        "metric": "auc",
+        "classes": ["0", "1", "2"],
+        "graded": True,
+    },
 }
 # "absent" is configured but has no rows anywhere: figures must skip it silently.
 MODELS = {
@@ -55,9 +98,19 @@ REPORT_CAPTION = Path(__file__).resolve().parent.parent / "workflow" / "report" 
 
 def _row(task, model, cls, metric, value, sd, layer="hidden.4", fraction=1.0, seed=float("nan")):
     return {
-        "task": task, "model": model, "layer": layer, "fraction": fraction, "seed": seed, "class": cls,
-        "metric": metric, "value": value, "sd": sd, "ci_low": value - 2 * sd, "ci_high": value + 2 * sd,
-        "n_train": 100, "n_test": 50,
+        "task": task,
+        "model": model,
+        "layer": layer,
+        "fraction": fraction,
+        "seed": seed,
+        "class": cls,
+        "metric": metric,
+        "value": value,
+        "sd": sd,
+        "ci_low": value - 2 * sd,
+        "ci_high": value + 2 * sd,
+        "n_train": 100,
+        "n_test": 50,
     }
 
 
@@ -102,8 +155,18 @@ def efficiency() -> pd.DataFrame:
             for fraction in (0.1, 0.25, 1.0):
                 for seed in range(3):
                     value = 0.5 + 0.4 * fraction + rng.normal(0, 0.03)
-                    rows.append(_row(task, model, "macro", conf["metric"], value, rng.uniform(0.01, 0.04),
-                                     fraction=fraction, seed=seed))
+                    rows.append(
+                        _row(
+                            task,
+                            model,
+                            "macro",
+                            conf["metric"],
+                            value,
+                            rng.uniform(0.01, 0.04),
+                            fraction=fraction,
+                            seed=seed,
+                        )
+                    )
     return pd.DataFrame(rows)
 
 
@@ -132,14 +195,43 @@ def nejm() -> pd.DataFrame:
     for model in RUN_MODELS:
         for mode in ("greedy", "top3", "likelihood"):
             for low, stratum in enumerate(NEJM_STRATA + ["all"]):
-                rows.append({"model": model, "mode": mode, "stratum": stratum, "stratum_low": low / 5,
-                             "stratum_high": (low + 1) / 5, "accuracy": rng.uniform(0.2, 0.9),
-                             "sd": rng.uniform(0.01, 0.05), "n_cases": 10 + low})
+                rows.append(
+                    {
+                        "model": model,
+                        "mode": mode,
+                        "stratum": stratum,
+                        "stratum_low": low / 5,
+                        "stratum_high": (low + 1) / 5,
+                        "accuracy": rng.uniform(0.2, 0.9),
+                        "sd": rng.uniform(0.01, 0.05),
+                        "n_cases": 10 + low,
+                    }
+                )
     for low, stratum in enumerate(NEJM_STRATA):
-        rows.append({"model": "readers", "mode": "readers", "stratum": stratum, "stratum_low": low / 5,
-                     "stratum_high": (low + 1) / 5, "accuracy": 0.1 + 0.2 * low, "sd": 0.01, "n_cases": 10 + low})
-    rows.append({"model": "chance", "mode": "chance", "stratum": "all", "stratum_low": 0.0, "stratum_high": 1.0,
-                 "accuracy": 0.2, "sd": 0.0, "n_cases": 50})
+        rows.append(
+            {
+                "model": "readers",
+                "mode": "readers",
+                "stratum": stratum,
+                "stratum_low": low / 5,
+                "stratum_high": (low + 1) / 5,
+                "accuracy": 0.1 + 0.2 * low,
+                "sd": 0.01,
+                "n_cases": 10 + low,
+            }
+        )
+    rows.append(
+        {
+            "model": "chance",
+            "mode": "chance",
+            "stratum": "all",
+            "stratum_low": 0.0,
+            "stratum_high": 1.0,
+            "accuracy": 0.2,
+            "sd": 0.0,
+            "n_cases": 50,
+        }
+    )
     return pd.DataFrame(rows)
 
 
@@ -155,8 +247,9 @@ def _render(name, tables, tasks=TASKS, options=OPTIONS):
 
 
 def _draw(name, tables, stem, tasks=TASKS, options=OPTIONS) -> None:
-    figures.draw(name, tables, stem.with_suffix(".pdf"), stem.with_suffix(".png"), tasks=tasks, models=MODELS,
-                 options=options)
+    figures.draw(
+        name, tables, stem.with_suffix(".pdf"), stem.with_suffix(".png"), tasks=tasks, models=MODELS, options=options
+    )
 
 
 def _check_outputs(stem) -> None:
@@ -199,7 +292,9 @@ def test_figure_tasks_are_the_config_entries_a_figure_draws():
     assert list(figures.figure_tasks("figure4", config)) == ["T5", "T6", "T8"]
     assert figures.figure_tasks("figure5", config) == {"T7": TASKS["T7"]}
     assert list(figures.figure_tasks("figureS6", config)) == ["T4"]
-    assert list(figures.figure_tasks("figure6", config)) == list(TASKS) == list(figures.figure_tasks("figureS5", config))
+    assert (
+        list(figures.figure_tasks("figure6", config)) == list(TASKS) == list(figures.figure_tasks("figureS5", config))
+    )
     assert figures.figure_tasks("figure1d", config) == {}
 
 
@@ -281,8 +376,11 @@ def test_every_figure_is_written_as_pdf_and_png(tmp_path, metrics, layers, effic
 
 def test_png_has_figure_size_at_200_dpi(tmp_path, metrics):
     expected = figures.render("figure4", {"metrics": metrics}, TASKS, MODELS, OPTIONS).get_size_inches() * 200
-    figures.save(figures.render("figure4", {"metrics": metrics}, TASKS, MODELS, OPTIONS), tmp_path / "f4.pdf",
-                 tmp_path / "f4.png")
+    figures.save(
+        figures.render("figure4", {"metrics": metrics}, TASKS, MODELS, OPTIONS),
+        tmp_path / "f4.pdf",
+        tmp_path / "f4.png",
+    )
     with Image.open(tmp_path / "f4.png") as image:
         assert image.size == (round(expected[0]), round(expected[1]))
 
@@ -499,7 +597,13 @@ def test_figure3_binary_f1_bar_says_it_is_the_mean_of_both_classes(metrics):
 def test_layers_are_ordered_numerically_with_embeddings_last():
     names = ["hidden.10", "image_embeds", "hidden.9", "hidden.0", "hidden.2", "hidden.12", "hidden.1"]
     assert figures.order_layers(names) == [
-        "hidden.0", "hidden.1", "hidden.2", "hidden.9", "hidden.10", "hidden.12", "image_embeds",
+        "hidden.0",
+        "hidden.1",
+        "hidden.2",
+        "hidden.9",
+        "hidden.10",
+        "hidden.12",
+        "image_embeds",
     ]
     with pytest.raises(ValueError, match=r"'pooler'"):
         figures.order_layers(["hidden.1", "pooler"])
@@ -514,8 +618,12 @@ def test_layer_curves_follow_depth_order(layers):
     assert small["layer"].tolist()[-2:] == ["hidden.4", "image_embeds"]
     assert small["x"].tolist()[-2:] == [4, 5]  # the projection one step past the last hidden layer
     for row in small.itertuples():
-        source = layers[(layers["task"] == "T3") & (layers["model"] == "small") & (layers["layer"] == row.layer)
-                        & (layers["metric"] == "auc")]
+        source = layers[
+            (layers["task"] == "T3")
+            & (layers["model"] == "small")
+            & (layers["layer"] == row.layer)
+            & (layers["metric"] == "auc")
+        ]
         assert row.value == source["value"].item() and row.sd == source["sd"].item()
 
 
@@ -534,8 +642,9 @@ def _layer_tables(n_hidden_states: int, headline: str, task: str = "T3"):
     rows = []
     for i in range(n_hidden_states):
         for metric in ("auc", "f1"):
-            rows.append(_row(task, "big", "macro", metric, rng.uniform(0.5, 0.9), rng.uniform(0.01, 0.03),
-                             layer=f"hidden.{i}"))
+            rows.append(
+                _row(task, "big", "macro", metric, rng.uniform(0.5, 0.9), rng.uniform(0.01, 0.03), layer=f"hidden.{i}")
+            )
     metrics = pd.DataFrame([_row(task, "big", "macro", metric, 0.8, 0.02, layer=headline) for metric in ("auc", "f1")])
     return pd.DataFrame(rows), metrics
 
@@ -583,8 +692,11 @@ def test_figureS5_uses_the_authors_layer_column_when_present():
 def test_figureS5_draws_the_chosen_metric_with_sd_band():
     layers, metrics = _layer_tables(9, headline="hidden.4", task="T1")  # T1's headline metric is F1
     for metric in ("auc", "f1"):
-        figure = _render("figureS5", {"layers": layers, "metrics": metrics},
-                         options=dataclasses.replace(OPTIONS, figureS5_metric=metric))
+        figure = _render(
+            "figureS5",
+            {"layers": layers, "metrics": metrics},
+            options=dataclasses.replace(OPTIONS, figureS5_metric=metric),
+        )
         (ax,) = figure.get_axes()
         (line,) = [line for line in ax.get_lines() if line.get_label() == "T1 · Big VLM"]
         rows = layers[layers["metric"] == metric].set_index("layer").loc[[f"hidden.{i}" for i in range(9)]]
@@ -601,8 +713,11 @@ def test_figureS5_draws_the_chosen_metric_with_sd_band():
 def test_figureS5_rejects_unknown_order_and_headline_layer_conflicts():
     layers, metrics = _layer_tables(9, headline="hidden.4")
     with pytest.raises(ValueError, match=r"figures\.figureS5_order.*'text'.*depth, authors"):
-        _render("figureS5", {"layers": layers, "metrics": metrics},
-                options=dataclasses.replace(OPTIONS, figureS5_order="text"))
+        _render(
+            "figureS5",
+            {"layers": layers, "metrics": metrics},
+            options=dataclasses.replace(OPTIONS, figureS5_order="text"),
+        )
     conflicting = pd.concat([metrics, metrics.assign(layer="hidden.5")])
     with pytest.raises(ValueError, match=r"task T3, model big.*hidden\.4.*hidden\.5"):
         _render("figureS5", {"layers": layers, "metrics": conflicting})
@@ -624,7 +739,9 @@ def test_draw_passes_metrics_to_figureS5_for_the_headline_layer(tmp_path, monkey
     drawn = {}
     monkeypatch.setattr(figures, "save", lambda figure, pdf, png: drawn.update(figure=figure, files=(pdf, png)))
     options = FiguresSettings.from_dict({**dataclasses.asdict(OPTIONS), "figureS5_order": "authors"})
-    figures.draw("figureS5", paths, tmp_path / "s5.pdf", tmp_path / "s5.png", tasks=TASKS, models=MODELS, options=options)
+    figures.draw(
+        "figureS5", paths, tmp_path / "s5.pdf", tmp_path / "s5.png", tasks=TASKS, models=MODELS, options=options
+    )
     assert drawn["files"] == (tmp_path / "s5.pdf", tmp_path / "s5.png")
     assert _headline_lines(drawn["figure"].get_axes()[0]) == [32.0]
 
@@ -639,7 +756,8 @@ def test_efficiency_curves_mean_and_band(efficiency):
     assert len(curves) == len(TASKS) * len(RUN_MODELS) * 3
     for row in curves.itertuples():
         seeds = efficiency[
-            (efficiency["task"] == row.task) & (efficiency["model"] == row.model)
+            (efficiency["task"] == row.task)
+            & (efficiency["model"] == row.model)
             & np.isclose(efficiency["fraction"], row.fraction)
         ]
         values, boot_sd = seeds["value"].to_numpy(), seeds["sd"].to_numpy()
@@ -663,8 +781,11 @@ def test_figure6_plots_seed_means_on_log_axis(efficiency):
 
 
 def test_figure6_with_one_discipline(efficiency, tmp_path):
-    _draw("figure6", {"efficiency": _write(tmp_path, "efficiency", efficiency[efficiency["task"] == "T4"])},
-          tmp_path / "f6")
+    _draw(
+        "figure6",
+        {"efficiency": _write(tmp_path, "efficiency", efficiency[efficiency["task"] == "T4"])},
+        tmp_path / "f6",
+    )
     _check_outputs(tmp_path / "f6")
     with pytest.raises(ValueError, match=r"figure6: nothing to draw"):
         _render("figure6", {"efficiency": efficiency[efficiency["model"] == "nobody"]})
@@ -680,11 +801,16 @@ def test_figureS6_shows_macro_and_positive_class_f1_per_organ(groups):
         assert {tick for _, tick in bars} == {"Breast", "Colon", "Kidney"}
         errors = _error_bar_extents(ax)
         for (label, group), (height, centre) in bars.items():
-            row = groups[(groups["group"] == group) & (groups["model"] == labels[label])
-                         & (groups["class"] == "macro") & (groups["metric"] == metric)]
+            row = groups[
+                (groups["group"] == group)
+                & (groups["model"] == labels[label])
+                & (groups["class"] == "macro")
+                & (groups["metric"] == metric)
+            ]
             assert height == row["value"].item()
-            assert errors[round(centre, 6)] == pytest.approx((row["value"].item() - row["sd"].item(),
-                                                               row["value"].item() + row["sd"].item()))
+            assert errors[round(centre, 6)] == pytest.approx(
+                (row["value"].item() - row["sd"].item(), row["value"].item() + row["sd"].item())
+            )
 
 
 def test_figureS6_positive_f1_falls_back_to_the_positive_class_row(groups):
@@ -692,8 +818,11 @@ def test_figureS6_positive_f1_falls_back_to_the_positive_class_row(groups):
     _, positive_ax = _render("figureS6", {"groups": older}).get_axes()
     bars = _bars_by_model_and_tick(positive_ax)
     for (label, group), (height, _) in bars.items():
-        row = older[(older["group"] == group) & (older["model"] == ("big" if label == "Big VLM" else "small"))
-                    & (older["class"] == "malignant")]
+        row = older[
+            (older["group"] == group)
+            & (older["model"] == ("big" if label == "Big VLM" else "small"))
+            & (older["class"] == "malignant")
+        ]
         assert height == row["value"].item()
 
 

@@ -25,7 +25,7 @@ SCRIPT = kneel.__file__.rsplit("/medprobe/", 1)[0] + "/workflow/scripts/kneel_la
 # A fake of github.com/Oulu-IMEDS/KNEEL's kneel.inference.pipeline: same module path, constructor and predict
 # signature; predict answers from answers.json (basename -> [[x, y] x 16] for the right and the left knee,
 # "none" for an unreadable file, "error" for an exception) and records every call in calls.jsonl.
-FAKE_PIPELINE = '''
+FAKE_PIPELINE = """
 import json
 import os
 
@@ -53,7 +53,7 @@ class KneeAnnotatorPipeline(object):
         if answer == "error":
             raise RuntimeError("cannot reshape array")
         return np.expand_dims(np.array(answer, dtype=float), 0)
-'''
+"""
 
 
 def knee_points(x, y):
@@ -65,8 +65,15 @@ def knee_points(x, y):
 
 def raw_table(raw, data, **inputs):
     """T8's raw table in raw/metadata.csv, with the landmark files of ``inputs``."""
-    return build_raw_table("oai_most", "T8", data, raw / "metadata.csv", raw / "counts.json", classes=["0", "1", "2", "3", "4"],
-                           inputs=inputs)
+    return build_raw_table(
+        "oai_most",
+        "T8",
+        data,
+        raw / "metadata.csv",
+        raw / "counts.json",
+        classes=["0", "1", "2", "3", "4"],
+        inputs=inputs,
+    )
 
 
 @pytest.fixture
@@ -96,8 +103,8 @@ def radiograph(path, right, left, shape=(200, 300)):
     image's right of it), so that the crop's centre and its mirroring can be checked."""
     image = np.zeros(shape, dtype=np.uint16)
     for x, y in (right, left):
-        image[y - 5:y + 5, x - 5:x + 5] = 4000
-        image[y - 5:y + 5, x + 5:x + 15] = 1000
+        image[y - 5 : y + 5, x - 5 : x + 5] = 4000
+        image[y - 5 : y + 5, x + 5 : x + 15] = 1000
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
 
@@ -117,8 +124,11 @@ def t8_data(tmp_path, fake_kneel):
         "spacing_row": ["0.5"] * 5, "spacing_col": ["0.5"] * 5,
     })  # fmt: skip
     knees.to_csv(data / "knees.csv", index=False)
-    answers = {"9000099.png": [knee_points(70, 100), knee_points(230, 100)], "MB00001.png": "none",
-               "9000100.png": "error"}
+    answers = {
+        "9000099.png": [knee_points(70, 100), knee_points(230, 100)],
+        "MB00001.png": "none",
+        "9000100.png": "error",
+    }
     (fake_kneel / "answers.json").write_text(json.dumps(answers))
     return data
 
@@ -151,8 +161,11 @@ def test_script_writes_kneel_landmarks_and_reports_radiographs_without_joints(tm
     assert (right["x"].mean(), right["y"].mean()) == pytest.approx((70, 100), abs=0.01)
     assert landmarks.groupby("side")[["x", "y"]].mean().loc["L"].tolist() == pytest.approx([230, 100], abs=0.01)
     undetected = pd.read_csv(raw / "landmarks_undetected.csv")
-    assert undetected[["file", "side"]].values.tolist() == [["most/MB00001.png", "R"], ["most/MB00001.png", "L"],
-                                                            ["oai/9000100.png", "R"]]
+    assert undetected[["file", "side"]].values.tolist() == [
+        ["most/MB00001.png", "R"],
+        ["most/MB00001.png", "L"],
+        ["oai/9000100.png", "R"],
+    ]
     assert "could not read" in undetected["reason"][0] and "RuntimeError: cannot reshape" in undetected["reason"][2]
     for file in ("most/MB00001.png", "oai/9000100.png"):
         assert f"no landmarks for {file}" in result.stderr  # and in the log
@@ -161,8 +174,11 @@ def test_script_writes_kneel_landmarks_and_reports_radiographs_without_joints(tm
 
     # the recipe crops the detected knees (140 mm at 0.5 mm/px = 280 px, joint centred, left knee mirrored)
     # and leaves the undetected ones out, counted
-    table = pd.read_csv(raw_table(raw, t8_data, landmarks=raw / "landmarks.csv", undetected=raw / "landmarks_undetected.csv"),
-                        dtype=str, keep_default_na=False)
+    table = pd.read_csv(
+        raw_table(raw, t8_data, landmarks=raw / "landmarks.csv", undetected=raw / "landmarks_undetected.csv"),
+        dtype=str,
+        keep_default_na=False,
+    )
     assert table["image_id"].tolist() == ["oai_oai_9000099_R", "oai_oai_9000099_L"]
     assert table["label"].tolist() == ["2", "0"]
     right_crop, left_crop = (np.asarray(Image.open(raw / file)) for file in table["file"])
@@ -176,8 +192,11 @@ def test_script_writes_kneel_landmarks_and_reports_radiographs_without_joints(tm
 def test_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, t8_data):
     knees = kneel.read_knee_list(t8_data / "knees.csv")
     assert knees == [("oai/9000099.png", ["R", "L"]), ("most/MB00001.png", ["R", "L"]), ("oai/9000100.png", ["R"])]
-    answers = {"9000099.png": np.array([[knee_points(70, 100), knee_points(230, 100)]]), "MB00001.png": None,
-               "9000100.png": np.full((1, 2, 16, 2), np.nan)}
+    answers = {
+        "9000099.png": np.array([[knee_points(70, 100), knee_points(230, 100)]]),
+        "MB00001.png": None,
+        "9000100.png": np.full((1, 2, 16, 2), np.nan),
+    }
     seen = []
 
     def predict(path):
@@ -204,8 +223,12 @@ def test_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, t8
         assert (part / name).read_text() == (whole / name).read_text()
     assert "no joint found" in (whole / "u.csv").read_text()
     # other settings: the progress of an earlier run is not reused
-    (part / "l.csv.progress.jsonl").write_text(json.dumps({"refine": False}) + "\n" + json.dumps(
-        {"file": "oai/9000099.png", "results": {"R": ["undetected", "x"], "L": ["undetected", "x"]}}) + "\n")
+    (part / "l.csv.progress.jsonl").write_text(
+        json.dumps({"refine": False})
+        + "\n"
+        + json.dumps({"file": "oai/9000099.png", "results": {"R": ["undetected", "x"], "L": ["undetected", "x"]}})
+        + "\n"
+    )
     seen.clear()
     kneel.annotate(knees, str(t8_data), predict, str(part / "l.csv"), str(part / "u.csv"), {"refine": True})
     assert len(seen) == 3 and (part / "l.csv").read_text() == (whole / "l.csv").read_text()
@@ -216,14 +239,19 @@ def test_joint_outside_the_image_and_odd_output_are_reported(tmp_path):
     path.write_bytes(b"")
     outside = np.array([[knee_points(70, 100), knee_points(330, 100)]])
     results = kneel.knee_results(path, lambda _: outside, image_size=lambda _: (300, 200))
-    assert results["R"][0] == "ok" and results["L"] == ("undetected", "joint centre (330, 100) outside the 300x200 image")
+    assert results["R"][0] == "ok" and results["L"] == (
+        "undetected",
+        "joint centre (330, 100) outside the 300x200 image",
+    )
     assert kneel.knee_results(path, lambda _: np.zeros((3, 2)))["R"][1].startswith("unexpected KNEEL output")
     assert kneel.knee_results(tmp_path / "missing", lambda _: outside)["L"] == ("undetected", "file not found")
 
 
 def test_script_stays_python37_and_checks_its_inputs(tmp_path, snapshots):
     # the KNEEL env runs Python 3.7 and imports these from the source tree
-    for path in [SCRIPT, kneel.__file__] + [kneel.__file__.replace("kneel.py", name) for name in ("devices.py", "gpu_job.py")]:
+    for path in [SCRIPT, kneel.__file__] + [
+        kneel.__file__.replace("kneel.py", name) for name in ("devices.py", "gpu_job.py")
+    ]:
         ast.parse(open(path).read(), feature_version=(3, 7))
     bad = tmp_path / "knees.csv"
     bad.write_text("file,side\na.png,X\n")
@@ -242,7 +270,9 @@ def test_script_without_kneel_says_where_to_get_it(tmp_path, t8_data, snapshots)
 
 def test_users_own_landmarks_are_checked_and_used(tmp_path, t8_data):
     given = tmp_path / "mine.csv"
-    pd.DataFrame({"file": ["oai/9000099.png"] * 2, "side": ["r", "L"], "x": [70, 230], "y": [100, 100]}).to_csv(given, index=False)
+    pd.DataFrame({"file": ["oai/9000099.png"] * 2, "side": ["r", "L"], "x": [70, 230], "y": [100, 100]}).to_csv(
+        given, index=False
+    )
     raw = tmp_path / "raw"
     table = pd.read_csv(raw_table(raw, t8_data, landmarks=given), dtype=str, keep_default_na=False)
     # the knees without landmarks (and not reported undetected) are taken as ready-made crops
@@ -279,11 +309,15 @@ def test_snapshots_are_fetched_verified_and_unpacked(tmp_path, snapshots):
     paths = kneel.fetch_snapshots(target, archive.as_uri())
     assert paths["hc"] == target / kneel.HC_SNAPSHOT and (paths["lc"] / "session.pkl").exists()
     # the archive stays next to the folder (the corrupt first transfer was set aside, never used)
-    assert sorted(p.name for p in target.parent.iterdir()) == [kneel.SNAPSHOTS_DIR, kneel.SNAPSHOTS_ARCHIVE,
-                                                               kneel.SNAPSHOTS_ARCHIVE + ".bad"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [
+        kneel.SNAPSHOTS_DIR,
+        kneel.SNAPSHOTS_ARCHIVE,
+        kneel.SNAPSHOTS_ARCHIVE + ".bad",
+    ]
 
 
 # ---- the workflow's plan -------------------------------------------------------------------------------------
+
 
 def dry_run(repo, workdir, config_path, target):
     result = subprocess.run(
@@ -317,7 +351,10 @@ def test_paper_dry_run_plans_kneel_before_the_t8_raw_table(repo, tmp_path):
     job = jobs["kneel_landmarks"]
     assert "gpu=1" in job and "resources/kneel/snapshots_release" in job and "task=T8" in job
     # KNEEL runs on the knee list rule oai_most_files makes from knees.csv (and the OAI release, tests/test_oai.py)
-    assert "--knees resources/datasets/oai_most/knees_all.csv" in job and "--undetected resources/raw/T8/landmarks_undetected.csv" in job
+    assert (
+        "--knees resources/datasets/oai_most/knees_all.csv" in job
+        and "--undetected resources/raw/T8/landmarks_undetected.csv" in job
+    )
     assert "resources/datasets/oai_most/knees_all.csv" in jobs["oai_most_files"]
     assert "resources/raw/T8/landmarks.csv" in re.search(r"input: (.*)", jobs["raw_dataset"]).group(1)
     # snapshots unpacked by hand (no internet on the submit host): nothing to fetch
@@ -367,4 +404,3 @@ def test_own_landmarks_replace_the_kneel_job(repo, tmp_path):
     jobs = dry_run(repo, workdir, config_path, "resources/raw/T8/metadata.csv")
     assert set(jobs) == {"oai_most_files", "raw_dataset"}
     assert str(given) in re.search(r"input: (.*)", jobs["raw_dataset"]).group(1)
-

@@ -34,8 +34,14 @@ def answer_cases(cases_dir, out, *, adapter, **changes):
     """``nejm.answer_cases`` by ``adapter`` as model ``m``, the cache next to ``out``, with ``changes`` to the
     default settings."""
     return nejm.answer_cases(
-        cases_dir, out, out.with_name("answers.cache.jsonl"), model_name="m", model_cfg={"checkpoint": "x"},
-        settings=nejm_settings(**changes), seed=0, adapter=adapter,
+        cases_dir,
+        out,
+        out.with_name("answers.cache.jsonl"),
+        model_name="m",
+        model_cfg={"checkpoint": "x"},
+        settings=nejm_settings(**changes),
+        seed=0,
+        adapter=adapter,
     )
 
 
@@ -174,7 +180,13 @@ def test_figure_s2_prompt_is_the_papers_figure_text(tmp_path):
         "shot1",
         "2005-10-13",
         "What is the diagnosis?",
-        ["Rocky mountain spotted fever", "Hand foot and mouth disease", "Infective endocarditis", "Psoriasis", "Secondary syphilis"],
+        [
+            "Rocky mountain spotted fever",
+            "Hand foot and mouth disease",
+            "Infective endocarditis",
+            "Psoriasis",
+            "Secondary syphilis",
+        ],
         "Secondary syphilis",
         "This symmetric, dusky red, and polymorphic papulosquamous rash is consistent with secondary syphilis.",
     )
@@ -239,9 +251,20 @@ def test_chat_template_text_is_pinned(cases_dir):
 @pytest.mark.parametrize(
     "template, expected",
     [
-        ("chat", [" Answer: 1. Psoriasis", " Answer: 2. Melanoma", " Answer: 3. Amelanotic melanoma",
-                  " Answer: 4. Tinea corporis", " Answer: 5. Lichen planus"]),
-        ("figure_s2", [" Psoriasis\n", " Melanoma\n", " Amelanotic melanoma\n", " Tinea corporis\n", " Lichen planus\n"]),
+        (
+            "chat",
+            [
+                " Answer: 1. Psoriasis",
+                " Answer: 2. Melanoma",
+                " Answer: 3. Amelanotic melanoma",
+                " Answer: 4. Tinea corporis",
+                " Answer: 5. Lichen planus",
+            ],
+        ),
+        (
+            "figure_s2",
+            [" Psoriasis\n", " Melanoma\n", " Amelanotic melanoma\n", " Tinea corporis\n", " Lichen planus\n"],
+        ),
     ],
 )
 def test_likelihood_continuations_follow_the_template(cases_dir, template, expected):
@@ -348,7 +371,9 @@ class FakeAdapter:
         for conversation in conversations:
             case = self._case(conversation)
             if do_sample:
-                out.append([f"{case} sample {seed % 7} {i}" for i in range(num_return_sequences - 1)] + [self.answers[case]])
+                out.append(
+                    [f"{case} sample {seed % 7} {i}" for i in range(num_return_sequences - 1)] + [self.answers[case]]
+                )
             else:
                 out.append([self.answers[case]])
         return out
@@ -368,7 +393,9 @@ def test_answers_are_resumable_and_redone_when_the_prompt_changes(cases_dir, tmp
     assert len(records) == 2 * (1 + 3 + 1)
     greedy = {r["case_id"]: r for r in records if r["mode"] == "greedy"}
     assert greedy["q1"]["parsed_choice"] == 2 and greedy["q1"]["correct"] and greedy["q1"]["rule"] == "exact_text"
-    assert greedy["q2"]["parsed_choice"] is None and greedy["q2"]["rule"] == "unparseable" and not greedy["q2"]["correct"]
+    assert (
+        greedy["q2"]["parsed_choice"] is None and greedy["q2"]["rule"] == "unparseable" and not greedy["q2"]["correct"]
+    )
     likelihood = {r["case_id"]: r for r in records if r["mode"] == "likelihood"}
     assert likelihood["q2"]["parsed_choice"] == 4 and likelihood["q2"]["correct"]
     assert set(records[0]) >= {"case_id", "prompt_hash", "raw_output", "parsed_choice", "rule", "correct", "mode"}
@@ -491,10 +518,14 @@ def test_accuracy_table_and_figure(cases_dir, tmp_path):
     from medprobe.stats import bootstrap_indices
 
     values = np.array([1.0, 0.0])
-    assert row.loc[("m", "greedy", "all"), "sd"] == pytest.approx(values[bootstrap_indices(2, 200, 1)].mean(1).std(ddof=1))
+    assert row.loc[("m", "greedy", "all"), "sd"] == pytest.approx(
+        values[bootstrap_indices(2, 200, 1)].mean(1).std(ddof=1)
+    )
     # the fake's first two samples are gibberish; q2's greedy and last sample ("?") too
     assert sorted(unparseable.groupby(["case_id", "mode"]).size().items()) == [
-        (("q1", "sample"), 2), (("q2", "greedy"), 1), (("q2", "sample"), 3)
+        (("q1", "sample"), 2),
+        (("q2", "greedy"), 1),
+        (("q2", "sample"), 3),
     ]
 
     path = tmp_path / "nejm.csv"

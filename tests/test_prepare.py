@@ -25,26 +25,49 @@ def write_raw(folder, n_patients=30, per_patient=3, partition=lambda p: "", kind
             size = (1300, 700) if big and patient == 0 and image == 0 else (32, 32)
             Image.fromarray(rng.integers(0, 255, (size[1], size[0]), dtype=np.uint8)).save(folder / file)
             label = "abc"[(patient + image) % 3]
-            rows.append({
-                "image_id": image_id, "file": file, "patient_id": f"P{patient}",
-                "label": label if kind != "multilabel" else "",
-                "labels": "|".join(sorted({label, "b"} if image == 0 else {label})) if kind == "multilabel" else "",
-                "source": "s1" if patient % 2 else "s2", "partition": partition(patient), "group": f"g{patient % 2}",
-            })
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "file": file,
+                    "patient_id": f"P{patient}",
+                    "label": label if kind != "multilabel" else "",
+                    "labels": "|".join(sorted({label, "b"} if image == 0 else {label})) if kind == "multilabel" else "",
+                    "source": "s1" if patient % 2 else "s2",
+                    "partition": partition(patient),
+                    "group": f"g{patient % 2}",
+                }
+            )
     pd.DataFrame(rows).to_csv(folder / "metadata.csv", index=False)
     return pd.DataFrame(rows)
 
 
 def task_settings(entry):
     """A task's settings from the keys a test sets (kind, classes, dataset[, test_fraction])."""
-    return TaskSettings.from_dict({"name": "T", "discipline": "pathology", "metric": "auc", "prompt": "", "graded": False,
-                                   "min_test_positives": 0, **entry})
+    return TaskSettings.from_dict(
+        {
+            "name": "T",
+            "discipline": "pathology",
+            "metric": "auc",
+            "prompt": "",
+            "graded": False,
+            "min_test_positives": 0,
+            **entry,
+        }
+    )
 
 
 def run(tmp_path, raw, task=TASK, val_fraction=0.2, test_fraction=0.25, seed=0, **options):
-    return prepare_task("T", task_settings(task), SplitSettings(val_fraction, test_fraction), seed,
-                        metadata=raw / "metadata.csv", manifest=tmp_path / "m.csv", sidecar=tmp_path / "m.json",
-                        images=tmp_path / "images", **options)
+    return prepare_task(
+        "T",
+        task_settings(task),
+        SplitSettings(val_fraction, test_fraction),
+        seed,
+        metadata=raw / "metadata.csv",
+        manifest=tmp_path / "m.csv",
+        sidecar=tmp_path / "m.json",
+        images=tmp_path / "images",
+        **options,
+    )
 
 
 def test_manifest_contract_and_patient_grouped_splits(tmp_path):
@@ -78,12 +101,14 @@ def test_official_partition_is_respected_and_val_comes_from_train(tmp_path):
 
 def test_splits_are_deterministic_and_stratified():
     rng = np.random.default_rng(1)
-    table = pd.DataFrame({
-        "image_id": [f"i{i}" for i in range(600)],
-        "patient_id": [f"P{i // 3}" for i in range(600)],
-        "label": rng.choice(["a", "b", "c"], 600, p=[0.6, 0.3, 0.1]),
-        "partition": "",
-    })
+    table = pd.DataFrame(
+        {
+            "image_id": [f"i{i}" for i in range(600)],
+            "patient_id": [f"P{i // 3}" for i in range(600)],
+            "label": rng.choice(["a", "b", "c"], 600, p=[0.6, 0.3, 0.1]),
+            "partition": "",
+        }
+    )
     first = assign_splits(table, "multiclass", 0.2, 0.25, seed=3)
     second = assign_splits(table, "multiclass", 0.2, 0.25, seed=3)
     assert first.equals(second)
@@ -181,15 +206,18 @@ def test_a_class_missing_from_a_split_is_a_warning_in_the_sidecar(tmp_path, capl
     table = write_raw(raw, n_patients=20)
     # class "c" only for patients of the official test partition: train and val have none
     table["partition"] = ["test" if int(p[1:]) < 6 else "train" for p in table["patient_id"]]
-    table["label"] = [("c" if int(p[1:]) < 3 else "a") if int(p[1:]) < 6 else "ab"[i % 2]
-                      for i, p in enumerate(table["patient_id"])]
+    table["label"] = [
+        ("c" if int(p[1:]) < 3 else "a") if int(p[1:]) < 6 else "ab"[i % 2] for i, p in enumerate(table["patient_id"])
+    ]
     table.to_csv(raw / "metadata.csv", index=False)
     with caplog.at_level(logging.WARNING, logger="medprobe"):
         run(tmp_path, raw)
     warnings = json.loads((tmp_path / "m.json").read_text())["warnings"]
     assert any("['c'] have no image in the train split" in w for w in warnings), warnings
     assert any("['c'] have no image in the val split" in w for w in warnings), warnings
-    assert [w for w in warnings if "test split" in w and "['b']" in w] and not [w for w in warnings if "['c'] have no image in the test" in w]
+    assert [w for w in warnings if "test split" in w and "['b']" in w] and not [
+        w for w in warnings if "['c'] have no image in the test" in w
+    ]
     assert any("have no image in the train split" in r.getMessage() for r in caplog.records)
 
 
@@ -241,8 +269,14 @@ def test_fractions_other_than_one_over_k_are_held_out_as_several_folds():
     assert holdout_folds(0.2, 1000) == (5, 1) and holdout_folds(0.25, 1000) == (4, 1)  # as a single fold
     assert holdout_folds(0.17, 1000) == (6, 1) and holdout_folds(0.05, 1000) == (20, 1)
     assert holdout_folds(0.3, 1000) == (10, 3) and holdout_folds(0.4, 1000) == (5, 2)
-    table = pd.DataFrame({"image_id": [f"i{i}" for i in range(600)], "patient_id": [f"P{i // 2}" for i in range(600)],
-                          "label": np.random.default_rng(2).choice(["a", "b"], 600), "partition": ""})
+    table = pd.DataFrame(
+        {
+            "image_id": [f"i{i}" for i in range(600)],
+            "patient_id": [f"P{i // 2}" for i in range(600)],
+            "label": np.random.default_rng(2).choice(["a", "b"], 600),
+            "partition": "",
+        }
+    )
     split = assign_splits(table, "multiclass", 0.2, 0.3, seed=0)
     share = split.groupby(table["patient_id"]).first().value_counts(normalize=True)["test"]
     assert abs(share - 0.3) < 0.01  # one fold of three would hold out a third
@@ -253,8 +287,10 @@ def test_patients_with_train_partition_rows_are_never_test(tmp_path):
     table = write_raw(raw, n_patients=40)
     # patients 0-9: image 0 unassigned, images 1-2 training-only (e.g. automatic labels); 10-29 unassigned;
     # 30-39 training-only
-    table["partition"] = ["" if 10 <= int(p[1:]) < 30 or (int(p[1:]) < 10 and i.endswith("_0")) else "train"
-                          for p, i in zip(table["patient_id"], table["image_id"])]
+    table["partition"] = [
+        "" if 10 <= int(p[1:]) < 30 or (int(p[1:]) < 10 and i.endswith("_0")) else "train"
+        for p, i in zip(table["patient_id"], table["image_id"])
+    ]
     table.to_csv(raw / "metadata.csv", index=False)
     manifest = run(tmp_path, raw, test_fraction=0.25)
     test_patients = set(manifest.loc[manifest["split"] == "test", "patient_id"])
@@ -273,7 +309,9 @@ def test_classes_all_takes_every_finding_and_lists_still_name_unknown_ones(tmp_p
     assert "a|zebra finding" in set(manifest["labels"])
     sidecar = json.loads((tmp_path / "m.json").read_text())
     assert sidecar["classes"] == "all" and sorted(sidecar["findings"]) == ["a", "b", "c", "zebra finding"]
-    with pytest.raises(ValueError, match=r"metadata\.csv: column labels has values \['zebra finding'\] not in the task's classes"):
+    with pytest.raises(
+        ValueError, match=r"metadata\.csv: column labels has values \['zebra finding'\] not in the task's classes"
+    ):
         run(tmp_path, raw, task={"kind": "multilabel", "classes": ["a", "b", "c"], "dataset": "demo"})
     with pytest.raises(ValueError, match=r"metadata\.csv: classes `all` takes every finding of a multilabel task"):
         run(tmp_path, raw, task={"kind": "multiclass", "classes": "all", "dataset": "demo"})

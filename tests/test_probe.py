@@ -69,7 +69,10 @@ def sklearn_reference(X_train, y_train, kind, C, **kwargs):
     scaler = StandardScaler().fit(X_train)
     Z = scaler.transform(X_train)
     if kind == "multilabel":
-        models = [LogisticRegression(C=C, tol=1e-8, max_iter=5000, **kwargs).fit(Z, y_train[:, k]) for k in range(y_train.shape[1])]
+        models = [
+            LogisticRegression(C=C, tol=1e-8, max_iter=5000, **kwargs).fit(Z, y_train[:, k])
+            for k in range(y_train.shape[1])
+        ]
     else:
         models = [LogisticRegression(C=C, tol=1e-8, max_iter=5000, **kwargs).fit(Z, y_train)]
     return scaler, models
@@ -87,7 +90,9 @@ def sklearn_metrics(y, proba, kind):
     if kind == "binary":
         return roc_auc_score(y, proba[:, 1]), sk_log_loss(y, proba, labels=[0, 1])
     if kind == "multiclass":
-        return roc_auc_score(y, proba, multi_class="ovr", average="macro"), sk_log_loss(y, proba, labels=np.arange(proba.shape[1]))
+        return roc_auc_score(y, proba, multi_class="ovr", average="macro"), sk_log_loss(
+            y, proba, labels=np.arange(proba.shape[1])
+        )
     aucs = [roc_auc_score(y[:, k], proba[:, k]) for k in range(y.shape[1])]
     losses = [sk_log_loss(y[:, k], proba[:, k], labels=[0, 1]) for k in range(y.shape[1])]
     return float(np.mean(aucs)), float(np.mean(losses))
@@ -159,7 +164,9 @@ def test_workflow_default_precision_matches_sklearn(kind, n_out):
     X, y = make_data(kind, 800, 40, n_out, seed=7)
     X = X + 0.5 * X[:, :1]  # correlated, offset features: float32 rounding of the standardised copy matters
     X_train, y_train, X_test, y_test = X[:500], y[:500], X[500:], y[500:]
-    probe = fit(X_train.astype(np.float32), y_train, kind, 0.5, dtype=dtype, n_classes=n_out if kind == "multiclass" else None)
+    probe = fit(
+        X_train.astype(np.float32), y_train, kind, 0.5, dtype=dtype, n_classes=n_out if kind == "multiclass" else None
+    )
     assert probe.converged
     scaler, models = sklearn_reference(X_train, y_train, kind, 0.5)
     auc_ours, loss_ours = sklearn_metrics(y_test, probe.predict_proba(X_test.astype(np.float32)), kind)
@@ -230,7 +237,9 @@ def test_blocked_products_equal_plain_matrix_products(dtype, threads):
 def _direct_objective(kind, logits, targets_np, weights, inv_C, W):
     """The scaled objective written with torch.nn.functional, for autograd."""
     if kind == "multiclass":
-        data = (F.cross_entropy(logits.T, torch.as_tensor(targets_np), reduction="none") * weights).sum() / weights.sum()
+        data = (
+            F.cross_entropy(logits.T, torch.as_tensor(targets_np), reduction="none") * weights
+        ).sum() / weights.sum()
         return data + 0.5 * inv_C / weights.sum() * W.square().sum()
     values = torch.as_tensor(targets_np, dtype=torch.float64).T
     data = (F.binary_cross_entropy_with_logits(logits, values, reduction="none") * weights).sum(1) / weights.sum()
@@ -240,19 +249,29 @@ def _direct_objective(kind, logits, targets_np, weights, inv_C, W):
 @pytest.mark.parametrize("kind,n_out", [("binary", 1), ("multiclass", 4), ("multilabel", 3)])
 def test_line_search_value_slope_and_curvature_match_autograd(kind, n_out):
     X, y = make_data(kind, 200, 6, n_out, seed=11)
-    targets = _prepare_targets(y, 200, kind, n_out if kind != "binary" else None, None, None, torch.float64, torch.device("cpu"))
+    targets = _prepare_targets(
+        y, 200, kind, n_out if kind != "binary" else None, None, None, torch.float64, torch.device("cpu")
+    )
     K = targets.n_outputs
     Z = torch.as_tensor((X - X.mean(0)) / X.std(0))
     objective = _LayerObjective(targets, torch.tensor(1 / 0.7, dtype=torch.float64))
     generator = torch.Generator().manual_seed(1)
-    W, DW = torch.randn(K, 6, generator=generator, dtype=torch.float64), torch.randn(K, 6, generator=generator, dtype=torch.float64)
-    b, Db = torch.randn(K, generator=generator, dtype=torch.float64), torch.randn(K, generator=generator, dtype=torch.float64)
+    W, DW = (
+        torch.randn(K, 6, generator=generator, dtype=torch.float64),
+        torch.randn(K, 6, generator=generator, dtype=torch.float64),
+    )
+    b, Db = (
+        torch.randn(K, generator=generator, dtype=torch.float64),
+        torch.randn(K, generator=generator, dtype=torch.float64),
+    )
     logits, direction_logits = W @ Z.T + b[:, None], DW @ Z.T + Db[:, None]
     weights = torch.ones(200, dtype=torch.float64)
     labels = y if kind != "binary" else y[:, None]
 
     def phi(step):
-        return _direct_objective(kind, (W + step * DW) @ Z.T + (b + step * Db)[:, None], labels, weights, 1 / 0.7, W + step * DW)
+        return _direct_objective(
+            kind, (W + step * DW) @ Z.T + (b + step * Db)[:, None], labels, weights, 1 / 0.7, W + step * DW
+        )
 
     step = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     value = phi(step)
@@ -274,7 +293,16 @@ def test_line_search_value_slope_and_curvature_match_autograd(kind, n_out):
     if start_slope > 0:  # make it a descent direction
         DW, Db, direction_logits, start_slope = -DW, -Db, -direction_logits, -start_slope
     for first in (1e-6, 1.0, 1e3):
-        found = _line_search(objective, logits, direction_logits, W, DW, torch.tensor(start_value, dtype=torch.float64), float(start_slope), first)
+        found = _line_search(
+            objective,
+            logits,
+            direction_logits,
+            W,
+            DW,
+            torch.tensor(start_value, dtype=torch.float64),
+            float(start_slope),
+            first,
+        )
         assert found is not None
         accepted = torch.tensor(found[0], dtype=torch.float64, requires_grad=True)
         accepted_value = phi(accepted)
@@ -310,8 +338,9 @@ def test_c_values_solved_together_equal_separate_fits_and_share_passes(kind, n_o
     assert len(calls) == max(s.n_iter for s in alone) + 2 < calls_alone
     assert calls[0] == len(Cs) * targets.n_outputs and calls[-1] == targets.n_outputs
     # And the public C search (grid fitted together) agrees with scikit-learn at the C it picks.
-    C, _ = select_C(X[:300], y[:300], X[300:], y[300:], kind, Cs, refine=False, tol=1e-9, max_iter=2000,
-                    n_classes=n_out)
+    C, _ = select_C(
+        X[:300], y[:300], X[300:], y[300:], kind, Cs, refine=False, tol=1e-9, max_iter=2000, n_classes=n_out
+    )
     probe = fit(X[:300], y[:300], kind, C, tol=1e-9, max_iter=2000, n_classes=n_out)
     scaler, models = sklearn_reference(X[:300], y[:300], kind, C)
     np.testing.assert_allclose(probe.predict_proba(X[300:]), sklearn_proba(scaler, models, X[300:], kind), atol=1e-5)
@@ -467,7 +496,11 @@ def test_nested_subsets_properties():
     # Stratified: class shares among chosen patients follow the full set.
     half = masks[0]
     chosen_classes = np.array([patient_class[int(p[1:])] for p in sorted(set(patient_ids[half]))])
-    np.testing.assert_allclose(np.bincount(chosen_classes, minlength=4) / len(chosen_classes), np.bincount(patient_class) / n_patients, atol=0.01)
+    np.testing.assert_allclose(
+        np.bincount(chosen_classes, minlength=4) / len(chosen_classes),
+        np.bincount(patient_class) / n_patients,
+        atol=0.01,
+    )
     # Deterministic per seed, different across seeds.
     again = nested_subsets(patient_ids, strata, fractions, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(masks, again))
@@ -538,27 +571,54 @@ def write_task(tmp_path, *, with_embeddings=False, informative_layer=1, n_layers
 
 # The settings of these tests, written out in full: settings objects have no defaults.
 PROBE = ProbeSettings(
-    mode="regularised", C_grid=(0.01, 0.1, 1.0), refine=True, refit=False, max_iter=200, tol=1e-6,
-    class_weight="none", dtype="float64",
+    mode="regularised",
+    C_grid=(0.01, 0.1, 1.0),
+    refine=True,
+    refit=False,
+    max_iter=200,
+    tol=1e-6,
+    class_weight="none",
+    dtype="float64",
     adam=AdamSettings(epochs=80, lr=1e-4, batch_size=512, standardise=False),
     sgd=SGDSettings(alpha=0.001, max_iter=10000, class_weight="balanced", random_state=1),
 )
-BINARY = TaskSettings(name="tiny", discipline="test", dataset="demo", kind="binary", metric="auc", prompt="",
-                      classes=("benign", "malignant"), graded=False, min_test_positives=0)
+BINARY = TaskSettings(
+    name="tiny",
+    discipline="test",
+    dataset="demo",
+    kind="binary",
+    metric="auc",
+    prompt="",
+    classes=("benign", "malignant"),
+    graded=False,
+    min_test_positives=0,
+)
 MULTILABEL = dataclasses.replace(BINARY, kind="multilabel", classes=tuple(FINDINGS))
 
 
 def run_probe(h5_path, manifest_path, out, *, task=BINARY, probe=PROBE, layer="validation", seed=0, protocol=None):
     """probe_task writing its three files into ``out`` under the rule's names."""
-    return probe_task(h5_path, manifest_path, predictions=out / "predictions.h5", layers=out / "layers.h5",
-                      summary=out / "probe.json", task=task, probe=probe, layer=layer, seed=seed, protocol=protocol)
+    return probe_task(
+        h5_path,
+        manifest_path,
+        predictions=out / "predictions.h5",
+        layers=out / "layers.h5",
+        summary=out / "probe.json",
+        task=task,
+        probe=probe,
+        layer=layer,
+        seed=seed,
+        protocol=protocol,
+    )
 
 
-def run_efficiency(h5_path, manifest_path, summary, out, *, fractions, seeds, sampling="patients", task=BINARY,
-                   probe=PROBE, seed=0):
+def run_efficiency(
+    h5_path, manifest_path, summary, out, *, fractions, seeds, sampling="patients", task=BINARY, probe=PROBE, seed=0
+):
     efficiency = EfficiencySettings(fractions=tuple(fractions), seeds=seeds, sampling=sampling)
-    return efficiency_task(h5_path, manifest_path, summary, out, task=task, probe=probe, efficiency=efficiency,
-                           seed=seed)
+    return efficiency_task(
+        h5_path, manifest_path, summary, out, task=task, probe=probe, efficiency=efficiency, seed=seed
+    )
 
 
 def test_probe_task_writes_contract_files_and_selects_informative_layer(tmp_path):
@@ -624,7 +684,9 @@ def test_efficiency_task(tmp_path):
     h5_path, manifest_path, manifest = write_task(tmp_path)
     out = tmp_path / "probes"
     run_probe(h5_path, manifest_path, out)
-    summary = run_efficiency(h5_path, manifest_path, out / "probe.json", out / "efficiency.h5", fractions=[0.25, 0.5, 1.0], seeds=2)
+    summary = run_efficiency(
+        h5_path, manifest_path, out / "probe.json", out / "efficiency.h5", fractions=[0.25, 0.5, 1.0], seeds=2
+    )
     n_test = int((manifest["split"] == "test").sum())
     n_train = int((manifest["split"] == "train").sum())
     with h5py.File(out / "efficiency.h5") as f:
@@ -641,7 +703,9 @@ def test_efficiency_task(tmp_path):
         np.testing.assert_allclose(proba[2, 0], f["probabilities"][:], atol=1e-4)
     assert summary["layer"] == "hidden.1"
     # Deterministic given the seeds.
-    run_efficiency(h5_path, manifest_path, out / "probe.json", tmp_path / "again.h5", fractions=[0.25, 0.5, 1.0], seeds=2)
+    run_efficiency(
+        h5_path, manifest_path, out / "probe.json", tmp_path / "again.h5", fractions=[0.25, 0.5, 1.0], seeds=2
+    )
     with h5py.File(tmp_path / "again.h5") as f:
         np.testing.assert_array_equal(f["probabilities"][:], proba)
 
@@ -659,8 +723,16 @@ def test_probe_and_efficiency_multilabel_with_unseen_finding(tmp_path, caplog):
     with h5py.File(out / "predictions.h5") as f:
         proba = f["probabilities"][:]
     assert proba.shape == (n_test, 3) and proba[:, 2].max() < 1e-2
-    run_efficiency(h5_path, manifest_path, out / "probe.json", out / "efficiency.h5", fractions=[0.1, 1.0], seeds=(7,),
-                   task=MULTILABEL, probe=probe)
+    run_efficiency(
+        h5_path,
+        manifest_path,
+        out / "probe.json",
+        out / "efficiency.h5",
+        fractions=[0.1, 1.0],
+        seeds=(7,),
+        task=MULTILABEL,
+        probe=probe,
+    )
     with h5py.File(out / "efficiency.h5") as f:
         assert f["probabilities"].shape == (2, 1, n_test, 3)
         np.testing.assert_array_equal(f.attrs["seeds"], [7])
@@ -688,8 +760,11 @@ def test_fit_adam_is_the_authors_loop(kind, n_out):
     for _ in range(epochs):
         for rows in torch.randperm(300, generator=order).split(batch_size):
             logits = linear(features[rows])
-            loss = (torch.nn.BCELoss()(torch.sigmoid(logits), targets[rows]) if kind == "multilabel"
-                    else torch.nn.CrossEntropyLoss()(logits, targets[rows]))
+            loss = (
+                torch.nn.BCELoss()(torch.sigmoid(logits), targets[rows])
+                if kind == "multilabel"
+                else torch.nn.CrossEntropyLoss()(logits, targets[rows])
+            )
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -699,8 +774,16 @@ def test_fit_adam_is_the_authors_loop(kind, n_out):
 
     torch.manual_seed(12345)
     before = torch.rand(1)
-    probe = fit_adam(X, y, kind, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                     n_classes=n_out if kind == "multiclass" else None)
+    probe = fit_adam(
+        X,
+        y,
+        kind,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        n_classes=n_out if kind == "multiclass" else None,
+    )
     np.testing.assert_allclose(probe.predict_proba(X), expected.numpy(), atol=1e-5)
     assert probe.coef.shape == (n_out, 5) and probe.C == float("inf") and probe.n_iter == epochs * 5
     torch.manual_seed(12345)
@@ -725,8 +808,9 @@ def test_fit_sgd_is_the_authors_clip_baseline(kind, n_out):
 
     X, y = make_data(kind, 300, 4, n_out, seed=34)
     probe = fit_sgd(X, y, kind, n_classes=None if kind == "binary" else n_out)
-    reference = SGDClassifier(loss="log_loss", penalty="l2", alpha=0.001, max_iter=10000, class_weight="balanced",
-                              random_state=1).fit(X, y)
+    reference = SGDClassifier(
+        loss="log_loss", penalty="l2", alpha=0.001, max_iter=10000, class_weight="balanced", random_state=1
+    ).fit(X, y)
     np.testing.assert_allclose(probe.predict_proba(X), reference.predict_proba(X), atol=1e-12)
 
 
@@ -760,14 +844,24 @@ def test_probe_task_adam_trains_on_every_non_test_row(tmp_path):
     with h5py.File(tmp_path / "out" / "predictions.h5") as f:
         np.testing.assert_allclose(f["probabilities"][:], direct, atol=1e-5)
         assert f.attrs["C"] == np.inf
-    run_efficiency(h5_path, manifest_path, tmp_path / "out" / "probe.json", tmp_path / "eff.h5", fractions=[0.5, 1.0],
-                   seeds=(1,), probe=probe, seed=3, sampling="images")
+    run_efficiency(
+        h5_path,
+        manifest_path,
+        tmp_path / "out" / "probe.json",
+        tmp_path / "eff.h5",
+        fractions=[0.5, 1.0],
+        seeds=(1,),
+        probe=probe,
+        seed=3,
+        sampling="images",
+    )
     with h5py.File(tmp_path / "eff.h5") as f:
         np.testing.assert_allclose(f["probabilities"][1, 0], direct, atol=1e-5)  # fraction 1.0 = the headline
         assert list(f["n_train"][:, 0]) == [int(0.5 * fit_rows.sum()), int(fit_rows.sum())]
     with pytest.raises(ValueError, match="no finite C"):
-        run_efficiency(h5_path, manifest_path, tmp_path / "out" / "probe.json", tmp_path / "x.h5", fractions=[1.0],
-                       seeds=1)
+        run_efficiency(
+            h5_path, manifest_path, tmp_path / "out" / "probe.json", tmp_path / "x.h5", fractions=[1.0], seeds=1
+        )
     with pytest.raises(ValueError, match="probe.mode"):
         run_probe(h5_path, manifest_path, tmp_path / "bad", probe=PROBE.for_mode("paper"))
 
@@ -798,8 +892,9 @@ def test_probe_task_sgd_on_the_embeddings(tmp_path):
     y = (manifest["label"] == "malignant").to_numpy().astype(np.int64)
     from sklearn.linear_model import SGDClassifier
 
-    reference = SGDClassifier(loss="log_loss", penalty="l2", alpha=0.001, max_iter=10000, class_weight="balanced",
-                              random_state=1).fit(embeddings[fit_rows], y[fit_rows])
+    reference = SGDClassifier(
+        loss="log_loss", penalty="l2", alpha=0.001, max_iter=10000, class_weight="balanced", random_state=1
+    ).fit(embeddings[fit_rows], y[fit_rows])
     with h5py.File(tmp_path / "out" / "predictions.h5") as f:
         np.testing.assert_allclose(f["probabilities"][:], reference.predict_proba(embeddings[rows["test"]]), atol=1e-6)
 
@@ -847,8 +942,13 @@ def test_multilabel_all_findings_and_the_strict_min_test_positives_rule(tmp_path
     threshold = counts["nodule"]  # nodule has exactly `threshold` test positives: left out by the strict rule
     probe = dataclasses.replace(PROBE, class_weight="balanced", C_grid=(0.1,), refine=False)
     everything_task = dataclasses.replace(MULTILABEL, classes="all")
-    result = run_probe(h5_path, manifest_path, tmp_path / "out", probe=probe,
-                       task=dataclasses.replace(everything_task, min_test_positives=threshold))
+    result = run_probe(
+        h5_path,
+        manifest_path,
+        tmp_path / "out",
+        probe=probe,
+        task=dataclasses.replace(everything_task, min_test_positives=threshold),
+    )
     kept = [f for f in ("effusion", "nodule") if counts[f] > threshold]
     assert result["classes"] == kept and result["dropped_classes"]["nodule"] == threshold
     with h5py.File(tmp_path / "out" / "predictions.h5") as f:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -81,9 +80,18 @@ def write_manifest(path, labels_by_split, kind="multiclass"):
     rows = []
     for split, labels in labels_by_split.items():
         for i, label in enumerate(labels):
-            rows.append({"image_id": f"{split}{i}", "path": f"x/{split}{i}.png", "split": split,
-                         "patient_id": f"P{split}{i}", "label": label if kind != "multilabel" else "",
-                         "labels": label if kind == "multilabel" else "", "source": "s", "group": ""})
+            rows.append(
+                {
+                    "image_id": f"{split}{i}",
+                    "path": f"x/{split}{i}.png",
+                    "split": split,
+                    "patient_id": f"P{split}{i}",
+                    "label": label if kind != "multilabel" else "",
+                    "labels": label if kind == "multilabel" else "",
+                    "source": "s",
+                    "group": "",
+                }
+            )
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
@@ -101,15 +109,31 @@ def test_nan_probabilities_are_reported_with_image_ids(tmp_path):
     with pytest.raises(NonFiniteError, match=r"predictions\.h5: probabilities of 1 of 6 image\(s\).*test3"):
         load_predictions(tmp_path / "probe" / "predictions.h5")
     with pytest.raises(NonFiniteError, match="test3"):
-        evaluate_all(task="T", model="m", task_config=TASK3, manifest=manifest, probe_dir=tmp_path / "probe",
-                            evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
+        evaluate_all(
+            task="T",
+            model="m",
+            task_config=TASK3,
+            manifest=manifest,
+            probe_dir=tmp_path / "probe",
+            evaluation=EVALUATION,
+            seed=0,
+            out_dir=tmp_path / "out",
+        )
     # a NaN in one layer's probabilities (layers.h5) is caught too, naming the layer
     bad_layer = good.copy()
     bad_layer[0, 1] = np.inf
     write_probe_dir(tmp_path / "probe2", manifest, good, TASK3["classes"], layers=[good, bad_layer])
     with pytest.raises(NonFiniteError, match=r"layers\.h5 layer hidden\.1: probabilities.*test0"):
-        evaluate_all(task="T", model="m", task_config=TASK3, manifest=manifest, probe_dir=tmp_path / "probe2",
-                            evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
+        evaluate_all(
+            task="T",
+            model="m",
+            task_config=TASK3,
+            manifest=manifest,
+            probe_dir=tmp_path / "probe2",
+            evaluation=EVALUATION,
+            seed=0,
+            out_dir=tmp_path / "out",
+        )
     assert ids[3] == "test3"
 
 
@@ -120,18 +144,32 @@ def test_class_missing_from_the_test_split_is_reported_not_a_crash(tmp_path, cap
     probabilities = rng.dirichlet(np.ones(3), size=6)
     write_probe_dir(tmp_path / "probe", manifest, probabilities, TASK3["classes"])
     with caplog.at_level(logging.WARNING, logger="medprobe"):
-        tables = evaluate_all(task="T", model="m", task_config=TASK3, manifest=manifest,
-                                     probe_dir=tmp_path / "probe", evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
+        tables = evaluate_all(
+            task="T",
+            model="m",
+            task_config=TASK3,
+            manifest=manifest,
+            probe_dir=tmp_path / "probe",
+            evaluation=EVALUATION,
+            seed=0,
+            out_dir=tmp_path / "out",
+        )
     assert any("class 'c' has no positives among 6 image(s)" in record.getMessage() for record in caplog.records)
     metrics = tables["metrics"]
     auc = metrics[metrics["metric"] == "auc"].set_index("class")["value"]
     assert np.isnan(auc["c"]) and np.isfinite(auc["a"]) and np.isfinite(auc["macro"])
     # paired comparisons of two models on such a task run too (DeLong rows are NaN for the class)
     write_probe_dir(tmp_path / "probe_b", manifest, rng.dirichlet(np.ones(3), size=6), TASK3["classes"])
-    table = compare_models(task="T", task_settings=task_settings(TASK3), manifest=manifest,
-                           predictions={"m": tmp_path / "probe" / "predictions.h5",
-                                        "base": tmp_path / "probe_b" / "predictions.h5"},
-                           baseline="base", evaluation=EvaluationSettings.from_dict(EVALUATION), seed=0, out_path=tmp_path / "cmp.csv")
+    table = compare_models(
+        task="T",
+        task_settings=task_settings(TASK3),
+        manifest=manifest,
+        predictions={"m": tmp_path / "probe" / "predictions.h5", "base": tmp_path / "probe_b" / "predictions.h5"},
+        baseline="base",
+        evaluation=EvaluationSettings.from_dict(EVALUATION),
+        seed=0,
+        out_path=tmp_path / "cmp.csv",
+    )
     delong = table[(table["test"] == "delong") & (table["class"] == "c")]
     assert len(delong) == 1 and np.isnan(delong["p_value"].iloc[0])
 
@@ -140,11 +178,20 @@ def test_finding_without_positives_is_reported(tmp_path, caplog):
     manifest = tmp_path / "m.csv"
     write_manifest(manifest, {"train": ["x|y"], "test": ["x", "", "x", "", "x|y", ""]}, kind="multilabel")
     task = {"kind": "multilabel", "classes": ["x", "y", "z"], "metric": "auc"}
-    write_probe_dir(tmp_path / "probe", manifest, np.random.default_rng(1).random((6, 3)), task["classes"],
-                    kind="multilabel")
+    write_probe_dir(
+        tmp_path / "probe", manifest, np.random.default_rng(1).random((6, 3)), task["classes"], kind="multilabel"
+    )
     with caplog.at_level(logging.WARNING, logger="medprobe"):
-        tables = evaluate_all(task="T", model="m", task_config=task, manifest=manifest,
-                                     probe_dir=tmp_path / "probe", evaluation=EVALUATION, seed=0, out_dir=tmp_path / "out")
+        tables = evaluate_all(
+            task="T",
+            model="m",
+            task_config=task,
+            manifest=manifest,
+            probe_dir=tmp_path / "probe",
+            evaluation=EVALUATION,
+            seed=0,
+            out_dir=tmp_path / "out",
+        )
     messages = [record.getMessage() for record in caplog.records]
     assert any("finding 'z' has no positives" in message for message in messages), messages
     assert not any("finding 'x'" in message for message in messages)
@@ -155,19 +202,22 @@ def test_finding_without_positives_is_reported(tmp_path, caplog):
 # ------------------------------------------------------------------------------------------ GPU memory
 def fake_forward(limit, calls, too_big=()):
     """A forward pass that runs out of GPU memory above ``limit`` items or on any item in ``too_big``."""
+
     def forward(batch):
         calls.append(list(batch))
         if len(batch) > limit or any(item in too_big for item in batch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return [item * 10 for item in batch]
+
     return forward
 
 
 def test_out_of_memory_halves_the_batch_and_continues(caplog):
     calls, cleared = [], []
     with caplog.at_level(logging.WARNING, logger="medprobe.checks"):
-        results, size = run_with_oom_backoff(fake_forward(3, calls), list(range(10)), 8,
-                                             empty_cache=lambda: cleared.append(1))
+        results, size = run_with_oom_backoff(
+            fake_forward(3, calls), list(range(10)), 8, empty_cache=lambda: cleared.append(1)
+        )
     assert [value for batch in results for value in batch] == [i * 10 for i in range(10)]
     assert size == 2 and len(cleared) == 2  # 8 -> 4 -> 2
     assert [len(batch) for batch in calls] == [8, 4, 2, 2, 2, 2, 2]
@@ -199,7 +249,10 @@ def test_oom_backoff_splits_a_collated_batch_and_remembers_the_size():
     seen.clear()
     backoff.forward(forward, {"pixel_values": torch.randn(4, 3)}, ["a", "b", "c", "d"])
     assert seen == [2, 2]  # starts at the size that fitted
-    assert checks.slice_batch(batch, 1, 3, 5)["lengths"] == [2, 3] and checks.slice_batch(batch, 1, 3, 5)["prompt"] == "same for all"
+    assert (
+        checks.slice_batch(batch, 1, 3, 5)["lengths"] == [2, 3]
+        and checks.slice_batch(batch, 1, 3, 5)["prompt"] == "same for all"
+    )
 
 
 # ----------------------------------------------------------------------------------------- atomic writes
@@ -237,15 +290,43 @@ def test_probe_refuses_activations_made_from_another_manifest(tmp_path):
         handle["activations"] = np.random.default_rng(0).normal(size=(len(ids), 1, 3)).astype(np.float32)
         handle.attrs["layer_names"] = ["hidden.0"]
         handle.attrs["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
-    task = TaskSettings(name="t", discipline="test", dataset="demo", kind="binary", metric="auc", prompt="",
-                        classes=("a", "b"), graded=False, min_test_positives=0)
-    probe = ProbeSettings(mode="regularised", C_grid=(1.0,), refine=False, refit=False, max_iter=200, tol=1e-6,
-                          class_weight="none", dtype="float64", adam=AdamSettings(80, 1e-4, 512, False),
-                          sgd=SGDSettings(0.001, 10000, "balanced", 1))
+    task = TaskSettings(
+        name="t",
+        discipline="test",
+        dataset="demo",
+        kind="binary",
+        metric="auc",
+        prompt="",
+        classes=("a", "b"),
+        graded=False,
+        min_test_positives=0,
+    )
+    probe = ProbeSettings(
+        mode="regularised",
+        C_grid=(1.0,),
+        refine=False,
+        refit=False,
+        max_iter=200,
+        tol=1e-6,
+        class_weight="none",
+        dtype="float64",
+        adam=AdamSettings(80, 1e-4, 512, False),
+        sgd=SGDSettings(0.001, 10000, "balanced", 1),
+    )
 
     def probe_into(out):
-        return probe_task(tmp_path / "acts.h5", manifest, predictions=out / "predictions.h5", layers=out / "layers.h5",
-                          summary=out / "probe.json", task=task, probe=probe, layer="validation", seed=0, protocol=None)
+        return probe_task(
+            tmp_path / "acts.h5",
+            manifest,
+            predictions=out / "predictions.h5",
+            layers=out / "layers.h5",
+            summary=out / "probe.json",
+            task=task,
+            probe=probe,
+            layer="validation",
+            seed=0,
+            protocol=None,
+        )
 
     summary = probe_into(tmp_path / "ok")
     assert summary["layer"] == "hidden.0"
@@ -260,10 +341,13 @@ class _Loaded(Exception):
     pass
 
 
-@pytest.mark.parametrize(("adapter", "model_class", "processor_class"), [
-    ("clip", "CLIPModel", "AutoImageProcessor"),
-    ("idefics", "IdeficsForVisionText2Text", "AutoProcessor"),
-])
+@pytest.mark.parametrize(
+    ("adapter", "model_class", "processor_class"),
+    [
+        ("clip", "CLIPModel", "AutoImageProcessor"),
+        ("idefics", "IdeficsForVisionText2Text", "AutoProcessor"),
+    ],
+)
 @pytest.mark.parametrize("allowed", [None, False, True])
 def test_trust_remote_code_only_when_the_config_allows_it(monkeypatch, adapter, model_class, processor_class, allowed):
     import transformers
@@ -321,13 +405,21 @@ def reduced_config(repo, folder):
 
 def snakemake_command(workdir, *targets):
     # targets go first: --configfile takes several values and would swallow them
-    return SNAKEMAKE + [*targets, "--cores", "1", "--directory", str(workdir),
-                        "--configfile", str(workdir / "config.yaml")]
+    return SNAKEMAKE + [
+        *targets,
+        "--cores",
+        "1",
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+    ]
 
 
 def run_snakemake(repo, workdir, *targets, env=None):
-    result = subprocess.run(snakemake_command(workdir, *targets), cwd=repo, capture_output=True, text=True,
-                            timeout=600, env=env)
+    result = subprocess.run(
+        snakemake_command(workdir, *targets), cwd=repo, capture_output=True, text=True, timeout=600, env=env
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -349,8 +441,7 @@ TABLES = ["metrics", "layers", "efficiency", "groups", "comparisons"]
 def reference(repo, tmp_path_factory):
     """An uninterrupted run of the reduced demo (all tables), with fake credentials in the environment."""
     workdir = reduced_config(repo, tmp_path_factory.mktemp("reference"))
-    run_snakemake(repo, workdir, *[f"results/tables/{name}.csv" for name in TABLES],
-                  env={**os.environ, **FAKE_TOKENS})
+    run_snakemake(repo, workdir, *[f"results/tables/{name}.csv" for name in TABLES], env={**os.environ, **FAKE_TOKENS})
     return workdir
 
 
@@ -362,15 +453,21 @@ def test_two_runs_give_byte_identical_tables(repo, reference, tmp_path):
     assert set(first_tables) >= {f"results/tables/{name}.csv" for name in TABLES}
     assert first_tables == tree_bytes(second, "results/tables")
     assert tree_bytes(reference, "results/manifests", "results/images") == tree_bytes(
-        second, "results/manifests", "results/images")
+        second, "results/manifests", "results/images"
+    )
 
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_results(repo, reference, tmp_path):
     workdir = reduced_config(repo, tmp_path / "killed")
     targets = [f"results/tables/{name}.csv" for name in TABLES]
-    process = subprocess.Popen(snakemake_command(workdir, *targets), cwd=repo, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        snakemake_command(workdir, *targets),
+        cwd=repo,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     # kill while extraction writes its partial file (or, at the latest, just after it finished)
     activations = workdir / "results" / "activations" / "clip"
     deadline = time.monotonic() + 300
@@ -390,7 +487,8 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_results(repo, refere
     rerun = run_snakemake(repo, workdir, *targets)
     assert "steps (100%) done" in rerun.stdout + rerun.stderr
     assert tree_bytes(workdir, "results/manifests", "results/tables") == tree_bytes(
-        reference, "results/manifests", "results/tables")
+        reference, "results/manifests", "results/tables"
+    )
 
 
 @pytest.mark.slow
@@ -399,7 +497,7 @@ def test_tokens_never_reach_logs_configs_or_results(reference):
     leaks = []
     for folder in ("logs", "results", ".snakemake", "config.yaml"):
         root = reference / folder
-        for path in ([root] if root.is_file() else root.rglob("*")):
+        for path in [root] if root.is_file() else root.rglob("*"):
             if path.is_file():
                 content = path.read_bytes()
                 leaks += [f"{path}: {name}" for name, token in FAKE_TOKENS.items() if token.encode() in content]

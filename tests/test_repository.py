@@ -3,7 +3,6 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -26,9 +25,19 @@ def test_ci_runs_the_readme_test_command(repo):
 
 
 def test_layout_from_the_design_card(repo):
-    for path in ["Snakefile", "workflow/rules", "workflow/scripts", "config/config.yaml", "config/paper.yaml",
-                 "envs/medprobe.yaml", "tests", "LICENSE", "workflow/schemas/config.schema.yaml",
-                 "profiles/default/config.yaml", "docs/architecture.md"]:
+    for path in [
+        "Snakefile",
+        "workflow/rules",
+        "workflow/scripts",
+        "config/config.yaml",
+        "config/paper.yaml",
+        "envs/medprobe.yaml",
+        "tests",
+        "LICENSE",
+        "workflow/schemas/config.schema.yaml",
+        "profiles/default/config.yaml",
+        "docs/architecture.md",
+    ]:
         assert (repo / path).exists(), path
     assert "MIT License" in (repo / "LICENSE").read_text()
 
@@ -37,6 +46,16 @@ def test_snakemake_lint_is_clean(repo):
     result = run(SNAKEMAKE + ["--lint"], repo)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "good condition" in result.stdout + result.stderr
+
+
+RUFF_PATHS = ["medprobe", "workflow/scripts", "tests", "benchmarks"]
+
+
+def test_ruff_lint_with_the_complexity_gate_and_format_are_clean(repo):
+    lint = run([sys.executable, "-m", "ruff", "check", *RUFF_PATHS], repo)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    formatting = run([sys.executable, "-m", "ruff", "format", "--check", *RUFF_PATHS], repo)
+    assert formatting.returncode == 0, formatting.stdout + formatting.stderr
 
 
 def test_snakefmt_is_clean(repo):
@@ -60,7 +79,9 @@ def test_demo_dry_run_plans_every_step(repo, tmp_path):
 
 @pytest.mark.parametrize("configfile", ["paper.yaml", "rigorous.yaml"])
 def test_paper_dry_run_plans_the_whole_study(repo, tmp_path, configfile):
-    result = run(SNAKEMAKE + ["-n", "--configfile", str(repo / "config" / configfile), "--directory", str(tmp_path)], repo)
+    result = run(
+        SNAKEMAKE + ["-n", "--configfile", str(repo / "config" / configfile), "--directory", str(tmp_path)], repo
+    )
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout)
     # 3 models x 8 tasks + PLIP on T1 and T2

@@ -40,6 +40,7 @@ def _loop_auc(truth: np.ndarray, scores: np.ndarray, indices: np.ndarray) -> np.
 
 # ---------------------------------------------------------------------------------------------- point metrics
 
+
 def test_auc_per_class_matches_sklearn_with_ties():
     targets, probabilities = _multiclass_case(300, 4, seed=1, decimals=1)  # decimals=1: heavy ties
     truth = np.eye(4, dtype=int)[targets]
@@ -77,19 +78,24 @@ def test_confusion_metrics_match_sklearn():
     targets, probabilities = _multiclass_case(200, 5, seed=4, signal=1.0)
     predicted = probabilities.argmax(axis=1)
     confusion = stats.confusion_matrix(targets, predicted, 5)
-    assert stats.balanced_accuracy_from_confusion(confusion) == pytest.approx(balanced_accuracy_score(targets, predicted), abs=1e-12)
+    assert stats.balanced_accuracy_from_confusion(confusion) == pytest.approx(
+        balanced_accuracy_score(targets, predicted), abs=1e-12
+    )
     assert stats.quadratic_kappa_from_confusion(confusion) == pytest.approx(
-        cohen_kappa_score(targets, predicted, weights="quadratic", labels=list(range(5))), abs=1e-12)
+        cohen_kappa_score(targets, predicted, weights="quadratic", labels=list(range(5))), abs=1e-12
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bootstrap engine
+
 
 def test_bootstrap_auc_matches_sklearn_loop_on_same_indices():
     targets, probabilities = _multiclass_case(120, 4, seed=5, decimals=1)
     truth = np.eye(4, dtype=int)[targets]
     indices = stats.bootstrap_indices(120, 40, seed=9)
-    np.testing.assert_allclose(stats.bootstrap_auc(truth, probabilities, indices),
-                               _loop_auc(truth, probabilities, indices), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        stats.bootstrap_auc(truth, probabilities, indices), _loop_auc(truth, probabilities, indices), rtol=0, atol=1e-12
+    )
 
 
 def test_bootstrap_auc_marks_degenerate_resamples_nan():
@@ -109,8 +115,9 @@ def test_bootstrap_auprc_matches_sklearn_loop():
     targets, probabilities = _multiclass_case(100, 3, seed=6, decimals=1)
     truth = np.eye(3, dtype=int)[targets]
     indices = stats.bootstrap_indices(100, 30, seed=2)
-    expected = np.array([[average_precision_score(truth[rows, c], probabilities[rows, c]) for c in range(3)]
-                         for rows in indices])
+    expected = np.array(
+        [[average_precision_score(truth[rows, c], probabilities[rows, c]) for c in range(3)] for rows in indices]
+    )
     np.testing.assert_allclose(stats.bootstrap_auprc(truth, probabilities, indices), expected, rtol=0, atol=1e-12)
 
 
@@ -132,7 +139,9 @@ def test_bootstrap_indices_are_deterministic_and_seeded():
     assert not np.array_equal(a, stats.bootstrap_indices(50, 20, seed=12))
     assert a.min() >= 0 and a.max() < 50
     groups = np.repeat(np.arange(10), 5)
-    np.testing.assert_array_equal(stats.bootstrap_indices(50, 20, 11, groups), stats.bootstrap_indices(50, 20, 11, groups))
+    np.testing.assert_array_equal(
+        stats.bootstrap_indices(50, 20, 11, groups), stats.bootstrap_indices(50, 20, 11, groups)
+    )
     with pytest.raises(ValueError, match="seed must be an integer"):
         stats.bootstrap_indices(50, 20, None)
 
@@ -149,11 +158,11 @@ def test_clustered_bootstrap_keeps_patients_whole():
         position = 0
         while position < n:
             patient_rows = rows_of[patients[replicate[position]]]
-            run = list(replicate[position:position + len(patient_rows)])
+            run = list(replicate[position : position + len(patient_rows)])
             if position + len(patient_rows) <= n:
                 assert run == patient_rows  # a drawn patient brings all of its rows
             else:
-                assert run == patient_rows[:len(run)]  # only the last draw may be cut to keep n rows
+                assert run == patient_rows[: len(run)]  # only the last draw may be cut to keep n rows
             position += len(patient_rows)
 
 
@@ -183,6 +192,7 @@ def test_percentile_ci_matches_numpy_and_skips_nan():
 
 # ---------------------------------------------------------------------------------------------- score_predictions
 
+
 def test_score_predictions_multiclass_matches_sklearn():
     targets, probabilities = _multiclass_case(150, 5, seed=10, signal=1.0)
     classes = ["0", "1", "2", "3", "4"]
@@ -193,24 +203,32 @@ def test_score_predictions_multiclass_matches_sklearn():
         assert scores.point[(name, "auc")] == pytest.approx(roc_auc_score(truth[:, c], probabilities[:, c]), abs=1e-12)
         assert scores.point[(name, "support")] == truth[:, c].sum()
     assert scores.point[("macro", "auc")] == pytest.approx(
-        np.mean([roc_auc_score(truth[:, c], probabilities[:, c]) for c in range(5)]), abs=1e-12)
+        np.mean([roc_auc_score(truth[:, c], probabilities[:, c]) for c in range(5)]), abs=1e-12
+    )
     assert scores.point[("macro", "f1")] == pytest.approx(f1_score(targets, predicted, average="macro"), abs=1e-12)
-    assert scores.point[("macro", "balanced_accuracy")] == pytest.approx(balanced_accuracy_score(targets, predicted), abs=1e-12)
+    assert scores.point[("macro", "balanced_accuracy")] == pytest.approx(
+        balanced_accuracy_score(targets, predicted), abs=1e-12
+    )
     assert scores.point[("macro", "kappa_quadratic")] == pytest.approx(
-        cohen_kappa_score(targets, predicted, weights="quadratic", labels=list(range(5))), abs=1e-12)
+        cohen_kappa_score(targets, predicted, weights="quadratic", labels=list(range(5))), abs=1e-12
+    )
 
     # replicates of the macro metrics vs sklearn on the same resamples
     indices = stats.bootstrap_indices(150, 60, seed=3)
     for b in (0, 17, 59):
         rows = indices[b]
         assert scores.replicates[("macro", "f1")][b] == pytest.approx(
-            f1_score(targets[rows], predicted[rows], average="macro"), abs=1e-12)
+            f1_score(targets[rows], predicted[rows], average="macro"), abs=1e-12
+        )
         assert scores.replicates[("macro", "balanced_accuracy")][b] == pytest.approx(
-            balanced_accuracy_score(targets[rows], predicted[rows]), abs=1e-12)
+            balanced_accuracy_score(targets[rows], predicted[rows]), abs=1e-12
+        )
         assert scores.replicates[("macro", "kappa_quadratic")][b] == pytest.approx(
-            cohen_kappa_score(targets[rows], predicted[rows], weights="quadratic", labels=list(range(5))), abs=1e-12)
+            cohen_kappa_score(targets[rows], predicted[rows], weights="quadratic", labels=list(range(5))), abs=1e-12
+        )
         assert scores.replicates[("2", "f1")][b] == pytest.approx(
-            f1_score(targets[rows] == 2, predicted[rows] == 2, zero_division=0), abs=1e-12)
+            f1_score(targets[rows] == 2, predicted[rows] == 2, zero_division=0), abs=1e-12
+        )
 
 
 def _binary_case(n: int, seed: int, prevalence: float = 0.5, signal: float = 0.3):
@@ -232,11 +250,23 @@ def test_score_predictions_binary_uses_positive_class_and_paper_convention():
     assert scores.point[("malignant", "support")] == targets.sum()
     assert scores.point[("benign", "f1")] == pytest.approx(f1_score(targets, predicted, pos_label=0), abs=1e-12)
     assert scores.point[("benign", "support")] == (targets == 0).sum()
-    assert scores.point[("macro", "balanced_accuracy")] == pytest.approx(balanced_accuracy_score(targets, predicted), abs=1e-12)
+    assert scores.point[("macro", "balanced_accuracy")] == pytest.approx(
+        balanced_accuracy_score(targets, predicted), abs=1e-12
+    )
     # AUC and AUPRC rank one class: only the positive class has them, and the macro rows repeat it
-    assert set(scores.point) == {("benign", "f1"), ("benign", "support"), ("malignant", "auc"), ("malignant", "f1"),
-                                 ("malignant", "auprc"), ("malignant", "support"), ("macro", "auc"), ("macro", "f1"),
-                                 ("macro", "f1_positive"), ("macro", "auprc"), ("macro", "balanced_accuracy")}
+    assert set(scores.point) == {
+        ("benign", "f1"),
+        ("benign", "support"),
+        ("malignant", "auc"),
+        ("malignant", "f1"),
+        ("malignant", "auprc"),
+        ("malignant", "support"),
+        ("macro", "auc"),
+        ("macro", "f1"),
+        ("macro", "f1_positive"),
+        ("macro", "auprc"),
+        ("macro", "balanced_accuracy"),
+    }
     for metric in ("auc", "auprc"):
         assert scores.point[("macro", metric)] == scores.point[("malignant", metric)]
         np.testing.assert_array_equal(scores.replicates[("macro", metric)], scores.replicates[("malignant", metric)])
@@ -252,7 +282,8 @@ def test_binary_macro_f1_is_sklearn_macro_mean_of_both_classes(n, prevalence, se
     expected = f1_score(targets, predicted, average="macro")
     assert scores.point[("macro", "f1")] == pytest.approx(expected, abs=1e-12)
     assert scores.point[("macro", "f1")] == pytest.approx(
-        (scores.point[("benign", "f1")] + scores.point[("malignant", "f1")]) / 2, abs=1e-12)
+        (scores.point[("benign", "f1")] + scores.point[("malignant", "f1")]) / 2, abs=1e-12
+    )
 
     # every replicate against scikit-learn's default labels (those in the truth or the predictions)
     indices = stats.bootstrap_indices(n, 300, seed=seed)
@@ -276,7 +307,8 @@ def test_binary_macro_f1_with_only_negatives_in_the_test_set():
     f1_negative = f1_score(targets, predicted, pos_label=0)
     assert scores.point[("macro", "f1")] == pytest.approx(f1_score(targets, predicted, average="macro"), abs=1e-12)
     assert scores.point[("macro", "f1")] == pytest.approx(
-        f1_score(targets, predicted, average="macro", labels=[0, 1], zero_division=0), abs=1e-12)
+        f1_score(targets, predicted, average="macro", labels=[0, 1], zero_division=0), abs=1e-12
+    )
     assert scores.point[("macro", "f1")] == pytest.approx(np.mean([f1_negative, 0.0]), abs=1e-12)
     assert scores.point[("macro", "f1")] > 0
     assert scores.point[("macro", "f1_positive")] == 0.0 == scores.point[("malignant", "f1")]
@@ -296,7 +328,9 @@ def test_binary_f1_positive_is_sklearn_binary_f1():
     targets, probabilities = _binary_case(90, seed=24, prevalence=0.3)
     predicted = probabilities.argmax(axis=1)
     scores = stats.score_predictions("binary", ["no", "yes"], targets, probabilities, n_boot=120, seed=6)
-    assert scores.point[("macro", "f1_positive")] == pytest.approx(f1_score(targets, predicted, average="binary"), abs=1e-12)
+    assert scores.point[("macro", "f1_positive")] == pytest.approx(
+        f1_score(targets, predicted, average="binary"), abs=1e-12
+    )
     indices = stats.bootstrap_indices(90, 120, seed=6)
     loop = np.array([f1_score(targets[rows], predicted[rows], average="binary", zero_division=0) for rows in indices])
     np.testing.assert_allclose(scores.replicates[("macro", "f1_positive")], loop, rtol=0, atol=1e-12)
@@ -325,10 +359,18 @@ def test_score_predictions_multilabel_matches_sklearn():
     flagged = (probabilities >= 0.5).astype(int)
     for c, name in enumerate(findings):
         assert scores.point[(name, "auc")] == pytest.approx(roc_auc_score(truth[:, c], probabilities[:, c]), abs=1e-12)
-        assert scores.point[(name, "auprc")] == pytest.approx(average_precision_score(truth[:, c], probabilities[:, c]), abs=1e-12)
-    assert scores.point[("macro", "auc")] == pytest.approx(roc_auc_score(truth, probabilities, average="macro"), abs=1e-12)
-    assert scores.point[("macro", "f1")] == pytest.approx(f1_score(truth, flagged, average="macro", zero_division=0), abs=1e-12)
-    assert scores.point[("macro", "auprc")] == pytest.approx(average_precision_score(truth, probabilities, average="macro"), abs=1e-12)
+        assert scores.point[(name, "auprc")] == pytest.approx(
+            average_precision_score(truth[:, c], probabilities[:, c]), abs=1e-12
+        )
+    assert scores.point[("macro", "auc")] == pytest.approx(
+        roc_auc_score(truth, probabilities, average="macro"), abs=1e-12
+    )
+    assert scores.point[("macro", "f1")] == pytest.approx(
+        f1_score(truth, flagged, average="macro", zero_division=0), abs=1e-12
+    )
+    assert scores.point[("macro", "auprc")] == pytest.approx(
+        average_precision_score(truth, probabilities, average="macro"), abs=1e-12
+    )
 
 
 def test_rows_report_nan_sd_and_percentile_ci():
@@ -351,7 +393,9 @@ def test_degenerate_replicates_are_counted_not_dropped():
     targets[10:] = np.where(targets[10:] == 1, 1, 2)
     probabilities = np.full((20, 3), 0.2)
     probabilities[np.arange(20), targets] = 0.6
-    scores = stats.score_predictions("multiclass", ["common", "rare", "other"], targets, probabilities, n_boot=300, seed=2)
+    scores = stats.score_predictions(
+        "multiclass", ["common", "rare", "other"], targets, probabilities, n_boot=300, seed=2
+    )
     indices = stats.bootstrap_indices(20, 300, seed=2)
     missing_rare = (targets[indices] == 1).sum(axis=1) == 0
     assert missing_rare.sum() > 0
@@ -365,25 +409,31 @@ def test_degenerate_replicates_are_counted_not_dropped():
     assert row["n_degenerate"] == missing_rare.sum()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(kind="ordinal"), "kind must be one of"),
-    (dict(targets=np.array([0, 1, 5, 0])), "class index 5"),
-    (dict(probabilities=np.ones((4, 2))), r"shape \(n, 3\)"),
-    (dict(ci=1.5), "ci must lie"),
-    (dict(n_boot=0), "n_boot must be a positive integer"),
-    (dict(groups=np.array(["a", "b"])), "groups must be a 1-D array"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kind="ordinal"), "kind must be one of"),
+        (dict(targets=np.array([0, 1, 5, 0])), "class index 5"),
+        (dict(probabilities=np.ones((4, 2))), r"shape \(n, 3\)"),
+        (dict(ci=1.5), "ci must lie"),
+        (dict(n_boot=0), "n_boot must be a positive integer"),
+        (dict(groups=np.array(["a", "b"])), "groups must be a 1-D array"),
+    ],
+)
 def test_score_predictions_rejects_bad_input_with_named_value(kwargs, message):
-    arguments = dict(kind="multiclass", classes=["x", "y", "z"], targets=np.array([0, 1, 2, 0]),
-                     probabilities=np.full((4, 3), 1 / 3))
+    arguments = dict(
+        kind="multiclass", classes=["x", "y", "z"], targets=np.array([0, 1, 2, 0]), probabilities=np.full((4, 3), 1 / 3)
+    )
     arguments.update(kwargs)
     options = {key: arguments.pop(key) for key in ("n_boot", "ci", "groups") if key in arguments}
     with pytest.raises(ValueError, match=message):
-        stats.score_predictions(arguments["kind"], arguments["classes"], arguments["targets"],
-                                arguments["probabilities"], **options)
+        stats.score_predictions(
+            arguments["kind"], arguments["classes"], arguments["targets"], arguments["probabilities"], **options
+        )
 
 
 # ---------------------------------------------------------------------------------------------- comparisons
+
 
 def test_compare_identical_predictions_gives_zero_difference_and_p_one():
     targets, probabilities = _multiclass_case(100, 3, seed=14)
@@ -404,10 +454,12 @@ def test_compare_detects_clearly_better_model():
     good = np.clip(0.5 * targets + 0.5 * rng.random(300), 0, 1)
     weak = np.clip(0.1 * targets + 0.9 * rng.random(300), 0, 1)
     groups = np.repeat(np.arange(100), 3)
-    better = stats.score_predictions("binary", ["no", "yes"], targets, np.column_stack([1 - good, good]),
-                                     n_boot=200, seed=1, groups=groups)
-    worse = stats.score_predictions("binary", ["no", "yes"], targets, np.column_stack([1 - weak, weak]),
-                                    n_boot=200, seed=1, groups=groups)
+    better = stats.score_predictions(
+        "binary", ["no", "yes"], targets, np.column_stack([1 - good, good]), n_boot=200, seed=1, groups=groups
+    )
+    worse = stats.score_predictions(
+        "binary", ["no", "yes"], targets, np.column_stack([1 - weak, weak]), n_boot=200, seed=1, groups=groups
+    )
     rows = {(r["class"], r["metric"], r["test"]): r for r in stats.compare(better, worse)}
     boot = rows[("macro", "auc", "bootstrap")]
     assert boot["difference"] == pytest.approx(better.point[("macro", "auc")] - worse.point[("macro", "auc")])
@@ -428,7 +480,8 @@ def test_compare_binary_covers_both_f1_conventions():
     rows = {(r["class"], r["metric"], r["test"]): r for r in stats.compare(a, b)}
     for test in ("bootstrap", "paired_t"):
         assert {(name, metric) for name, metric, kind in rows if kind == test} == {
-            key for key in a.point if key[1] != "support"}
+            key for key in a.point if key[1] != "support"
+        }
     for metric in ("f1", "f1_positive"):
         key = ("macro", metric)
         boot = rows[("macro", metric, "bootstrap")]
@@ -440,8 +493,16 @@ def test_compare_binary_covers_both_f1_conventions():
     # the macro F1 difference is the difference of the class means, replicate by replicate
     np.testing.assert_allclose(
         a.replicates[("macro", "f1")] - b.replicates[("macro", "f1")],
-        (a.replicates[("benign", "f1")] + a.replicates[("malignant", "f1")]
-         - b.replicates[("benign", "f1")] - b.replicates[("malignant", "f1")]) / 2, rtol=0, atol=1e-12)
+        (
+            a.replicates[("benign", "f1")]
+            + a.replicates[("malignant", "f1")]
+            - b.replicates[("benign", "f1")]
+            - b.replicates[("malignant", "f1")]
+        )
+        / 2,
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 def test_compare_bootstrap_p_value_is_two_sided_share():
@@ -477,6 +538,7 @@ def test_holm_matches_hand_computation():
 
 
 # ---------------------------------------------------------------------------------------------- DeLong
+
 
 def _delong_direct(truth: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """DeLong et al. (1988) written out: O(m k) kernel psi, structural components V10/V01, covariance S."""
@@ -539,6 +601,7 @@ def test_delong_rows_per_class_and_degenerate_class():
     targets_missing = np.where(targets == 2, 1, targets)  # no test sample of class "c": undefined, still a row
     rows = stats.delong_rows("multiclass", ["a", "b", "c"], targets_missing, probabilities, other)
     assert rows[2]["class"] == "c" and np.isnan(rows[2]["p_value"])
-    binary = stats.delong_rows("binary", ["n", "p"], (targets == 1).astype(int), probabilities[:, [0, 1]],
-                               other[:, [0, 1]])
+    binary = stats.delong_rows(
+        "binary", ["n", "p"], (targets == 1).astype(int), probabilities[:, [0, 1]], other[:, [0, 1]]
+    )
     assert [r["class"] for r in binary] == ["p", "macro"] and binary[0]["p_value"] == binary[1]["p_value"]

@@ -27,8 +27,13 @@ TABLES = ["metrics", "layers", "efficiency", "groups", "comparisons", "efficienc
 
 
 def snakemake(repo, workdir, *arguments, timeout=1500):
-    return subprocess.run(SNAKEMAKE + ["--cores", "2", "--directory", str(workdir), *arguments],
-                          cwd=repo, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        SNAKEMAKE + ["--cores", "2", "--directory", str(workdir), *arguments],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +71,28 @@ def test_tables_cover_every_model_and_task(demo, config):
     for name in TABLES:
         assert (demo / "results" / "tables" / f"{name}.csv").stat().st_size > 0, name
     metrics = pd.read_csv(demo / "results" / "tables" / "metrics.csv", dtype={"class": str})
-    assert list(metrics.columns[:13]) == ["task", "model", "layer", "fraction", "seed", "class", "metric", "value",
-                                          "sd", "ci_low", "ci_high", "n_train", "n_test"]
+    assert list(metrics.columns[:13]) == [
+        "task",
+        "model",
+        "layer",
+        "fraction",
+        "seed",
+        "class",
+        "metric",
+        "value",
+        "sd",
+        "ci_low",
+        "ci_high",
+        "n_train",
+        "n_test",
+    ]
     headline = metrics[metrics["class"] == "macro"]
     for model, task in medprobe_config.model_task_pairs(config):
-        row = headline[(headline["model"] == model) & (headline["task"] == task)
-                       & (headline["metric"] == config["tasks"][task]["metric"])]
+        row = headline[
+            (headline["model"] == model)
+            & (headline["task"] == task)
+            & (headline["metric"] == config["tasks"][task]["metric"])
+        ]
         assert len(row) == 1, (model, task)
         row = row.iloc[0]
         assert 0 <= row["ci_low"] <= row["value"] <= row["ci_high"] <= 1, (model, task)
@@ -119,28 +140,46 @@ def test_probe_auc_agrees_with_sklearn(demo, config, model, task):
     with h5py.File(demo / "results" / "activations" / model / f"{task}.h5", "r") as handle:
         names = list(handle.attrs["layer_names"])
         layer = summary["layer"]
-        features = (handle["embeddings"][:] if layer == "image_embeds"
-                    else handle["activations"][:, names.index(layer), :]).astype(np.float64)
+        features = (
+            handle["embeddings"][:] if layer == "image_embeds" else handle["activations"][:, names.index(layer), :]
+        ).astype(np.float64)
     targets = encode_targets(manifest, entry["kind"], entry["classes"])
     train, test = (manifest["split"] == "train").to_numpy(), (manifest["split"] == "test").to_numpy()
     scaler = StandardScaler().fit(features[train])
     C = summary["C"]
     if entry["kind"] == "multilabel":
-        probabilities = np.column_stack([
-            LogisticRegression(C=C, tol=1e-8, max_iter=10000).fit(scaler.transform(features[train]), targets[train, k])
-            .predict_proba(scaler.transform(features[test]))[:, 1]
-            for k in range(targets.shape[1])
-        ])
-        reference = np.nanmean([roc_auc_score(targets[test, k], probabilities[:, k])
-                                for k in range(targets.shape[1]) if 0 < targets[test, k].sum() < test.sum()])
+        probabilities = np.column_stack(
+            [
+                LogisticRegression(C=C, tol=1e-8, max_iter=10000)
+                .fit(scaler.transform(features[train]), targets[train, k])
+                .predict_proba(scaler.transform(features[test]))[:, 1]
+                for k in range(targets.shape[1])
+            ]
+        )
+        reference = np.nanmean(
+            [
+                roc_auc_score(targets[test, k], probabilities[:, k])
+                for k in range(targets.shape[1])
+                if 0 < targets[test, k].sum() < test.sum()
+            ]
+        )
     else:
-        classifier = LogisticRegression(C=C, tol=1e-8, max_iter=10000).fit(scaler.transform(features[train]), targets[train])
+        classifier = LogisticRegression(C=C, tol=1e-8, max_iter=10000).fit(
+            scaler.transform(features[train]), targets[train]
+        )
         probabilities = classifier.predict_proba(scaler.transform(features[test]))
-        reference = (roc_auc_score(targets[test], probabilities[:, 1]) if entry["kind"] == "binary"
-                     else roc_auc_score(targets[test], probabilities, multi_class="ovr", labels=range(len(entry["classes"]))))
+        reference = (
+            roc_auc_score(targets[test], probabilities[:, 1])
+            if entry["kind"] == "binary"
+            else roc_auc_score(targets[test], probabilities, multi_class="ovr", labels=range(len(entry["classes"])))
+        )
     metrics = pd.read_csv(demo / "results" / "tables" / "metrics.csv", dtype={"class": str})
-    ours = metrics[(metrics["model"] == model) & (metrics["task"] == task) & (metrics["class"] == "macro")
-                   & (metrics["metric"] == "auc")]["value"].item()
+    ours = metrics[
+        (metrics["model"] == model)
+        & (metrics["task"] == task)
+        & (metrics["class"] == "macro")
+        & (metrics["metric"] == "auc")
+    ]["value"].item()
     assert ours == pytest.approx(reference, abs=0.005)
 
 
@@ -192,8 +231,9 @@ def test_the_paper_protocol_runs_on_the_demo(repo, demo_paper):
         embeddings = handle["embeddings"][:].astype(np.float64)
     targets = encode_targets(manifest, task["kind"], task["classes"])
     fit_rows, test = (manifest["split"] != "test").to_numpy(), (manifest["split"] == "test").to_numpy()
-    reference = SGDClassifier(loss="log_loss", penalty="l2", alpha=0.001, max_iter=10000, class_weight="balanced",
-                              random_state=1).fit(embeddings[fit_rows], targets[fit_rows])
+    reference = SGDClassifier(
+        loss="log_loss", penalty="l2", alpha=0.001, max_iter=10000, class_weight="balanced", random_state=1
+    ).fit(embeddings[fit_rows], targets[fit_rows])
     with h5py.File(results / "probes" / "clip" / "T1" / "predictions.h5", "r") as handle:
         np.testing.assert_allclose(handle["probabilities"][:], reference.predict_proba(embeddings[test]), atol=1e-5)
 
@@ -207,7 +247,10 @@ def test_the_paper_protocol_runs_on_the_demo(repo, demo_paper):
 
     comparisons = pd.read_csv(results / "tables" / "comparisons.csv")
     assert set(zip(comparisons["model"], comparisons["baseline"])) == {
-        ("idefics_80b", "clip"), ("idefics_9b", "clip"), ("idefics_80b", "idefics_9b")}
+        ("idefics_80b", "clip"),
+        ("idefics_9b", "clip"),
+        ("idefics_80b", "idefics_9b"),
+    }
     efficiency = pd.read_csv(results / "tables" / "efficiency.csv")
     assert set(efficiency["seed"]) == {1}
     retained = pd.read_csv(results / "tables" / "efficiency_retained.csv")

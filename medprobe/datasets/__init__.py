@@ -87,8 +87,11 @@ def register(dataset: Dataset) -> Dataset:
 
 def get(name: str) -> Dataset:
     """The registered recipe ``name`` (every module of this package is imported on first use)."""
-    return RECIPES.get(name, hint="; provide the raw table metadata.csv yourself in the format of docs/datasets.md "
-                       "and point the task's raw_dir at its folder")
+    return RECIPES.get(
+        name,
+        hint="; provide the raw table metadata.csv yourself in the format of docs/datasets.md "
+        "and point the task's raw_dir at its folder",
+    )
 
 
 def missing_message(dataset: Dataset, data_dir: Path, missing: list[Source]) -> str:
@@ -103,7 +106,9 @@ def missing_message(dataset: Dataset, data_dir: Path, missing: list[Source]) -> 
     return "\n".join(lines)
 
 
-def fetch(name: str, data_dir: str | Path, receipt: str | Path | None = None, checksums: dict[str, str] | None = None) -> dict[str, Any]:
+def fetch(
+    name: str, data_dir: str | Path, receipt: str | Path | None = None, checksums: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Download/verify/extract every source of dataset ``name`` into ``data_dir``; write and return a receipt.
 
     ``checksums`` (file name -> SHA-256, e.g. pinned in the config after a first download) are checked in
@@ -115,8 +120,10 @@ def fetch(name: str, data_dir: str | Path, receipt: str | Path | None = None, ch
     missing = [source for source in dataset.sources if not _present(source, data_dir)]
     if missing:
         raise MissingDataError(missing_message(dataset, data_dir, missing))
-    files = {source.name: _check_source(dataset, source, data_dir, (checksums or {}).get(source.name))
-             for source in dataset.sources}
+    files = {
+        source.name: _check_source(dataset, source, data_dir, (checksums or {}).get(source.name))
+        for source in dataset.sources
+    }
     result = {"dataset": name, "data_dir": str(data_dir), "files": files}
     if receipt is not None:
         write_text_atomic(receipt, json.dumps(result, indent=2) + "\n")
@@ -130,7 +137,9 @@ def _present(source: Source, data_dir: Path) -> bool:
         return True
     if source.kaggle and os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
         whole = source.name.endswith(f"{source.kaggle}.zip")
-        kaggle_download(source.kaggle, (data_dir / source.name).parent, files=None if whole else [Path(source.name).name])
+        kaggle_download(
+            source.kaggle, (data_dir / source.name).parent, files=None if whole else [Path(source.name).name]
+        )
         return (data_dir / source.name).exists()
     return False
 
@@ -193,20 +202,32 @@ def resolve_label_rule(recipe: Dataset, task: str, label_rule: str | None) -> st
     """The label rule ``convert`` gets: the task's ``label_rule`` checked against the recipe's, else its default."""
     if not recipe.label_rules:
         if label_rule is not None:
-            raise ValueError(f"tasks.{task}.label_rule: dataset {recipe.name!r} has a single labelling rule; remove "
-                             f"the key (got {label_rule!r})")
+            raise ValueError(
+                f"tasks.{task}.label_rule: dataset {recipe.name!r} has a single labelling rule; remove "
+                f"the key (got {label_rule!r})"
+            )
         return None
     if label_rule is None:
         return recipe.label_rules[0]
     if label_rule not in recipe.label_rules:
-        raise ValueError(f"tasks.{task}.label_rule: {label_rule!r} is not a label rule of dataset {recipe.name!r}; "
-                         f"allowed: {', '.join(recipe.label_rules)} (default {recipe.label_rules[0]})")
+        raise ValueError(
+            f"tasks.{task}.label_rule: {label_rule!r} is not a label rule of dataset {recipe.name!r}; "
+            f"allowed: {', '.join(recipe.label_rules)} (default {recipe.label_rules[0]})"
+        )
     return label_rule
 
 
-def build_raw_table(dataset: str, task: str, data_dir: str | Path, metadata: str | Path, counts: str | Path, *,
-                    classes: list[str] | tuple[str, ...] | str, label_rule: str | None = None,
-                    inputs: Mapping[str, str | Path] | None = None) -> Path:
+def build_raw_table(
+    dataset: str,
+    task: str,
+    data_dir: str | Path,
+    metadata: str | Path,
+    counts: str | Path,
+    *,
+    classes: list[str] | tuple[str, ...] | str,
+    label_rule: str | None = None,
+    inputs: Mapping[str, str | Path] | None = None,
+) -> Path:
     """Convert dataset ``dataset`` (unpacked in ``data_dir``) into the raw table ``metadata`` and the count report
     ``counts``; images a recipe makes (T8's crops) go below the table's folder.
 
@@ -225,8 +246,14 @@ def build_raw_table(dataset: str, task: str, data_dir: str | Path, metadata: str
     differences = compare_counts(recipe.expected, found)
     for line in differences:
         log.warning("%s (%s): %s", task, dataset, line)
-    report = {"task": task, "dataset": dataset, "expected": recipe.expected, "found": found, "differences": differences,
-              "excluded": excluded}
+    report = {
+        "task": task,
+        "dataset": dataset,
+        "expected": recipe.expected,
+        "found": found,
+        "differences": differences,
+        "excluded": excluded,
+    }
     if rule is not None:
         report["label_rule"] = rule
     write_text_atomic(counts, json.dumps(report, indent=2) + "\n")
@@ -236,8 +263,14 @@ def build_raw_table(dataset: str, task: str, data_dir: str | Path, metadata: str
     return metadata
 
 
-def _convert(recipe: Dataset, data_dir: Path, out_dir: Path, classes: list[str] | tuple[str, ...] | str,
-             label_rule: str | None, inputs: Mapping[str, str | Path]) -> pd.DataFrame:
+def _convert(
+    recipe: Dataset,
+    data_dir: Path,
+    out_dir: Path,
+    classes: list[str] | tuple[str, ...] | str,
+    label_rule: str | None,
+    inputs: Mapping[str, str | Path],
+) -> pd.DataFrame:
     """The recipe's raw table, with the label rule and the recipe's further inputs passed by keyword."""
     unknown = sorted(set(inputs) - set(recipe.inputs))
     if unknown:

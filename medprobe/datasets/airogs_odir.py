@@ -54,8 +54,16 @@ def odir_eyes(table: pd.DataFrame, where: str) -> pd.DataFrame:
     eyes = []
     for side in ("Left", "Right"):
         keywords = table[f"{side}-Diagnostic Keywords"].str.lower()
-        eyes.append(pd.DataFrame({"ID": table["ID"], "side": side.lower(), "file": table[f"{side}-Fundus"],
-                                  "label": keywords.str.contains("glaucoma").map({True: "glaucoma", False: "no_glaucoma"})}))
+        eyes.append(
+            pd.DataFrame(
+                {
+                    "ID": table["ID"],
+                    "side": side.lower(),
+                    "file": table[f"{side}-Fundus"],
+                    "label": keywords.str.contains("glaucoma").map({True: "glaucoma", False: "no_glaucoma"}),
+                }
+            )
+        )
     return pd.concat(eyes, ignore_index=True)
 
 
@@ -63,38 +71,59 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str]) -> pd.DataFrame:
     labels = pd.read_csv(data_dir / "airogs" / "train_labels.csv", dtype=str, keep_default_na=False)
     bad = sorted(set(labels["class"]) - set(AIROGS_LABELS))
     if bad:
-        raise ValueError(f"{data_dir / 'airogs' / 'train_labels.csv'}: column class has values {bad}; expected RG or NRG")
+        raise ValueError(
+            f"{data_dir / 'airogs' / 'train_labels.csv'}: column class has values {bad}; expected RG or NRG"
+        )
     images = {path.stem: path for path in sorted((data_dir / "airogs").rglob("*")) if path.suffix.lower() == ".jpg"}
     missing = [name for name in labels["challenge_id"] if name not in images]
     if missing:
-        raise FileNotFoundError(f"{data_dir / 'airogs'}: {len(missing)} image(s) of train_labels.csv not found, e.g. {missing[:5]}")
-    airogs = pd.DataFrame({
-        "image_id": labels["challenge_id"], "file": [relative_file(images[name], out_dir) for name in labels["challenge_id"]],
-        "patient_id": labels["challenge_id"], "label": labels["class"].map(AIROGS_LABELS), "source": "airogs", "partition": "train"})
+        raise FileNotFoundError(
+            f"{data_dir / 'airogs'}: {len(missing)} image(s) of train_labels.csv not found, e.g. {missing[:5]}"
+        )
+    airogs = pd.DataFrame(
+        {
+            "image_id": labels["challenge_id"],
+            "file": [relative_file(images[name], out_dir) for name in labels["challenge_id"]],
+            "patient_id": labels["challenge_id"],
+            "label": labels["class"].map(AIROGS_LABELS),
+            "source": "airogs",
+            "partition": "train",
+        }
+    )
     sheet = data_dir / "odir" / ODIR_SHEET
     eyes = odir_eyes(read_odir(sheet), str(sheet))
     folder = find_one(data_dir / "odir", "ODIR-5K_Training_Dataset")
-    odir = pd.DataFrame({
-        "image_id": "odir_" + eyes["file"].str.replace(".jpg", "", regex=False),
-        "file": [relative_file(folder / name, out_dir) for name in eyes["file"]],
-        "patient_id": "odir_" + eyes["ID"], "label": eyes["label"], "source": "odir", "partition": "test"})
+    odir = pd.DataFrame(
+        {
+            "image_id": "odir_" + eyes["file"].str.replace(".jpg", "", regex=False),
+            "file": [relative_file(folder / name, out_dir) for name in eyes["file"]],
+            "patient_id": "odir_" + eyes["ID"],
+            "label": eyes["label"],
+            "source": "odir",
+            "partition": "test",
+        }
+    )
     return pd.concat([airogs, odir], ignore_index=True)
 
 
-register(Dataset(
-    name="airogs_odir",
-    title="AIROGS (train) + ODIR-2019 (test)",
-    licence="AIROGS CC BY-NC-ND 4.0; ODIR-2019 challenge terms (research use)",
-    access="AIROGS: https://zenodo.org/records/5793241 (downloaded automatically; if Zenodo answers HTTP 403, request "
-    "access there, download train_labels.csv and 0.zip-5.zip by hand into the airogs/ folder below and rerun); "
-    "ODIR-2019: register at https://odir2019.grand-challenge.org and download the training set",
-    sources=(
-        Source("airogs/train_labels.csv", url=f"{RECORD}/train_labels.csv?download=1"),
-        *(Source(f"airogs/{k}.zip", url=f"{RECORD}/{k}.zip?download=1", extract=True) for k in range(6)),
-        Source(f"odir/{ODIR_SHEET}", description="the ODIR-5K training annotations"),
-        Source("odir/ODIR-5K_Training_Dataset",
-               description="folder: the extracted ODIR-5K training images (<ID>_left.jpg, <ID>_right.jpg)"),
-    ),
-    convert=convert,
-    expected={"train": {"images": 101442}, "test": {"images": 7000, "patients": 3500}},
-))
+register(
+    Dataset(
+        name="airogs_odir",
+        title="AIROGS (train) + ODIR-2019 (test)",
+        licence="AIROGS CC BY-NC-ND 4.0; ODIR-2019 challenge terms (research use)",
+        access="AIROGS: https://zenodo.org/records/5793241 (downloaded automatically; if Zenodo answers HTTP 403, request "
+        "access there, download train_labels.csv and 0.zip-5.zip by hand into the airogs/ folder below and rerun); "
+        "ODIR-2019: register at https://odir2019.grand-challenge.org and download the training set",
+        sources=(
+            Source("airogs/train_labels.csv", url=f"{RECORD}/train_labels.csv?download=1"),
+            *(Source(f"airogs/{k}.zip", url=f"{RECORD}/{k}.zip?download=1", extract=True) for k in range(6)),
+            Source(f"odir/{ODIR_SHEET}", description="the ODIR-5K training annotations"),
+            Source(
+                "odir/ODIR-5K_Training_Dataset",
+                description="folder: the extracted ODIR-5K training images (<ID>_left.jpg, <ID>_right.jpg)",
+            ),
+        ),
+        convert=convert,
+        expected={"train": {"images": 101442}, "test": {"images": 7000, "patients": 3500}},
+    )
+)

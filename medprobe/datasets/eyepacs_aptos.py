@@ -31,7 +31,9 @@ import pandas as pd
 from medprobe.datasets import Dataset, Source, register, relative_file
 
 EYEPACS = "https://www.kaggle.com/competitions/diabetic-retinopathy-detection/data"
-RETINOPATHY_SOLUTION_URL = "https://storage.googleapis.com/kaggle-forum-message-attachments/90528/2877/retinopathy_solution.csv"
+RETINOPATHY_SOLUTION_URL = (
+    "https://storage.googleapis.com/kaggle-forum-message-attachments/90528/2877/retinopathy_solution.csv"
+)
 GRADES = {"0", "1", "2", "3", "4"}
 
 
@@ -52,42 +54,64 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str]) -> pd.DataFrame:
     frames = []
     for labels, folder in (("trainLabels.csv", "train"), ("retinopathy_solution.csv", "test")):
         table = _read(data_dir / "eyepacs" / labels, ["image", "level"])
-        frames.append(pd.DataFrame({
-            "image_id": "eyepacs_" + table["image"],
-            "file": [relative_file(data_dir / "eyepacs" / folder / f"{image}.jpeg", out_dir) for image in table["image"]],
-            "patient_id": "eyepacs_" + table["image"].str.split("_").str[0],
-            "label": table["level"],
-            "source": "eyepacs",
-            "partition": "",  # pooled and split by patient, as in the paper
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "image_id": "eyepacs_" + table["image"],
+                    "file": [
+                        relative_file(data_dir / "eyepacs" / folder / f"{image}.jpeg", out_dir)
+                        for image in table["image"]
+                    ],
+                    "patient_id": "eyepacs_" + table["image"].str.split("_").str[0],
+                    "label": table["level"],
+                    "source": "eyepacs",
+                    "partition": "",  # pooled and split by patient, as in the paper
+                }
+            )
+        )
     aptos = _read(data_dir / "aptos" / "train.csv", ["id_code", "diagnosis"])
-    frames.append(pd.DataFrame({
-        "image_id": "aptos_" + aptos["id_code"],
-        "file": [relative_file(data_dir / "aptos" / "train_images" / f"{code}.png", out_dir) for code in aptos["id_code"]],
-        "patient_id": "aptos_" + aptos["id_code"],  # APTOS has no patient ids
-        "label": aptos["diagnosis"],
-        "source": "aptos",
-        "partition": "test",
-    }))
+    frames.append(
+        pd.DataFrame(
+            {
+                "image_id": "aptos_" + aptos["id_code"],
+                "file": [
+                    relative_file(data_dir / "aptos" / "train_images" / f"{code}.png", out_dir)
+                    for code in aptos["id_code"]
+                ],
+                "patient_id": "aptos_" + aptos["id_code"],  # APTOS has no patient ids
+                "label": aptos["diagnosis"],
+                "source": "aptos",
+                "partition": "test",
+            }
+        )
+    )
     return pd.concat(frames, ignore_index=True)
 
 
-register(Dataset(
-    name="eyepacs_aptos",
-    title="EyePACS (Kaggle diabetic retinopathy detection) + APTOS 2019",
-    licence="Kaggle competition rules (non-commercial research use; no redistribution)",
-    access="Kaggle account; accept the rules of https://www.kaggle.com/competitions/diabetic-retinopathy-detection and "
-    "https://www.kaggle.com/competitions/aptos2019-blindness-detection",
-    sources=(
-        Source("eyepacs/trainLabels.csv", description=f"unzipped trainLabels.csv.zip from {EYEPACS}"),
-        Source("eyepacs/retinopathy_solution.csv",
-               description=f"test labels, attached to the competition's forum thread (not on the data page): {RETINOPATHY_SOLUTION_URL}"),
-        Source("eyepacs/train", description="folder: train.zip.001-005 joined and extracted (7z x train.zip.001)"),
-        Source("eyepacs/test", description="folder: test.zip.001-007 joined and extracted (7z x test.zip.001)"),
-        Source("aptos/aptos2019-blindness-detection.zip", kaggle="aptos2019-blindness-detection", extract=True,
-               description="kaggle competitions download -c aptos2019-blindness-detection (automatic with KAGGLE_USERNAME/KAGGLE_KEY)"),
-    ),
-    convert=convert,
-    expected={"total": {"images": 92362}},
-    manual_note="The Kaggle client reads KAGGLE_USERNAME and KAGGLE_KEY from the environment (never stored by medprobe).",
-))
+register(
+    Dataset(
+        name="eyepacs_aptos",
+        title="EyePACS (Kaggle diabetic retinopathy detection) + APTOS 2019",
+        licence="Kaggle competition rules (non-commercial research use; no redistribution)",
+        access="Kaggle account; accept the rules of https://www.kaggle.com/competitions/diabetic-retinopathy-detection and "
+        "https://www.kaggle.com/competitions/aptos2019-blindness-detection",
+        sources=(
+            Source("eyepacs/trainLabels.csv", description=f"unzipped trainLabels.csv.zip from {EYEPACS}"),
+            Source(
+                "eyepacs/retinopathy_solution.csv",
+                description=f"test labels, attached to the competition's forum thread (not on the data page): {RETINOPATHY_SOLUTION_URL}",
+            ),
+            Source("eyepacs/train", description="folder: train.zip.001-005 joined and extracted (7z x train.zip.001)"),
+            Source("eyepacs/test", description="folder: test.zip.001-007 joined and extracted (7z x test.zip.001)"),
+            Source(
+                "aptos/aptos2019-blindness-detection.zip",
+                kaggle="aptos2019-blindness-detection",
+                extract=True,
+                description="kaggle competitions download -c aptos2019-blindness-detection (automatic with KAGGLE_USERNAME/KAGGLE_KEY)",
+            ),
+        ),
+        convert=convert,
+        expected={"total": {"images": 92362}},
+        manual_note="The Kaggle client reads KAGGLE_USERNAME and KAGGLE_KEY from the environment (never stored by medprobe).",
+    )
+)

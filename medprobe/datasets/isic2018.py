@@ -47,31 +47,44 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str]) -> pd.DataFrame:
     for part, partition in PARTS.items():
         truth = read_ground_truth(find_one(data_dir, f"ISIC2018_Task3_{part}_GroundTruth.csv"))
         images = find_one(data_dir, f"ISIC2018_Task3_{part}_Input")
-        frames.append(pd.DataFrame({
-            "image_id": truth["image"],
-            "file": [relative_file(images / f"{image}.jpg", out_dir) for image in truth["image"]],
-            "patient_id": [lesion_of.get(image, image) for image in truth["image"]],
-            "label": truth["label"],
-            "source": f"isic2018_{part.lower()}",
-            "partition": partition,
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "image_id": truth["image"],
+                    "file": [relative_file(images / f"{image}.jpg", out_dir) for image in truth["image"]],
+                    "patient_id": [lesion_of.get(image, image) for image in truth["image"]],
+                    "label": truth["label"],
+                    "source": f"isic2018_{part.lower()}",
+                    "partition": partition,
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
 def _sources():
-    sources = [Source(f"ISIC2018_Task3_{part}_{kind}.zip", url=f"{BUCKET}/ISIC2018_Task3_{part}_{kind}.zip", extract=True)
-               for part in PARTS for kind in ("Input", "GroundTruth")]
-    sources.append(Source("ISIC2018_Task3_Training_LesionGroupings.csv", url=f"{BUCKET}/ISIC2018_Task3_Training_LesionGroupings.csv"))
+    sources = [
+        Source(f"ISIC2018_Task3_{part}_{kind}.zip", url=f"{BUCKET}/ISIC2018_Task3_{part}_{kind}.zip", extract=True)
+        for part in PARTS
+        for kind in ("Input", "GroundTruth")
+    ]
+    sources.append(
+        Source(
+            "ISIC2018_Task3_Training_LesionGroupings.csv", url=f"{BUCKET}/ISIC2018_Task3_Training_LesionGroupings.csv"
+        )
+    )
     return tuple(sources)
 
 
-register(Dataset(
-    name="isic2018",
-    title="ISIC 2018 task 3 / HAM10000",
-    licence="CC BY-NC 4.0",
-    access="public, https://challenge.isic-archive.com/data/#2018 (downloaded automatically; no published checksums: "
-    "pin the SHA-256 values logged by the first download under tasks.T3.checksums)",
-    sources=_sources(),
-    convert=convert,
-    expected={"train": {"images": 10208}, "test": {"images": 1512}},
-))
+register(
+    Dataset(
+        name="isic2018",
+        title="ISIC 2018 task 3 / HAM10000",
+        licence="CC BY-NC 4.0",
+        access="public, https://challenge.isic-archive.com/data/#2018 (downloaded automatically; no published checksums: "
+        "pin the SHA-256 values logged by the first download under tasks.T3.checksums)",
+        sources=_sources(),
+        convert=convert,
+        expected={"train": {"images": 10208}, "test": {"images": 1512}},
+    )
+)

@@ -34,26 +34,30 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str]) -> pd.DataFrame:
     if bad:
         raise ValueError(f"{path}: column benign_malignant has values {bad}; expected benign or malignant")
     images = find_one(data_dir, "train")
-    return pd.DataFrame({
-        "image_id": truth["image_name"],
-        "file": [relative_file(images / f"{name}.jpg", out_dir) for name in truth["image_name"]],
-        "patient_id": truth["patient_id"],
-        "label": truth["benign_malignant"],
-        "source": "isic2020",
-        "partition": "",
-    })
+    return pd.DataFrame(
+        {
+            "image_id": truth["image_name"],
+            "file": [relative_file(images / f"{name}.jpg", out_dir) for name in truth["image_name"]],
+            "patient_id": truth["patient_id"],
+            "label": truth["benign_malignant"],
+            "source": "isic2020",
+            "partition": "",
+        }
+    )
 
 
-register(Dataset(
-    name="isic2020",
-    title="SIIM-ISIC Melanoma Classification 2020, training set",
-    licence="CC BY-NC 4.0",
-    access="public, https://challenge.isic-archive.com/data/#2020 (downloaded automatically; no published checksums: "
-    "pin the SHA-256 values logged by the first download under tasks.T4.checksums)",
-    sources=(
-        Source("ISIC_2020_Training_JPEG.zip", url=f"{BUCKET}/ISIC_2020_Training_JPEG.zip", extract=True),
-        Source("ISIC_2020_Training_GroundTruth.csv", url=f"{BUCKET}/ISIC_2020_Training_GroundTruth.csv"),
-    ),
-    convert=convert,
-    expected={"total": {"images": 33126, "patients": 2056}},
-))
+register(
+    Dataset(
+        name="isic2020",
+        title="SIIM-ISIC Melanoma Classification 2020, training set",
+        licence="CC BY-NC 4.0",
+        access="public, https://challenge.isic-archive.com/data/#2020 (downloaded automatically; no published checksums: "
+        "pin the SHA-256 values logged by the first download under tasks.T4.checksums)",
+        sources=(
+            Source("ISIC_2020_Training_JPEG.zip", url=f"{BUCKET}/ISIC_2020_Training_JPEG.zip", extract=True),
+            Source("ISIC_2020_Training_GroundTruth.csv", url=f"{BUCKET}/ISIC_2020_Training_GroundTruth.csv"),
+        ),
+        convert=convert,
+        expected={"total": {"images": 33126, "patients": 2056}},
+    )
+)

@@ -28,7 +28,10 @@ PARTS = {"NCT-CRC-HE-100K": "train", "CRC-VAL-HE-7K": "test"}
 # The MD5s the Zenodo record lists (NCT-CRC-HE-100K.zip, 11,690,284,003 bytes; CRC-VAL-HE-7K.zip, 800,276,929 bytes), as
 # pinned with the byte sizes by independent acquisition scripts. 035777cf327776a71a05c95da6d6325f belongs to
 # NCT-CRC-HE-100K-NONORM.zip (kaiko-ai/eva crc_nonorm.py), not to the archive used here.
-MD5 = {"NCT-CRC-HE-100K.zip": "6fd702d11df6292bc054397ae038a464", "CRC-VAL-HE-7K.zip": "2fd1651b4f94ebd818ebf90ad2b6ce06"}
+MD5 = {
+    "NCT-CRC-HE-100K.zip": "6fd702d11df6292bc054397ae038a464",
+    "CRC-VAL-HE-7K.zip": "2fd1651b4f94ebd818ebf90ad2b6ce06",
+}
 
 
 def class_root(data_dir: Path, folder: str) -> Path:
@@ -37,8 +40,10 @@ def class_root(data_dir: Path, folder: str) -> Path:
     for candidate in [top, *sorted(path for path in top.rglob(folder) if path.is_dir())]:
         if any((candidate / label).is_dir() for label in CLASSES):
             return candidate
-    raise FileNotFoundError(f"{top}: expected one sub-folder per class ({' '.join(CLASSES)}) holding .tif patches, "
-                            f"as in {folder}.zip of Zenodo record 1214456; found {sorted(p.name for p in top.iterdir())[:10]}")
+    raise FileNotFoundError(
+        f"{top}: expected one sub-folder per class ({' '.join(CLASSES)}) holding .tif patches, "
+        f"as in {folder}.zip of Zenodo record 1214456; found {sorted(p.name for p in top.iterdir())[:10]}"
+    )
 
 
 def convert(data_dir: Path, out_dir: Path, classes: list[str]) -> pd.DataFrame:
@@ -48,20 +53,32 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str]) -> pd.DataFrame:
         found = 0
         for label in CLASSES:
             for path in sorted((root / label).glob("*.tif")):
-                rows.append({"image_id": f"{folder}_{path.stem}", "file": relative_file(path, out_dir), "patient_id": f"{folder}_{path.stem}",
-                             "label": label, "source": folder, "partition": partition})
+                rows.append(
+                    {
+                        "image_id": f"{folder}_{path.stem}",
+                        "file": relative_file(path, out_dir),
+                        "patient_id": f"{folder}_{path.stem}",
+                        "label": label,
+                        "source": folder,
+                        "partition": partition,
+                    }
+                )
                 found += 1
         if not found:
             raise FileNotFoundError(f"{root}: no .tif patch in any class folder ({' '.join(CLASSES)})")
     return pd.DataFrame(rows)
 
 
-register(Dataset(
-    name="nct_crc_he",
-    title="NCT-CRC-HE-100K and CRC-VAL-HE-7K (Kather et al. 2018)",
-    licence="CC BY 4.0",
-    access="public, https://zenodo.org/records/1214456 (downloaded automatically, MD5-verified)",
-    sources=tuple(Source(name, url=f"{RECORD}/{name}?download=1", md5=md5, extract=True) for name, md5 in MD5.items()),
-    convert=convert,
-    expected={"train": {"images": 100000}, "test": {"images": 7180}},
-))
+register(
+    Dataset(
+        name="nct_crc_he",
+        title="NCT-CRC-HE-100K and CRC-VAL-HE-7K (Kather et al. 2018)",
+        licence="CC BY 4.0",
+        access="public, https://zenodo.org/records/1214456 (downloaded automatically, MD5-verified)",
+        sources=tuple(
+            Source(name, url=f"{RECORD}/{name}?download=1", md5=md5, extract=True) for name, md5 in MD5.items()
+        ),
+        convert=convert,
+        expected={"train": {"images": 100000}, "test": {"images": 7180}},
+    )
+)

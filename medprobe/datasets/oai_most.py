@@ -78,6 +78,7 @@ FROM_KNEES_CSV, FROM_OAI_RELEASE = "knees.csv", "oai release"
 
 # ---- the OAI release ---------------------------------------------------------------------------------------
 
+
 def _text(value: object) -> str:
     """A cell as text: SAS bytes decoded, blanks and NaN empty, integral floats without ``.0``."""
     if isinstance(value, bytes):
@@ -122,7 +123,9 @@ def _read_table(path: Path) -> pd.DataFrame:
         with open(path, encoding="latin-1") as handle:
             header = handle.readline()
         if "|" not in header:
-            raise ValueError(f"{path}: not an OAI ASCII table (the release separates columns by '|'); first line {header[:80]!r}")
+            raise ValueError(
+                f"{path}: not an OAI ASCII table (the release separates columns by '|'); first line {header[:80]!r}"
+            )
         table = pd.read_csv(path, sep="|", dtype=str, keep_default_na=False, encoding="latin-1")
     table.columns = [_text(column).upper() for column in table.columns]
     return table.map(_text)
@@ -141,23 +144,36 @@ def read_readings(path: str | Path, visit: str) -> pd.DataFrame:
     kl_column, barcode_column = f"V{visit}XRKL", f"V{visit}BARCDBU"
     missing = [column for column in ("ID", "SIDE", kl_column) if column not in table.columns]
     if missing:
-        raise ValueError(f"{path}: not an OAI kXR_SQ_BU{visit} table: missing column(s) {missing}; found "
-                         f"{list(table.columns)[:12]}{' ...' if len(table.columns) > 12 else ''}")
-    readings = pd.DataFrame({
-        "ID": table["ID"], "side_text": table["SIDE"], "side": table["SIDE"].map(_side),
-        "kl_text": table[kl_column], "kl": table[kl_column].map(_grade),
-        "barcode": table[barcode_column].map(_barcode) if barcode_column in table.columns else "",
-        "readprj": table["READPRJ"] if "READPRJ" in table.columns else "",
-    })
+        raise ValueError(
+            f"{path}: not an OAI kXR_SQ_BU{visit} table: missing column(s) {missing}; found "
+            f"{list(table.columns)[:12]}{' ...' if len(table.columns) > 12 else ''}"
+        )
+    readings = pd.DataFrame(
+        {
+            "ID": table["ID"],
+            "side_text": table["SIDE"],
+            "side": table["SIDE"].map(_side),
+            "kl_text": table[kl_column],
+            "kl": table[kl_column].map(_grade),
+            "barcode": table[barcode_column].map(_barcode) if barcode_column in table.columns else "",
+            "readprj": table["READPRJ"] if "READPRJ" in table.columns else "",
+        }
+    )
     if (readings["ID"] == "").any():
         raise ValueError(f"{path}: row {int(np.flatnonzero(readings['ID'] == '')[0]) + 2}: empty ID")
-    readings["knee"] = readings["side"].where(readings["side"].map(lambda side: isinstance(side, str)), readings["side_text"])
+    readings["knee"] = readings["side"].where(
+        readings["side"].map(lambda side: isinstance(side, str)), readings["side_text"]
+    )
     repeated = readings.duplicated(["ID", "knee"], keep=False)
     if repeated.any():
         groups = readings[repeated].groupby(["ID", "knee"])
-        log.info("%s: %d knee(s) read by several projects (READPRJ %s); the first reading is used, %d disagree on KL",
-                 path.name, groups.ngroups, sorted(set(readings.loc[repeated, "readprj"])),
-                 int(groups["kl_text"].nunique().gt(1).sum()))
+        log.info(
+            "%s: %d knee(s) read by several projects (READPRJ %s); the first reading is used, %d disagree on KL",
+            path.name,
+            groups.ngroups,
+            sorted(set(readings.loc[repeated, "readprj"])),
+            int(groups["kl_text"].nunique().gt(1).sum()),
+        )
     return readings.drop_duplicates(["ID", "knee"], keep="first").drop(columns="knee").reset_index(drop=True)
 
 
@@ -181,11 +197,15 @@ def archive_visit(contents: Path, oai_dir: Path) -> str:
         if match:
             months = int(match.group(1))
             if months not in OAI_VISITS:
-                raise ValueError(f"{contents}: folder {folder.name!r} names month {months}, not an OAI imaging visit "
-                                 f"(months {sorted(OAI_VISITS)})")
+                raise ValueError(
+                    f"{contents}: folder {folder.name!r} names month {months}, not an OAI imaging visit "
+                    f"(months {sorted(OAI_VISITS)})"
+                )
             return OAI_VISITS[months]
-    raise ValueError(f"{contents}: cannot tell the visit of this image archive; unpack each archive into a folder "
-                     f"named by its visit below {oai_dir}/ (00m, 12m, 24m, 36m, 48m, 72m, 96m)")
+    raise ValueError(
+        f"{contents}: cannot tell the visit of this image archive; unpack each archive into a folder "
+        f"named by its visit below {oai_dir}/ (00m, 12m, 24m, 36m, 48m, 72m, 96m)"
+    )
 
 
 def find_release(oai_dir: str | Path) -> tuple[dict[str, Path], dict[str, list[Path]]]:
@@ -216,7 +236,9 @@ def read_contents(path: str | Path) -> pd.DataFrame:
     table.columns = [column.strip() for column in table.columns]
     missing = [column for column in ("Folder", "ParticipantID", "SeriesDescription") if column not in table.columns]
     if missing:
-        raise ValueError(f"{path}: not an OAI image archive's contents.csv: missing column(s) {missing}; found {list(table.columns)}")
+        raise ValueError(
+            f"{path}: not an OAI image archive's contents.csv: missing column(s) {missing}; found {list(table.columns)}"
+        )
     knees = table[table["SeriesDescription"].str.strip().str.casefold() == BILATERAL_PA.casefold()]
     barcode = next((column for column in ("Barcode", "AccessionNumber") if column in table.columns), None)
     bases = [path.parent]
@@ -227,8 +249,13 @@ def read_contents(path: str | Path) -> pd.DataFrame:
         candidates = [base / folder.strip().strip("/") / DICOM_NAME for base in bases]
         return next((candidate for candidate in candidates if candidate.is_file()), candidates[0])
 
-    return pd.DataFrame({"ID": knees["ParticipantID"].map(_text), "dicom": knees["Folder"].map(dicom),
-                         "barcode": knees[barcode].map(_barcode) if barcode else ""}).reset_index(drop=True)
+    return pd.DataFrame(
+        {
+            "ID": knees["ParticipantID"].map(_text),
+            "dicom": knees["Folder"].map(dicom),
+            "barcode": knees[barcode].map(_barcode) if barcode else "",
+        }
+    ).reset_index(drop=True)
 
 
 def oai_knees(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, int]] | None:
@@ -246,11 +273,13 @@ def oai_knees(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, int]] | Non
         raise FileNotFoundError(
             f"{oai_dir}: found image archives ({', '.join(str(p) for v in archives.values() for p in v)}) but no "
             "kXR_SQ_BU<visit>.txt (X-Ray Image Assessments, Semi-Quant Scoring) with the KL grades; put them into "
-            f"{oai_dir}/ (see docs/datasets.md, T8)")
+            f"{oai_dir}/ (see docs/datasets.md, T8)"
+        )
     if not archives:
         raise FileNotFoundError(
             f"{oai_dir}: found {', '.join(p.name for p in readings.values())} but no image archive: unpack each "
-            f"archive (its contents.csv and image folders) into a folder named by its visit below {oai_dir}/ (00m, 12m, ...)")
+            f"archive (its contents.csv and image folders) into a folder named by its visit below {oai_dir}/ (00m, 12m, ...)"
+        )
     excluded: Counter = Counter()
     rows = []
     for visit in sorted(readings):
@@ -279,40 +308,59 @@ def oai_knees(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, int]] | Non
             if not dicom.is_file():
                 excluded["OAI: radiograph file missing"] += 1
                 continue
-            rows.append({"file": dicom.relative_to(data_dir).as_posix(), "patient_id": knee.ID, "side": knee.side,
-                         "kl": knee.kl, "source": "oai", "partition": "", "visit": visit, "origin": FROM_OAI_RELEASE})
+            rows.append(
+                {
+                    "file": dicom.relative_to(data_dir).as_posix(),
+                    "patient_id": knee.ID,
+                    "side": knee.side,
+                    "kl": knee.kl,
+                    "source": "oai",
+                    "partition": "",
+                    "visit": visit,
+                    "origin": FROM_OAI_RELEASE,
+                }
+            )
     unread = sorted(set(archives) - set(readings))
     if unread:
         log.warning("image archives of visit(s) %s have no kXR_SQ_BU file: their radiographs have no KL grade", unread)
     table = pd.DataFrame(rows, columns=KNEE_COLUMNS + ["visit", "origin"])
-    log.info("OAI release in %s: %d knee(s) of %d patient(s) over visit(s) %s; left out: %s", oai_dir, len(table),
-             table["patient_id"].nunique(), sorted(set(table["visit"])), dict(excluded) or "none")
+    log.info(
+        "OAI release in %s: %d knee(s) of %d patient(s) over visit(s) %s; left out: %s",
+        oai_dir,
+        len(table),
+        table["patient_id"].nunique(),
+        sorted(set(table["visit"])),
+        dict(excluded) or "none",
+    )
     return table, dict(excluded)
 
 
 # ---- all knees of the task ---------------------------------------------------------------------------------
 
-LANDMARKS_NOTE = ("Landmarks come from KNEEL (`landmarks: kneel`) or your own file (`landmarks: <path>`); see "
-                  "docs/datasets.md (T8).")
+LANDMARKS_NOTE = (
+    "Landmarks come from KNEEL (`landmarks: kneel`) or your own file (`landmarks: <path>`); see docs/datasets.md (T8)."
+)
 
 
 def missing_files_message(data_dir: Path) -> str:
     recipe = RECIPE
     folder = data_dir.resolve()
-    return "\n".join([
-        f"Dataset {recipe.name!r} ({recipe.title}) is not available: neither {KNEES} nor the OAI release in "
-        f"{OAI_DIR}/ is in {data_dir}/.",
-        f"Access: {recipe.access}",
-        f"Put one or both of these into {folder}/ and rerun:",
-        f"  1. the OAI release as downloaded, below {OAI_DIR}/ (the recipe lists every knee and visit itself):",
-        f"     - {OAI_DIR}/<visit>/contents.csv and the image folders it names: each image archive unpacked into a "
-        "folder named by its visit (00m, 12m, 24m, 36m, 48m, 72m, 96m); a radiograph is <visit>/<Folder>/001",
-        f"     - {OAI_DIR}/kXR_SQ_BU<visit>.txt, the KL readings (X-Ray Image Assessments, ASCII; visits 00 01 03 05 "
-        "06 08 10), or the kxr_sq_bu<visit>.sas7bdat files of the SAS release (up to three folders deep)",
-        f"  2. {KNEES}, a table you make (MOST, or everything): one row per knee: file, patient_id, side, kl, "
-        "source, partition[, spacing_row, spacing_col], with the radiographs it names below the same folder",
-        LANDMARKS_NOTE,
-    ])
+    return "\n".join(
+        [
+            f"Dataset {recipe.name!r} ({recipe.title}) is not available: neither {KNEES} nor the OAI release in "
+            f"{OAI_DIR}/ is in {data_dir}/.",
+            f"Access: {recipe.access}",
+            f"Put one or both of these into {folder}/ and rerun:",
+            f"  1. the OAI release as downloaded, below {OAI_DIR}/ (the recipe lists every knee and visit itself):",
+            f"     - {OAI_DIR}/<visit>/contents.csv and the image folders it names: each image archive unpacked into a "
+            "folder named by its visit (00m, 12m, 24m, 36m, 48m, 72m, 96m); a radiograph is <visit>/<Folder>/001",
+            f"     - {OAI_DIR}/kXR_SQ_BU<visit>.txt, the KL readings (X-Ray Image Assessments, ASCII; visits 00 01 03 05 "
+            "06 08 10), or the kxr_sq_bu<visit>.sas7bdat files of the SAS release (up to three folders deep)",
+            f"  2. {KNEES}, a table you make (MOST, or everything): one row per knee: file, patient_id, side, kl, "
+            "source, partition[, spacing_row, spacing_col], with the radiographs it names below the same folder",
+            LANDMARKS_NOTE,
+        ]
+    )
 
 
 def _user_knees(data_dir: Path) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -326,8 +374,10 @@ def _user_knees(data_dir: Path) -> tuple[pd.DataFrame, dict[str, int]]:
         raise ValueError(f"{path}: missing column(s) {missing}; found {list(knees.columns)}")
     grades = knees["kl"].map(lambda value: _grade(_text(value)))
     valid = grades.map(lambda grade: isinstance(grade, str)).astype(bool)
-    reasons = Counter("knees.csv: no KL grade" if _leading_number(_text(value)) is None else "knees.csv: KL grade not 0-4"
-                      for value in knees.loc[~valid, "kl"])
+    reasons = Counter(
+        "knees.csv: no KL grade" if _leading_number(_text(value)) is None else "knees.csv: KL grade not 0-4"
+        for value in knees.loc[~valid, "kl"]
+    )
     if reasons:
         log.warning("%s: %d knee(s) without a KL grade 0-4 left out (%s)", path, int((~valid).sum()), dict(reasons))
     knees = knees[valid].assign(kl=grades[valid]).reset_index(drop=True)
@@ -349,7 +399,8 @@ def knee_table(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, int]]:
             raise ValueError(
                 f"{data_dir / KNEES} has rows with source 'oai' and {data_dir / OAI_DIR}/ holds the OAI release, from "
                 f"which the recipe lists the OAI knees itself: remove those rows from {KNEES} (keep MOST's), or take "
-                f"the release's tables (kXR_SQ_BU*, contents.csv) out of {OAI_DIR}/ to use your own OAI rows")
+                f"the release's tables (kXR_SQ_BU*, contents.csv) out of {OAI_DIR}/ to use your own OAI rows"
+            )
         parts.append(release[0])
         excluded.update(release[1])
     if not parts:
@@ -357,8 +408,9 @@ def knee_table(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, int]]:
     return pd.concat(parts, ignore_index=True).fillna(""), excluded
 
 
-def prepare(data_dir: str | Path, knees_out: str | Path, receipt: str | Path,
-            checksums: dict[str, str] | None = None) -> dict:
+def prepare(
+    data_dir: str | Path, knees_out: str | Path, receipt: str | Path, checksums: dict[str, str] | None = None
+) -> dict:
     """Rule ``oai_most_files`` (instead of ``download_dataset`` for this dataset): check the files, write
     :func:`knee_table` to ``knees_out`` and a receipt (SHA-256 of knees.csv and the release's tables, checked
     against ``checksums`` pinned in the config; every knee counted), each atomically."""
@@ -376,14 +428,21 @@ def prepare(data_dir: str | Path, knees_out: str | Path, receipt: str | Path,
         files[name] = {"sha256": digest, "pinned": name in checksums}
     with atomic_path(knees_out) as temporary:
         table.to_csv(temporary, index=False, lineterminator="\n")
-    result = {"dataset": RECIPE.name, "data_dir": str(data_dir), "files": files, "knees": int(len(table)),
-              "knees_by_origin": {k: int(v) for k, v in table["origin"].value_counts().items()}, "excluded": excluded}
+    result = {
+        "dataset": RECIPE.name,
+        "data_dir": str(data_dir),
+        "files": files,
+        "knees": int(len(table)),
+        "knees_by_origin": {k: int(v) for k, v in table["origin"].value_counts().items()},
+        "excluded": excluded,
+    }
     write_text_atomic(receipt, json.dumps(result, indent=2) + "\n")
     log.info("%d knee(s) -> %s (%s)", len(table), knees_out, result["knees_by_origin"])
     return result
 
 
 # ---- the raw table -----------------------------------------------------------------------------------------
+
 
 def _read_pixels(path: Path, row: pd.Series) -> tuple[np.ndarray, tuple[float, float]]:
     if path.suffix.lower() in (".dcm", ".dicom", "") and path.exists():
@@ -392,8 +451,9 @@ def _read_pixels(path: Path, row: pd.Series) -> tuple[np.ndarray, tuple[float, f
     return np.asarray(Image.open(path)), spacing
 
 
-def convert(data_dir: Path, out_dir: Path, classes: list[str], landmarks: Path | None = None,
-            undetected: Path | None = None) -> pd.DataFrame:
+def convert(
+    data_dir: Path, out_dir: Path, classes: list[str], landmarks: Path | None = None, undetected: Path | None = None
+) -> pd.DataFrame:
     """T8's raw table: a 140 mm crop (written below ``out_dir/images/``) of every knee with landmarks, the user's
     ready-made crops, and in ``attrs["excluded"]`` the knees left out by reason.
 
@@ -424,8 +484,13 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str], landmarks: Path |
     return raw
 
 
-def _knee_row(knee: pd.Series, data_dir: Path, out_dir: Path, points: dict[tuple[str, str], np.ndarray],
-              undetected: set[tuple[str, str]]) -> tuple[dict[str, str] | None, str | None]:
+def _knee_row(
+    knee: pd.Series,
+    data_dir: Path,
+    out_dir: Path,
+    points: dict[tuple[str, str], np.ndarray],
+    undetected: set[tuple[str, str]],
+) -> tuple[dict[str, str] | None, str | None]:
     """One knee's row of the raw table (its crop written when it has landmarks), or the reason it is left out."""
     side = knee["side"].strip().upper()[:1]
     if side not in ("R", "L"):
@@ -437,7 +502,9 @@ def _knee_row(knee: pd.Series, data_dir: Path, out_dir: Path, points: dict[tuple
         pixels, spacing = _read_pixels(source_path, knee)
         crop = kneel.crop_knee(pixels, kneel.joint_centre(points[key]), spacing, side)
         target = out_dir / "images" / f"{image_id}.png"
-        Image.fromarray(crop.astype(np.uint16) if crop.dtype.kind in "iu" and crop.max() > 255 else crop.astype(np.uint8)).save(target)
+        Image.fromarray(
+            crop.astype(np.uint16) if crop.dtype.kind in "iu" and crop.max() > 255 else crop.astype(np.uint8)
+        ).save(target)
         file = relative_file(target, out_dir)
     elif key in undetected:
         return None, NO_JOINT
@@ -445,8 +512,14 @@ def _knee_row(knee: pd.Series, data_dir: Path, out_dir: Path, points: dict[tuple
         return None, NO_LANDMARKS
     else:  # a crop the user made already
         file = relative_file(source_path, out_dir)
-    return {"image_id": image_id, "file": file, "patient_id": f"{knee['source']}_{knee['patient_id']}",
-            "label": knee["kl"], "source": knee["source"], "partition": knee["partition"]}, None
+    return {
+        "image_id": image_id,
+        "file": file,
+        "patient_id": f"{knee['source']}_{knee['patient_id']}",
+        "label": knee["kl"],
+        "source": knee["source"],
+        "partition": knee["partition"],
+    }, None
 
 
 def _default_landmarks(data_dir: Path) -> Path:
@@ -459,27 +532,34 @@ def _default_landmarks(data_dir: Path) -> Path:
     )
 
 
-RECIPE = register(Dataset(
-    name="oai_most",
-    title="Osteoarthritis Initiative (OAI) + Multicenter Osteoarthritis Study (MOST)",
-    licence="OAI and MOST data-use agreements (no redistribution)",
-    access="OAI: https://nda.nih.gov/oai (NIMH Data Archive account and data-use certification); MOST: "
-    "https://agingresearchbiobank.nia.nih.gov (NIA request)",
-    sources=(
-        Source(KNEES, description="one row per knee: file, patient_id, side, kl, source, partition[, spacing_row, spacing_col]"),
-    ),
-    convert=convert,
-    inputs=("landmarks", "undetected"),
-    expected={"total": {"images": 66089}},
-    manual_note=f"Instead of (or next to) {KNEES}, the OAI release as downloaded can go below {OAI_DIR}/: the image "
-    "archives, each in a folder named by its visit (00m, 12m, ...), and the kXR_SQ_BU<visit>.txt readings; the "
-    "workflow (rule oai_most_files) then lists the OAI knees itself. Radiographs named in knees.csv go below the "
-    f"same folder. {LANDMARKS_NOTE}",
-))
+RECIPE = register(
+    Dataset(
+        name="oai_most",
+        title="Osteoarthritis Initiative (OAI) + Multicenter Osteoarthritis Study (MOST)",
+        licence="OAI and MOST data-use agreements (no redistribution)",
+        access="OAI: https://nda.nih.gov/oai (NIMH Data Archive account and data-use certification); MOST: "
+        "https://agingresearchbiobank.nia.nih.gov (NIA request)",
+        sources=(
+            Source(
+                KNEES,
+                description="one row per knee: file, patient_id, side, kl, source, partition[, spacing_row, spacing_col]",
+            ),
+        ),
+        convert=convert,
+        inputs=("landmarks", "undetected"),
+        expected={"total": {"images": 66089}},
+        manual_note=f"Instead of (or next to) {KNEES}, the OAI release as downloaded can go below {OAI_DIR}/: the image "
+        "archives, each in a folder named by its visit (00m, 12m, ...), and the kXR_SQ_BU<visit>.txt readings; the "
+        "workflow (rule oai_most_files) then lists the OAI knees itself. Radiographs named in knees.csv go below the "
+        f"same folder. {LANDMARKS_NOTE}",
+    )
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="T8: check the OAI/MOST files and list every knee (rule oai_most_files)")
+    parser = argparse.ArgumentParser(
+        description="T8: check the OAI/MOST files and list every knee (rule oai_most_files)"
+    )
     parser.add_argument("--data-dir", required=True, help="resources/datasets/oai_most")
     parser.add_argument("--knees-out", required=True, help=f"the knee list to write ({KNEES_ALL})")
     parser.add_argument("--receipt", required=True, help="the receipt to write (download.json)")

@@ -76,7 +76,11 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str] | str, label_rule:
         raise ValueError(f"PadChest label_rule {label_rule!r}; allowed: {', '.join(LABEL_RULES)}")
     path = data_dir / CSV if (data_dir / CSV).exists() else data_dir / f"{CSV}.gz"
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [column for column in ("ImageID", "ImageDir", "PatientID", "MethodLabel", "Labels") if column not in table.columns]
+    missing = [
+        column
+        for column in ("ImageID", "ImageDir", "PatientID", "MethodLabel", "Labels")
+        if column not in table.columns
+    ]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {list(table.columns)}")
     method = table["MethodLabel"].str.strip()
@@ -85,23 +89,30 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str] | str, label_rule:
         raise ValueError(f"{path}: column MethodLabel has value(s) {unknown[:10]}; expected {' or '.join(METHODS)}")
     excluded: dict[str, object] = {}
     if label_rule == "radiologist_only":
-        excluded[f"automatic labels (MethodLabel {AUTOMATIC}; label_rule radiologist_only)"] = int((method == AUTOMATIC).sum())
+        excluded[f"automatic labels (MethodLabel {AUTOMATIC}; label_rule radiologist_only)"] = int(
+            (method == AUTOMATIC).sum()
+        )
         table, method = table[method == RADIOLOGIST], method[method == RADIOLOGIST]
     parsed = [normalise_labels(value) for value in table["Labels"]]
     labelled = [bool(names) for names in parsed]
     excluded["no labels (Labels empty, nan, [] or [''])"] = int(len(labelled) - sum(labelled))
     keep = (lambda name: True) if classes == "all" else set(classes).__contains__
-    files = [data_dir / "images" / str(int(float(folder))) / image for folder, image in zip(table["ImageDir"], table["ImageID"])]
+    files = [
+        data_dir / "images" / str(int(float(folder))) / image
+        for folder, image in zip(table["ImageDir"], table["ImageID"])
+    ]
     present = [file.exists() for file in files]
-    result = pd.DataFrame({
-        "image_id": [Path(image).stem for image in table["ImageID"]],
-        "file": [relative_file(file, out_dir) for file in files],
-        "patient_id": table["PatientID"].str.strip().to_numpy(),
-        "labels": ["|".join(name for name in names if keep(name)) for names in parsed],
-        "source": "padchest",
-        # automatic labels may train but never test; prepare holds test patients out of the radiologist-labelled rows
-        "partition": np.where(method.to_numpy() == AUTOMATIC, "train", ""),
-    })
+    result = pd.DataFrame(
+        {
+            "image_id": [Path(image).stem for image in table["ImageID"]],
+            "file": [relative_file(file, out_dir) for file in files],
+            "patient_id": table["PatientID"].str.strip().to_numpy(),
+            "labels": ["|".join(name for name in names if keep(name)) for names in parsed],
+            "source": "padchest",
+            # automatic labels may train but never test; prepare holds test patients out of the radiologist-labelled rows
+            "partition": np.where(method.to_numpy() == AUTOMATIC, "train", ""),
+        }
+    )
     usable = np.array(labelled, dtype=bool) & np.array(present, dtype=bool)
     missing_files = [str(file) for file, ok, has in zip(files, present, labelled) if has and not ok]
     excluded["image file missing"] = len(missing_files)
@@ -111,16 +122,20 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str] | str, label_rule:
     return result
 
 
-register(Dataset(
-    name="padchest",
-    title="PadChest (BIMCV)",
-    licence="PadChest data-use agreement (research use, no redistribution)",
-    access="request access at https://bimcv.cipf.es/bimcv-projects/padchest/ (data-use agreement)",
-    sources=(
-        Source(f"{CSV}.gz", description="the labels table as distributed by BIMCV"),
-        Source("images", description="folder: the zip parts 0.zip ... 54.zip each extracted into images/<part number>/"),
-    ),
-    convert=convert,
-    expected={"total": {"images": 94658, "patients": 67247}},
-    label_rules=LABEL_RULES,
-))
+register(
+    Dataset(
+        name="padchest",
+        title="PadChest (BIMCV)",
+        licence="PadChest data-use agreement (research use, no redistribution)",
+        access="request access at https://bimcv.cipf.es/bimcv-projects/padchest/ (data-use agreement)",
+        sources=(
+            Source(f"{CSV}.gz", description="the labels table as distributed by BIMCV"),
+            Source(
+                "images", description="folder: the zip parts 0.zip ... 54.zip each extracted into images/<part number>/"
+            ),
+        ),
+        convert=convert,
+        expected={"total": {"images": 94658, "patients": 67247}},
+        label_rules=LABEL_RULES,
+    )
+)

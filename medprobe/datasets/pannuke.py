@@ -111,8 +111,10 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str], label_rule: str =
         types = np.load(root / "images" / f"fold{fold}" / "types.npy", allow_pickle=True)
         masks = np.load(root / "masks" / f"fold{fold}" / "masks.npy", mmap_mode="r")
         if not (len(images) == len(types) == len(masks)) or masks.shape[-1] != MASK_CHANNELS:
-            raise ValueError(f"{root}: images {images.shape}, types {types.shape}, masks {masks.shape} do not match "
-                             "the PanNuke layout (N,256,256,3), (N,), (N,256,256,6)")
+            raise ValueError(
+                f"{root}: images {images.shape}, types {types.shape}, masks {masks.shape} do not match "
+                "the PanNuke layout (N,256,256,3), (N,), (N,256,256,6)"
+            )
         for index in range(len(images)):
             mask = np.asarray(masks[index])
             if not has_nuclei(mask, label_rule):
@@ -126,21 +128,32 @@ def convert(data_dir: Path, out_dir: Path, classes: list[str], label_rule: str =
             path = image_dir / f"{image_id}.png"
             if not path.exists():
                 Image.fromarray(np.clip(np.asarray(images[index]), 0, 255).astype(np.uint8)).save(path)
-            rows.append({"image_id": image_id, "file": relative_file(path, out_dir), "patient_id": image_id, "label": label,
-                         "source": "pannuke", "partition": "", "group": str(types[index])})
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "file": relative_file(path, out_dir),
+                    "patient_id": image_id,
+                    "label": label,
+                    "source": "pannuke",
+                    "partition": "",
+                    "group": str(types[index]),
+                }
+            )
     table = pd.DataFrame(rows)
     table.attrs["excluded"] = {NO_NUCLEUS: no_nucleus, f"neither benign nor malignant ({label_rule})": neither}
     return table
 
 
-register(Dataset(
-    name="pannuke",
-    title="PanNuke folds 1-3 (Gamper et al.)",
-    licence="CC BY-NC-SA 4.0",
-    access="public, https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke (downloaded automatically; no published "
-    "checksum: config/paper.yaml pins the SHA-256 of the three archives under tasks.T2.checksums)",
-    sources=tuple(Source(f"fold_{k}.zip", url=f"{BASE}/fold_{k}.zip", extract=True) for k in (1, 2, 3)),
-    convert=convert,
-    expected={"total": {"images": 6234, "malignant": 2866, "benign": 3368}},
-    label_rules=LABEL_RULES,
-))
+register(
+    Dataset(
+        name="pannuke",
+        title="PanNuke folds 1-3 (Gamper et al.)",
+        licence="CC BY-NC-SA 4.0",
+        access="public, https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke (downloaded automatically; no published "
+        "checksum: config/paper.yaml pins the SHA-256 of the three archives under tasks.T2.checksums)",
+        sources=tuple(Source(f"fold_{k}.zip", url=f"{BASE}/fold_{k}.zip", extract=True) for k in (1, 2, 3)),
+        convert=convert,
+        expected={"total": {"images": 6234, "malignant": 2866, "benign": 3368}},
+        label_rules=LABEL_RULES,
+    )
+)

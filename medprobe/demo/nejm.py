@@ -88,12 +88,14 @@ _SHAPE_WORDS = {
     "stripe": "slanted stripes",
     "dot_on_white": "dot on a pale disc",
 }
-_QUESTIONS = ["What is the most likely diagnosis?", "What is the diagnosis?", "Which of the following is the most likely diagnosis?"]
+_QUESTIONS = [
+    "What is the most likely diagnosis?",
+    "What is the diagnosis?",
+    "Which of the following is the most likely diagnosis?",
+]
 
 
-def generate_cases(
-    out_dir: str | Path, *, n_cases: int = 30, seed: int = 0, explanations: bool = False
-) -> list[Path]:
+def generate_cases(out_dir: str | Path, *, n_cases: int = 30, seed: int = 0, explanations: bool = False) -> list[Path]:
     """Write ``n_cases`` synthetic NEJM-style cases (``<out_dir>/<id>/{image.png,case.json}``).
 
     Cases are dated weekly from 2005-10-13 in id order. Deterministic for a given ``seed``.
@@ -121,7 +123,10 @@ def generate_cases(
         case_id = f"case{index + 1:03d}"
         answer_index = int(rng.integers(len(names)))
         answer = names[answer_index]
-        distractors = [names[i] for i in rng.choice([i for i in range(len(names)) if i != answer_index], size=N_CHOICES - 1, replace=False)]
+        distractors = [
+            names[i]
+            for i in rng.choice([i for i in range(len(names)) if i != answer_index], size=N_CHOICES - 1, replace=False)
+        ]
         choices = [answer] + distractors
         order = rng.permutation(N_CHOICES)
         choices = [choices[i] for i in order]
@@ -196,7 +201,9 @@ def _draw_case_image(rng: np.random.Generator, diagnosis: str) -> Image.Image:
         draw.rectangle((cx - r // 4, cy - r, cx + r // 4, cy + r), fill=fill)
     elif shape == "stripe":
         for k in range(-2, 3):
-            draw.line((cx - r, cy + k * r // 2 - r // 3, cx + r, cy + k * r // 2 + r // 3), fill=fill, width=max(2, r // 6))
+            draw.line(
+                (cx - r, cy + k * r // 2 - r // 3, cx + r, cy + k * r // 2 + r // 3), fill=fill, width=max(2, r // 6)
+            )
     elif shape == "dots":
         for x, y in rng.integers(-r, r, size=(12, 2)):
             draw.ellipse((cx + x - 4, cy + y - 4, cx + x + 4, cy + y + 4), fill=fill)

@@ -84,18 +84,31 @@ def efficiency_task(
     layer, C = _headline(summary, probe.mode)
     pool = _pool(activations, manifest, task, probe, layer)
     sweep = _sweep(pool, probe, efficiency.sampling, fractions, seeds, C=C, seed=seed, device=device)
-    write_efficiency(out, pool.ids_test, sweep.probabilities, sweep.n_train, attrs={
-        "fractions": np.asarray(fractions, dtype=np.float64),
-        "seeds": np.asarray(seeds, dtype=np.int64),
-        "classes": pool.classes,
-        "kind": pool.kind,
+    write_efficiency(
+        out,
+        pool.ids_test,
+        sweep.probabilities,
+        sweep.n_train,
+        attrs={
+            "fractions": np.asarray(fractions, dtype=np.float64),
+            "seeds": np.asarray(seeds, dtype=np.int64),
+            "classes": pool.classes,
+            "kind": pool.kind,
+            "layer": pool.layer,
+            "C": C,
+            "sampling": efficiency.sampling,
+            "missing_classes": json.dumps(sweep.missing),
+        },
+    )
+    return {
         "layer": pool.layer,
         "C": C,
+        "fractions": fractions,
+        "seeds": seeds,
+        "n_train": sweep.n_train.tolist(),
         "sampling": efficiency.sampling,
-        "missing_classes": json.dumps(sweep.missing),
-    })
-    return {"layer": pool.layer, "C": C, "fractions": fractions, "seeds": seeds, "n_train": sweep.n_train.tolist(),
-            "sampling": efficiency.sampling, "missing_classes": sweep.missing}
+        "missing_classes": sweep.missing,
+    }
 
 
 def _headline(summary: str | os.PathLike, mode: str) -> tuple[int | str, float]:
@@ -106,13 +119,17 @@ def _headline(summary: str | os.PathLike, mode: str) -> tuple[int | str, float]:
             raise ValueError(f"probe file {summary} lacks key {key!r}")
     C = math.inf if probe_info["C"] is None else float(probe_info["C"])
     if mode == "regularised" and not math.isfinite(C):
-        raise ValueError(f"probe file {summary} has no finite C (written by the adam or sgd probe?) but probe.mode "
-                         f"is {mode!r}")
+        raise ValueError(
+            f"probe file {summary} has no finite C (written by the adam or sgd probe?) but probe.mode is {mode!r}"
+        )
     return probe_info["layer"], C
 
 
 def _pool(
-    activations: str | os.PathLike, manifest: str | os.PathLike, task: TaskSettings, probe: ProbeSettings,
+    activations: str | os.PathLike,
+    manifest: str | os.PathLike,
+    task: TaskSettings,
+    probe: ProbeSettings,
     layer: int | str,
 ) -> _Pool:
     with Activations(activations, manifest) as source:
@@ -146,13 +163,21 @@ def _subsets(pool: _Pool, sampling: str, fractions: list[float], subset_seed: in
 
 
 def _sweep(
-    pool: _Pool, probe: ProbeSettings, sampling: str, fractions: list[float], seeds: list[int], *, C: float,
-    seed: int, device: str | torch.device | None,
+    pool: _Pool,
+    probe: ProbeSettings,
+    sampling: str,
+    fractions: list[float],
+    seeds: list[int],
+    *,
+    C: float,
+    seed: int,
+    device: str | torch.device | None,
 ) -> _Sweep:
     """Every (fraction, seed) subset's probe and its test probabilities; identical subsets are fitted once."""
     shape = (len(fractions), len(seeds))
-    sweep = _Sweep(np.empty((*shape, len(pool.ids_test), len(pool.classes)), dtype=np.float32),
-                   np.zeros(shape, dtype=np.int64), {})
+    sweep = _Sweep(
+        np.empty((*shape, len(pool.ids_test), len(pool.classes)), dtype=np.float32), np.zeros(shape, dtype=np.int64), {}
+    )
     present_in_train = pool.present(pool.y_train)
     cache: dict[bytes, np.ndarray] = {}
     for s, subset_seed in enumerate(seeds):
@@ -163,13 +188,22 @@ def _sweep(
             if lost:
                 names = [pool.classes[k] for k in lost]
                 sweep.missing[f"fraction={fractions[f]:g},seed={subset_seed}"] = names
-                logger.warning("efficiency subset fraction=%g seed=%d has no sample of %s", fractions[f],
-                               subset_seed, names)
+                logger.warning(
+                    "efficiency subset fraction=%g seed=%d has no sample of %s", fractions[f], subset_seed, names
+                )
             key = np.packbits(subset).tobytes()
             if key not in cache:
-                fitted = fit_mode(probe, pool.X_train[subset], y_subset, pool.kind, C=C, seed=seed,
-                                  n_classes=_n_outputs(pool.kind, pool.classes), class_names=pool.classes,
-                                  device=device)
+                fitted = fit_mode(
+                    probe,
+                    pool.X_train[subset],
+                    y_subset,
+                    pool.kind,
+                    C=C,
+                    seed=seed,
+                    n_classes=_n_outputs(pool.kind, pool.classes),
+                    class_names=pool.classes,
+                    device=device,
+                )
                 cache[key] = fitted.predict_proba(pool.X_test).astype(np.float32)
             sweep.probabilities[f, s] = cache[key]
     return sweep

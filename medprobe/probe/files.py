@@ -126,8 +126,16 @@ def _h5_output(path: str | os.PathLike) -> Iterator[h5py.File]:
 
 
 def write_layers(
-    path: str | os.PathLike, ids: Sequence[str], probabilities: np.ndarray, *, val_scores: np.ndarray,
-    Cs: np.ndarray, layer_names: list[str], classes: list[str], kind: str, num_hidden_states: Any,
+    path: str | os.PathLike,
+    ids: Sequence[str],
+    probabilities: np.ndarray,
+    *,
+    val_scores: np.ndarray,
+    Cs: np.ndarray,
+    layer_names: list[str],
+    classes: list[str],
+    kind: str,
+    num_hidden_states: Any,
 ) -> None:
     """``layers.h5``: every layer's test probabilities ``(L, N, C)``, validation score and C."""
     with _h5_output(path) as out:
@@ -143,8 +151,14 @@ def write_layers(
 
 
 def write_predictions(
-    path: str | os.PathLike, ids: Sequence[str], probabilities: np.ndarray, *, classes: list[str], layer: str,
-    kind: str, C: float,
+    path: str | os.PathLike,
+    ids: Sequence[str],
+    probabilities: np.ndarray,
+    *,
+    classes: list[str],
+    layer: str,
+    kind: str,
+    C: float,
 ) -> None:
     """``predictions.h5``: the headline layer's test probabilities ``(N, C)``."""
     with _h5_output(path) as out:
@@ -157,7 +171,11 @@ def write_predictions(
 
 
 def write_efficiency(
-    path: str | os.PathLike, ids: Sequence[str], probabilities: np.ndarray, n_train: np.ndarray, *,
+    path: str | os.PathLike,
+    ids: Sequence[str],
+    probabilities: np.ndarray,
+    n_train: np.ndarray,
+    *,
     attrs: dict[str, Any],
 ) -> None:
     """``efficiency.h5``: test probabilities ``(fractions, seeds, N, C)``, training-set sizes, and ``attrs``."""

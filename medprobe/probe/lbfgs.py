@@ -278,4 +278,3 @@ def _drive(features: Sequence[_LayerFeatures], solvers: Sequence[tuple[int, Any]
                 results[index] = finished.value
                 del requests[index]
     return results
-

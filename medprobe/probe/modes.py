@@ -39,17 +39,47 @@ def fit_mode(
     _check_mode(probe.mode)
     if probe.mode == "adam":
         adam = probe.adam
-        return fit_adam(X, y, kind, epochs=adam.epochs, lr=adam.lr, batch_size=adam.batch_size,
-                        standardise=adam.standardise, seed=seed, n_classes=n_classes, class_names=class_names,
-                        device=device)
+        return fit_adam(
+            X,
+            y,
+            kind,
+            epochs=adam.epochs,
+            lr=adam.lr,
+            batch_size=adam.batch_size,
+            standardise=adam.standardise,
+            seed=seed,
+            n_classes=n_classes,
+            class_names=class_names,
+            device=device,
+        )
     if probe.mode == "sgd":
         sgd = probe.sgd
-        return fit_sgd(X, y, kind, alpha=sgd.alpha, max_iter=sgd.max_iter, class_weight=sgd.class_weight,
-                       random_state=sgd.random_state, n_classes=n_classes, class_names=class_names)
+        return fit_sgd(
+            X,
+            y,
+            kind,
+            alpha=sgd.alpha,
+            max_iter=sgd.max_iter,
+            class_weight=sgd.class_weight,
+            random_state=sgd.random_state,
+            n_classes=n_classes,
+            class_names=class_names,
+        )
     if not math.isfinite(C):
         raise ValueError(f"the regularised probe needs a finite C, got {C}")
-    return fit(X, y, kind, C, max_iter=probe.max_iter, tol=probe.tol, class_weight=probe.class_weight,
-               n_classes=n_classes, class_names=class_names, dtype=probe.dtype, device=device)
+    return fit(
+        X,
+        y,
+        kind,
+        C,
+        max_iter=probe.max_iter,
+        tol=probe.tol,
+        class_weight=probe.class_weight,
+        n_classes=n_classes,
+        class_names=class_names,
+        dtype=probe.dtype,
+        device=device,
+    )
 
 
 def _n_outputs(kind: str, classes: Sequence[str]) -> int | None:

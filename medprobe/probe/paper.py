@@ -81,8 +81,10 @@ class LinearProbe:
         features = torch.as_tensor(X, device=device).to(torch.float64)
         if features.ndim != 2 or features.shape[1] != self.coef.shape[1]:
             raise ValueError(f"X has shape {tuple(features.shape)}; this probe expects (n, {self.coef.shape[1]})")
-        mean, std, coef, intercept = (torch.as_tensor(a, device=device, dtype=torch.float64)
-                                      for a in (self.mean, self.std, self.coef, self.intercept))
+        mean, std, coef, intercept = (
+            torch.as_tensor(a, device=device, dtype=torch.float64)
+            for a in (self.mean, self.std, self.coef, self.intercept)
+        )
         logits = torch.addmm(intercept, (features - mean) / std, coef.T)
         proba = torch.sigmoid(logits) if self.kind == "multilabel" else torch.softmax(logits, dim=1)
         return proba.cpu().numpy()
@@ -127,9 +129,13 @@ def fit_adam(
     targets = targets.to(torch.float32) if kind == "multilabel" else targets.to(torch.int64)
     linear = _train_adam(features, targets, kind, n_out, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     return LinearProbe(
-        mean=mean_np, std=std_np, coef=linear.weight.detach().double().cpu().numpy().copy(),
-        intercept=linear.bias.detach().double().cpu().numpy().copy(), kind=kind,
-        n_iter=int(epochs) * math.ceil(n / batch_size), absent_classes=absent,
+        mean=mean_np,
+        std=std_np,
+        coef=linear.weight.detach().double().cpu().numpy().copy(),
+        intercept=linear.bias.detach().double().cpu().numpy().copy(),
+        kind=kind,
+        n_iter=int(epochs) * math.ceil(n / batch_size),
+        absent_classes=absent,
     )
 
 
@@ -146,8 +152,15 @@ def _scaled(features: torch.Tensor, standardise: bool) -> tuple[torch.Tensor, np
 
 
 def _train_adam(
-    features: torch.Tensor, targets: torch.Tensor, kind: str, n_out: int, *, epochs: int, lr: float,
-    batch_size: int, seed: int,
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    kind: str,
+    n_out: int,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
 ) -> torch.nn.Linear:
     """The authors' loop: ``nn.Linear``, Adam, ``epochs`` passes of shuffled mini-batches, seeded by ``seed``."""
     device, (n, d) = features.device, features.shape
@@ -237,8 +250,14 @@ def fit_sgd(
             models.append(None)
             constant.append(float(values[0]) if values.size else 0.0)
             continue
-        model = SGDClassifier(loss="log_loss", penalty="l2", alpha=alpha, max_iter=max_iter,
-                              class_weight=weight, random_state=random_state)
+        model = SGDClassifier(
+            loss="log_loss",
+            penalty="l2",
+            alpha=alpha,
+            max_iter=max_iter,
+            class_weight=weight,
+            random_state=random_state,
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             model.fit(features, column)
@@ -248,5 +267,12 @@ def fit_sgd(
         models.append(model)
         constant.append(None)
         iterations = max(iterations, int(model.n_iter_))
-    return SGDProbe(models=models, constant=constant, kind=kind, n_outputs=n_out, n_iter=iterations,
-                    converged=converged, absent_classes=absent)
+    return SGDProbe(
+        models=models,
+        constant=constant,
+        kind=kind,
+        n_outputs=n_out,
+        n_iter=iterations,
+        converged=converged,
+        absent_classes=absent,
+    )

@@ -124,7 +124,9 @@ def _class_targets(
     if kind == "binary" and n_classes not in (None, 2):
         raise ValueError(f"binary task has 2 classes, got n_classes={n_classes}")
     if y_np.size and (y_np.min() < 0 or y_np.max() >= K):
-        raise ValueError(f"{kind} y holds class indices outside [0, {K - 1}]: {sorted(set(y_np.tolist()) - set(range(K)))[:10]}")
+        raise ValueError(
+            f"{kind} y holds class indices outside [0, {K - 1}]: {sorted(set(y_np.tolist()) - set(range(K)))[:10]}"
+        )
     labels = torch.as_tensor(y_np.astype(np.int64), device=device)
     counts = torch.zeros(K, dtype=dtype, device=device).index_add_(0, labels, base)
     absent = tuple(int(k) for k in torch.nonzero(counts == 0).flatten().tolist())
@@ -162,7 +164,9 @@ def _multilabel_targets(
     return _Targets("multilabel", values.shape[1], values, weights, weights.sum(0), absent)
 
 
-def _standardise(X: ArrayLike, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _standardise(
+    X: ArrayLike, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Standardised copy of ``X`` (L, n, d) in ``dtype`` on ``device``, with its own mean and population
     std (zero std -> 1, as scikit-learn's StandardScaler).
 
@@ -210,7 +214,9 @@ def _standardise(X: ArrayLike, dtype: torch.dtype, device: torch.device) -> tupl
     return Z, mean, std
 
 
-def _initial_parameters(targets: _Targets, L: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _initial_parameters(
+    targets: _Targets, L: int, d: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero weights ``(L, K, d)`` and intercepts ``(L, K)`` at the smoothed log prior odds (saves iterations).
 
     Multiclass intercepts are centred: the softmax gradient never changes their sum, so centring puts
@@ -218,7 +224,9 @@ def _initial_parameters(targets: _Targets, L: int, d: int, dtype: torch.dtype, d
     """
     W = torch.zeros(L, targets.n_outputs, d, dtype=dtype, device=device)
     if targets.kind == "multiclass":
-        counts = torch.zeros(targets.n_outputs, dtype=dtype, device=device).index_add_(0, targets.values, targets.weights)
+        counts = torch.zeros(targets.n_outputs, dtype=dtype, device=device).index_add_(
+            0, targets.values, targets.weights
+        )
         b = torch.log((counts + 0.5) / (counts.sum() + 0.5 * targets.n_outputs))
         b = b - b.mean()
     else:
@@ -242,4 +250,3 @@ def _warn_absent(targets: _Targets, class_names: Sequence[str] | None) -> None:
             "class(es) %s have no training example; the regulariser pushes their logit towards -inf",
             ", ".join(names),
         )
-

@@ -36,7 +36,9 @@ def log_loss(probe: LogisticProbe, X: ArrayLike, y: ArrayLike, *, class_weight: 
     class_weight = _normalise_class_weight(class_weight)
     logits = probe.decision_function(X)
     n_outputs = probe.coef.shape[0] if probe.kind == "multiclass" else None
-    targets = _prepare_targets(y, logits.shape[0], probe.kind, n_outputs, class_weight, None, torch.float64, logits.device)
+    targets = _prepare_targets(
+        y, logits.shape[0], probe.kind, n_outputs, class_weight, None, torch.float64, logits.device
+    )
     if probe.kind == "multiclass":
         nll = -torch.log_softmax(logits, dim=1).gather(1, targets.values[:, None]).squeeze(1)
         return float((nll * targets.weights).sum() / targets.weight_sum)
@@ -172,7 +174,17 @@ def select_C(
     _warn_absent(targets, class_names)
     y_val_np = y_val.cpu().numpy() if isinstance(y_val, torch.Tensor) else np.asarray(y_val)
     selection = _select(
-        Z, mean, std, targets, X_val, y_val_np, grid, refine=refine, refine_points=refine_points,
-        max_iter=max_iter, tol=tol, class_weight=class_weight,
+        Z,
+        mean,
+        std,
+        targets,
+        X_val,
+        y_val_np,
+        grid,
+        refine=refine,
+        refine_points=refine_points,
+        max_iter=max_iter,
+        tol=tol,
+        class_weight=class_weight,
     )
     return selection.C, selection.val_auc

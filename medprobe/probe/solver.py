@@ -78,9 +78,7 @@ class LogisticProbe:
         device = X.device if isinstance(X, torch.Tensor) else torch.device("cpu")
         features = torch.as_tensor(X, device=device).to(torch.float64)
         if features.ndim != 2 or features.shape[1] != self.coef.shape[1]:
-            raise ValueError(
-                f"X has shape {tuple(features.shape)}; this probe expects (n, {self.coef.shape[1]})"
-            )
+            raise ValueError(f"X has shape {tuple(features.shape)}; this probe expects (n, {self.coef.shape[1]})")
         mean = torch.as_tensor(self.mean, device=device)
         std = torch.as_tensor(self.std, device=device)
         coef = torch.as_tensor(self.coef, device=device)
@@ -142,7 +140,11 @@ def _fit_prepared(
         if not converged:
             logger.warning(
                 "L-BFGS did not converge in %d iterations (layer %d, C=%g, max |gradient| %.3g > tol %g)",
-                solution.n_iter, layer, C, solution.grad_max, tol,
+                solution.n_iter,
+                layer,
+                C,
+                solution.grad_max,
+                tol,
             )
         probes.append(
             LogisticProbe(
@@ -223,6 +225,16 @@ def fit(
     if X3.ndim != 3:
         raise ValueError(f"X must be (n, d), got shape {tuple(X3.shape[1:])}")
     return fit_layers(
-        X3, y, kind, C, max_iter=max_iter, tol=tol, class_weight=class_weight, sample_weight=sample_weight,
-        n_classes=n_classes, class_names=class_names, dtype=dtype, device=device,
+        X3,
+        y,
+        kind,
+        C,
+        max_iter=max_iter,
+        tol=tol,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        n_classes=n_classes,
+        class_names=class_names,
+        dtype=dtype,
+        device=device,
     )[0]

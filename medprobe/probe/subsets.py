@@ -26,7 +26,9 @@ def nested_subsets(
     patient_ids = np.asarray(patient_ids).astype(str)
     strata = np.asarray(strata)
     if patient_ids.ndim != 1 or strata.shape != patient_ids.shape:
-        raise ValueError(f"patient_ids and strata must be 1-d of equal length, got {patient_ids.shape} and {strata.shape}")
+        raise ValueError(
+            f"patient_ids and strata must be 1-d of equal length, got {patient_ids.shape} and {strata.shape}"
+        )
     fractions_arr = np.asarray(list(fractions), dtype=np.float64)
     if fractions_arr.ndim != 1 or fractions_arr.size == 0 or np.any(~(fractions_arr > 0)) or np.any(fractions_arr > 1):
         raise ValueError(f"fractions must be in (0, 1], got {list(fractions)!r}")
@@ -80,8 +82,10 @@ def image_subsets(n: int, fractions: Sequence[float], seed: int) -> list[np.ndar
         if not 0 < fraction <= 1:
             raise ValueError(f"fractions must be in (0, 1], got {fraction!r}")
         if int(fraction * n) == 0:
-            raise ValueError(f"efficiency fraction {fraction:g} of {n} training images is int({fraction:g} * {n}) = 0 "
-                             "images; raise the smallest of efficiency.fractions")
+            raise ValueError(
+                f"efficiency fraction {fraction:g} of {n} training images is int({fraction:g} * {n}) = 0 "
+                "images; raise the smallest of efficiency.fractions"
+            )
         chosen = np.random.RandomState(seed).choice(n, int(fraction * n), replace=False)
         mask = np.zeros(n, dtype=bool)
         mask[chosen] = True

@@ -109,12 +109,38 @@ def probe_task(
     choice = _choose_layer(plan, fitted, activations)
     val_scores = np.array([np.nan if r["val_score"] is None else r["val_score"] for r in fitted.entries])
     Cs = np.array([np.inf if r["C"] is None else r["C"] for r in fitted.entries], dtype=np.float64)
-    write_layers(layers, plan.ids_test, fitted.probabilities, val_scores=val_scores, Cs=Cs, layer_names=fitted.names,
-                 classes=plan.classes, kind=plan.kind, num_hidden_states=num_hidden_states)
-    write_predictions(predictions, plan.ids_test, fitted.probabilities[choice.index], classes=plan.classes,
-                      layer=choice.layer, kind=plan.kind, C=float(Cs[choice.index]))
-    result = _summary(plan, fitted, choice, task=task, probe=probe, layer=layer, seed=seed, protocol=protocol,
-                      activations=activations, manifest=manifest)
+    write_layers(
+        layers,
+        plan.ids_test,
+        fitted.probabilities,
+        val_scores=val_scores,
+        Cs=Cs,
+        layer_names=fitted.names,
+        classes=plan.classes,
+        kind=plan.kind,
+        num_hidden_states=num_hidden_states,
+    )
+    write_predictions(
+        predictions,
+        plan.ids_test,
+        fitted.probabilities[choice.index],
+        classes=plan.classes,
+        layer=choice.layer,
+        kind=plan.kind,
+        C=float(Cs[choice.index]),
+    )
+    result = _summary(
+        plan,
+        fitted,
+        choice,
+        task=task,
+        probe=probe,
+        layer=layer,
+        seed=seed,
+        protocol=protocol,
+        activations=activations,
+        manifest=manifest,
+    )
     write_json(summary, result)
     return result
 
@@ -131,8 +157,12 @@ def _plan(source: Activations, task: TaskSettings, probe: ProbeSettings, layer: 
     fixed_layer = None if layer == "validation" else source.resolve(layer)
     targets, classes, dropped = task_targets(source.manifest, task.as_dict(), os.fspath(source.manifest_csv))
     if dropped:
-        logger.info("%d finding(s) with at most %d positive test images left out: %s", len(dropped),
-                    task.min_test_positives, dropped)
+        logger.info(
+            "%d finding(s) with at most %d positive test images left out: %s",
+            len(dropped),
+            task.min_test_positives,
+            dropped,
+        )
     masks = source.split_masks()
     masks["fit"] = masks["train"] | masks["val"] if probe.fit_rows == "train+val" else masks["train"]
     return _Plan(
@@ -167,14 +197,18 @@ def _probe_layers(
 
 
 def _probe_layer(
-    X: dict[str, np.ndarray], plan: _Plan, probe: ProbeSettings, *, seed: int, device: torch.device,
+    X: dict[str, np.ndarray],
+    plan: _Plan,
+    probe: ProbeSettings,
+    *,
+    seed: int,
+    device: torch.device,
     warn_absent: bool,
 ) -> _LayerResult:
     """Fit one layer: ``X`` holds the ``train``, ``val``, ``test`` and ``fit`` rows of its features."""
     if probe.mode == "regularised":
         return _regularised_layer(X, plan, probe, device=device, warn_absent=warn_absent)
-    options = dict(seed=seed, n_classes=_n_outputs(plan.kind, plan.classes), class_names=plan.classes,
-                   device=device)
+    options = dict(seed=seed, n_classes=_n_outputs(plan.kind, plan.classes), class_names=plan.classes, device=device)
     val_score = val_loss = math.nan
     if plan.need_val:
         trial = fit_mode(probe, X["train"], plan.y["train"], plan.kind, **options)
@@ -192,17 +226,38 @@ def _regularised_layer(
     n_classes = _n_outputs(plan.kind, plan.classes)
     class_weight = _normalise_class_weight(probe.class_weight)
     Z, mean, std = _standardise(X["train"][None], _resolve_dtype(probe.dtype), device)
-    targets = _prepare_targets(plan.y["train"], Z.shape[1], plan.kind, n_classes, class_weight, None,
-                               _PARAM_DTYPE, device)
-    selection = _select(Z, mean, std, targets, X["val"], plan.y["val"], probe.C_grid, refine=probe.refine,
-                        refine_points=5, max_iter=probe.max_iter, tol=probe.tol, class_weight=class_weight)
+    targets = _prepare_targets(
+        plan.y["train"], Z.shape[1], plan.kind, n_classes, class_weight, None, _PARAM_DTYPE, device
+    )
+    selection = _select(
+        Z,
+        mean,
+        std,
+        targets,
+        X["val"],
+        plan.y["val"],
+        probe.C_grid,
+        refine=probe.refine,
+        refine_points=5,
+        max_iter=probe.max_iter,
+        tol=probe.tol,
+        class_weight=class_weight,
+    )
     del Z
     if warn_absent:
         _warn_absent(targets, plan.classes)
     final = selection.probe
     if probe.refit:
-        final = fit_mode(probe, X["fit"], plan.y["fit"], plan.kind, C=selection.C, n_classes=n_classes,
-                         class_names=plan.classes, device=device)
+        final = fit_mode(
+            probe,
+            X["fit"],
+            plan.y["fit"],
+            plan.kind,
+            C=selection.C,
+            n_classes=n_classes,
+            class_names=plan.classes,
+            device=device,
+        )
     return _LayerResult(selection.C, selection.val_auc, selection.val_log_loss, selection.table, final)
 
 
@@ -236,15 +291,26 @@ def _validation_layer(per_layer: list[dict], layer_names: list[str], source: Any
     losses = np.array([np.inf if r["val_log_loss"] is None else r["val_log_loss"] for r in per_layer])
     if not np.isfinite(losses).any():
         return None, None  # nothing was scored on validation (fixed layer, adam/sgd)
-    note = ("validation macro AUC undefined on every layer (a class lacks val positives or negatives); "
-            "selected by validation log-loss")
+    note = (
+        "validation macro AUC undefined on every layer (a class lacks val positives or negatives); "
+        "selected by validation log-loss"
+    )
     logger.warning("%s: %s", source, note)
     return layer_names[int(np.argmin(losses))], note
 
 
 def _summary(
-    plan: _Plan, fitted: _Layers, choice: _Choice, *, task: TaskSettings, probe: ProbeSettings, layer: int | str,
-    seed: int, protocol: str | None, activations: str | os.PathLike, manifest: str | os.PathLike,
+    plan: _Plan,
+    fitted: _Layers,
+    choice: _Choice,
+    *,
+    task: TaskSettings,
+    probe: ProbeSettings,
+    layer: int | str,
+    seed: int,
+    protocol: str | None,
+    activations: str | os.PathLike,
+    manifest: str | os.PathLike,
 ) -> dict:
     """probe.json: the headline layer and how it was chosen, every layer's entry, and the settings."""
     result = {
@@ -283,9 +349,16 @@ def _settings_record(task: TaskSettings, probe: ProbeSettings, seed: int) -> dic
         "min_test_positives": int(task.min_test_positives),
     }
     if probe.mode == "regularised":
-        settings.update({"C_grid": [float(c) for c in _check_grid(probe.C_grid)], "refine": bool(probe.refine),
-                         "refit": bool(probe.refit), "max_iter": int(probe.max_iter), "tol": float(probe.tol),
-                         "class_weight": probe.class_weight or "none"})
+        settings.update(
+            {
+                "C_grid": [float(c) for c in _check_grid(probe.C_grid)],
+                "refine": bool(probe.refine),
+                "refit": bool(probe.refit),
+                "max_iter": int(probe.max_iter),
+                "tol": float(probe.tol),
+                "class_weight": probe.class_weight or "none",
+            }
+        )
     else:
         settings[probe.mode] = dataclasses.asdict(probe.adam if probe.mode == "adam" else probe.sgd)
     return settings

@@ -22,7 +22,6 @@ Conventions (each mirrors scikit-learn, see the tests):
   paper; the positive class's F1 is kept as ``macro`` ``f1_positive``.
 """
 
-
 from medprobe.stats._checks import _indicator, _indicator_and_scores, _positive_int  # noqa: F401
 from medprobe.stats.bootstrap import _BLOCK_ELEMENTS, _count_blocks, _group_codes, bootstrap_indices  # noqa: F401
 from medprobe.stats.compare import compare, delong_components, delong_rows, delong_test, holm  # noqa: F401

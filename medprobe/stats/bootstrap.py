@@ -70,8 +70,13 @@ def _group_codes(groups: np.ndarray, n: int) -> np.ndarray:
     if groups.dtype.kind == "f":
         missing = np.isnan(groups)
     elif groups.dtype.kind in "OUS":
-        missing = np.array([g is None or (isinstance(g, float) and g != g) or (isinstance(g, (str, bytes)) and len(g) == 0)
-                            for g in groups.tolist()], dtype=bool)
+        missing = np.array(
+            [
+                g is None or (isinstance(g, float) and g != g) or (isinstance(g, (str, bytes)) and len(g) == 0)
+                for g in groups.tolist()
+            ],
+            dtype=bool,
+        )
         if groups.dtype.kind == "O":
             groups = np.array([str(g) for g in groups.tolist()])
     else:
@@ -90,10 +95,13 @@ def _group_codes(groups: np.ndarray, n: int) -> np.ndarray:
 def _check_indices(indices: np.ndarray, n: int) -> np.ndarray:
     indices = np.asarray(indices)
     if indices.ndim != 2 or indices.shape[1] == 0 or indices.dtype.kind not in "iu":
-        raise ValueError(f"indices must be an integer array of shape (n_boot, m) with m >= 1; got {indices.dtype} {indices.shape}")
+        raise ValueError(
+            f"indices must be an integer array of shape (n_boot, m) with m >= 1; got {indices.dtype} {indices.shape}"
+        )
     if indices.size and (indices.min() < 0 or indices.max() >= n):
-        raise ValueError(f"indices must lie in [0, {n}) (the number of samples); got range "
-                         f"[{indices.min()}, {indices.max()}]")
+        raise ValueError(
+            f"indices must lie in [0, {n}) (the number of samples); got range [{indices.min()}, {indices.max()}]"
+        )
     return indices.astype(np.int64, copy=False)
 
 
@@ -106,7 +114,7 @@ def _count_blocks(indices: np.ndarray, n: int, *, by_sample: bool = False, block
     """
     block = max(1, block_elements // max(n, indices.shape[1]))
     for start in range(0, indices.shape[0], block):
-        rows = indices[start:start + block]
+        rows = indices[start : start + block]
         replicate = np.arange(rows.shape[0], dtype=np.int64)[:, None]
         if by_sample:
             counts = np.bincount((rows * rows.shape[0] + replicate).ravel(), minlength=n * rows.shape[0])

@@ -29,11 +29,15 @@ def compare(a: Scores, b: Scores, ci: float = 0.95) -> list[dict]:
     if a.n != b.n:
         raise ValueError(f"compare: the Scores have different test set sizes (n={a.n} vs n={b.n})")
     if a.n_boot != b.n_boot:
-        raise ValueError(f"compare: the Scores have different numbers of bootstrap replicates "
-                         f"(n_boot={a.n_boot} vs n_boot={b.n_boot})")
+        raise ValueError(
+            f"compare: the Scores have different numbers of bootstrap replicates "
+            f"(n_boot={a.n_boot} vs n_boot={b.n_boot})"
+        )
     if a.resample_digest and b.resample_digest and a.resample_digest != b.resample_digest:
-        raise ValueError("compare: the Scores were computed on different bootstrap resamples "
-                         "(seed or groups differ); paired comparison needs shared resamples")
+        raise ValueError(
+            "compare: the Scores were computed on different bootstrap resamples "
+            "(seed or groups differ); paired comparison needs shared resamples"
+        )
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci must lie strictly between 0 and 1; got {ci!r}")
     out = []
@@ -50,8 +54,17 @@ def compare(a: Scores, b: Scores, ci: float = 0.95) -> list[dict]:
             p_boot = float(min(1.0, max(share, 1.0 / deltas.size)))
         else:
             p_boot = float("nan")
-        out.append({"class": name, "metric": metric, "difference": difference, "ci_low": low, "ci_high": high,
-                    "p_value": p_boot, "test": "bootstrap"})
+        out.append(
+            {
+                "class": name,
+                "metric": metric,
+                "difference": difference,
+                "ci_low": low,
+                "ci_high": high,
+                "p_value": p_boot,
+                "test": "bootstrap",
+            }
+        )
 
         valid = ~(np.isnan(a.replicates[key]) | np.isnan(b.replicates[key]))
         t_low = t_high = p_t = float("nan")
@@ -63,8 +76,17 @@ def compare(a: Scores, b: Scores, ci: float = 0.95) -> list[dict]:
                 result = scipy_stats.ttest_rel(a.replicates[key][valid], b.replicates[key][valid])
                 interval = result.confidence_interval(confidence_level=ci)
                 t_low, t_high, p_t = float(interval.low), float(interval.high), float(result.pvalue)
-        out.append({"class": name, "metric": metric, "difference": difference, "ci_low": t_low, "ci_high": t_high,
-                    "p_value": p_t, "test": "paired_t"})
+        out.append(
+            {
+                "class": name,
+                "metric": metric,
+                "difference": difference,
+                "ci_low": t_low,
+                "ci_high": t_high,
+                "p_value": p_t,
+                "test": "paired_t",
+            }
+        )
     return out
 
 
@@ -132,12 +154,26 @@ def delong_test(truth: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, c
         z = difference / sd
         p = float(2.0 * scipy_stats.norm.sf(abs(z)))
     half = float(scipy_stats.norm.ppf(0.5 + ci / 2.0)) * sd
-    return {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "difference": difference, "sd": sd, "z": float(z),
-            "p_value": p, "ci_low": difference - half, "ci_high": difference + half}
+    return {
+        "auc_a": float(auc[0]),
+        "auc_b": float(auc[1]),
+        "difference": difference,
+        "sd": sd,
+        "z": float(z),
+        "p_value": p,
+        "ci_low": difference - half,
+        "ci_high": difference + half,
+    }
 
 
-def delong_rows(kind: str, classes: list[str], targets: np.ndarray, probabilities_a: np.ndarray,
-                probabilities_b: np.ndarray, ci: float = 0.95) -> list[dict]:
+def delong_rows(
+    kind: str,
+    classes: list[str],
+    targets: np.ndarray,
+    probabilities_a: np.ndarray,
+    probabilities_b: np.ndarray,
+    ci: float = 0.95,
+) -> list[dict]:
     """DeLong comparison rows (``test="delong"``, metric ``auc``) of model a against model b, per class.
 
     Same row keys as :func:`compare`. Multiclass: one-vs-rest AUC of each class; binary: the positive class,

@@ -51,8 +51,9 @@ def _f1_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarra
     return np.divide(2.0 * tp, denominator, out=np.zeros(np.shape(denominator)), where=denominator > 0)
 
 
-def _f1_with_replicates(truth: np.ndarray, flagged: np.ndarray, indices: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _f1_with_replicates(
+    truth: np.ndarray, flagged: np.ndarray, indices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-class F1 on the test set, its bootstrap replicates ``(B, C)``, and where each replicate is defined."""
     tp, fp, fn = bootstrap_f1_counts(truth, flagged, indices)
     return f1_per_class(truth, flagged), _f1_from_counts(tp, fp, fn), (tp + fp + fn) > 0
@@ -60,8 +61,11 @@ def _f1_with_replicates(truth: np.ndarray, flagged: np.ndarray, indices: np.ndar
 
 def confusion_matrix(true_class: np.ndarray, predicted_class: np.ndarray, n_classes: int) -> np.ndarray:
     """``(K, K)`` confusion counts, rows = true class index, columns = predicted class index."""
-    return np.bincount(np.asarray(true_class) * n_classes + np.asarray(predicted_class),
-                       minlength=n_classes * n_classes).reshape(n_classes, n_classes).astype(np.float64)
+    return (
+        np.bincount(np.asarray(true_class) * n_classes + np.asarray(predicted_class), minlength=n_classes * n_classes)
+        .reshape(n_classes, n_classes)
+        .astype(np.float64)
+    )
 
 
 def balanced_accuracy_from_confusion(confusion: np.ndarray) -> np.ndarray:
@@ -98,6 +102,7 @@ def quadratic_kappa_from_confusion(confusion: np.ndarray) -> np.ndarray:
 # Vectorised bootstrap
 # --------------------------------------------------------------------------------------------------------------
 
+
 def bootstrap_auc(targets: np.ndarray, scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """Per-class AUC of every resample, shape ``(B, C)``; NaN where a resample lacks positives or negatives.
 
@@ -116,8 +121,9 @@ def bootstrap_auprc(targets: np.ndarray, scores: np.ndarray, indices: np.ndarray
     return _bootstrap_ranked(targets, scores, indices, want_auc=False, want_auprc=True)[1]
 
 
-def _bootstrap_ranked(targets: np.ndarray, scores: np.ndarray, indices: np.ndarray, *, want_auc: bool,
-                      want_auprc: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _bootstrap_ranked(
+    targets: np.ndarray, scores: np.ndarray, indices: np.ndarray, *, want_auc: bool, want_auprc: bool
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """AUC and/or AUPRC for every resample, from cumulative draw counts in score order.
 
     For one class, let ``neg_cum[k]`` be the number of negative draws among the k lowest-scored negatives of a
@@ -176,8 +182,9 @@ def bootstrap_f1(targets: np.ndarray, predicted: np.ndarray, indices: np.ndarray
     return _f1_from_counts(tp, fp, fn)
 
 
-def bootstrap_f1_counts(targets: np.ndarray, predicted: np.ndarray,
-                        indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bootstrap_f1_counts(
+    targets: np.ndarray, predicted: np.ndarray, indices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(tp, fp, fn)``, each ``(B, C)``, of every resample: three matrix products per block of replicates."""
     targets, predicted = _indicator_and_scores(targets, predicted, "predicted")
     if not np.isin(predicted, (0, 1)).all():
@@ -194,8 +201,9 @@ def bootstrap_f1_counts(targets: np.ndarray, predicted: np.ndarray,
     return tp, n_flagged - tp, n_true - tp
 
 
-def bootstrap_confusion(true_class: np.ndarray, predicted_class: np.ndarray, n_classes: int,
-                        indices: np.ndarray) -> np.ndarray:
+def bootstrap_confusion(
+    true_class: np.ndarray, predicted_class: np.ndarray, n_classes: int, indices: np.ndarray
+) -> np.ndarray:
     """``(B, K, K)`` confusion counts of every resample (rows = truth)."""
     true_class, predicted_class = np.asarray(true_class), np.asarray(predicted_class)
     indices = _check_indices(indices, len(true_class))

@@ -57,8 +57,17 @@ class Scores:
                 replicates = self.replicates[(name, metric)]
                 sd = _nan_sd(replicates)
                 low, high = percentile_ci(replicates, self.ci)
-            out.append({"class": name, "metric": metric, "value": float(value), "sd": sd, "ci_low": low,
-                        "ci_high": high, "n_degenerate": int(self.n_degenerate.get((name, metric), 0))})
+            out.append(
+                {
+                    "class": name,
+                    "metric": metric,
+                    "value": float(value),
+                    "sd": sd,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "n_degenerate": int(self.n_degenerate.get((name, metric), 0)),
+                }
+            )
         return out
 
 
@@ -70,17 +79,27 @@ class _Collector:
         self.replicates: dict[tuple[str, str], np.ndarray] = {}
         self.degenerate: dict[tuple[str, str], int] = {}
 
-    def __call__(self, key: tuple[str, str], value: float, reps: np.ndarray | None,
-                 undefined: np.ndarray | None = None) -> None:
+    def __call__(
+        self, key: tuple[str, str], value: float, reps: np.ndarray | None, undefined: np.ndarray | None = None
+    ) -> None:
         self.point[key] = float(value)
         if reps is not None:
             self.replicates[key] = reps
             self.degenerate[key] = int(np.isnan(reps).sum() if undefined is None else undefined.sum())
 
 
-def score_predictions(kind: str, classes: list[str], targets: np.ndarray, probabilities: np.ndarray, *,
-                      n_boot: int = 1000, seed: int = 0, groups: np.ndarray | None = None, ci: float = 0.95,
-                      graded: bool = False) -> Scores:
+def score_predictions(
+    kind: str,
+    classes: list[str],
+    targets: np.ndarray,
+    probabilities: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+    ci: float = 0.95,
+    graded: bool = False,
+) -> Scores:
     """Metrics with bootstrap replicates for one model's test predictions.
 
     - ``binary``/``multiclass``: ``targets`` ``(n,)`` class indices into ``classes``; ``probabilities`` ``(n, C)``
@@ -102,8 +121,9 @@ def score_predictions(kind: str, classes: list[str], targets: np.ndarray, probab
     truth, class_index = _truth(kind, classes, targets, n)
     indices = bootstrap_indices(n, n_boot, seed, groups)
     # the resamples are a function of (n, n_boot, seed, patient clusters): fingerprint those, not 8*B*n bytes
-    digest = hashlib.sha1(f"{n}/{n_boot}/{int(seed)}/".encode()
-                          + (b"-" if groups is None else _group_codes(groups, n).tobytes())).hexdigest()
+    digest = hashlib.sha1(
+        f"{n}/{n_boot}/{int(seed)}/".encode() + (b"-" if groups is None else _group_codes(groups, n).tobytes())
+    ).hexdigest()
     put = _Collector()
     if kind == "binary":
         _score_binary(put, classes, truth, class_index, probabilities, indices, graded)
@@ -111,12 +131,22 @@ def score_predictions(kind: str, classes: list[str], targets: np.ndarray, probab
         _score_multiclass(put, classes, truth, class_index, probabilities, indices, graded)
     else:
         _score_multilabel(put, classes, truth, probabilities, indices)
-    return Scores(kind=kind, classes=classes, point=put.point, replicates=put.replicates,
-                  n_degenerate=put.degenerate, n=n, n_boot=n_boot, ci=ci, resample_digest=digest)
+    return Scores(
+        kind=kind,
+        classes=classes,
+        point=put.point,
+        replicates=put.replicates,
+        n_degenerate=put.degenerate,
+        n=n,
+        n_boot=n_boot,
+        ci=ci,
+        resample_digest=digest,
+    )
 
 
-def _check_predictions(kind: str, classes: list[str], probabilities: np.ndarray, ci: float,
-                       graded: bool) -> tuple[list[str], np.ndarray]:
+def _check_predictions(
+    kind: str, classes: list[str], probabilities: np.ndarray, ci: float, graded: bool
+) -> tuple[list[str], np.ndarray]:
     """The class names as strings and the probabilities as float64, after every argument check."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
@@ -133,8 +163,9 @@ def _check_predictions(kind: str, classes: list[str], probabilities: np.ndarray,
         raise ValueError(f"kind 'binary' needs exactly 2 classes (negative, positive); got {classes}")
     probabilities = np.asarray(probabilities, dtype=np.float64)
     if probabilities.ndim != 2 or probabilities.shape[1] != len(classes):
-        raise ValueError(f"probabilities must have shape (n, {len(classes)}) for classes {classes}; "
-                         f"got {probabilities.shape}")
+        raise ValueError(
+            f"probabilities must have shape (n, {len(classes)}) for classes {classes}; got {probabilities.shape}"
+        )
     if not np.isfinite(probabilities).all():
         raise ValueError("probabilities contain NaN or infinite values")
     if probabilities.shape[0] == 0:
@@ -148,8 +179,10 @@ def _truth(kind: str, classes: list[str], targets: np.ndarray, n: int) -> tuple[
         return _indicator(targets, (n, len(classes)), "targets"), None
     class_index = np.asarray(targets)
     if class_index.shape != (n,) or class_index.dtype.kind not in "iu":
-        raise ValueError(f"targets must be an integer class-index array of shape ({n},) for kind {kind!r}; "
-                         f"got {class_index.dtype} {class_index.shape}")
+        raise ValueError(
+            f"targets must be an integer class-index array of shape ({n},) for kind {kind!r}; "
+            f"got {class_index.dtype} {class_index.shape}"
+        )
     if class_index.size and (class_index.min() < 0 or class_index.max() >= len(classes)):
         bad = class_index[(class_index < 0) | (class_index >= len(classes))][0]
         raise ValueError(f"targets contain class index {bad}, outside [0, {len(classes)}) for classes {classes}")
@@ -157,8 +190,15 @@ def _truth(kind: str, classes: list[str], targets: np.ndarray, n: int) -> tuple[
     return np.eye(len(classes), dtype=np.int64)[class_index], class_index
 
 
-def _score_binary(put: _Collector, classes: list[str], truth: np.ndarray, class_index: np.ndarray,
-                  probabilities: np.ndarray, indices: np.ndarray, graded: bool) -> None:
+def _score_binary(
+    put: _Collector,
+    classes: list[str],
+    truth: np.ndarray,
+    class_index: np.ndarray,
+    probabilities: np.ndarray,
+    indices: np.ndarray,
+    graded: bool,
+) -> None:
     positive = truth[:, 1:2]
     score = probabilities[:, 1:2]
     predicted_class = np.argmax(probabilities, axis=1)
@@ -169,8 +209,10 @@ def _score_binary(put: _Collector, classes: list[str], truth: np.ndarray, class_
     negative_name, name = classes
     put((negative_name, "f1"), f1_point[0], f1_boot[:, 0], ~f1_defined[:, 0])
     put((negative_name, "support"), truth[:, 0].sum(), None)
-    ranked = {"auc": (auc_per_class(positive, score)[0], auc_boot[:, 0]),
-              "auprc": (auprc_per_class(positive, score)[0], auprc_boot[:, 0])}
+    ranked = {
+        "auc": (auc_per_class(positive, score)[0], auc_boot[:, 0]),
+        "auprc": (auprc_per_class(positive, score)[0], auprc_boot[:, 0]),
+    }
     put((name, "auc"), *ranked["auc"])
     put((name, "f1"), f1_point[1], f1_boot[:, 1], ~f1_defined[:, 1])
     put((name, "auprc"), *ranked["auprc"])
@@ -184,8 +226,15 @@ def _score_binary(put: _Collector, classes: list[str], truth: np.ndarray, class_
     _put_confusion_metrics(put, class_index, predicted_class, len(classes), indices, graded)
 
 
-def _score_multiclass(put: _Collector, classes: list[str], truth: np.ndarray, class_index: np.ndarray,
-                      probabilities: np.ndarray, indices: np.ndarray, graded: bool) -> None:
+def _score_multiclass(
+    put: _Collector,
+    classes: list[str],
+    truth: np.ndarray,
+    class_index: np.ndarray,
+    probabilities: np.ndarray,
+    indices: np.ndarray,
+    graded: bool,
+) -> None:
     predicted_class = np.argmax(probabilities, axis=1)
     flagged = np.eye(len(classes), dtype=np.int64)[predicted_class]
     auc_point = auc_per_class(truth, probabilities)
@@ -201,8 +250,9 @@ def _score_multiclass(put: _Collector, classes: list[str], truth: np.ndarray, cl
     _put_confusion_metrics(put, class_index, predicted_class, len(classes), indices, graded)
 
 
-def _score_multilabel(put: _Collector, classes: list[str], truth: np.ndarray, probabilities: np.ndarray,
-                      indices: np.ndarray) -> None:
+def _score_multilabel(
+    put: _Collector, classes: list[str], truth: np.ndarray, probabilities: np.ndarray, indices: np.ndarray
+) -> None:
     flagged = (probabilities >= 0.5).astype(np.int64)
     auc_point, auprc_point = auc_per_class(truth, probabilities), auprc_per_class(truth, probabilities)
     auc_boot, auprc_boot = _bootstrap_ranked(truth, probabilities, indices, want_auc=True, want_auprc=True)
@@ -218,20 +268,38 @@ def _score_multilabel(put: _Collector, classes: list[str], truth: np.ndarray, pr
     _put_macro(put, "auprc", auprc_point, ~np.isnan(auprc_point), auprc_boot, ~np.isnan(auprc_boot))
 
 
-def _put_macro(put, metric: str, point_values: np.ndarray, point_defined: np.ndarray, boot_values: np.ndarray,
-               boot_defined: np.ndarray) -> None:
+def _put_macro(
+    put,
+    metric: str,
+    point_values: np.ndarray,
+    point_defined: np.ndarray,
+    boot_values: np.ndarray,
+    boot_defined: np.ndarray,
+) -> None:
     """Macro mean over defined classes; replicates skipping any class are counted as degenerate."""
-    put(("macro", metric), _skipping_mean(point_values, point_defined), _skipping_mean(boot_values, boot_defined),
-        (~boot_defined).any(axis=1))
+    put(
+        ("macro", metric),
+        _skipping_mean(point_values, point_defined),
+        _skipping_mean(boot_values, boot_defined),
+        (~boot_defined).any(axis=1),
+    )
 
 
-def _put_confusion_metrics(put, class_index: np.ndarray, predicted_class: np.ndarray, n_classes: int,
-                           indices: np.ndarray, graded: bool) -> None:
+def _put_confusion_metrics(
+    put, class_index: np.ndarray, predicted_class: np.ndarray, n_classes: int, indices: np.ndarray, graded: bool
+) -> None:
     point_confusion = confusion_matrix(class_index, predicted_class, n_classes)
     boot_confusion = bootstrap_confusion(class_index, predicted_class, n_classes, indices)
     class_missing = (boot_confusion.sum(axis=2) == 0).any(axis=1)
-    put(("macro", "balanced_accuracy"), balanced_accuracy_from_confusion(point_confusion),
-        balanced_accuracy_from_confusion(boot_confusion), class_missing)
+    put(
+        ("macro", "balanced_accuracy"),
+        balanced_accuracy_from_confusion(point_confusion),
+        balanced_accuracy_from_confusion(boot_confusion),
+        class_missing,
+    )
     if graded:
-        put(("macro", "kappa_quadratic"), quadratic_kappa_from_confusion(point_confusion),
-            quadratic_kappa_from_confusion(boot_confusion))
+        put(
+            ("macro", "kappa_quadratic"),
+            quadratic_kappa_from_confusion(point_confusion),
+            quadratic_kappa_from_confusion(boot_confusion),
+        )

@@ -1,7 +1,8 @@
 """Paired comparisons of the configured model pairs on one task."""
+
 from medprobe.evaluate import compare_models
+from medprobe.logs import rule_logging
 from medprobe.settings import EvaluationSettings, TaskSettings
-from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
     compare_models(

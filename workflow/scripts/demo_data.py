@@ -1,7 +1,7 @@
 """Generate one synthetic demo task's raw data (metadata.csv + images)."""
 
 from medprobe.demo.data import generate_task
-from medprobe.workflow import rule_logging
+from medprobe.logs import rule_logging
 
 with rule_logging(snakemake):
     generate_task(

@@ -1,7 +1,7 @@
 """Build a tiny random demo model offline (stands in for IDEFICS-80B/9B or CLIP)."""
 
 from medprobe.demo.models import build
-from medprobe.workflow import rule_logging
+from medprobe.logs import rule_logging
 
 with rule_logging(snakemake):
     build(snakemake.wildcards.build, snakemake.output[0], seed=snakemake.params.seed)

@@ -1,7 +1,8 @@
 """Label-efficiency sweep: refit the headline probe on fractions of the training data."""
+
+from medprobe.logs import rule_logging
 from medprobe.probe import efficiency_task
 from medprobe.settings import EfficiencySettings, ProbeSettings, TaskSettings
-from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
     efficiency_task(

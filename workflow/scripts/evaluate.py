@@ -1,7 +1,8 @@
 """Score one model x task into one result table (metrics, layers, efficiency or groups)."""
+
 from medprobe.evaluate import evaluation_table
+from medprobe.logs import rule_logging
 from medprobe.settings import EvaluationSettings, TaskSettings
-from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
     evaluation_table(

@@ -1,8 +1,8 @@
 """Images + prompt through the model; pooled per-layer states into one shard of the activations HDF5."""
 
 from medprobe.gpu_job import GpuJob
+from medprobe.logs import rule_logging
 from medprobe.settings import ExtractionSettings
-from medprobe.workflow import rule_logging
 
 # The devices are claimed before anything initialises CUDA: this job's own GPU(s), or the scheduler's.
 with rule_logging(snakemake), GpuJob.claim_devices(snakemake.resources.gpu) as job:

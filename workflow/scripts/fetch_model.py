@@ -8,7 +8,7 @@ except ImportError:  # the small `fetch` conda env has no medprobe install: use 
     sys.path.insert(0, snakemake.params.source)
 
 from medprobe.checkpoints import fetch_checkpoint
-from medprobe.workflow import rule_logging
+from medprobe.logs import rule_logging
 
 with rule_logging(snakemake):
     fetch_checkpoint(snakemake.params.repo_id, snakemake.params.revision, snakemake.output[0])

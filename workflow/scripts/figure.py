@@ -1,7 +1,8 @@
 """Draw one figure of medprobe.figures.FIGURES from the result tables the rule declares."""
+
 from medprobe.figures import draw
+from medprobe.logs import rule_logging
 from medprobe.settings import FiguresSettings
-from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
     draw(

@@ -57,8 +57,13 @@ def main(argv=None):
     knees = kneel.read_knee_list(args.knees)
     snapshots = kneel.check_snapshots(args.snapshots)
     # An interrupted run resumes only with the same models, settings and data folder.
-    settings = {"snapshots": [kneel.LC_SNAPSHOT, kneel.HC_SNAPSHOT], "roi_size_mm": args.roi_size_mm,
-                "pad": args.pad, "refine": args.refine, "data_dir": os.path.abspath(args.data_dir)}
+    settings = {
+        "snapshots": [kneel.LC_SNAPSHOT, kneel.HC_SNAPSHOT],
+        "roi_size_mm": args.roi_size_mm,
+        "pad": args.pad,
+        "refine": args.refine,
+        "data_dir": os.path.abspath(args.data_dir),
+    }
     job = GpuJob.claim_devices(1) if args.device == "auto" else GpuJob.on(args.device)  # before CUDA starts
     with job:
         log.info("KNEEL on %s: %d radiograph(s) of %s", job.device, len(knees), args.knees)

@@ -1,7 +1,7 @@
 """Download and unpack the released KNEEL model snapshots (rule kneel_snapshots)."""
 
 from medprobe.kneel import fetch_snapshots
-from medprobe.workflow import rule_logging
+from medprobe.logs import rule_logging
 
 with rule_logging(snakemake):
     fetch_snapshots(snakemake.output[0], snakemake.params.url, snakemake.params.sha256)

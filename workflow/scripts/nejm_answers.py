@@ -1,9 +1,9 @@
 """NEJM cases through one model: greedy, sampled and likelihood answers into a resumable JSONL."""
 
 from medprobe.gpu_job import GpuJob
+from medprobe.logs import rule_logging
 from medprobe.nejm import answer_cases
 from medprobe.settings import NejmSettings
-from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake), GpuJob.claim_devices(snakemake.resources.gpu) as job:
     answer_cases(

@@ -1,8 +1,8 @@
 """NEJM answers of every model -> accuracy per difficulty stratum (nejm.csv) and the unparseable answers."""
 
+from medprobe.logs import rule_logging
 from medprobe.nejm import write_table
 from medprobe.settings import NejmSettings
-from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
     settings = NejmSettings.from_dict(snakemake.params.nejm)

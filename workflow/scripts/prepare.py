@@ -1,8 +1,8 @@
 """Raw metadata -> manifest, preprocessed images and sidecar for one task."""
 
+from medprobe.logs import rule_logging
 from medprobe.prepare import prepare_task
 from medprobe.settings import SplitSettings, TaskSettings
-from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
     prepare_task(

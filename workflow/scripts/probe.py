@@ -1,7 +1,8 @@
 """Fit a probe per layer, select the headline layer, save test predictions."""
+
+from medprobe.logs import rule_logging
 from medprobe.probe import probe_task
 from medprobe.settings import ProbeSettings, TaskSettings
-from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
     probe_task(

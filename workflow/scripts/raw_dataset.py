@@ -1,8 +1,8 @@
 """Real dataset -> raw metadata table (convert the unpacked publisher's files; counts vs the paper's)."""
 
 from medprobe.datasets import build_raw_table
+from medprobe.logs import rule_logging
 from medprobe.settings import TaskSettings
-from medprobe.workflow import rule_logging
 
 with rule_logging(snakemake):
     task = TaskSettings.from_dict(snakemake.params.task)

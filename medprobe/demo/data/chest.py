@@ -54,7 +54,9 @@ def _render_cxr(rng: np.random.Generator, h: int, w: int, p: dict[str, Any]) -> 
     return img * p["exposure"] + rng.normal(0.0, 0.012, size=img.shape).astype(np.float32)
 
 
-def _thorax(rng: np.random.Generator, f: _Frame, sev: dict[str, float], p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def _thorax(
+    rng: np.random.Generator, f: _Frame, sev: dict[str, float], p: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
     """Body, spine, lungs with markings and ribs (a fractured one too), heart and abdomen; and the lung mask."""
     h, w, xx, yy, cx, top, lung_h = f.h, f.w, f.xx, f.yy, f.cx, f.top, f.lung_h
     img = np.full((h, w), 0.04, np.float32)
@@ -86,14 +88,17 @@ def _thorax(rng: np.random.Generator, f: _Frame, sev: dict[str, float], p: dict[
     img += 0.07 * ribs * lungs
     # Heart: its width relative to the thorax (0.4 w) is the cardiothoracic ratio.
     ctr = 0.45 + 0.18 * sev.get("cardiomegaly", 0.0) - 0.05 * emph + p["ctr_jitter"]
-    heart = soft_inside(ellipse_distance(xx, yy, cx + 0.04 * w + bend * 0.5, top + 0.62 * lung_h, ctr * (0.4 * w), 0.2 * h), 2.5)
+    heart = soft_inside(
+        ellipse_distance(xx, yy, cx + 0.04 * w + bend * 0.5, top + 0.62 * lung_h, ctr * (0.4 * w), 0.2 * h), 2.5
+    )
     img = np.maximum(img, (0.4 + 0.05 * smooth_noise(rng, h, w, 0.1 * w)) * heart)
     img += 0.3 * soft_inside(f.base_y - yy - 0.01 * h * (1 - emph), 3.0) * body  # abdomen below the diaphragm
     return img, lungs
 
 
-def _findings(rng: np.random.Generator, f: _Frame, img: np.ndarray, lungs: np.ndarray, sev: dict[str, float],
-              p: dict[str, Any]) -> np.ndarray:
+def _findings(
+    rng: np.random.Generator, f: _Frame, img: np.ndarray, lungs: np.ndarray, sev: dict[str, float], p: dict[str, Any]
+) -> np.ndarray:
     """Effusion, pneumonia, nodules, atelectasis and a blob for each finding without its own picture."""
     h, w, xx, yy, cx, top, lung_h = f.h, f.w, f.xx, f.yy, f.cx, f.top, f.lung_h
     if sev.get("pleural_effusion"):
@@ -103,11 +108,20 @@ def _findings(rng: np.random.Generator, f: _Frame, img: np.ndarray, lungs: np.nd
         fluid = soft_inside(level - 0.06 * h * lateral**2 - yy, 2.0) * lungs
         img = img * (1 - fluid) + 0.42 * fluid
     if sev.get("pneumonia"):
-        zone = np.exp(-(((xx - cx - p["pneumonia_side"] * 0.2 * w) ** 2) / (2 * (0.1 * w) ** 2) + ((yy - top - 0.6 * lung_h) ** 2) / (2 * (0.13 * h) ** 2)))
+        zone = np.exp(
+            -(
+                ((xx - cx - p["pneumonia_side"] * 0.2 * w) ** 2) / (2 * (0.1 * w) ** 2)
+                + ((yy - top - 0.6 * lung_h) ** 2) / (2 * (0.13 * h) ** 2)
+            )
+        )
         patches = np.clip(smooth_noise(rng, h, w, 0.05 * w) + 0.6, 0, 2) * zone * lungs
         img += 0.2 * sev["pneumonia"] * patches
     if sev.get("nodule"):
-        img += 0.3 * sev["nodule"] * np.clip(gaussian_spots(rng, h, w, int(rng.integers(2, 5)), 0.025 * w, mask=lungs > 0.9), 0, 1)
+        img += (
+            0.3
+            * sev["nodule"]
+            * np.clip(gaussian_spots(rng, h, w, int(rng.integers(2, 5)), 0.025 * w, mask=lungs > 0.9), 0, 1)
+        )
     if sev.get("atelectasis"):
         ay = top + 0.75 * lung_h
         tilt = rng.normal(0, 0.15)
@@ -178,7 +192,9 @@ def _plan_t7(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
             }
             size = (int(rng.integers(240, 257)), int(rng.integers(224, 249)))
             found = "|".join(c for k, c in enumerate(classes) if labels[index, k])
-            images.append(PlannedImage(f"{patient}-{j + 1}", patient, labels=found, source="padchest", size=size, params=params))
+            images.append(
+                PlannedImage(f"{patient}-{j + 1}", patient, labels=found, source="padchest", size=size, params=params)
+            )
     return images
 
 

@@ -23,13 +23,78 @@ from medprobe.demo.data.tasks import (
 # colours, colour heterogeneity, blotch colour, blue-white veil, globules (count, colour), red vessels,
 # white scale, fine waxy texture, white centre, border softness.
 _LESION: dict[str, dict[str, Any]] = {
-    "MEL": {"radius": 0.32, "ecc": 0.75, "irregular": 0.16, "centre": (0.25, 0.15, 0.12), "edge": (0.5, 0.33, 0.25), "hetero": 0.6, "blotch": (0.1, 0.1, 0.16), "veil": 0.35, "soft": 0.03},
-    "NV": {"radius": 0.22, "ecc": 0.9, "irregular": 0.03, "centre": (0.45, 0.28, 0.18), "edge": (0.62, 0.44, 0.33), "hetero": 0.1, "globules": (6, (0.35, 0.2, 0.13)), "soft": 0.06},
-    "BCC": {"radius": 0.22, "ecc": 0.8, "irregular": 0.08, "centre": (0.82, 0.6, 0.62), "edge": (0.88, 0.68, 0.66), "hetero": 0.15, "globules": (8, (0.4, 0.45, 0.55)), "vessels": 0.6, "soft": 0.05},
-    "AKIEC": {"radius": 0.26, "ecc": 0.7, "irregular": 0.12, "centre": (0.8, 0.45, 0.42), "edge": (0.85, 0.55, 0.5), "hetero": 0.2, "scale": 0.5, "soft": 0.06},
-    "BKL": {"radius": 0.27, "ecc": 0.8, "irregular": 0.07, "centre": (0.6, 0.4, 0.28), "edge": (0.72, 0.52, 0.4), "hetero": 0.2, "waxy": 0.35, "soft": 0.015},
-    "DF": {"radius": 0.15, "ecc": 0.9, "irregular": 0.04, "centre": (0.9, 0.85, 0.8), "edge": (0.58, 0.42, 0.32), "hetero": 0.1, "white_centre": 0.5, "soft": 0.06},
-    "VASC": {"radius": 0.18, "ecc": 0.85, "irregular": 0.05, "centre": (0.55, 0.12, 0.22), "edge": (0.7, 0.25, 0.3), "hetero": 0.15, "globules": (10, (0.45, 0.08, 0.2)), "soft": 0.02},
+    "MEL": {
+        "radius": 0.32,
+        "ecc": 0.75,
+        "irregular": 0.16,
+        "centre": (0.25, 0.15, 0.12),
+        "edge": (0.5, 0.33, 0.25),
+        "hetero": 0.6,
+        "blotch": (0.1, 0.1, 0.16),
+        "veil": 0.35,
+        "soft": 0.03,
+    },
+    "NV": {
+        "radius": 0.22,
+        "ecc": 0.9,
+        "irregular": 0.03,
+        "centre": (0.45, 0.28, 0.18),
+        "edge": (0.62, 0.44, 0.33),
+        "hetero": 0.1,
+        "globules": (6, (0.35, 0.2, 0.13)),
+        "soft": 0.06,
+    },
+    "BCC": {
+        "radius": 0.22,
+        "ecc": 0.8,
+        "irregular": 0.08,
+        "centre": (0.82, 0.6, 0.62),
+        "edge": (0.88, 0.68, 0.66),
+        "hetero": 0.15,
+        "globules": (8, (0.4, 0.45, 0.55)),
+        "vessels": 0.6,
+        "soft": 0.05,
+    },
+    "AKIEC": {
+        "radius": 0.26,
+        "ecc": 0.7,
+        "irregular": 0.12,
+        "centre": (0.8, 0.45, 0.42),
+        "edge": (0.85, 0.55, 0.5),
+        "hetero": 0.2,
+        "scale": 0.5,
+        "soft": 0.06,
+    },
+    "BKL": {
+        "radius": 0.27,
+        "ecc": 0.8,
+        "irregular": 0.07,
+        "centre": (0.6, 0.4, 0.28),
+        "edge": (0.72, 0.52, 0.4),
+        "hetero": 0.2,
+        "waxy": 0.35,
+        "soft": 0.015,
+    },
+    "DF": {
+        "radius": 0.15,
+        "ecc": 0.9,
+        "irregular": 0.04,
+        "centre": (0.9, 0.85, 0.8),
+        "edge": (0.58, 0.42, 0.32),
+        "hetero": 0.1,
+        "white_centre": 0.5,
+        "soft": 0.06,
+    },
+    "VASC": {
+        "radius": 0.18,
+        "ecc": 0.85,
+        "irregular": 0.05,
+        "centre": (0.55, 0.12, 0.22),
+        "edge": (0.7, 0.25, 0.3),
+        "hetero": 0.15,
+        "globules": (10, (0.45, 0.08, 0.2)),
+        "soft": 0.02,
+    },
 }
 # HAM10000 class shares (NV dominant).
 _HAM_PRIOR = {"MEL": 0.111, "NV": 0.669, "BCC": 0.051, "AKIEC": 0.033, "BKL": 0.11, "DF": 0.011, "VASC": 0.014}
@@ -131,9 +196,24 @@ def _plan_t3(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
             look = noisy_appearance(rng, int(label), len(classes))
             base = _jitter_lesion(rng, _LESION[classes[look]])
             for j in range(per_patient):
-                params = {**base, "skin": skin, "radius": base["radius"] * rng.uniform(0.92, 1.08), "brightness": base["brightness"] * rng.uniform(0.96, 1.04)}
+                params = {
+                    **base,
+                    "skin": skin,
+                    "radius": base["radius"] * rng.uniform(0.92, 1.08),
+                    "brightness": base["brightness"] * rng.uniform(0.96, 1.04),
+                }
                 size = (int(rng.integers(224, 241)), int(rng.integers(240, 257)))
-                images.append(PlannedImage(f"{patient}-{j + 1}", patient, label=classes[int(label)], source="ham10000", partition=partition, size=size, params=params))
+                images.append(
+                    PlannedImage(
+                        f"{patient}-{j + 1}",
+                        patient,
+                        label=classes[int(label)],
+                        source="ham10000",
+                        partition=partition,
+                        size=size,
+                        params=params,
+                    )
+                )
     return images
 
 
@@ -173,7 +253,16 @@ def _plan_t4(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
             benign_look = "NV" if rng.random() < 0.85 else str(rng.choice(["BKL", "DF"]))
             recipe = _lerp_lesion(_LESION[benign_look], _LESION["MEL"], t)
             params = {**_jitter_lesion(rng, recipe), "skin": skin}
-            images.append(PlannedImage(f"{patient}-{j + 1}", patient, label=classes[label], source="isic2020", size=sizes[index], params=params))
+            images.append(
+                PlannedImage(
+                    f"{patient}-{j + 1}",
+                    patient,
+                    label=classes[label],
+                    source="isic2020",
+                    size=sizes[index],
+                    params=params,
+                )
+            )
     return images
 
 

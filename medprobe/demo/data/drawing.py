@@ -24,7 +24,12 @@ def render_at_size(render: Render, rng: np.random.Generator, size: tuple[int, in
     small = render(rng, max(8, round(h / scale)), max(8, round(w / scale)), params)
     channels = small[..., None] if small.ndim == 2 else small
     big = np.stack(
-        [np.asarray(Image.fromarray(np.ascontiguousarray(channels[..., c], dtype=np.float32)).resize((w, h), Image.BICUBIC)) for c in range(channels.shape[-1])],
+        [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(channels[..., c], dtype=np.float32)).resize((w, h), Image.BICUBIC)
+            )
+            for c in range(channels.shape[-1])
+        ],
         axis=-1,
     )
     # Fine-grained noise at full resolution so that the large image is not just a blurred small one.
@@ -69,7 +74,9 @@ def soft_inside(signed_distance: np.ndarray, softness: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(np.clip(signed_distance / max(softness, 1e-3), -30, 30)))
 
 
-def ellipse_distance(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, a: float, b: float, angle: float = 0.0) -> np.ndarray:
+def ellipse_distance(
+    xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, a: float, b: float, angle: float = 0.0
+) -> np.ndarray:
     """Approximate signed distance (px) to an ellipse with semi-axes ``a`` (x) and ``b`` (y)."""
     c, s = math.cos(angle), math.sin(angle)
     u = (xx - cx) * c + (yy - cy) * s
@@ -80,4 +87,3 @@ def ellipse_distance(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, a: fl
 def grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     return yy, xx
-

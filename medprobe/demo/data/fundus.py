@@ -116,7 +116,11 @@ def _plan_t5(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
                 eye = ("right", "left")[j % 2]
                 grade = eye_grades[eye]
                 # Graders disagree between neighbouring grades.
-                look = grade if rng.random() >= 2 * APPEARANCE_NOISE else int(np.clip(grade + rng.choice([-1, 1]), 0, n_grades - 1))
+                look = (
+                    grade
+                    if rng.random() >= 2 * APPEARANCE_NOISE
+                    else int(np.clip(grade + rng.choice([-1, 1]), 0, n_grades - 1))
+                )
                 severity = look / (n_grades - 1) * 4
                 lo = int(np.floor(severity))
                 frac = severity - lo
@@ -132,7 +136,17 @@ def _plan_t5(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
                     "neovascular": severity >= 3.5,
                     "haze": float(max(0.0, severity - 1.0) * 0.1 * rng.uniform(0.6, 1.4)),
                 }
-                images.append(PlannedImage(f"{patient}-{eye}-{j + 1}", patient, label=classes[grade], source=source, partition=partition, size=sizes[j], params=params))
+                images.append(
+                    PlannedImage(
+                        f"{patient}-{eye}-{j + 1}",
+                        patient,
+                        label=classes[grade],
+                        source=source,
+                        partition=partition,
+                        size=sizes[j],
+                        params=params,
+                    )
+                )
     # A few large photographs (EyePACS and APTOS both have them) to exercise downsampling.
     for i in large_indices(rng, len(images)):
         images[int(i)].size = large_size(rng)
@@ -143,7 +157,10 @@ def _plan_t6(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
     require_binary(task_id, classes)
     patients = patient_ids(task_id, n_train + n_test)
     images = []
-    for partition, members, source, lo, hi in (("train", patients[:n_train], "airogs", 224, 256), ("test", patients[n_train:], "odir", 224, 236)):
+    for partition, members, source, lo, hi in (
+        ("train", patients[:n_train], "airogs", 224, 256),
+        ("test", patients[n_train:], "odir", 224, 236),
+    ):
         labels = (rng.random(len(members)) < 0.35).astype(int)
         labels = ensure_each_class(rng, labels, 2, 0)
         for patient, label in zip(members, labels):
@@ -158,8 +175,25 @@ def _plan_t6(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
                 h = int(rng.integers(lo, hi + 1))
                 # AIROGS-like square photographs; ODIR-like wider ones (part of the domain shift).
                 size = (h, h) if source == "airogs" else (h, min(256, int(h * rng.uniform(1.06, 1.09))))
-                params = {"source": source, "eye": eye, "pigment": pigment, "disc_radius": disc_radius, "cup_ratio": float(cup), **_fundus_nuisance(rng)}
-                images.append(PlannedImage(f"{patient}-{eye}-{j + 1}", patient, label=classes[eye_label], source=source, partition=partition, size=size, params=params))
+                params = {
+                    "source": source,
+                    "eye": eye,
+                    "pigment": pigment,
+                    "disc_radius": disc_radius,
+                    "cup_ratio": float(cup),
+                    **_fundus_nuisance(rng),
+                }
+                images.append(
+                    PlannedImage(
+                        f"{patient}-{eye}-{j + 1}",
+                        patient,
+                        label=classes[eye_label],
+                        source=source,
+                        partition=partition,
+                        size=size,
+                        params=params,
+                    )
+                )
     return images
 
 

@@ -17,9 +17,22 @@ _EOSIN = np.array([0.07, 0.99, 0.11], np.float32)
 _T1_TISSUE: dict[str, dict[str, Any]] = {
     "ADI": {"eosin": 0.04, "lattice": 0.9, "lattice_cell": 30, "nuclei": [(0.15, 1.5, 0.8, 2.5, 0.0)]},
     "BACK": {"eosin": 0.05, "hema": 0.03, "eosin_noise": 0.04, "noise_cell": 40, "nuclei": []},
-    "DEB": {"eosin": 0.55, "hema": 0.15, "eosin_noise": 0.3, "noise_cell": 14, "nuclei": [(6.0, 0.9, 0.9, 1.0, 0.5), (0.8, 2.6, 0.6, 1.0, 0.5)]},
+    "DEB": {
+        "eosin": 0.55,
+        "hema": 0.15,
+        "eosin_noise": 0.3,
+        "noise_cell": 14,
+        "nuclei": [(6.0, 0.9, 0.9, 1.0, 0.5), (0.8, 2.6, 0.6, 1.0, 0.5)],
+    },
     "LYM": {"eosin": 0.3, "hema": 0.1, "nuclei": [(14.0, 2.0, 1.3, 1.0, 0.1)]},
-    "MUC": {"eosin": 0.12, "hema": 0.3, "eosin_noise": 0.06, "hema_noise": 0.1, "noise_cell": 30, "nuclei": [(0.1, 2.0, 0.8, 1.0, 0.0)]},
+    "MUC": {
+        "eosin": 0.12,
+        "hema": 0.3,
+        "eosin_noise": 0.06,
+        "hema_noise": 0.1,
+        "noise_cell": 30,
+        "nuclei": [(0.1, 2.0, 0.8, 1.0, 0.0)],
+    },
     "MUS": {"eosin": 0.85, "stripes": (0.35, 7.0, 0.0), "nuclei": [(0.8, 1.5, 1.0, 3.5, 0.0)]},
     "NORM": {"eosin": 0.6, "glands": 1.0, "nuclei": [(1.0, 1.8, 0.9, 1.0, 0.0)]},
     "STR": {"eosin": 0.5, "stripes": (0.22, 16.0, 1.0), "nuclei": [(0.6, 1.5, 0.9, 3.0, 0.0)]},
@@ -80,13 +93,14 @@ def _render_he(rng: np.random.Generator, h: int, w: int, p: dict[str, Any]) -> n
             spots *= 1.0 + irregular * smooth_noise(rng, h, w, max(1.5, s))
         nuclei += strength * np.clip(1.6 * spots - 0.2, 0.0, 1.2)
     if ring.any():
-        nuclei += 0.9 * np.clip(1.6 * gaussian_spots(rng, h, w, int(6 * h * w / 1000), 1.6 * scale) - 0.2, 0, 1.2) * ring
+        nuclei += (
+            0.9 * np.clip(1.6 * gaussian_spots(rng, h, w, int(6 * h * w / 1000), 1.6 * scale) - 0.2, 0, 1.2) * ring
+        )
     hema = hema + nuclei
     eosin = np.clip(eosin, 0, None) * (1 - 0.6 * np.clip(nuclei, 0, 1))
     stain = p["stain"]
-    od = (
-        np.clip(hema, 0, None)[..., None] * (stain["hematoxylin"] * stain["h_scale"])
-        + eosin[..., None] * (stain["eosin"] * stain["e_scale"])
+    od = np.clip(hema, 0, None)[..., None] * (stain["hematoxylin"] * stain["h_scale"]) + eosin[..., None] * (
+        stain["eosin"] * stain["e_scale"]
     )
     rgb = np.exp(-od) * p.get("brightness", 1.0)
     return rgb + rng.normal(0.0, p.get("pixel_noise", 0.015), size=rgb.shape).astype(np.float32)
@@ -95,8 +109,12 @@ def _render_he(rng: np.random.Generator, h: int, w: int, p: dict[str, Any]) -> n
 def _draw_stain(rng: np.random.Generator, shift: float = 0.0) -> dict[str, Any]:
     """A patient's staining: perturbed stain vectors and strengths (``shift`` moves a whole centre)."""
     return {
-        "hematoxylin": np.clip(_HEMATOXYLIN + rng.normal(0, 0.05, 3) + shift * np.array([0.05, 0.0, -0.08]), 0.05, None).astype(np.float32),
-        "eosin": np.clip(_EOSIN + rng.normal(0, 0.04, 3) + shift * np.array([0.06, -0.05, 0.05]), 0.02, None).astype(np.float32),
+        "hematoxylin": np.clip(
+            _HEMATOXYLIN + rng.normal(0, 0.05, 3) + shift * np.array([0.05, 0.0, -0.08]), 0.05, None
+        ).astype(np.float32),
+        "eosin": np.clip(_EOSIN + rng.normal(0, 0.04, 3) + shift * np.array([0.06, -0.05, 0.05]), 0.02, None).astype(
+            np.float32
+        ),
         "h_scale": float(rng.uniform(0.8, 1.2) * (1 + 0.1 * shift)),
         "e_scale": float(rng.uniform(0.8, 1.2) * (1 - 0.15 * shift)),
     }
@@ -128,7 +146,17 @@ def _plan_t1(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
                     "size_scale": float(rng.uniform(0.85, 1.15)),
                     "brightness": float(rng.uniform(0.94, 1.04)),
                 }
-                images.append(PlannedImage(f"{patient}-{j + 1}", patient, label=classes[label], source=source, partition=partition, size=(224, 224), params=params))
+                images.append(
+                    PlannedImage(
+                        f"{patient}-{j + 1}",
+                        patient,
+                        label=classes[label],
+                        source=source,
+                        partition=partition,
+                        size=(224, 224),
+                        params=params,
+                    )
+                )
     return images
 
 
@@ -155,7 +183,17 @@ def _plan_t2(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
                 "density_scale": float(rng.uniform(0.8, 1.2)),
                 "brightness": float(rng.uniform(0.94, 1.04)),
             }
-            images.append(PlannedImage(f"{patient}-{j + 1}", patient, label=classes[label], source="pannuke", group=organ_of[pi], size=(256, 256), params=params))
+            images.append(
+                PlannedImage(
+                    f"{patient}-{j + 1}",
+                    patient,
+                    label=classes[label],
+                    source="pannuke",
+                    group=organ_of[pi],
+                    size=(256, 256),
+                    params=params,
+                )
+            )
     return images
 
 

@@ -20,7 +20,10 @@ from medprobe.demo.data.tasks import (
 _KL_JOINT_SPACE = [1.0, 0.92, 0.75, 0.48, 0.15]  # relative medial joint space width per KL grade
 _KL_OSTEOPHYTE = [0.0, 0.35, 0.65, 1.0, 1.35]
 _KL_SCLEROSIS = [0.0, 0.0, 0.04, 0.08, 0.14]
-_KNEE_SOURCE = {"oai": {"gamma": 1.0, "bits": 16, "contrast": 1.0}, "most": {"gamma": 1.35, "bits": 12, "contrast": 0.85}}
+_KNEE_SOURCE = {
+    "oai": {"gamma": 1.0, "bits": 16, "contrast": 1.0},
+    "most": {"gamma": 1.35, "bits": 12, "contrast": 0.85},
+}
 
 
 def _render_knee(rng: np.random.Generator, h: int, w: int, p: dict[str, Any]) -> np.ndarray:
@@ -51,7 +54,9 @@ def _render_knee(rng: np.random.Generator, h: int, w: int, p: dict[str, Any]) ->
     sclerosis = np.interp(severity, range(5), _KL_SCLEROSIS)
     near_joint = np.exp(-np.minimum(np.abs(yy - femur_bottom[None, :]), np.abs(yy - tibia_top[None, :])) / (0.03 * h))
     img = img + bone * (0.42 + trabecular + sclerosis * near_joint)
-    fibula = soft_inside(ellipse_distance(xx, yy, cx - p["side"] * 0.85 * half_width, jy + 0.2 * h, 0.06 * w, 0.1 * h), 1.5)
+    fibula = soft_inside(
+        ellipse_distance(xx, yy, cx - p["side"] * 0.85 * half_width, jy + 0.2 * h, 0.06 * w, 0.1 * h), 1.5
+    )
     img = np.maximum(img, 0.4 * fibula * (1 - tibia) + img * tibia)
     # Osteophytes: bright spurs growing from the four joint margins.
     spur = np.interp(severity, range(5), _KL_OSTEOPHYTE) * p["spur_scale"]
@@ -60,7 +65,9 @@ def _render_knee(rng: np.random.Generator, h: int, w: int, p: dict[str, Any]) ->
             for edge_y, direction in ((jy - 0.01 * h, -1), (jy + 0.01 * h, 1)):
                 ox = cx + sx * (half_width + 0.012 * w * spur)
                 size = 0.02 * w * spur * (1.3 if sx == -p["side"] else 0.8)
-                d = np.sqrt(((xx - ox) / (size + 0.5)) ** 2 + ((yy - edge_y - direction * 0.015 * h) / (1.6 * size + 0.5)) ** 2)
+                d = np.sqrt(
+                    ((xx - ox) / (size + 0.5)) ** 2 + ((yy - edge_y - direction * 0.015 * h) / (1.6 * size + 0.5)) ** 2
+                )
                 img = np.maximum(img, 0.5 * soft_inside(d - 1.0, 0.2))
     img = np.clip(img * src["contrast"] * p["exposure"], 0, 1) ** (src["gamma"] * p["gamma"])
     return img + rng.normal(0.0, 0.012, size=img.shape).astype(np.float32)
@@ -74,7 +81,10 @@ def _plan_t8(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
     patients = patient_ids(task_id, n_train + n_test)
     half = (len(patients) + 1) // 2
     base = np.concatenate(
-        [ensure_each_class(rng, rng.choice(n_grades, size=m, p=prior), n_grades, 0) for m in (half, len(patients) - half)]
+        [
+            ensure_each_class(rng, rng.choice(n_grades, size=m, p=prior), n_grades, 0)
+            for m in (half, len(patients) - half)
+        ]
     )
     sizes = image_sizes(rng, len(patients) * per_patient, 232, 256, large=True)
     images = []
@@ -86,7 +96,11 @@ def _plan_t8(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
         for j in range(per_patient):
             knee = ("right", "left")[j % 2]
             grade = knee_grades[knee]
-            look = grade if rng.random() >= 2 * APPEARANCE_NOISE else int(np.clip(grade + rng.choice([-1, 1]), 0, n_grades - 1))
+            look = (
+                grade
+                if rng.random() >= 2 * APPEARANCE_NOISE
+                else int(np.clip(grade + rng.choice([-1, 1]), 0, n_grades - 1))
+            )
             params = {
                 "source": source,
                 "side": 1.0 if knee == "right" else -1.0,
@@ -98,7 +112,16 @@ def _plan_t8(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
                 "gamma": float(rng.uniform(0.9, 1.1)),
                 "max_value": int(2 ** _KNEE_SOURCE[source]["bits"] - 1),
             }
-            images.append(PlannedImage(f"{patient}-{knee}-{j + 1}", patient, label=classes[grade], source=source, size=sizes[pi * per_patient + j], params=params))
+            images.append(
+                PlannedImage(
+                    f"{patient}-{knee}-{j + 1}",
+                    patient,
+                    label=classes[grade],
+                    source=source,
+                    size=sizes[pi * per_patient + j],
+                    params=params,
+                )
+            )
     return images
 
 

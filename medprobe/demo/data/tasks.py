@@ -97,7 +97,9 @@ def large_indices(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.choice(n, size=max(1, round(LARGE_FRACTION * n)), replace=False) if n else np.zeros(0, int)
 
 
-def image_sizes(rng: np.random.Generator, n: int, lo: int, hi: int, large: bool, square: bool = False) -> list[tuple[int, int]]:
+def image_sizes(
+    rng: np.random.Generator, n: int, lo: int, hi: int, large: bool, square: bool = False
+) -> list[tuple[int, int]]:
     """Mostly ``lo``..``hi`` px; with ``large``, about 4 % (at least one) 1100-1400 px, never square."""
     sizes = []
     for _ in range(n):
@@ -109,7 +111,9 @@ def image_sizes(rng: np.random.Generator, n: int, lo: int, hi: int, large: bool,
     return sizes
 
 
-def ensure_each_class(rng: np.random.Generator, labels: np.ndarray, n_classes: int, donor: int | None = None) -> np.ndarray:
+def ensure_each_class(
+    rng: np.random.Generator, labels: np.ndarray, n_classes: int, donor: int | None = None
+) -> np.ndarray:
     """Overwrite entries so that every class occurs at least once (when there is room).
 
     Entries are taken from the most frequent class (or ``donor``) so the imbalance survives.
@@ -130,4 +134,3 @@ def ensure_each_class(rng: np.random.Generator, labels: np.ndarray, n_classes: i
 def noisy_appearance(rng: np.random.Generator, label: int, n_classes: int) -> int:
     """The class an image is drawn as: its label, or with APPEARANCE_NOISE a uniformly random class."""
     return int(rng.integers(n_classes)) if rng.random() < APPEARANCE_NOISE else label
-

@@ -1,4 +1,4 @@
-"""Glue for the thin scripts in workflow/scripts: logging into the rule's log file."""
+"""Logging for the scripts in workflow/scripts: a rule's script logs into the rule's log file."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ def rule_logging(snakemake: Any) -> Iterator[logging.Logger]:
     Snakemake shows the exception itself; the log keeps the context that led to it.
     """
     log_files = list(getattr(snakemake, "log", []))
-    handler: logging.Handler = logging.FileHandler(log_files[0], mode="w") if log_files else logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = (
+        logging.FileHandler(log_files[0], mode="w") if log_files else logging.StreamHandler(sys.stderr)
+    )
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger("medprobe")
     root.setLevel(logging.INFO)
