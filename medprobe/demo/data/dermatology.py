@@ -19,82 +19,40 @@ from medprobe.demo.data.tasks import (
     require_binary,
 )
 
-# Lesion recipes: radius (fraction of the short side), eccentricity, border irregularity, centre and edge
-# colours, colour heterogeneity, blotch colour, blue-white veil, globules (count, colour), red vessels,
-# white scale, fine waxy texture, white centre, border softness.
+
+def _lesion(
+    radius: float,
+    ecc: float,
+    irregular: float,
+    centre: tuple[float, float, float],
+    edge: tuple[float, float, float],
+    hetero: float,
+    soft: float,
+    **features: Any,
+) -> dict[str, Any]:
+    """A lesion recipe: what every lesion has, then the ``features`` only some show."""
+    return dict(
+        radius=radius, ecc=ecc, irregular=irregular, centre=centre, edge=edge, hetero=hetero, soft=soft, **features
+    )
+
+
+# Lesion recipes: radius (fraction of the short side), eccentricity, border irregularity, centre and edge colours,
+# colour heterogeneity, border softness; then blotch colour, blue-white veil, globules (count, colour), red
+# vessels, white scale, fine waxy texture, white centre.
 _LESION: dict[str, dict[str, Any]] = {
-    "MEL": {
-        "radius": 0.32,
-        "ecc": 0.75,
-        "irregular": 0.16,
-        "centre": (0.25, 0.15, 0.12),
-        "edge": (0.5, 0.33, 0.25),
-        "hetero": 0.6,
-        "blotch": (0.1, 0.1, 0.16),
-        "veil": 0.35,
-        "soft": 0.03,
-    },
-    "NV": {
-        "radius": 0.22,
-        "ecc": 0.9,
-        "irregular": 0.03,
-        "centre": (0.45, 0.28, 0.18),
-        "edge": (0.62, 0.44, 0.33),
-        "hetero": 0.1,
-        "globules": (6, (0.35, 0.2, 0.13)),
-        "soft": 0.06,
-    },
-    "BCC": {
-        "radius": 0.22,
-        "ecc": 0.8,
-        "irregular": 0.08,
-        "centre": (0.82, 0.6, 0.62),
-        "edge": (0.88, 0.68, 0.66),
-        "hetero": 0.15,
-        "globules": (8, (0.4, 0.45, 0.55)),
-        "vessels": 0.6,
-        "soft": 0.05,
-    },
-    "AKIEC": {
-        "radius": 0.26,
-        "ecc": 0.7,
-        "irregular": 0.12,
-        "centre": (0.8, 0.45, 0.42),
-        "edge": (0.85, 0.55, 0.5),
-        "hetero": 0.2,
-        "scale": 0.5,
-        "soft": 0.06,
-    },
-    "BKL": {
-        "radius": 0.27,
-        "ecc": 0.8,
-        "irregular": 0.07,
-        "centre": (0.6, 0.4, 0.28),
-        "edge": (0.72, 0.52, 0.4),
-        "hetero": 0.2,
-        "waxy": 0.35,
-        "soft": 0.015,
-    },
-    "DF": {
-        "radius": 0.15,
-        "ecc": 0.9,
-        "irregular": 0.04,
-        "centre": (0.9, 0.85, 0.8),
-        "edge": (0.58, 0.42, 0.32),
-        "hetero": 0.1,
-        "white_centre": 0.5,
-        "soft": 0.06,
-    },
-    "VASC": {
-        "radius": 0.18,
-        "ecc": 0.85,
-        "irregular": 0.05,
-        "centre": (0.55, 0.12, 0.22),
-        "edge": (0.7, 0.25, 0.3),
-        "hetero": 0.15,
-        "globules": (10, (0.45, 0.08, 0.2)),
-        "soft": 0.02,
-    },
+    "MEL": _lesion(
+        0.32, 0.75, 0.16, (0.25, 0.15, 0.12), (0.5, 0.33, 0.25), 0.6, 0.03, blotch=(0.1, 0.1, 0.16), veil=0.35
+    ),
+    "NV": _lesion(0.22, 0.9, 0.03, (0.45, 0.28, 0.18), (0.62, 0.44, 0.33), 0.1, 0.06, globules=(6, (0.35, 0.2, 0.13))),
+    "BCC": _lesion(
+        0.22, 0.8, 0.08, (0.82, 0.6, 0.62), (0.88, 0.68, 0.66), 0.15, 0.05, globules=(8, (0.4, 0.45, 0.55)), vessels=0.6
+    ),
+    "AKIEC": _lesion(0.26, 0.7, 0.12, (0.8, 0.45, 0.42), (0.85, 0.55, 0.5), 0.2, 0.06, scale=0.5),
+    "BKL": _lesion(0.27, 0.8, 0.07, (0.6, 0.4, 0.28), (0.72, 0.52, 0.4), 0.2, 0.015, waxy=0.35),
+    "DF": _lesion(0.15, 0.9, 0.04, (0.9, 0.85, 0.8), (0.58, 0.42, 0.32), 0.1, 0.06, white_centre=0.5),
+    "VASC": _lesion(
+        0.18, 0.85, 0.05, (0.55, 0.12, 0.22), (0.7, 0.25, 0.3), 0.15, 0.02, globules=(10, (0.45, 0.08, 0.2))
+    ),
 }
 # HAM10000 class shares (NV dominant).
 _HAM_PRIOR = {"MEL": 0.111, "NV": 0.669, "BCC": 0.051, "AKIEC": 0.033, "BKL": 0.11, "DF": 0.011, "VASC": 0.014}

@@ -9,13 +9,14 @@ from scipy.ndimage import gaussian_filter
 
 from medprobe.demo.data.drawing import gaussian_spots, grid, smooth_noise, soft_inside
 from medprobe.demo.data.tasks import (
-    APPEARANCE_NOISE,
     PlannedImage,
     TaskSpec,
     ensure_each_class,
+    grade_prior,
     image_sizes,
     large_indices,
     large_size,
+    neighbour_grade,
     noisy_appearance,
     patient_ids,
     require_binary,
@@ -95,8 +96,7 @@ _DR_LESIONS = [(0.3, 0.0, 0.0), (6.0, 0.0, 0.0), (16.0, 8.0, 1.0), (30.0, 14.0, 
 def _plan_t5(rng, task_id, classes, n_train, n_test, per_patient) -> list[PlannedImage]:
     n_grades = len(classes)
     require_grades(task_id, classes)
-    prior = np.array([0.42, 0.15, 0.2, 0.12, 0.11][:n_grades] + [0.1] * max(0, n_grades - 5))
-    prior /= prior.sum()
+    prior = grade_prior([0.42, 0.15, 0.2, 0.12, 0.11], n_grades, 0.1)
     patients = patient_ids(task_id, n_train + n_test)
     n_eyepacs_test = (n_test + 1) // 2
     images = []
@@ -115,13 +115,7 @@ def _plan_t5(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
             for j in range(per_patient):
                 eye = ("right", "left")[j % 2]
                 grade = eye_grades[eye]
-                # Graders disagree between neighbouring grades.
-                look = (
-                    grade
-                    if rng.random() >= 2 * APPEARANCE_NOISE
-                    else int(np.clip(grade + rng.choice([-1, 1]), 0, n_grades - 1))
-                )
-                severity = look / (n_grades - 1) * 4
+                severity = neighbour_grade(rng, grade, n_grades) / (n_grades - 1) * 4
                 lo = int(np.floor(severity))
                 frac = severity - lo
                 counts = np.array(_DR_LESIONS[lo]) * (1 - frac) + np.array(_DR_LESIONS[min(lo + 1, 4)]) * frac

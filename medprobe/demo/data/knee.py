@@ -8,11 +8,12 @@ import numpy as np
 
 from medprobe.demo.data.drawing import ellipse_distance, grid, smooth_noise, soft_inside
 from medprobe.demo.data.tasks import (
-    APPEARANCE_NOISE,
     PlannedImage,
     TaskSpec,
     ensure_each_class,
+    grade_prior,
     image_sizes,
+    neighbour_grade,
     patient_ids,
     require_grades,
 )
@@ -76,8 +77,7 @@ def _render_knee(rng: np.random.Generator, h: int, w: int, p: dict[str, Any]) ->
 def _plan_t8(rng, task_id, classes, n_train, n_test, per_patient) -> list[PlannedImage]:
     n_grades = len(classes)
     require_grades(task_id, classes)
-    prior = np.array([0.35, 0.2, 0.22, 0.15, 0.08][:n_grades] + [0.05] * max(0, n_grades - 5))
-    prior /= prior.sum()
+    prior = grade_prior([0.35, 0.2, 0.22, 0.15, 0.08], n_grades, 0.05)
     patients = patient_ids(task_id, n_train + n_test)
     half = (len(patients) + 1) // 2
     base = np.concatenate(
@@ -96,11 +96,7 @@ def _plan_t8(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
         for j in range(per_patient):
             knee = ("right", "left")[j % 2]
             grade = knee_grades[knee]
-            look = (
-                grade
-                if rng.random() >= 2 * APPEARANCE_NOISE
-                else int(np.clip(grade + rng.choice([-1, 1]), 0, n_grades - 1))
-            )
+            look = neighbour_grade(rng, grade, n_grades)
             params = {
                 "source": source,
                 "side": 1.0 if knee == "right" else -1.0,

@@ -134,3 +134,16 @@ def ensure_each_class(
 def noisy_appearance(rng: np.random.Generator, label: int, n_classes: int) -> int:
     """The class an image is drawn as: its label, or with APPEARANCE_NOISE a uniformly random class."""
     return int(rng.integers(n_classes)) if rng.random() < APPEARANCE_NOISE else label
+
+
+def neighbour_grade(rng: np.random.Generator, grade: int, n_grades: int) -> int:
+    """The grade an image is drawn as: graders disagree between neighbouring grades (2 x APPEARANCE_NOISE)."""
+    if rng.random() >= 2 * APPEARANCE_NOISE:
+        return grade
+    return int(np.clip(grade + rng.choice([-1, 1]), 0, n_grades - 1))
+
+
+def grade_prior(shares: list[float], n_grades: int, beyond: float) -> np.ndarray:
+    """Shares of ``n_grades`` grades: the first of ``shares``, ``beyond`` for each grade past them, normalised."""
+    prior = np.array(shares[:n_grades] + [beyond] * max(0, n_grades - len(shares)))
+    return prior / prior.sum()
