@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from medprobe.demo.data.drawing import ellipse_distance, gaussian_spots, grid, smooth_noise, soft_inside
-from medprobe.demo.data.tasks import APPEARANCE_NOISE, PlannedImage, TaskSpec, patient_ids
+from medprobe.demo.data.tasks import APPEARANCE_NOISE, PlannedImage, TaskSpec, patient_ids, patient_image
 
 # Prevalence of each known finding among images that have findings; findings not listed get 0.15.
 _CXR_PREVALENCE = {
@@ -192,9 +192,7 @@ def _plan_t7(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
             }
             size = (int(rng.integers(240, 257)), int(rng.integers(224, 249)))
             found = "|".join(c for k, c in enumerate(classes) if labels[index, k])
-            images.append(
-                PlannedImage(f"{patient}-{j + 1}", patient, labels=found, source="padchest", size=size, params=params)
-            )
+            images.append(patient_image(patient, j, params, labels=found, source="padchest", size=size))
     return images
 
 

@@ -16,6 +16,7 @@ from medprobe.demo.data.tasks import (
     image_sizes,
     noisy_appearance,
     patient_ids,
+    patient_image,
     require_binary,
 )
 
@@ -162,14 +163,8 @@ def _plan_t3(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
                 }
                 size = (int(rng.integers(224, 241)), int(rng.integers(240, 257)))
                 images.append(
-                    PlannedImage(
-                        f"{patient}-{j + 1}",
-                        patient,
-                        label=classes[int(label)],
-                        source="ham10000",
-                        partition=partition,
-                        size=size,
-                        params=params,
+                    patient_image(
+                        patient, j, params, label=classes[int(label)], source="ham10000", partition=partition, size=size
                     )
                 )
     return images
@@ -211,16 +206,7 @@ def _plan_t4(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
             benign_look = "NV" if rng.random() < 0.85 else str(rng.choice(["BKL", "DF"]))
             recipe = _lerp_lesion(_LESION[benign_look], _LESION["MEL"], t)
             params = {**_jitter_lesion(rng, recipe), "skin": skin}
-            images.append(
-                PlannedImage(
-                    f"{patient}-{j + 1}",
-                    patient,
-                    label=classes[label],
-                    source="isic2020",
-                    size=sizes[index],
-                    params=params,
-                )
-            )
+            images.append(patient_image(patient, j, params, label=classes[label], source="isic2020", size=sizes[index]))
     return images
 
 

@@ -19,6 +19,7 @@ from medprobe.demo.data.tasks import (
     neighbour_grade,
     noisy_appearance,
     patient_ids,
+    patient_image,
     require_binary,
     require_grades,
 )
@@ -131,14 +132,15 @@ def _plan_t5(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
                     "haze": float(max(0.0, severity - 1.0) * 0.1 * rng.uniform(0.6, 1.4)),
                 }
                 images.append(
-                    PlannedImage(
-                        f"{patient}-{eye}-{j + 1}",
+                    patient_image(
                         patient,
+                        j,
+                        params,
+                        side=eye,
                         label=classes[grade],
                         source=source,
                         partition=partition,
                         size=sizes[j],
-                        params=params,
                     )
                 )
     # A few large photographs (EyePACS and APTOS both have them) to exercise downsampling.
@@ -178,14 +180,15 @@ def _plan_t6(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
                     **_fundus_nuisance(rng),
                 }
                 images.append(
-                    PlannedImage(
-                        f"{patient}-{eye}-{j + 1}",
+                    patient_image(
                         patient,
+                        j,
+                        params,
+                        side=eye,
                         label=classes[eye_label],
                         source=source,
                         partition=partition,
                         size=size,
-                        params=params,
                     )
                 )
     return images

@@ -8,7 +8,14 @@ from typing import Any
 import numpy as np
 
 from medprobe.demo.data.drawing import gaussian_spots, grid, smooth_noise, soft_inside
-from medprobe.demo.data.tasks import PlannedImage, TaskSpec, noisy_appearance, patient_ids, require_binary
+from medprobe.demo.data.tasks import (
+    PlannedImage,
+    TaskSpec,
+    noisy_appearance,
+    patient_ids,
+    patient_image,
+    require_binary,
+)
 
 _HEMATOXYLIN = np.array([0.65, 0.70, 0.29], np.float32)
 _EOSIN = np.array([0.07, 0.99, 0.11], np.float32)
@@ -147,14 +154,8 @@ def _plan_t1(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
                     "brightness": float(rng.uniform(0.94, 1.04)),
                 }
                 images.append(
-                    PlannedImage(
-                        f"{patient}-{j + 1}",
-                        patient,
-                        label=classes[label],
-                        source=source,
-                        partition=partition,
-                        size=(224, 224),
-                        params=params,
+                    patient_image(
+                        patient, j, params, label=classes[label], source=source, partition=partition, size=(224, 224)
                     )
                 )
     return images
@@ -184,14 +185,8 @@ def _plan_t2(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
                 "brightness": float(rng.uniform(0.94, 1.04)),
             }
             images.append(
-                PlannedImage(
-                    f"{patient}-{j + 1}",
-                    patient,
-                    label=classes[label],
-                    source="pannuke",
-                    group=organ_of[pi],
-                    size=(256, 256),
-                    params=params,
+                patient_image(
+                    patient, j, params, label=classes[label], source="pannuke", group=organ_of[pi], size=(256, 256)
                 )
             )
     return images

@@ -15,6 +15,7 @@ from medprobe.demo.data.tasks import (
     image_sizes,
     neighbour_grade,
     patient_ids,
+    patient_image,
     require_grades,
 )
 
@@ -109,13 +110,8 @@ def _plan_t8(rng, task_id, classes, n_train, n_test, per_patient) -> list[Planne
                 "max_value": int(2 ** _KNEE_SOURCE[source]["bits"] - 1),
             }
             images.append(
-                PlannedImage(
-                    f"{patient}-{knee}-{j + 1}",
-                    patient,
-                    label=classes[grade],
-                    source=source,
-                    size=sizes[pi * per_patient + j],
-                    params=params,
+                patient_image(
+                    patient, j, params, side=knee, label=classes[grade], source=source, size=sizes[pi * per_patient + j]
                 )
             )
     return images

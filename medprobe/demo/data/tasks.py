@@ -31,6 +31,13 @@ class PlannedImage:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def patient_image(patient: str, j: int, params: dict[str, Any], side: str = "", **fields: Any) -> PlannedImage:
+    """Image ``j`` (from 0) of ``patient``, named ``<patient>-<j + 1>`` (``<patient>-<side>-<j + 1>`` for an
+    eye or knee); ``fields`` are the other fields of :class:`PlannedImage`."""
+    image_id = f"{patient}-{side}-{j + 1}" if side else f"{patient}-{j + 1}"
+    return PlannedImage(image_id, patient, params=params, **fields)
+
+
 # plan(rng, task_id, classes, n_train, n_test, images_per_patient) -> the task's images, in file order
 Plan = Callable[[np.random.Generator, str, list[str], int, int, int], list[PlannedImage]]
 # render(rng, height, width, params) -> float pixels in [0, 1], (h, w) or (h, w, 3)
