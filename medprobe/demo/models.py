@@ -11,7 +11,9 @@ Facts this module relies on (transformers 5.x):
   the image; the tiny models open them with ``alpha_initializer="normal"`` and ``alpha_type="vector"``
   (``"normal"`` with ``"float"`` crashes in transformers' init).
 * torchvision is not installed next to torch here, so the PIL image-processor classes are used.
-* The tokenizers are trained on a small in-code corpus, which is deterministic.
+* The tokenizers are trained on a small in-code corpus. The IDEFICS one comes out the same every run; the
+  CLIP one's order of tied merges varies between runs (the trainer's hash order), which changes nothing the
+  demo uses: its size, and so the weights, stay the same, and the CLIP adapter reads images only.
 """
 
 from __future__ import annotations
@@ -121,6 +123,15 @@ def _train_clip_tokenizer():
     return CLIPTokenizer(vocab=spec["vocab"], merges=merges)
 
 
+def _special_token_ids(tokenizer) -> dict[str, int]:
+    """The model config's padding, start and end token ids: the tokenizer's own."""
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
 def _save_idefics(name: str, out_dir: Path) -> None:
     from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
     from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
@@ -132,9 +143,7 @@ def _save_idefics(name: str, out_dir: Path) -> None:
         **_IDEFICS_SHAPES[name],
         cross_layer_interval=2,
         max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+        **_special_token_ids(tokenizer),
         # Open gates so that the image influences the text states, as in trained checkpoints.
         alpha_initializer="normal",
         alphas_initializer_range=1.0,
@@ -178,9 +187,7 @@ def _save_clip(name: str, out_dir: Path) -> None:
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+            **_special_token_ids(tokenizer),
         ),
         vision_config=dict(
             hidden_size=64,

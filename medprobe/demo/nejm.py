@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from medprobe.io import atomic_path, write_text_atomic
 
 FIRST_DATE = dt.date(2005, 10, 13)  # the first NEJM Image Challenge; cases follow weekly
 N_CHOICES = 5
@@ -114,48 +116,47 @@ def generate_cases(out_dir: str | Path, *, n_cases: int = 30, seed: int = 0, exp
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 9001]))
-    out_dir = Path(out_dir)
-    names = sorted(DIAGNOSES)
     # Answer shares spread evenly over the range, in random order over the dates.
     answer_shares = rng.permutation(np.linspace(*ANSWER_SHARE_RANGE, n_cases)) if n_cases > 1 else np.array([0.5])
     folders = []
     for index in range(n_cases):
-        case_id = f"case{index + 1:03d}"
-        answer_index = int(rng.integers(len(names)))
-        answer = names[answer_index]
-        distractors = [
-            names[i]
-            for i in rng.choice([i for i in range(len(names)) if i != answer_index], size=N_CHOICES - 1, replace=False)
-        ]
-        choices = [answer] + distractors
-        order = rng.permutation(N_CHOICES)
-        choices = [choices[i] for i in order]
-        shares = _reader_shares(rng, float(answer_shares[index]), choices.index(answer))
-        age = int(rng.integers(18, 90))
-        sex = "woman" if rng.random() < 0.5 else "man"
-        case = {
-            "id": case_id,
-            "date": (FIRST_DATE + dt.timedelta(weeks=index)).isoformat(),
-            "question": _QUESTIONS[0] if rng.random() < 0.7 else str(rng.choice(_QUESTIONS[1:])),
-            "context": f"{'An' if str(age).startswith('8') or age in (11, 18) else 'A'} {age}-year-old {sex} presented with {_FINDINGS[int(rng.integers(len(_FINDINGS)))]}.",
-            "choices": choices,
-            "answer": answer,
-            "reader_shares": shares,
-        }
+        case = _draw_case(rng, index, float(answer_shares[index]))
         if explanations:
-            case["explanation"] = explanation(answer)
-        folder = out_dir / case_id
-        folder.mkdir(parents=True, exist_ok=True)
-        image = _draw_case_image(rng, answer)
-        tmp = folder / ".image.png.part"
-        image.save(tmp, format="PNG", compress_level=6, optimize=False)  # no metadata chunks: byte-stable
-        os.replace(tmp, folder / "image.png")
-        # case.json last: a folder with case.json is complete.
-        tmp = folder / ".case.json.part"
-        tmp.write_text(json.dumps(case, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, folder / "case.json")
-        folders.append(folder)
+            case["explanation"] = explanation(case["answer"])
+        folders.append(_write_case(Path(out_dir) / case["id"], case, _draw_case_image(rng, case["answer"])))
     return folders
+
+
+def _draw_case(rng: np.random.Generator, index: int, answer_share: float) -> dict[str, Any]:
+    """Case ``index``'s text: a random answer, four distractors in shuffled order, readers and patient."""
+    names = sorted(DIAGNOSES)
+    answer_index = int(rng.integers(len(names)))
+    answer = names[answer_index]
+    others = [i for i in range(len(names)) if i != answer_index]
+    choices = [answer] + [names[i] for i in rng.choice(others, size=N_CHOICES - 1, replace=False)]
+    choices = [choices[i] for i in rng.permutation(N_CHOICES)]
+    shares = _reader_shares(rng, answer_share, choices.index(answer))
+    age = int(rng.integers(18, 90))
+    sex = "woman" if rng.random() < 0.5 else "man"
+    article = "An" if str(age).startswith("8") or age in (11, 18) else "A"
+    return {
+        "id": f"case{index + 1:03d}",
+        "date": (FIRST_DATE + dt.timedelta(weeks=index)).isoformat(),
+        "question": _QUESTIONS[0] if rng.random() < 0.7 else str(rng.choice(_QUESTIONS[1:])),
+        "context": f"{article} {age}-year-old {sex} presented with {_FINDINGS[int(rng.integers(len(_FINDINGS)))]}.",
+        "choices": choices,
+        "answer": answer,
+        "reader_shares": shares,
+    }
+
+
+def _write_case(folder: Path, case: dict[str, Any], image: Image.Image) -> Path:
+    """``image.png``, then ``case.json``: a folder with case.json is complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "image.png") as tmp:
+        image.save(tmp, format="PNG", compress_level=6, optimize=False)  # no metadata chunks: byte-stable
+    write_text_atomic(folder / "case.json", json.dumps(case, indent=2) + "\n")
+    return folder
 
 
 def explanation(diagnosis: str) -> str:
