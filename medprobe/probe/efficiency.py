@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from medprobe.labels import task_targets
-from medprobe.probe.files import Activations, write_efficiency
-from medprobe.probe.modes import _check_mode, _n_outputs, fit_mode
+from medprobe.probe.files import Activations, write_probabilities
+from medprobe.probe.modes import _check_mode, fit_mode
 from medprobe.probe.problem import _check_kind
 from medprobe.probe.subsets import _efficiency_strata, image_subsets, nested_subsets
 from medprobe.settings import EfficiencySettings, ProbeSettings, TaskSettings
@@ -84,11 +84,11 @@ def efficiency_task(
     layer, C = _headline(summary, probe.mode)
     pool = _pool(activations, manifest, task, probe, layer)
     sweep = _sweep(pool, probe, efficiency.sampling, fractions, seeds, C=C, seed=seed, device=device)
-    write_efficiency(
+    write_probabilities(
         out,
         pool.ids_test,
         sweep.probabilities,
-        sweep.n_train,
+        datasets={"n_train": sweep.n_train},
         attrs={
             "fractions": np.asarray(fractions, dtype=np.float64),
             "seeds": np.asarray(seeds, dtype=np.int64),
@@ -194,15 +194,7 @@ def _sweep(
             key = np.packbits(subset).tobytes()
             if key not in cache:
                 fitted = fit_mode(
-                    probe,
-                    pool.X_train[subset],
-                    y_subset,
-                    pool.kind,
-                    C=C,
-                    seed=seed,
-                    n_classes=_n_outputs(pool.kind, pool.classes),
-                    class_names=pool.classes,
-                    device=device,
+                    probe, pool.X_train[subset], y_subset, pool.kind, pool.classes, C=C, seed=seed, device=device
                 )
                 cache[key] = fitted.predict_proba(pool.X_test).astype(np.float32)
             sweep.probabilities[f, s] = cache[key]

@@ -7,10 +7,9 @@ place (:func:`medprobe.io.atomic_path`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import h5py
@@ -35,6 +34,7 @@ class Activations:
     def __init__(self, path: str | os.PathLike, manifest_csv: str | os.PathLike) -> None:
         self.path, self.manifest_csv = path, manifest_csv
         self.manifest = load_manifest(manifest_csv)
+        self.manifest_sha256 = sha256_file(manifest_csv)
         self.handle = h5py.File(path, "r")
         try:
             self.layer_names = self._checked_layer_names()
@@ -73,11 +73,10 @@ class Activations:
     def _check_manifest_hash(self) -> None:
         stored = self.handle.attrs.get("manifest_sha256")
         stored = decode_strings(stored)[0] if stored is not None else None
-        actual = sha256_file(self.manifest_csv)
-        if stored != actual:
+        if stored != self.manifest_sha256:
             raise ValueError(
                 f"activations file {self.path} was extracted from a different manifest: its "
-                f"manifest_sha256 is {stored!r} but {self.manifest_csv} hashes to {actual!r}"
+                f"manifest_sha256 is {stored!r} but {self.manifest_csv} hashes to {self.manifest_sha256!r}"
             )
 
     def _check_shapes(self, n_ids: int) -> list[str]:
@@ -119,70 +118,21 @@ class Activations:
         return masks
 
 
-@contextlib.contextmanager
-def _h5_output(path: str | os.PathLike) -> Iterator[h5py.File]:
+def write_probabilities(
+    path: str | os.PathLike,
+    ids: Sequence[str],
+    probabilities: np.ndarray,
+    *,
+    datasets: Mapping[str, np.ndarray] | None = None,
+    attrs: Mapping[str, Any],
+) -> None:
+    """A probe output of test probabilities: ``ids``, ``probabilities`` (float32) and any further ``datasets``
+    and ``attrs``; which ones each file has is its contract (``layers.h5``, ``predictions.h5``, ``efficiency.h5``)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as out:
-        yield out
-
-
-def write_layers(
-    path: str | os.PathLike,
-    ids: Sequence[str],
-    probabilities: np.ndarray,
-    *,
-    val_scores: np.ndarray,
-    Cs: np.ndarray,
-    layer_names: list[str],
-    classes: list[str],
-    kind: str,
-    num_hidden_states: Any,
-) -> None:
-    """``layers.h5``: every layer's test probabilities ``(L, N, C)``, validation score and C."""
-    with _h5_output(path) as out:
         write_strings(out, "ids", ids)
         out.create_dataset("probabilities", data=probabilities, dtype=np.float32)
-        out.create_dataset("val_score", data=val_scores.astype(np.float64))
-        out.create_dataset("C", data=Cs)
-        out.attrs["layer_names"] = layer_names
-        out.attrs["classes"] = classes
-        out.attrs["kind"] = kind
-        if num_hidden_states is not None:
-            out.attrs["num_hidden_states"] = int(num_hidden_states)
-
-
-def write_predictions(
-    path: str | os.PathLike,
-    ids: Sequence[str],
-    probabilities: np.ndarray,
-    *,
-    classes: list[str],
-    layer: str,
-    kind: str,
-    C: float,
-) -> None:
-    """``predictions.h5``: the headline layer's test probabilities ``(N, C)``."""
-    with _h5_output(path) as out:
-        write_strings(out, "ids", ids)
-        out.create_dataset("probabilities", data=probabilities, dtype=np.float32)
-        out.attrs["classes"] = classes
-        out.attrs["layer"] = layer
-        out.attrs["kind"] = kind
-        out.attrs["C"] = C
-
-
-def write_efficiency(
-    path: str | os.PathLike,
-    ids: Sequence[str],
-    probabilities: np.ndarray,
-    n_train: np.ndarray,
-    *,
-    attrs: dict[str, Any],
-) -> None:
-    """``efficiency.h5``: test probabilities ``(fractions, seeds, N, C)``, training-set sizes, and ``attrs``."""
-    with _h5_output(path) as out:
-        out.create_dataset("probabilities", data=probabilities, dtype=np.float32)
-        out.create_dataset("n_train", data=n_train)
-        write_strings(out, "ids", ids)
+        for name, data in (datasets or {}).items():
+            out.create_dataset(name, data=data)
         for key, value in attrs.items():
             out.attrs[key] = value
 

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medprobe.labels import KINDS
+from medprobe.probe.problem import _check_kind
+from medprobe.probe.solver import LinearModel
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +63,9 @@ def _warn_absent(absent: Sequence[int], class_names: Sequence[str] | None, kind:
 
 
 @dataclass
-class LinearProbe:
-    """A probe trained by :func:`fit_adam`: logits ``(x - mean) / std @ coef.T + intercept``, ``coef`` (K, d)."""
+class LinearProbe(LinearModel):
+    """A probe trained by :func:`fit_adam`; ``mean`` and ``std`` are 0 and 1 unless it standardised."""
 
-    mean: np.ndarray
-    std: np.ndarray
-    coef: np.ndarray
-    intercept: np.ndarray
-    kind: str
     C: float = math.inf
     n_iter: int = 0
     converged: bool = True
@@ -77,15 +73,7 @@ class LinearProbe:
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Binary ``[1 - p, p]`` from the softmax of the two logits, multiclass softmax, multilabel sigmoid."""
-        device = X.device if isinstance(X, torch.Tensor) else torch.device("cpu")
-        features = torch.as_tensor(X, device=device).to(torch.float64)
-        if features.ndim != 2 or features.shape[1] != self.coef.shape[1]:
-            raise ValueError(f"X has shape {tuple(features.shape)}; this probe expects (n, {self.coef.shape[1]})")
-        mean, std, coef, intercept = (
-            torch.as_tensor(a, device=device, dtype=torch.float64)
-            for a in (self.mean, self.std, self.coef, self.intercept)
-        )
-        logits = torch.addmm(intercept, (features - mean) / std, coef.T)
+        logits = self.decision_function(X)
         proba = torch.sigmoid(logits) if self.kind == "multilabel" else torch.softmax(logits, dim=1)
         return proba.cpu().numpy()
 
@@ -109,8 +97,7 @@ def fit_adam(
     ``y``: binary/multiclass class indices ``(n,)``, multilabel 0/1 ``(n, F)``. ``standardise`` first scales
     the features with the training mean and population SD (an option; the authors did not).
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown task kind {kind!r}; expected one of {list(KINDS)}")
+    _check_kind(kind)
     if epochs < 1 or not lr > 0 or batch_size < 1:
         raise ValueError(f"probe.adam needs epochs >= 1, lr > 0, batch_size >= 1; got {epochs}, {lr}, {batch_size}")
     if device is None:
@@ -234,8 +221,7 @@ def fit_sgd(
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import SGDClassifier
 
-    if kind not in KINDS:
-        raise ValueError(f"unknown task kind {kind!r}; expected one of {list(KINDS)}")
+    _check_kind(kind)
     features = np.asarray(X.cpu().numpy() if isinstance(X, torch.Tensor) else X, dtype=np.float64)
     y_np = np.asarray(y.cpu().numpy() if isinstance(y, torch.Tensor) else y)
     n_out = _n_outputs(kind, y_np, n_classes)

@@ -24,6 +24,31 @@ _PARAM_DTYPE = torch.float64
 _STATS_BLOCK = 256
 
 
+@dataclass(frozen=True)
+class FitOptions:
+    """How the regularised probe is fitted: the keyword arguments of :func:`~medprobe.probe.fit`,
+    :func:`~medprobe.probe.fit_layers` and :func:`~medprobe.probe.select_C`.
+
+    ``class_weight``: None/"none" or "balanced" (scikit-learn's definition, per finding for multilabel);
+    ``sample_weight``: ``(n,)``, non-negative; ``n_classes`` is needed for multiclass tasks whose training
+    labels miss the last class(es); ``class_names`` only make warnings readable; ``dtype``: feature precision
+    (:mod:`medprobe.probe.solver`); ``device``: where to solve (None: the device of the features, CPU for numpy).
+    """
+
+    max_iter: int = 200
+    tol: float = 1e-6
+    class_weight: str | None = None
+    sample_weight: ArrayLike | None = None
+    n_classes: int | None = None
+    class_names: Sequence[str] | None = None
+    dtype: torch.dtype | str = torch.float64
+    device: str | torch.device | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_iter < 0 or not self.tol > 0:
+            raise ValueError(f"max_iter must be >= 0 and tol > 0, got max_iter={self.max_iter}, tol={self.tol}")
+
+
 @dataclass
 class _Targets:
     """Targets and per-sample weights in the layout the loss needs.
@@ -39,6 +64,30 @@ class _Targets:
     weights: torch.Tensor
     weight_sum: torch.Tensor
     absent: tuple[int, ...]
+
+
+@dataclass
+class _Problem:
+    """Standardised training features ``Z`` (L, n, d) with their float64 ``mean`` and ``std`` (L, d), and
+    the targets: what the solver needs of a training set."""
+
+    Z: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    targets: _Targets
+
+
+def _prepare(X: ArrayLike, y: ArrayLike, kind: str, options: FitOptions) -> _Problem:
+    """The problem of fitting ``y`` on the features ``X`` (L, n, d) with ``options``, every argument checked."""
+    _check_kind(kind)
+    class_weight = _normalise_class_weight(options.class_weight)
+    dtype = _resolve_dtype(options.dtype)
+    device = _resolve_device(X, options.device)
+    Z, mean, std = _standardise(X, dtype, device)
+    targets = _prepare_targets(
+        y, Z.shape[1], kind, options.n_classes, class_weight, options.sample_weight, _PARAM_DTYPE, device
+    )
+    return _Problem(Z, mean, std, targets)
 
 
 def _check_kind(kind: str) -> None:
@@ -93,8 +142,8 @@ def _prepare_targets(
         raise ValueError(f"y has {y_np.shape[0]} rows but X has {n_samples}")
     base = _base_weights(sample_weight, n_samples, dtype, device)
     if kind in ("binary", "multiclass"):
-        return _class_targets(y_np, kind, n_classes, class_weight, base, dtype, device)
-    return _multilabel_targets(y_np, n_classes, class_weight, base, dtype, device)
+        return _class_targets(y_np, kind, n_classes, class_weight, base)
+    return _multilabel_targets(y_np, n_classes, class_weight, base)
 
 
 def _base_weights(
@@ -109,15 +158,10 @@ def _base_weights(
 
 
 def _class_targets(
-    y_np: np.ndarray,
-    kind: str,
-    n_classes: int | None,
-    class_weight: str | None,
-    base: torch.Tensor,
-    dtype: torch.dtype,
-    device: torch.device,
+    y_np: np.ndarray, kind: str, n_classes: int | None, class_weight: str | None, base: torch.Tensor
 ) -> _Targets:
-    """Binary or multiclass targets from class indices."""
+    """Binary or multiclass targets from class indices, in the dtype and on the device of the ``base`` weights."""
+    dtype, device = base.dtype, base.device
     if y_np.ndim != 1 or not np.issubdtype(y_np.dtype, np.integer):
         raise ValueError(f"{kind} y must be a 1-d integer array of class indices, got {y_np.dtype} {y_np.shape}")
     K = 2 if kind == "binary" else (int(y_np.max()) + 1 if n_classes is None else int(n_classes))
@@ -138,17 +182,13 @@ def _class_targets(
 
 
 def _multilabel_targets(
-    y_np: np.ndarray,
-    n_classes: int | None,
-    class_weight: str | None,
-    base: torch.Tensor,
-    dtype: torch.dtype,
-    device: torch.device,
+    y_np: np.ndarray, n_classes: int | None, class_weight: str | None, base: torch.Tensor
 ) -> _Targets:
-    """Multilabel targets from an ``(n, F)`` 0/1 array: one binary problem per finding."""
+    """Multilabel targets from an ``(n, F)`` 0/1 array: one binary problem per finding (dtype and device of
+    ``base``)."""
     if y_np.ndim != 2 or not np.isin(y_np, (0, 1)).all():
         raise ValueError(f"multilabel y must be an (n, F) array of 0/1, got {y_np.dtype} {y_np.shape}")
-    values = torch.as_tensor(y_np.astype(np.float64), device=device).to(dtype)
+    values = torch.as_tensor(y_np.astype(np.float64), device=base.device).to(base.dtype)
     if n_classes is not None and values.shape[1] != n_classes:
         raise ValueError(f"multilabel y has {values.shape[1]} columns but n_classes={n_classes}")
     positives = (base[:, None] * values).sum(0)
@@ -235,11 +275,12 @@ def _initial_parameters(
     return W, b.expand(L, -1).clone()
 
 
-def _warn_absent(targets: _Targets, class_names: Sequence[str] | None) -> None:
-    if not targets.absent:
+def _warn_absent(kind: str, absent: Sequence[int], class_names: Sequence[str] | None) -> None:
+    """Log the classes (multilabel: findings) of ``absent`` that the training labels lack."""
+    if not absent:
         return
-    names = [class_names[k] if class_names is not None else str(k) for k in targets.absent]
-    if targets.kind == "multilabel":
+    names = [class_names[k] if class_names is not None else str(k) for k in absent]
+    if kind == "multilabel":
         logger.warning(
             "finding(s) %s have no positive (or no negative) training example; their probability "
             "comes from the intercept alone",

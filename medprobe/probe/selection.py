@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,15 +13,13 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from medprobe.probe.problem import (
-    _PARAM_DTYPE,
     ArrayLike,
+    FitOptions,
     _check_kind,
     _normalise_class_weight,
+    _prepare,
     _prepare_targets,
-    _resolve_device,
-    _resolve_dtype,
-    _standardise,
-    _Targets,
+    _Problem,
     _warn_absent,
 )
 from medprobe.probe.solver import LogisticProbe, _fit_prepared
@@ -78,6 +77,10 @@ def _proba_log_loss(y: np.ndarray, probabilities: np.ndarray, kind: str) -> floa
     return float(np.mean(-np.log(p[np.arange(len(y)), np.asarray(y, dtype=np.int64)])))
 
 
+# Values tried between the best grid value's neighbours when the search is refined.
+REFINE_POINTS = 5
+
+
 @dataclass
 class _Selection:
     C: float
@@ -94,31 +97,27 @@ def _check_grid(grid: Sequence[float]) -> np.ndarray:
     return np.unique(values)  # sorted ascending: strong to weak regularisation
 
 
-def _select(
-    Z: torch.Tensor,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    targets: _Targets,
+def _search_C(
+    problem: _Problem,
     X_val: ArrayLike,
-    y_val: np.ndarray,
+    y_val: ArrayLike,
     grid: Sequence[float],
     *,
     refine: bool,
-    refine_points: int,
-    max_iter: int,
-    tol: float,
-    class_weight: str | None,
+    options: FitOptions,
+    refine_points: int = REFINE_POINTS,
 ) -> _Selection:
-    """C search on prepared training data (one layer). The grid's values are fitted together, sharing
-    their passes over the features (:func:`_drive`); the refinement's values likewise, each warm-started
-    from the fit at the nearest smaller grid value."""
+    """C search on one layer's training ``problem`` (the arguments of :func:`select_C`). The grid's values are
+    fitted together, sharing their passes over the features (:func:`_drive`); the refinement's values
+    likewise, each warm-started from the fit at the nearest smaller grid value."""
     grid_values = _check_grid(grid)
+    y_val = y_val.cpu().numpy() if isinstance(y_val, torch.Tensor) else np.asarray(y_val)
     tried: dict[float, tuple[float, LogisticProbe]] = {}
 
     def evaluate(Cs: Sequence[float], init: LogisticProbe | None) -> None:
-        problems = [(0, C, init) for C in Cs]
-        for C, probe in zip(Cs, _fit_prepared(Z, mean, std, targets, problems, max_iter=max_iter, tol=tol)):
-            tried[C] = (log_loss(probe, X_val, y_val, class_weight=class_weight), probe)
+        fits = [(0, C, init) for C in Cs]
+        for C, probe in zip(Cs, _fit_prepared(problem, fits, max_iter=options.max_iter, tol=options.tol)):
+            tried[C] = (log_loss(probe, X_val, y_val, class_weight=options.class_weight), probe)
 
     def best_of(candidates: Sequence[float]) -> float:
         # Lowest validation log-loss; ties go to the smaller C (the more regularised model).
@@ -149,42 +148,18 @@ def select_C(
     grid: Sequence[float],
     *,
     refine: bool = True,
-    refine_points: int = 5,
-    max_iter: int = 200,
-    tol: float = 1e-6,
-    class_weight: str | None = None,
-    sample_weight: ArrayLike | None = None,
-    n_classes: int | None = None,
-    class_names: Sequence[str] | None = None,
-    dtype: torch.dtype | str = torch.float64,
-    device: str | torch.device | None = None,
+    refine_points: int = REFINE_POINTS,
+    **options: Any,
 ) -> tuple[float, float]:
-    """Pick C by validation log-loss (lower is better) over the log ``grid``.
+    """Pick C by validation log-loss (lower is better) over the log ``grid``; ``options`` are the fields of
+    :class:`~medprobe.probe.problem.FitOptions`.
 
     With ``refine``, ``refine_points`` log-spaced values strictly between the best grid point's
     neighbours are tried as well. Returns ``(C, validation macro AUC at that C)``.
     """
-    _check_kind(kind)
-    class_weight = _normalise_class_weight(class_weight)
-    dtype = _resolve_dtype(dtype)
-    device = _resolve_device(X_train, device)
+    settings = FitOptions(**options)
     X3 = X_train[None] if isinstance(X_train, torch.Tensor) else np.asarray(X_train)[None]
-    Z, mean, std = _standardise(X3, dtype, device)
-    targets = _prepare_targets(y_train, Z.shape[1], kind, n_classes, class_weight, sample_weight, _PARAM_DTYPE, device)
-    _warn_absent(targets, class_names)
-    y_val_np = y_val.cpu().numpy() if isinstance(y_val, torch.Tensor) else np.asarray(y_val)
-    selection = _select(
-        Z,
-        mean,
-        std,
-        targets,
-        X_val,
-        y_val_np,
-        grid,
-        refine=refine,
-        refine_points=refine_points,
-        max_iter=max_iter,
-        tol=tol,
-        class_weight=class_weight,
-    )
+    problem = _prepare(X3, y_train, kind, settings)
+    selection = _search_C(problem, X_val, y_val, grid, refine=refine, refine_points=refine_points, options=settings)
+    _warn_absent(kind, selection.probe.absent_classes, settings.class_names)
     return selection.C, selection.val_auc

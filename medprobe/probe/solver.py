@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,14 +42,10 @@ from medprobe.probe.lbfgs import _drive, _LayerFeatures, _LayerObjective, _lbfgs
 from medprobe.probe.problem import (
     _PARAM_DTYPE,
     ArrayLike,
-    _check_kind,
+    FitOptions,
     _initial_parameters,
-    _normalise_class_weight,
-    _prepare_targets,
-    _resolve_device,
-    _resolve_dtype,
-    _standardise,
-    _Targets,
+    _prepare,
+    _Problem,
     _warn_absent,
 )
 
@@ -56,22 +53,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LogisticProbe:
-    """A fitted probe. ``coef`` is ``(K, d)`` and acts on standardised features ``(x - mean) / std``.
-
-    ``K`` is 1 for binary tasks (the positive class's logit), the number of classes for multiclass
-    and the number of findings for multilabel tasks.
-    """
+class LinearModel:
+    """Logits ``(x - mean) / std @ coef.T + intercept`` with ``coef`` ``(K, d)``: what every probe of this
+    package computes; the probes differ in how they are trained and how logits become probabilities."""
 
     mean: np.ndarray
     std: np.ndarray
     coef: np.ndarray
     intercept: np.ndarray
     kind: str
-    C: float
-    n_iter: int
-    converged: bool
-    absent_classes: tuple[int, ...] = field(default=())
 
     def decision_function(self, X: ArrayLike) -> torch.Tensor:
         """Logits ``(n, K)`` as a float64 tensor on the device of ``X`` (CPU for numpy input)."""
@@ -79,11 +69,25 @@ class LogisticProbe:
         features = torch.as_tensor(X, device=device).to(torch.float64)
         if features.ndim != 2 or features.shape[1] != self.coef.shape[1]:
             raise ValueError(f"X has shape {tuple(features.shape)}; this probe expects (n, {self.coef.shape[1]})")
-        mean = torch.as_tensor(self.mean, device=device)
-        std = torch.as_tensor(self.std, device=device)
-        coef = torch.as_tensor(self.coef, device=device)
-        intercept = torch.as_tensor(self.intercept, device=device)
+        mean, std, coef, intercept = (
+            torch.as_tensor(a, device=device, dtype=torch.float64)
+            for a in (self.mean, self.std, self.coef, self.intercept)
+        )
         return torch.addmm(intercept, (features - mean) / std, coef.T)
+
+
+@dataclass
+class LogisticProbe(LinearModel):
+    """A fitted regularised probe; ``coef`` acts on standardised features ``(x - mean) / std``.
+
+    ``K`` is 1 for binary tasks (the positive class's logit), the number of classes for multiclass
+    and the number of findings for multilabel tasks.
+    """
+
+    C: float
+    n_iter: int
+    converged: bool
+    absent_classes: tuple[int, ...] = field(default=())
 
     def predict_proba(self, X: ArrayLike) -> np.ndarray:
         """Class probabilities as float64 numpy: binary ``(n, 2)`` = ``[1 - p, p]``; multiclass
@@ -99,30 +103,24 @@ class LogisticProbe:
         return proba.cpu().numpy()
 
 
-def _as_C_vector(C: float | Sequence[float], L: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _as_C_vector(C: float | Sequence[float], L: int) -> np.ndarray:
     values = np.atleast_1d(np.asarray(C, dtype=np.float64))
     if values.size == 1:
         values = np.repeat(values, L)
     if values.shape != (L,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
         raise ValueError(f"C must be a positive finite number or a sequence of {L} of them, got {C!r}")
-    return torch.as_tensor(values, dtype=dtype, device=device)
+    return values
 
 
 def _fit_prepared(
-    Z: torch.Tensor,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    targets: _Targets,
-    problems: Sequence[tuple[int, float, LogisticProbe | None]],
-    *,
-    max_iter: int,
-    tol: float,
+    problem: _Problem, fits: Sequence[tuple[int, float, LogisticProbe | None]], *, max_iter: int, tol: float
 ) -> list[LogisticProbe]:
-    """One probe per problem ``(layer index, C, warm start or None)``, all solved in one lockstep run
-    (:func:`_drive`): the problems of a layer share their feature products, and each stops on its own."""
+    """One probe per fit ``(layer index, C, warm start or None)`` of ``problem``, all solved in one lockstep run
+    (:func:`_drive`): the fits of a layer share their feature products, and each stops on its own."""
+    Z, targets = problem.Z, problem.targets
     d = Z.shape[2]
     solvers = []
-    for layer, C, init in problems:
+    for layer, C, init in fits:
         if init is None:
             W0, b0 = (value[0] for value in _initial_parameters(targets, 1, d, _PARAM_DTYPE, Z.device))
         else:
@@ -132,7 +130,7 @@ def _fit_prepared(
         solvers.append((layer, _lbfgs(objective, W0, b0, max_iter, tol)))
     solutions = _drive([_LayerFeatures(Z[layer]) for layer in range(Z.shape[0])], solvers)
     probes = []
-    for (layer, C, _), solution in zip(problems, solutions):
+    for (layer, C, _), solution in zip(fits, solutions):
         b = solution.b - solution.b.mean() if targets.kind == "multiclass" else solution.b
         # Like scipy's L-BFGS-B (scikit-learn's solver), an objective that stops decreasing at the
         # dtype's resolution counts as converged; only an exhausted budget with a large gradient does not.
@@ -148,8 +146,8 @@ def _fit_prepared(
             )
         probes.append(
             LogisticProbe(
-                mean=mean[layer].double().cpu().numpy(),
-                std=std[layer].double().cpu().numpy(),
+                mean=problem.mean[layer].double().cpu().numpy(),
+                std=problem.std[layer].double().cpu().numpy(),
                 coef=solution.W.double().cpu().numpy().copy(),
                 intercept=b.double().cpu().numpy().copy(),
                 kind=targets.kind,
@@ -163,78 +161,31 @@ def _fit_prepared(
 
 
 def fit_layers(
-    Xs: ArrayLike,
-    y: ArrayLike,
-    kind: str,
-    C: float | Sequence[float],
-    *,
-    max_iter: int = 200,
-    tol: float = 1e-6,
-    class_weight: str | None = None,
-    sample_weight: ArrayLike | None = None,
-    n_classes: int | None = None,
-    class_names: Sequence[str] | None = None,
-    dtype: torch.dtype | str = torch.float64,
-    device: str | torch.device | None = None,
+    Xs: ArrayLike, y: ArrayLike, kind: str, C: float | Sequence[float], **options: Any
 ) -> list[LogisticProbe]:
     """Fit one probe per layer of ``Xs`` ``(L, n, d)`` in one batched, lockstep solve (:func:`_drive`).
 
     Each layer keeps its own L-BFGS state and stops on its own, so the result equals L separate :func:`fit`
-    calls (same iterations). ``C`` is one value or one per layer. Memory: one copy of ``Xs`` in ``dtype``.
-    ``n_classes`` is needed for multiclass tasks whose training labels miss the last class(es);
-    ``class_names`` only makes warnings readable.
+    calls (same iterations). ``C`` is one value or one per layer; ``options`` are the fields of
+    :class:`FitOptions`. Memory: one copy of ``Xs`` in ``dtype``.
     """
-    _check_kind(kind)
-    class_weight = _normalise_class_weight(class_weight)
-    dtype = _resolve_dtype(dtype)
-    device = _resolve_device(Xs, device)
-    if max_iter < 0 or not tol > 0:
-        raise ValueError(f"max_iter must be >= 0 and tol > 0, got max_iter={max_iter}, tol={tol}")
-    Z, mean, std = _standardise(Xs, dtype, device)
-    targets = _prepare_targets(y, Z.shape[1], kind, n_classes, class_weight, sample_weight, _PARAM_DTYPE, device)
-    _warn_absent(targets, class_names)
-    Cs = _as_C_vector(C, Z.shape[0], _PARAM_DTYPE, device)
-    problems = [(layer, float(Cs[layer]), None) for layer in range(Z.shape[0])]
-    return _fit_prepared(Z, mean, std, targets, problems, max_iter=max_iter, tol=tol)
+    settings = FitOptions(**options)
+    problem = _prepare(Xs, y, kind, settings)
+    _warn_absent(kind, problem.targets.absent, settings.class_names)
+    Cs = _as_C_vector(C, problem.Z.shape[0])
+    fits = [(layer, float(layer_C), None) for layer, layer_C in enumerate(Cs)]
+    return _fit_prepared(problem, fits, max_iter=settings.max_iter, tol=settings.tol)
 
 
-def fit(
-    X: ArrayLike,
-    y: ArrayLike,
-    kind: str,
-    C: float,
-    *,
-    max_iter: int = 200,
-    tol: float = 1e-6,
-    class_weight: str | None = None,
-    sample_weight: ArrayLike | None = None,
-    n_classes: int | None = None,
-    class_names: Sequence[str] | None = None,
-    dtype: torch.dtype | str = torch.float64,
-    device: str | torch.device | None = None,
-) -> LogisticProbe:
-    """Fit one probe on ``X`` ``(n, d)``.
+def fit(X: ArrayLike, y: ArrayLike, kind: str, C: float, **options: Any) -> LogisticProbe:
+    """Fit one probe on ``X`` ``(n, d)``; ``options`` are the fields of :class:`FitOptions`.
 
     ``y``: binary/multiclass ``(n,)`` class indices (binary: 1 = positive); multilabel ``(n, F)`` 0/1.
     Same objective and stopping rule as ``sklearn.linear_model.LogisticRegression(C=C, tol=tol)``
-    on standardised features. ``class_weight``: None/"none" or "balanced" (scikit-learn's
-    definition, per finding for multilabel); ``dtype``: feature precision, see the module docstring.
-    ``converged`` is False only when ``max_iter`` ran out with the gradient still above ``tol``.
+    on standardised features. ``converged`` is False only when ``max_iter`` ran out with the gradient
+    still above ``tol``.
     """
     X3 = X[None] if isinstance(X, torch.Tensor) else np.asarray(X)[None]
     if X3.ndim != 3:
         raise ValueError(f"X must be (n, d), got shape {tuple(X3.shape[1:])}")
-    return fit_layers(
-        X3,
-        y,
-        kind,
-        C,
-        max_iter=max_iter,
-        tol=tol,
-        class_weight=class_weight,
-        sample_weight=sample_weight,
-        n_classes=n_classes,
-        class_names=class_names,
-        dtype=dtype,
-        device=device,
-    )[0]
+    return fit_layers(X3, y, kind, C, **options)[0]

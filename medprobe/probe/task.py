@@ -12,20 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from medprobe.io import sha256_file
 from medprobe.labels import task_targets
-from medprobe.probe.files import Activations, write_json, write_layers, write_predictions
-from medprobe.probe.modes import _check_mode, _n_outputs, fit_mode
-from medprobe.probe.problem import (
-    _PARAM_DTYPE,
-    _check_kind,
-    _normalise_class_weight,
-    _prepare_targets,
-    _resolve_dtype,
-    _standardise,
-    _warn_absent,
-)
-from medprobe.probe.selection import _check_grid, _proba_log_loss, _select, macro_auc
+from medprobe.probe.files import Activations, write_json, write_probabilities
+from medprobe.probe.modes import _check_mode, _regularised_options, fit_mode
+from medprobe.probe.problem import FitOptions, _check_kind, _prepare, _resolve_dtype, _warn_absent
+from medprobe.probe.selection import _check_grid, _proba_log_loss, _search_C, macro_auc
 from medprobe.settings import ProbeSettings, TaskSettings
 
 logger = logging.getLogger(__name__)
@@ -33,16 +24,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Plan:
-    """What every layer's probe shares: the targets, the rows of each split and the headline layer if fixed."""
+    """What every layer's probe shares: the targets, the rows of each split, the headline layer if fixed, and
+    the facts of the activations file that the outputs record."""
 
     kind: str
     classes: list[str]
     dropped: dict[str, int]
     masks: dict[str, np.ndarray]  # train, val, test, and fit: the rows the test-predicting probe trains on
+    fit_rows: str  # what the fit rows are: "train" or "train+val"
     y: dict[str, np.ndarray]
     ids_test: list[str]
     fixed_layer: str | None
     need_val: bool
+    num_hidden_states: Any
+    inputs: dict[str, str]  # activations, manifest and the manifest's sha256, as probe.json records them
 
 
 @dataclass
@@ -64,6 +59,10 @@ class _Layers:
     probabilities: np.ndarray
     entries: list[dict]
     absent: list[str]  # classes without a training example (the same on every layer)
+
+    def values(self, key: str, missing: float) -> np.ndarray:
+        """Every layer's entry ``key`` as float64, ``missing`` where the entry has none (JSON null)."""
+        return np.array([missing if entry[key] is None else entry[key] for entry in self.entries], dtype=np.float64)
 
 
 @dataclass
@@ -92,57 +91,38 @@ def probe_task(
     (probe.json) to the given paths (contract: docs/architecture.md, "Probes"). Returns the summary.
 
     ``probe.mode == "regularised"``: per layer (read one at a time) C is selected on the val split by a probe
-    fitted on train; that probe predicts the test split, or with ``probe.refit`` a probe refitted at that C on
-    train + val. ``"adam"`` / ``"sgd"`` (the authors' probes, :mod:`medprobe.probe.paper`): each layer's probe
-    is trained on every non-test row (train + val); with ``layer="validation"`` a second probe per layer, on
-    train alone, scores the val split to choose the layer. The headline layer is the best validation macro
-    AUC (ties go to the shallower layer) when ``layer == "validation"``, otherwise the fixed layer (``i`` or
-    ``hidden.i``, ``image_embeds``, ``authors:k``; :func:`medprobe.layers.resolve_layer`). ``task.classes``
-    may be ``"all"`` (multilabel), and ``task.min_test_positives`` keeps findings with more test positives
-    (:func:`medprobe.labels.task_targets`).
+    fitted on train, which predicts the test split (with ``probe.refit``: a probe refitted at that C on train
+    + val). ``"adam"`` / ``"sgd"`` (:mod:`medprobe.probe.paper`): each layer's probe is trained on train + val;
+    with ``layer="validation"`` a second one, on train, scores the val split. The headline layer is the best
+    validation macro AUC (ties: the shallower layer) when ``layer == "validation"``, else the fixed layer
+    (:func:`medprobe.layers.resolve_layer`). Targets: :func:`medprobe.labels.task_targets`.
     """
     _check_settings(task, probe)
     with Activations(activations, manifest) as source:
         plan = _plan(source, task, probe, layer)
         fitted = _probe_layers(source, plan, probe, seed=seed, device=device)
-        num_hidden_states = source.num_hidden_states
     choice = _choose_layer(plan, fitted, activations)
-    val_scores = np.array([np.nan if r["val_score"] is None else r["val_score"] for r in fitted.entries])
-    Cs = np.array([np.inf if r["C"] is None else r["C"] for r in fitted.entries], dtype=np.float64)
-    write_layers(
-        layers,
-        plan.ids_test,
-        fitted.probabilities,
-        val_scores=val_scores,
-        Cs=Cs,
-        layer_names=fitted.names,
-        classes=plan.classes,
-        kind=plan.kind,
-        num_hidden_states=num_hidden_states,
-    )
-    write_predictions(
-        predictions,
-        plan.ids_test,
-        fitted.probabilities[choice.index],
-        classes=plan.classes,
-        layer=choice.layer,
-        kind=plan.kind,
-        C=float(Cs[choice.index]),
-    )
+    _write_probabilities(plan, fitted, choice, layers=layers, predictions=predictions)
     result = _summary(
-        plan,
-        fitted,
-        choice,
-        task=task,
-        probe=probe,
-        layer=layer,
-        seed=seed,
-        protocol=protocol,
-        activations=activations,
-        manifest=manifest,
+        plan, fitted, choice, requested=layer, protocol=protocol, settings=_settings_record(task, probe, seed)
     )
     write_json(summary, result)
     return result
+
+
+def _write_probabilities(
+    plan: _Plan, fitted: _Layers, choice: _Choice, *, layers: str | os.PathLike, predictions: str | os.PathLike
+) -> None:
+    """``layers.h5`` (every layer's test probabilities, validation score and C) and ``predictions.h5`` (the
+    headline layer's)."""
+    Cs = fitted.values("C", np.inf)
+    attrs: dict[str, Any] = {"layer_names": fitted.names, "classes": plan.classes, "kind": plan.kind}
+    if plan.num_hidden_states is not None:
+        attrs["num_hidden_states"] = int(plan.num_hidden_states)
+    datasets = {"val_score": fitted.values("val_score", np.nan), "C": Cs}
+    write_probabilities(layers, plan.ids_test, fitted.probabilities, datasets=datasets, attrs=attrs)
+    attrs = {"classes": plan.classes, "layer": choice.layer, "kind": plan.kind, "C": float(Cs[choice.index])}
+    write_probabilities(predictions, plan.ids_test, fitted.probabilities[choice.index], attrs=attrs)
 
 
 def _check_settings(task: TaskSettings, probe: ProbeSettings) -> None:
@@ -170,10 +150,17 @@ def _plan(source: Activations, task: TaskSettings, probe: ProbeSettings, layer: 
         classes=classes,
         dropped=dropped,
         masks=masks,
+        fit_rows=probe.fit_rows,
         y={split: targets[mask] for split, mask in masks.items()},
         ids_test=source.manifest["image_id"][masks["test"]].tolist(),
         fixed_layer=fixed_layer,
         need_val=probe.mode == "regularised" or fixed_layer is None,
+        num_hidden_states=source.num_hidden_states,
+        inputs={
+            "activations": os.fspath(source.path),
+            "manifest": os.fspath(source.manifest_csv),
+            "manifest_sha256": source.manifest_sha256,
+        },
     )
 
 
@@ -208,14 +195,13 @@ def _probe_layer(
     """Fit one layer: ``X`` holds the ``train``, ``val``, ``test`` and ``fit`` rows of its features."""
     if probe.mode == "regularised":
         return _regularised_layer(X, plan, probe, device=device, warn_absent=warn_absent)
-    options = dict(seed=seed, n_classes=_n_outputs(plan.kind, plan.classes), class_names=plan.classes, device=device)
     val_score = val_loss = math.nan
     if plan.need_val:
-        trial = fit_mode(probe, X["train"], plan.y["train"], plan.kind, **options)
+        trial = fit_mode(probe, X["train"], plan.y["train"], plan.kind, plan.classes, seed=seed, device=device)
         val_probabilities = trial.predict_proba(X["val"])
         val_score = macro_auc(plan.y["val"], val_probabilities, plan.kind)
         val_loss = _proba_log_loss(plan.y["val"], val_probabilities, plan.kind)
-    final = fit_mode(probe, X["fit"], plan.y["fit"], plan.kind, **options)
+    final = fit_mode(probe, X["fit"], plan.y["fit"], plan.kind, plan.classes, seed=seed, device=device)
     return _LayerResult(math.inf, val_score, val_loss, [], final)
 
 
@@ -223,41 +209,15 @@ def _regularised_layer(
     X: dict[str, np.ndarray], plan: _Plan, probe: ProbeSettings, *, device: torch.device, warn_absent: bool
 ) -> _LayerResult:
     """C chosen on val by probes fitted on train; with ``refit`` the test probe is refitted on the fit rows."""
-    n_classes = _n_outputs(plan.kind, plan.classes)
-    class_weight = _normalise_class_weight(probe.class_weight)
-    Z, mean, std = _standardise(X["train"][None], _resolve_dtype(probe.dtype), device)
-    targets = _prepare_targets(
-        plan.y["train"], Z.shape[1], plan.kind, n_classes, class_weight, None, _PARAM_DTYPE, device
-    )
-    selection = _select(
-        Z,
-        mean,
-        std,
-        targets,
-        X["val"],
-        plan.y["val"],
-        probe.C_grid,
-        refine=probe.refine,
-        refine_points=5,
-        max_iter=probe.max_iter,
-        tol=probe.tol,
-        class_weight=class_weight,
-    )
-    del Z
+    options = FitOptions(**_regularised_options(probe, plan.kind, plan.classes, device))
+    problem = _prepare(X["train"][None], plan.y["train"], plan.kind, options)
+    selection = _search_C(problem, X["val"], plan.y["val"], probe.C_grid, refine=probe.refine, options=options)
+    del problem
     if warn_absent:
-        _warn_absent(targets, plan.classes)
+        _warn_absent(plan.kind, selection.probe.absent_classes, plan.classes)
     final = selection.probe
     if probe.refit:
-        final = fit_mode(
-            probe,
-            X["fit"],
-            plan.y["fit"],
-            plan.kind,
-            C=selection.C,
-            n_classes=n_classes,
-            class_names=plan.classes,
-            device=device,
-        )
+        final = fit_mode(probe, X["fit"], plan.y["fit"], plan.kind, plan.classes, C=selection.C, device=device)
     return _LayerResult(selection.C, selection.val_auc, selection.val_log_loss, selection.table, final)
 
 
@@ -278,17 +238,18 @@ def _layer_entry(name: str, result: _LayerResult) -> dict:
 
 
 def _choose_layer(plan: _Plan, fitted: _Layers, source: Any) -> _Choice:
-    validation_layer, note = _validation_layer(fitted.entries, fitted.names, source)
+    validation_layer, note = _validation_layer(fitted, source)
     selected = plan.fixed_layer if plan.fixed_layer is not None else validation_layer
     return _Choice(selected, fitted.names.index(selected), validation_layer, note)
 
 
-def _validation_layer(per_layer: list[dict], layer_names: list[str], source: Any) -> tuple[str | None, str | None]:
+def _validation_layer(fitted: _Layers, source: Any) -> tuple[str | None, str | None]:
     """The best validation macro AUC (ties -> the shallower layer); by log-loss when no AUC is defined."""
-    val_scores = np.array([np.nan if r["val_score"] is None else r["val_score"] for r in per_layer])
+    layer_names = fitted.names
+    val_scores = fitted.values("val_score", np.nan)
     if np.isfinite(val_scores).any():
         return layer_names[int(np.argmax(np.where(np.isfinite(val_scores), val_scores, -np.inf)))], None
-    losses = np.array([np.inf if r["val_log_loss"] is None else r["val_log_loss"] for r in per_layer])
+    losses = fitted.values("val_log_loss", np.inf)
     if not np.isfinite(losses).any():
         return None, None  # nothing was scored on validation (fixed layer, adam/sgd)
     note = (
@@ -300,23 +261,13 @@ def _validation_layer(per_layer: list[dict], layer_names: list[str], source: Any
 
 
 def _summary(
-    plan: _Plan,
-    fitted: _Layers,
-    choice: _Choice,
-    *,
-    task: TaskSettings,
-    probe: ProbeSettings,
-    layer: int | str,
-    seed: int,
-    protocol: str | None,
-    activations: str | os.PathLike,
-    manifest: str | os.PathLike,
+    plan: _Plan, fitted: _Layers, choice: _Choice, *, requested: int | str, protocol: str | None, settings: dict
 ) -> dict:
     """probe.json: the headline layer and how it was chosen, every layer's entry, and the settings."""
     result = {
         "layer": choice.layer,
         "selection": "fixed" if plan.fixed_layer is not None else "validation",
-        "requested_layer": layer if isinstance(layer, str) else int(layer),
+        "requested_layer": requested if isinstance(requested, str) else int(requested),
         "validation_layer": choice.validation_layer,
         "C": fitted.entries[choice.index]["C"],
         "val_score": fitted.entries[choice.index]["val_score"],
@@ -329,12 +280,10 @@ def _summary(
         "n_train": int(plan.masks["fit"].sum()),
         "n_val": int(plan.masks["val"].sum()),
         "n_test": int(plan.masks["test"].sum()),
-        "fit_rows": probe.fit_rows,
+        "fit_rows": plan.fit_rows,
         "absent_train_classes": fitted.absent,
-        "activations": os.fspath(activations),
-        "manifest": os.fspath(manifest),
-        "manifest_sha256": sha256_file(manifest),
-        "settings": _settings_record(task, probe, seed),
+        **plan.inputs,
+        "settings": settings,
     }
     if choice.note:
         result["note"] = choice.note
