@@ -23,17 +23,9 @@ import numpy as np
 
 from medprobe.gpu_job import GpuJob
 from medprobe.io import write_text_atomic
+from medprobe.nejm import prompt
 from medprobe.nejm.cases import Case, load_cases, split_shots
 from medprobe.nejm.choices import extract_choice
-from medprobe.nejm.prompt import (
-    build_prompt,
-    check_template,
-    likelihood_continuations,
-    load_images,
-    prompt_hash,
-    prompt_text,
-    stop_strings,
-)
 from medprobe.settings import NejmSettings
 
 logger = logging.getLogger(__name__)
@@ -186,7 +178,7 @@ class AnswerPlan:
 
 def check_settings(settings: NejmSettings) -> None:
     """``ValueError`` naming the config key for settings the answering cannot use."""
-    check_template(settings.template)
+    prompt.check_template(settings.template)
     if settings.likelihood_score not in ("sum", "mean"):
         raise ValueError(f"nejm.likelihood_score must be 'sum' or 'mean', got {settings.likelihood_score!r}")
     if settings.batch_size < 1 or settings.top_k_samples < 1 or settings.max_new_tokens < 1:
@@ -227,15 +219,15 @@ def plan_answers(
     """The shots and test cases of ``cases_dir`` and every test case's prompt in ``settings.template``."""
     shot_cases, test_cases = split_shots(load_cases(cases_dir), settings.shots, settings.shot_ids)
     _log_shots(shot_cases, test_cases)
-    prompts = {case.id: build_prompt(shot_cases, case, settings.template) for case in test_cases}
+    prompts = {case.id: prompt.build_prompt(shot_cases, case, settings.template) for case in test_cases}
     if test_cases:
-        logger.info("prompt of %s:\n%s", test_cases[0].id, prompt_text(prompts[test_cases[0].id]))
+        logger.info("prompt of %s:\n%s", test_cases[0].id, prompt.prompt_text(prompts[test_cases[0].id]))
     return AnswerPlan(
         settings=settings,
         seed=seed,
         test_cases=tuple(test_cases),
         prompts=prompts,
-        hashes={case_id: prompt_hash(items) for case_id, items in prompts.items()},
+        hashes={case_id: prompt.prompt_hash(items) for case_id, items in prompts.items()},
         mode_settings=_mode_settings(model_name, model_cfg, settings, seed),
     )
 
@@ -256,7 +248,7 @@ def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 def _stops(template: str) -> dict[str, Any]:
     # Under chat, generate is called without stop strings (adapters without them keep working).
-    return {"stop_strings": list(stop_strings(template))} if stop_strings(template) else {}
+    return {"stop_strings": list(prompt.stop_strings(template))} if prompt.stop_strings(template) else {}
 
 
 def _parsed(plan: AnswerPlan, case: Case, mode: str, sample: int, text: str) -> dict:
@@ -271,7 +263,7 @@ def answer_greedy(plan: AnswerPlan, adapter: Any, journal: AnswerJournal, cases:
     settings = plan.settings
     for batch in _batches(cases, settings.batch_size):
         outputs = adapter.generate(
-            [load_images(plan.prompts[c.id], images) for c in batch],
+            [prompt.load_images(plan.prompts[c.id], images) for c in batch],
             max_new_tokens=settings.max_new_tokens,
             do_sample=False,
             **_stops(settings.template),
@@ -286,7 +278,7 @@ def answer_sampled(plan: AnswerPlan, adapter: Any, journal: AnswerJournal, cases
     for case in cases:
         # One call per case with its own seed: the samples do not depend on batching or resuming.
         (texts,) = adapter.generate(
-            [load_images(plan.prompts[case.id], images)],
+            [prompt.load_images(plan.prompts[case.id], images)],
             max_new_tokens=settings.max_new_tokens,
             do_sample=True,
             temperature=settings.temperature,
@@ -308,8 +300,8 @@ def answer_likelihood(
     """The choice the model finds likeliest after the prompt, by the summed or mean log-likelihood."""
     score = plan.settings.likelihood_score
     for case in cases:
-        continuations = likelihood_continuations(case, plan.settings.template)
-        sums, n_tokens = adapter.choice_loglikelihoods(load_images(plan.prompts[case.id], images), continuations)
+        continuations = prompt.likelihood_continuations(case, plan.settings.template)
+        sums, n_tokens = adapter.choice_loglikelihoods(prompt.load_images(plan.prompts[case.id], images), continuations)
         means = [s / n for s, n in zip(sums, n_tokens)]
         best = _best_choice(sums, means, score)
         scores = {"scores_sum": sums, "scores_mean": means, "n_tokens": n_tokens, "score": score}
@@ -334,7 +326,7 @@ def _rescore_likelihood(plan: AnswerPlan, records: Iterable[dict[str, Any]]) -> 
                 parsed_choice=best + 1,
                 choice=case.choices[best],
                 correct=best == case.answer_index,
-                raw_output=likelihood_continuations(case, plan.settings.template)[best].strip(),
+                raw_output=prompt.likelihood_continuations(case, plan.settings.template)[best].strip(),
             )
 
 
