@@ -99,6 +99,16 @@ def resolve_torch_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+def _transformers_class(adapter: type[Adapter], attribute: str) -> Any:
+    """The transformers class an adapter names in ``attribute`` (``model_class`` or ``processor_class``)."""
+    name = getattr(adapter, attribute)
+    if not name:
+        raise NotImplementedError(f"{adapter.__name__} names no {attribute} and does not override its loading")
+    import transformers
+
+    return getattr(transformers, name)
+
+
 class Adapter(abc.ABC):
     """A loaded model + processor that turns images and a prompt into per-layer pooled activations.
 
@@ -107,6 +117,8 @@ class Adapter(abc.ABC):
         pooling: ``"last"`` (the last real prompt token) or ``"cls"`` (a vision tower's CLS token).
         prompt_formats: the values of :data:`PROMPT_FORMATS` the adapter implements; empty for
             image-only models, which ignore the prompt (and so any format).
+        model_class, processor_class: the transformers classes :meth:`load_model` and :meth:`load_processor`
+            call ``from_pretrained`` of.
         layer_names: ``hidden.i`` for every entry ``i`` of the model's ``hidden_states``.
         hidden_dim: width of the hidden states.
         embedding_dim: width of the model's own projected image embedding (CLIP), else ``None``.
@@ -121,6 +133,10 @@ class Adapter(abc.ABC):
     name: ClassVar[str] = ""
     pooling: ClassVar[str] = "last"
     prompt_formats: ClassVar[tuple[str, ...]] = ()
+    # transformers' classes of the model and of its processor, by name: transformers is imported only when
+    # a model loads. An adapter that loads otherwise overrides load_model / load_processor.
+    model_class: ClassVar[str] = ""
+    processor_class: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -190,25 +206,30 @@ class Adapter(abc.ABC):
         )
 
     @classmethod
-    @abc.abstractmethod
     def load_model(cls, checkpoint: str, **kwargs: Any) -> torch.nn.Module:
-        """``from_pretrained`` of the model class; kwargs: revision, trust_remote_code, dtype, device_map."""
+        """``from_pretrained`` of :attr:`model_class`; kwargs: revision, trust_remote_code, dtype, device_map."""
+        return _transformers_class(cls, "model_class").from_pretrained(checkpoint, **kwargs)
 
     @classmethod
-    @abc.abstractmethod
     def load_processor(cls, checkpoint: str, **kwargs: Any) -> Any:
-        """``from_pretrained`` of the processor; kwargs: revision, trust_remote_code."""
+        """``from_pretrained`` of :attr:`processor_class`; kwargs: revision, trust_remote_code."""
+        return _transformers_class(cls, "processor_class").from_pretrained(checkpoint, **kwargs)
 
     # ------------------------------------------------------------------ description
     @property
-    @abc.abstractmethod
-    def num_hidden_states(self) -> int:
-        """Length of the model's ``hidden_states`` tuple (layers + the embedding output)."""
+    def layers_config(self) -> Any:
+        """The part of the model's config that describes the pooled layers (CLIP: its ``vision_config``)."""
+        return self.model.config
 
     @property
-    @abc.abstractmethod
+    def num_hidden_states(self) -> int:
+        """Length of the model's ``hidden_states`` tuple (layers + the embedding output)."""
+        return int(self.layers_config.num_hidden_layers) + 1
+
+    @property
     def hidden_dim(self) -> int:
         """Width of the hidden states."""
+        return int(self.layers_config.hidden_size)
 
     @property
     def embedding_dim(self) -> int | None:

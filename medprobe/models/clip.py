@@ -22,27 +22,13 @@ class ClipAdapter(Adapter):
     """CLIP's vision tower; ``layer_names`` index ``vision_model(...).hidden_states``."""
 
     pooling = "cls"
-
-    @classmethod
-    def load_model(cls, checkpoint: str, **kwargs: Any) -> torch.nn.Module:
-        from transformers import CLIPModel
-
-        return CLIPModel.from_pretrained(checkpoint, **kwargs)
-
-    @classmethod
-    def load_processor(cls, checkpoint: str, **kwargs: Any) -> Any:
-        # Image-only, so the image processor alone (no tokenizer needed in the checkpoint).
-        from transformers import AutoImageProcessor
-
-        return AutoImageProcessor.from_pretrained(checkpoint, **kwargs)
+    model_class = "CLIPModel"
+    # Image-only, so the image processor alone (no tokenizer needed in the checkpoint).
+    processor_class = "AutoImageProcessor"
 
     @property
-    def num_hidden_states(self) -> int:
-        return int(self.model.config.vision_config.num_hidden_layers) + 1
-
-    @property
-    def hidden_dim(self) -> int:
-        return int(self.model.config.vision_config.hidden_size)
+    def layers_config(self) -> Any:
+        return self.model.config.vision_config
 
     @property
     def embedding_dim(self) -> int:

@@ -51,26 +51,8 @@ class IdeficsAdapter(Adapter):
 
     pooling = "last"
     prompt_formats = PROMPT_FORMATS
-
-    @classmethod
-    def load_model(cls, checkpoint: str, **kwargs: Any) -> torch.nn.Module:
-        from transformers import IdeficsForVisionText2Text
-
-        return IdeficsForVisionText2Text.from_pretrained(checkpoint, **kwargs)
-
-    @classmethod
-    def load_processor(cls, checkpoint: str, **kwargs: Any) -> Any:
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(checkpoint, **kwargs)
-
-    @property
-    def num_hidden_states(self) -> int:
-        return int(self.model.config.num_hidden_layers) + 1
-
-    @property
-    def hidden_dim(self) -> int:
-        return int(self.model.config.hidden_size)
+    model_class = "IdeficsForVisionText2Text"
+    processor_class = "AutoProcessor"
 
     def prompt_text(self, prompt: str, prompt_format: str = "chat") -> str:
         self.check_prompt_format(prompt_format)
