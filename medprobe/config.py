@@ -69,13 +69,7 @@ def resolve_extends(config: dict[str, Any], root: str | Path = ".") -> dict[str,
                 f"extends: the base config {base_path} does not exist (paths are relative to the "
                 "workflow root, e.g. config/paper.yaml)"
             )
-        try:
-            base = yaml.safe_load(base_path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"extends: {base_path} is not valid YAML: {error}") from None
-        if not isinstance(base, dict):
-            raise ConfigError(f"extends: {base_path} must be a mapping of keys")
-        resolved = merge(base, resolved)
+        resolved = merge(_read_mapping(base_path, "extends: "), resolved)
     config.clear()
     config.update(resolved)
     return config
@@ -106,16 +100,30 @@ def _describe_schema_error(config: dict[str, Any], schema_path: str | Path) -> s
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read a YAML config file, apply ``overrides`` (top-level keys), validate and return it."""
     path = Path(path)
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(config).__name__}")
-    config = copy.deepcopy(config)
+    config = _read_mapping(path)
     config.update(overrides or {})
     resolve_extends(config, _workflow_root(path))
     return validate(config)
+
+
+def _read_mapping(path: Path, key: str = "") -> dict[str, Any]:
+    """A YAML config file's mapping; ``key`` (e.g. ``extends: ``) starts the message of an error."""
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{key}{path}: not valid YAML: {error}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{key}{path}: the top level must be a mapping of keys, got {type(config).__name__}")
+    return config
+
+
+def pinned_checksums(config: dict[str, Any], dataset: str) -> dict[str, str]:
+    """The SHA-256 values pinned for one dataset's files, over every task that uses it (``tasks.<T>.checksums``)."""
+    pinned: dict[str, str] = {}
+    for entry in config["tasks"].values():
+        if entry["dataset"] == dataset:
+            pinned.update(entry.get("checksums", {}))
+    return pinned
 
 
 def _workflow_root(config_path: Path) -> Path:

@@ -83,20 +83,14 @@ def dataset_knees(wildcards):
 
 def oai_most_checksums(wildcards):
     """SHA-256 pinned for T8's files (knees.csv, the release's tables), as JSON for rule oai_most_files."""
-    pinned = {}
-    for entry in config["tasks"].values():
-        if entry["dataset"] == "oai_most":
-            pinned.update(entry.get("checksums", {}))
-    return json.dumps(pinned, sort_keys=True)
+    return json.dumps(
+        medprobe_config.pinned_checksums(config, "oai_most"), sort_keys=True
+    )
 
 
 def dataset_checksums(wildcards):
     """SHA-256 values pinned in the config for the files of one dataset (tasks.<task>.checksums)."""
-    pinned = {}
-    for entry in config["tasks"].values():
-        if entry["dataset"] == wildcards.dataset:
-            pinned.update(entry.get("checksums", {}))
-    return pinned
+    return medprobe_config.pinned_checksums(config, wildcards.dataset)
 
 
 def model_checkpoint(wildcards):
