@@ -75,8 +75,13 @@ def extract_activations(
         resumed_at = writer.rows_done
         run_batches(plan, adapter, layers, writer, prompt, progress=progress, description=model_name)
         out_path = writer.finish()
-    elapsed = time.perf_counter() - started
-    new_rows = len(plan.entries) - resumed_at
+    _log_finished(plan, adapter, model_name, len(plan.entries) - resumed_at, time.perf_counter() - started, out_path)
+    return out_path
+
+
+def _log_finished(
+    plan: ExtractionPlan, adapter: Adapter, model_name: str, new_rows: int, elapsed: float, out_path: Path
+) -> None:
     logger.info(
         "extracted %d images%s (%d new) with %s in %.1f s, %.2f images/s, peak device memory %s -> %s",
         len(plan.entries),
@@ -88,7 +93,6 @@ def extract_activations(
         _peak_device_memory(adapter),
         out_path,
     )
-    return out_path
 
 
 def open_or_resume(
