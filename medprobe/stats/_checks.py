@@ -11,6 +11,11 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
+def _check_ci(ci: float) -> None:
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must lie strictly between 0 and 1; got {ci!r}")
+
+
 def _indicator(values: np.ndarray, shape: tuple[int, int], name: str) -> np.ndarray:
     values = np.asarray(values)
     if values.shape != shape:

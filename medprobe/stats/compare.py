@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats as scipy_stats
 
-from medprobe.stats._checks import _indicator
+from medprobe.stats._checks import _check_ci, _indicator
 from medprobe.stats.metrics import percentile_ci
 from medprobe.stats.scores import KINDS, Scores
 
@@ -26,6 +26,20 @@ def compare(a: Scores, b: Scores, ci: float = 0.95) -> list[dict]:
     Replicates that are NaN in either model are left out of both tests. Raises ValueError unless both
     Scores come from the same resamples (same n, B, seed and groups).
     """
+    _check_shared_resamples(a, b)
+    _check_ci(ci)
+    out = []
+    for key in a.point:
+        name, metric = key
+        if metric == "support" or key not in b.point or key not in a.replicates or key not in b.replicates:
+            continue
+        row = {"class": name, "metric": metric, "difference": a.point[key] - b.point[key]}
+        out.append({**row, **_bootstrap_test(a.replicates[key], b.replicates[key], ci)})
+        out.append({**row, **_paired_t_test(a.replicates[key], b.replicates[key], ci)})
+    return out
+
+
+def _check_shared_resamples(a: Scores, b: Scores) -> None:
     if a.n != b.n:
         raise ValueError(f"compare: the Scores have different test set sizes (n={a.n} vs n={b.n})")
     if a.n_boot != b.n_boot:
@@ -38,56 +52,33 @@ def compare(a: Scores, b: Scores, ci: float = 0.95) -> list[dict]:
             "compare: the Scores were computed on different bootstrap resamples "
             "(seed or groups differ); paired comparison needs shared resamples"
         )
-    if not 0.0 < ci < 1.0:
-        raise ValueError(f"ci must lie strictly between 0 and 1; got {ci!r}")
-    out = []
-    for key in a.point:
-        name, metric = key
-        if metric == "support" or key not in b.point or key not in a.replicates or key not in b.replicates:
-            continue
-        difference = a.point[key] - b.point[key]
-        deltas = a.replicates[key] - b.replicates[key]
-        deltas = deltas[~np.isnan(deltas)]
-        low, high = percentile_ci(deltas, ci)
-        if deltas.size:
-            share = 2.0 * min(np.mean(deltas <= 0), np.mean(deltas >= 0))
-            p_boot = float(min(1.0, max(share, 1.0 / deltas.size)))
-        else:
-            p_boot = float("nan")
-        out.append(
-            {
-                "class": name,
-                "metric": metric,
-                "difference": difference,
-                "ci_low": low,
-                "ci_high": high,
-                "p_value": p_boot,
-                "test": "bootstrap",
-            }
-        )
 
-        valid = ~(np.isnan(a.replicates[key]) | np.isnan(b.replicates[key]))
-        t_low = t_high = p_t = float("nan")
-        if valid.sum() >= 2:
-            if np.all(deltas == 0):
-                t_low = t_high = 0.0
-                p_t = 1.0
-            else:
-                result = scipy_stats.ttest_rel(a.replicates[key][valid], b.replicates[key][valid])
-                interval = result.confidence_interval(confidence_level=ci)
-                t_low, t_high, p_t = float(interval.low), float(interval.high), float(result.pvalue)
-        out.append(
-            {
-                "class": name,
-                "metric": metric,
-                "difference": difference,
-                "ci_low": t_low,
-                "ci_high": t_high,
-                "p_value": p_t,
-                "test": "paired_t",
-            }
-        )
-    return out
+
+def _bootstrap_test(replicates_a: np.ndarray, replicates_b: np.ndarray, ci: float) -> dict:
+    """Percentile CI of the replicate differences and the two-sided bootstrap p-value (:func:`compare`)."""
+    deltas = replicates_a - replicates_b
+    deltas = deltas[~np.isnan(deltas)]
+    low, high = percentile_ci(deltas, ci)
+    p_value = float("nan")
+    if deltas.size:
+        share = 2.0 * min(np.mean(deltas <= 0), np.mean(deltas >= 0))
+        p_value = float(min(1.0, max(share, 1.0 / deltas.size)))
+    return {"ci_low": low, "ci_high": high, "p_value": p_value, "test": "bootstrap"}
+
+
+def _paired_t_test(replicates_a: np.ndarray, replicates_b: np.ndarray, ci: float) -> dict:
+    """``scipy.stats.ttest_rel`` over the replicate pairs defined in both models, with its CI (:func:`compare`)."""
+    valid = ~(np.isnan(replicates_a) | np.isnan(replicates_b))
+    low = high = p_value = float("nan")
+    if valid.sum() >= 2:
+        if np.all(replicates_a[valid] == replicates_b[valid]):
+            low = high = 0.0  # t is 0/0
+            p_value = 1.0
+        else:
+            result = scipy_stats.ttest_rel(replicates_a[valid], replicates_b[valid])
+            interval = result.confidence_interval(confidence_level=ci)
+            low, high, p_value = float(interval.low), float(interval.high), float(result.pvalue)
+    return {"ci_low": low, "ci_high": high, "p_value": p_value, "test": "paired_t"}
 
 
 def delong_components(truth: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -133,8 +124,7 @@ def delong_test(truth: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, c
     Returns ``auc_a, auc_b, difference, sd, z, p_value`` (two-sided) and the Wald interval ``ci_low, ci_high``.
     Identical scores give difference 0, sd 0 and p = 1. Samples are assumed independent (no patient clusters).
     """
-    if not 0.0 < ci < 1.0:
-        raise ValueError(f"ci must lie strictly between 0 and 1; got {ci!r}")
+    _check_ci(ci)
     a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"delong: scores_a and scores_b must be 1-D of equal length; got {a.shape} and {b.shape}")

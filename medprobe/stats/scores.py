@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medprobe.stats._checks import _indicator
+from medprobe.stats._checks import _check_ci, _indicator
 from medprobe.stats.bootstrap import _group_codes, bootstrap_indices
 from medprobe.stats.metrics import (
     _bootstrap_ranked,
@@ -17,7 +17,6 @@ from medprobe.stats.metrics import (
     auc_per_class,
     auprc_per_class,
     balanced_accuracy_from_confusion,
-    bootstrap_auc,
     bootstrap_confusion,
     confusion_matrix,
     percentile_ci,
@@ -125,12 +124,13 @@ def score_predictions(
         f"{n}/{n_boot}/{int(seed)}/".encode() + (b"-" if groups is None else _group_codes(groups, n).tobytes())
     ).hexdigest()
     put = _Collector()
+    test = _Test(classes, truth, class_index, probabilities, indices)
     if kind == "binary":
-        _score_binary(put, classes, truth, class_index, probabilities, indices, graded)
+        _score_binary(put, test, graded)
     elif kind == "multiclass":
-        _score_multiclass(put, classes, truth, class_index, probabilities, indices, graded)
+        _score_multiclass(put, test, graded)
     else:
-        _score_multilabel(put, classes, truth, probabilities, indices)
+        _score_multilabel(put, test)
     return Scores(
         kind=kind,
         classes=classes,
@@ -150,8 +150,7 @@ def _check_predictions(
     """The class names as strings and the probabilities as float64, after every argument check."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
-    if not 0.0 < ci < 1.0:
-        raise ValueError(f"ci must lie strictly between 0 and 1; got {ci!r}")
+    _check_ci(ci)
     if graded and kind == "multilabel":
         raise ValueError("graded=True (quadratic kappa) needs ordered classes; it is not defined for kind 'multilabel'")
     classes = [str(name) for name in classes]
@@ -190,15 +189,20 @@ def _truth(kind: str, classes: list[str], targets: np.ndarray, n: int) -> tuple[
     return np.eye(len(classes), dtype=np.int64)[class_index], class_index
 
 
-def _score_binary(
-    put: _Collector,
-    classes: list[str],
-    truth: np.ndarray,
-    class_index: np.ndarray,
-    probabilities: np.ndarray,
-    indices: np.ndarray,
-    graded: bool,
-) -> None:
+@dataclass
+class _Test:
+    """One test set ready to score: class names, the ``(n, C)`` 0/1 truth, the class indices (single-label
+    tasks), the probabilities and the bootstrap resamples."""
+
+    classes: list[str]
+    truth: np.ndarray
+    class_index: np.ndarray | None
+    probabilities: np.ndarray
+    indices: np.ndarray
+
+
+def _score_binary(put: _Collector, test: _Test, graded: bool) -> None:
+    truth, probabilities, indices = test.truth, test.probabilities, test.indices
     positive = truth[:, 1:2]
     score = probabilities[:, 1:2]
     predicted_class = np.argmax(probabilities, axis=1)
@@ -206,7 +210,7 @@ def _score_binary(
     auc_boot, auprc_boot = _bootstrap_ranked(positive, score, indices, want_auc=True, want_auprc=True)
     # F1 of both classes: the paper's binary F1 is f1_score(average="macro"), the mean of the two
     f1_point, f1_boot, f1_defined = _f1_with_replicates(truth, flagged, indices)
-    negative_name, name = classes
+    negative_name, name = test.classes
     put((negative_name, "f1"), f1_point[0], f1_boot[:, 0], ~f1_defined[:, 0])
     put((negative_name, "support"), truth[:, 0].sum(), None)
     ranked = {
@@ -223,53 +227,43 @@ def _score_binary(
     _put_macro(put, "f1", f1_point, point_defined, f1_boot, f1_defined)
     put(("macro", "f1_positive"), f1_point[1], f1_boot[:, 1], ~f1_defined[:, 1])
     put(("macro", "auprc"), *ranked["auprc"])
-    _put_confusion_metrics(put, class_index, predicted_class, len(classes), indices, graded)
+    _put_confusion_metrics(put, test, predicted_class, graded)
 
 
-def _score_multiclass(
-    put: _Collector,
-    classes: list[str],
-    truth: np.ndarray,
-    class_index: np.ndarray,
-    probabilities: np.ndarray,
-    indices: np.ndarray,
-    graded: bool,
-) -> None:
-    predicted_class = np.argmax(probabilities, axis=1)
-    flagged = np.eye(len(classes), dtype=np.int64)[predicted_class]
-    auc_point = auc_per_class(truth, probabilities)
-    auc_boot = bootstrap_auc(truth, probabilities, indices)
+def _score_multiclass(put: _Collector, test: _Test, graded: bool) -> None:
+    predicted_class = np.argmax(test.probabilities, axis=1)
+    _score_per_class(put, test, np.eye(len(test.classes), dtype=np.int64)[predicted_class], with_auprc=False)
+    _put_confusion_metrics(put, test, predicted_class, graded)
+
+
+def _score_multilabel(put: _Collector, test: _Test) -> None:
+    _score_per_class(put, test, (test.probabilities >= 0.5).astype(np.int64), with_auprc=True)
+
+
+def _score_per_class(put: _Collector, test: _Test, flagged: np.ndarray, *, with_auprc: bool) -> None:
+    """Each class's ``auc``, ``f1``, ``auprc`` (``with_auprc``) and ``support``, then their macro means: the
+    metrics of a task with one score column per class (multiclass one-vs-rest, multilabel)."""
+    truth, probabilities, indices = test.truth, test.probabilities, test.indices
+    auc_point, auprc_point = auc_per_class(truth, probabilities), None
+    auc_boot, auprc_boot = _bootstrap_ranked(truth, probabilities, indices, want_auc=True, want_auprc=with_auprc)
+    if with_auprc:
+        auprc_point = auprc_per_class(truth, probabilities)
     f1_point, f1_boot, f1_defined = _f1_with_replicates(truth, flagged, indices)
-    for c, name in enumerate(classes):
+    for c, name in enumerate(test.classes):
         put((name, "auc"), auc_point[c], auc_boot[:, c])
         put((name, "f1"), f1_point[c], f1_boot[:, c], ~f1_defined[:, c])
+        if with_auprc:
+            put((name, "auprc"), auprc_point[c], auprc_boot[:, c])
         put((name, "support"), truth[:, c].sum(), None)
     _put_macro(put, "auc", auc_point, ~np.isnan(auc_point), auc_boot, ~np.isnan(auc_boot))
     point_defined = (truth.astype(bool) | flagged.astype(bool)).any(axis=0)
     _put_macro(put, "f1", f1_point, point_defined, f1_boot, f1_defined)
-    _put_confusion_metrics(put, class_index, predicted_class, len(classes), indices, graded)
-
-
-def _score_multilabel(
-    put: _Collector, classes: list[str], truth: np.ndarray, probabilities: np.ndarray, indices: np.ndarray
-) -> None:
-    flagged = (probabilities >= 0.5).astype(np.int64)
-    auc_point, auprc_point = auc_per_class(truth, probabilities), auprc_per_class(truth, probabilities)
-    auc_boot, auprc_boot = _bootstrap_ranked(truth, probabilities, indices, want_auc=True, want_auprc=True)
-    f1_point, f1_boot, f1_defined = _f1_with_replicates(truth, flagged, indices)
-    for c, name in enumerate(classes):
-        put((name, "auc"), auc_point[c], auc_boot[:, c])
-        put((name, "f1"), f1_point[c], f1_boot[:, c], ~f1_defined[:, c])
-        put((name, "auprc"), auprc_point[c], auprc_boot[:, c])
-        put((name, "support"), truth[:, c].sum(), None)
-    _put_macro(put, "auc", auc_point, ~np.isnan(auc_point), auc_boot, ~np.isnan(auc_boot))
-    point_defined = (truth.astype(bool) | flagged.astype(bool)).any(axis=0)
-    _put_macro(put, "f1", f1_point, point_defined, f1_boot, f1_defined)
-    _put_macro(put, "auprc", auprc_point, ~np.isnan(auprc_point), auprc_boot, ~np.isnan(auprc_boot))
+    if with_auprc:
+        _put_macro(put, "auprc", auprc_point, ~np.isnan(auprc_point), auprc_boot, ~np.isnan(auprc_boot))
 
 
 def _put_macro(
-    put,
+    put: _Collector,
     metric: str,
     point_values: np.ndarray,
     point_defined: np.ndarray,
@@ -285,11 +279,10 @@ def _put_macro(
     )
 
 
-def _put_confusion_metrics(
-    put, class_index: np.ndarray, predicted_class: np.ndarray, n_classes: int, indices: np.ndarray, graded: bool
-) -> None:
-    point_confusion = confusion_matrix(class_index, predicted_class, n_classes)
-    boot_confusion = bootstrap_confusion(class_index, predicted_class, n_classes, indices)
+def _put_confusion_metrics(put: _Collector, test: _Test, predicted_class: np.ndarray, graded: bool) -> None:
+    n_classes = len(test.classes)
+    point_confusion = confusion_matrix(test.class_index, predicted_class, n_classes)
+    boot_confusion = bootstrap_confusion(test.class_index, predicted_class, n_classes, test.indices)
     class_missing = (boot_confusion.sum(axis=2) == 0).any(axis=1)
     put(
         ("macro", "balanced_accuracy"),
