@@ -26,6 +26,36 @@ EFFICIENCY_SUMMARY_COLUMNS = [
 ]
 
 
+# Each column of the summaries over seeds: the per-seed column it summarises and how.
+_OVER_SEEDS = {
+    "tasks": ("tasks", "first"),
+    "metrics": ("metrics", "first"),
+    "n_seeds": ("seed", "nunique"),
+    "n_train": ("n_train", "mean"),
+    "value_mean": ("value", "mean"),
+    "value_sd": ("value", "std"),
+    "reference_mean": ("reference", "mean"),
+    "retained_mean": ("retained", "mean"),
+    "retained_sd": ("retained", "std"),
+}
+
+
+def _over_seeds(
+    per_seed: list[pd.DataFrame], keys: list[str], columns: list[str], *, sort: bool, out_path: str | Path | None
+) -> pd.DataFrame:
+    """The table of ``columns``: per group of ``keys``, the :data:`_OVER_SEEDS` statistics of the ``per_seed``
+    rows (no rows: an empty table); written to ``out_path`` when given."""
+    if per_seed:
+        statistics = {column: _OVER_SEEDS[column] for column in columns if column not in keys}
+        rows = pd.concat(per_seed, ignore_index=True)
+        summary = rows.groupby(keys, sort=sort).agg(**statistics).reset_index()[columns]
+    else:
+        summary = pd.DataFrame(columns=columns)
+    if out_path is not None:
+        write_table(summary, Path(out_path))
+    return summary
+
+
 def efficiency_summary(
     efficiency: str | Path | pd.DataFrame, tasks: dict[str, dict[str, Any]], out_path: str | Path | None = None
 ) -> pd.DataFrame:
@@ -38,6 +68,15 @@ def efficiency_summary(
     mean number of training images summed over the tasks (``n_train``). A (task, model) without a fraction-1.0
     row is an error: there is nothing to retain a share of.
     """
+    rows = _headline_rows(efficiency, tasks)
+    per_seed = [_discipline_per_seed(rows)] if len(rows) else []
+    return _over_seeds(
+        per_seed, ["discipline", "model", "fraction"], EFFICIENCY_SUMMARY_COLUMNS, sort=True, out_path=out_path
+    )
+
+
+def _headline_rows(efficiency: str | Path | pd.DataFrame, tasks: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """The macro rows of each task's headline metric, with the task's discipline."""
     table = as_table(efficiency)
     missing = {"task", "model", "fraction", "seed", "class", "metric", "value", "n_train"} - set(table.columns)
     if missing:
@@ -55,53 +94,35 @@ def efficiency_summary(
                 raise ValueError(f"tasks.{task}: key {key!r} is missing")
         picked = rows[(rows["class"].astype(str) == "macro") & (rows["metric"] == config["metric"])]
         parts.append(picked.assign(discipline=config["discipline"]))
-    columns = EFFICIENCY_SUMMARY_COLUMNS
-    if not parts:
-        summary = pd.DataFrame(columns=columns)
-    else:
-        rows = pd.concat(parts, ignore_index=True)
-        full = rows[np.isclose(rows["fraction"].astype(float), 1.0)]
-        lacking = set(map(tuple, rows[["task", "model"]].drop_duplicates().to_numpy())) - set(
-            map(tuple, full[["task", "model"]].drop_duplicates().to_numpy())
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _discipline_per_seed(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per discipline, model, fraction and seed: the metric averaged over the discipline's tasks and its share
+    of the same seed's value at fraction 1.0 (``retained``)."""
+    full = rows[np.isclose(rows["fraction"].astype(float), 1.0)]
+    lacking = set(map(tuple, rows[["task", "model"]].drop_duplicates().to_numpy())) - set(
+        map(tuple, full[["task", "model"]].drop_duplicates().to_numpy())
+    )
+    if lacking:
+        raise ValueError(
+            f"efficiency table: no fraction 1.0 rows for (task, model) {sorted(lacking)}; "
+            "add 1.0 to efficiency.fractions"
         )
-        if lacking:
-            raise ValueError(
-                f"efficiency table: no fraction 1.0 rows for (task, model) {sorted(lacking)}; "
-                "add 1.0 to efficiency.fractions"
-            )
-        keys = ["discipline", "model", "fraction", "seed"]
-        per_seed = (
-            rows.groupby(keys, sort=True)
-            .agg(
-                value=("value", "mean"),
-                n_train=("n_train", "sum"),
-                tasks=("task", lambda v: ",".join(sorted(set(v)))),
-                metrics=("metric", lambda v: ",".join(sorted(set(v)))),
-            )
-            .reset_index()
+    per_seed = (
+        rows.groupby(["discipline", "model", "fraction", "seed"], sort=True)
+        .agg(
+            value=("value", "mean"),
+            n_train=("n_train", "sum"),
+            tasks=("task", lambda v: ",".join(sorted(set(v)))),
+            metrics=("metric", lambda v: ",".join(sorted(set(v)))),
         )
-        reference = per_seed[np.isclose(per_seed["fraction"], 1.0)].set_index(["discipline", "model", "seed"])["value"]
-        per_seed["retained"] = (
-            per_seed["value"].to_numpy()
-            / reference.loc[list(zip(per_seed["discipline"], per_seed["model"], per_seed["seed"]))].to_numpy()
-        )
-        summary = (
-            per_seed.groupby(["discipline", "model", "fraction"], sort=True)
-            .agg(
-                tasks=("tasks", "first"),
-                metrics=("metrics", "first"),
-                n_seeds=("seed", "nunique"),
-                n_train=("n_train", "mean"),
-                value_mean=("value", "mean"),
-                value_sd=("value", "std"),
-                retained_mean=("retained", "mean"),
-                retained_sd=("retained", "std"),
-            )
-            .reset_index()[columns]
-        )
-    if out_path is not None:
-        write_table(summary, Path(out_path))
-    return summary
+        .reset_index()
+    )
+    reference = per_seed[np.isclose(per_seed["fraction"], 1.0)].set_index(["discipline", "model", "seed"])["value"]
+    keys = list(zip(per_seed["discipline"], per_seed["model"], per_seed["seed"]))
+    per_seed["retained"] = per_seed["value"].to_numpy() / reference.loc[keys].to_numpy()
+    return per_seed
 
 
 EFFICIENCY_RETAINED_COLUMNS = [
@@ -149,25 +170,8 @@ def efficiency_retained(
         parts.append(
             rows.assign(discipline=discipline, reference=reference, retained=rows["value"].to_numpy() / reference)
         )
-    if not parts:
-        summary = pd.DataFrame(columns=EFFICIENCY_RETAINED_COLUMNS)
-    else:
-        rows = pd.concat(parts, ignore_index=True)
-        summary = (
-            rows.groupby(["discipline", "task", "model", "metric", "fraction"], sort=False)
-            .agg(
-                n_seeds=("seed", "nunique"),
-                n_train=("n_train", "mean"),
-                value_mean=("value", "mean"),
-                reference_mean=("reference", "mean"),
-                retained_mean=("retained", "mean"),
-                retained_sd=("retained", "std"),
-            )
-            .reset_index()[EFFICIENCY_RETAINED_COLUMNS]
-        )
-    if out_path is not None:
-        write_table(summary, Path(out_path))
-    return summary
+    keys = ["discipline", "task", "model", "metric", "fraction"]
+    return _over_seeds(parts, keys, EFFICIENCY_RETAINED_COLUMNS, sort=False, out_path=out_path)
 
 
 FINDINGS_COLUMNS = ["task", "model", "layer", "n_findings", "threshold", "n_at_or_above", "findings"]
