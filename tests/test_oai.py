@@ -1,6 +1,6 @@
 """T8 from the OAI release itself: the readings (kXR_SQ_BU<visit>, ASCII and SAS), the image archives
 (contents.csv in visit folders, DICOM at <Folder>/001), the knee list KNEEL runs on, the raw table and the
-workflow's plan. Fixtures follow the layouts public code reads (medprobe/datasets/oai_most.py names them).
+workflow's plan. Fixtures follow the layouts public code reads (medprobe/datasets/oai_most/ names them).
 
 pydicom is not a test dependency: radiographs are PNG bytes at the DICOM's path and the recipe's DICOM reader
 is replaced by one that reads them with the spacing a DICOM header would give."""
