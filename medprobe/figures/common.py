@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,20 +61,16 @@ MODEL_COLOURS = (
 # --------------------------------------------------------------------------------------------
 
 
-def headline_metric(tasks: Tasks, task: str) -> str:
-    """The task's headline metric (``f1`` or ``auc``) from the tasks config."""
+def headline_metric(tasks: Tasks, task: str, figure_name: str = "") -> str:
+    """The task's headline metric (``f1`` or ``auc``) from the tasks config; a ValueError (naming
+    ``figure_name`` when given) if the task is not configured or has none."""
+    where = f"{figure_name}: " if figure_name else ""
     if task not in tasks:
-        raise ValueError(f"task {task!r} is not in the tasks config (known: {', '.join(tasks)})")
+        raise ValueError(f"{where}task {task!r} is not in the tasks config (known: {', '.join(tasks)})")
     metric = tasks[task].get("metric")
     if not metric:
-        raise ValueError(f"tasks.{task}: key 'metric' is missing")
+        raise ValueError(f"{where}tasks.{task}: key 'metric' is missing")
     return str(metric)
-
-
-def require_task(figure_name: str, tasks: Tasks, task: str) -> None:
-    """Raise ValueError when the one task a figure draws is not configured."""
-    if task not in tasks:
-        raise ValueError(f"{figure_name}: task {task!r} is not in the tasks config (known: {', '.join(tasks)})")
 
 
 def metric_label(metric: str) -> str:
@@ -249,8 +245,15 @@ def _vertical_axes(ax: Any, centres: np.ndarray, tick_labels: Sequence[str], n_g
     ax.set_axisbelow(True)
 
 
-def figure_legend(figure: Figure, models: Models, present: Sequence[str]) -> float:
-    """One legend for all panels above them; returns the top of the panel area (figure fraction)."""
+def bar_legend(figure: Figure, models: Models, bars: Iterable[pd.DataFrame]) -> None:
+    """One legend above all panels, of the models with a bar in any of the ``bars`` tables (columns =
+    models), and the panels laid out below it."""
+    present = {model for values in bars for model in values.columns[values.notna().any()]}
+    figure.tight_layout(rect=(0, 0, 1, _model_legend(figure, models, present)))
+
+
+def _model_legend(figure: Figure, models: Models, present: Collection[str]) -> float:
+    """The legend of the ``present`` models; returns the top of the panel area below it (figure fraction)."""
     handles = [
         legend_line(color=model_colour(models, m), linewidth=8, label=model_label(models, m))
         for m in models

@@ -13,14 +13,13 @@ import pandas as pd
 from medprobe.figures.common import (
     Models,
     Tasks,
-    figure_legend,
+    bar_legend,
     grouped_bars,
     headline_metric,
     metric_label,
     new_figure,
     no_data,
     panel_title,
-    require_task,
 )
 from medprobe.figures.performance import bar_table, class_order
 from medprobe.figures.tables import MACRO, prepare
@@ -100,8 +99,7 @@ def figure5(tables: Mapping[str, pd.DataFrame], tasks: Tasks, models: Models, op
     """
     task = options.figure5_task
     metrics = prepare(tables["metrics"], "figure5: metrics table")
-    require_task("figure5", tasks, task)
-    metric = headline_metric(tasks, task)
+    metric = headline_metric(tasks, task, "figure5")
     findings, support = figure5_findings(metrics, tasks, models, task)
     values, sds = bar_table(metrics, task, metric, models, findings)
     values = values.dropna(how="all")
@@ -126,6 +124,5 @@ def figure5(tables: Mapping[str, pd.DataFrame], tasks: Tasks, models: Models, op
         )
         ax.set_title(panel_title(letter, task, tasks[task], rule), fontsize=9)
         ax.set_xlabel(metric_label(metric))
-    top = figure_legend(figure, models, list(values.columns[values.notna().any()]))
-    figure.tight_layout(rect=(0, 0, 1, top))
+    bar_legend(figure, models, [values])
     return figure

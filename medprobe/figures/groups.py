@@ -11,14 +11,13 @@ from medprobe.figures.common import (
     PANEL_LETTERS,
     Models,
     Tasks,
-    figure_legend,
+    bar_legend,
     grouped_bars,
     headline_metric,
     metric_label,
     new_figure,
     no_data,
     positive_class,
-    require_task,
 )
 from medprobe.figures.performance import bar_table
 from medprobe.figures.tables import MACRO, prepare
@@ -39,10 +38,9 @@ def figureS6_panels(groups: pd.DataFrame, tasks: Tasks, models: Models, task: st
     tables without them). Otherwise one panel of the task's headline metric. Panels without any row
     are left out; all panels share the groups of the first, in sorted order.
     """
-    require_task("figureS6", tasks, task)
-    metric = headline_metric(tasks, task)
-    # Rows without a group (empty in the CSV, NaN in a DataFrame built in memory) belong to no bar.
-    rows = groups[~groups["group"].str.strip().isin(["", "nan"])]
+    metric = headline_metric(tasks, task, "figureS6")
+    # Rows without a group (empty after :func:`~medprobe.figures.tables.prepare`) belong to no bar.
+    rows = groups[groups["group"].str.strip() != ""]
 
     def table(metric_name: str, class_name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         return bar_table(rows, task, metric_name, models, None, category_column="group", class_name=class_name)
@@ -77,13 +75,10 @@ def figureS6(tables: Mapping[str, pd.DataFrame], tasks: Tasks, models: Models, o
     figure = new_figure(width=min(max(6.0, 3.0 + 0.45 * n_groups * n_models), 18.0), height=3.8 * len(panels) + 0.6)
     axes = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
     what = "organ" if task == "T2" else "group"
-    present: set[str] = set()
     for ax, letter, (label, values, sds) in zip(axes, PANEL_LETTERS, panels):
         grouped_bars(ax, values, sds, models, list(values.index))
         ax.set_title(f"({letter}) {task}: {tasks[task].get('name', task)}, by {what}", fontsize=10)
         ax.set_ylabel(label)
         ax.set_xlabel(what)
-        present.update(values.columns[values.notna().any()])
-    top = figure_legend(figure, models, [m for m in models if m in present])
-    figure.tight_layout(rect=(0, 0, 1, top))
+    bar_legend(figure, models, [values for _, values, _ in panels])
     return figure

@@ -11,9 +11,9 @@ import pandas as pd
 from medprobe.figures.common import (
     Models,
     Tasks,
+    bar_legend,
     class_axis_label,
     configured_classes,
-    figure_legend,
     grouped_bars,
     headline_metric,
     macro_tick_label,
@@ -150,7 +150,6 @@ def _bar_figure(
     widths = [max(len(bars.values.index), 1) if bars.panel.per_class else 1.4 for bars in drawn]
     figure = new_figure(width=min(max(6.0, 2.0 + 0.55 * sum(widths) + 0.9 * len(drawn)), 18.0), height=4.2)
     axes = figure.subplots(1, len(drawn), gridspec_kw={"width_ratios": widths}, squeeze=False)[0]
-    present_models: set[str] = set()
     for ax, bars in zip(axes, drawn):
         letter, task, per_class = bars.panel
         grouped_bars(ax, bars.values, bars.sds, models, bars.tick_labels)
@@ -158,9 +157,7 @@ def _bar_figure(
         ax.set_ylabel(metric_label(bars.metric))
         if per_class:
             ax.set_xlabel(class_axis_label(tasks[task]))
-        present_models.update(bars.values.columns[bars.values.notna().any()])
-    top = figure_legend(figure, models, list(present_models))
-    figure.tight_layout(rect=(0, 0, 1, top))
+    bar_legend(figure, models, [bars.values for bars in drawn])
     return figure
 
 

@@ -12,34 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
-#: Columns every result table has (groups.csv adds ``group``).
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    "task",
-    "model",
-    "layer",
-    "fraction",
-    "seed",
-    "class",
-    "metric",
-    "value",
-    "sd",
-    "ci_low",
-    "ci_high",
-    "n_train",
-    "n_test",
-)
-#: Identifier columns, read as text so that class names such as "0" or "NA" survive unchanged.
+from medprobe.tables import TABLE_COLUMNS, read_table
+
+#: Columns a figure needs of every result table (groups.csv adds ``group``); ``n_degenerate`` is never drawn.
+REQUIRED_COLUMNS: tuple[str, ...] = tuple(column for column in TABLE_COLUMNS if column != "n_degenerate")
+#: Identifier columns, compared as text so that class names such as "0" or "NA" survive unchanged.
 TEXT_COLUMNS: tuple[str, ...] = ("task", "model", "layer", "class", "metric", "group")
-NUMERIC_COLUMNS: tuple[str, ...] = (
-    "fraction",
-    "seed",
-    "value",
-    "sd",
-    "ci_low",
-    "ci_high",
-    "n_train",
-    "n_test",
-)
+NUMERIC_COLUMNS: tuple[str, ...] = tuple(column for column in REQUIRED_COLUMNS if column not in TEXT_COLUMNS)
 #: Spellings of "no value" accepted in numeric columns (support rows have no CI, metrics.csv no seed).
 _MISSING_SPELLINGS = {"", "nan", "NaN", "NA", "N/A", "None", "null"}
 #: The class of the rows that summarise a task over its classes.
@@ -47,7 +26,7 @@ MACRO = "macro"
 
 
 def load_table(path: str | os.PathLike, extra_columns: Sequence[str] = ()) -> pd.DataFrame:
-    """Read a long-format result table and check its columns.
+    """Read a long-format result table (:func:`medprobe.tables.read_table`) and check it (:func:`prepare`).
 
     Args:
         path: CSV file (``metrics.csv``, ``layers.csv``, ``efficiency.csv``, ``groups.csv``).
@@ -65,21 +44,16 @@ def load_table(path: str | os.PathLike, extra_columns: Sequence[str] = ()) -> pd
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"result table {path} does not exist")
-    # keep_default_na=False: a class called "NA" or "None" must stay a class name, not NaN.
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    required = list(REQUIRED_COLUMNS) + list(extra_columns)
-    if path.name == "groups.csv" and "group" not in required:
-        required.append("group")
-    require_columns(table, required, f"result table {path}")
-    for column in NUMERIC_COLUMNS:
-        table[column] = _to_float(table[column], f"result table {path}", column)
-    return table
+    extra = list(extra_columns)
+    if path.name == "groups.csv" and "group" not in extra:
+        extra.append("group")
+    return prepare(read_table(path), f"result table {path}", extra)
 
 
 def read_tables(paths: Mapping[str, str | os.PathLike]) -> dict[str, pd.DataFrame]:
     """The result tables at ``paths`` by name: the long-format tables checked by :func:`load_table`, the
     NEJM table (its own columns, checked by Figure 1d) as written."""
-    return {name: pd.read_csv(path) if name == "nejm" else load_table(path) for name, path in paths.items()}
+    return {name: read_table(path) if name == "nejm" else load_table(path) for name, path in paths.items()}
 
 
 def _to_float(column: pd.Series, where: str, name: str) -> pd.Series:
@@ -104,10 +78,11 @@ def require_columns(table: pd.DataFrame, required: Sequence[str], where: str) ->
 
 
 def prepare(table: pd.DataFrame, where: str, extra: Sequence[str] = ()) -> pd.DataFrame:
-    """Check columns and normalise dtypes of a table handed in as a DataFrame.
+    """Check the columns of ``table`` (named ``where`` in errors) and normalise their dtypes.
 
-    Tables built in memory may carry integer class names (0..4) or integer seeds; figures compare
-    identifiers as strings and numbers as floats, whichever way the table was made.
+    Tables built in memory may carry integer class names (0..4) or integer seeds, and a table read from
+    CSV integer counts or spelled-out missing values; figures compare identifiers as strings and numbers as
+    floats, whichever way the table was made.
     """
     if not isinstance(table, pd.DataFrame):
         raise TypeError(f"{where} must be a pandas DataFrame, got {type(table).__name__}")
@@ -115,7 +90,8 @@ def prepare(table: pd.DataFrame, where: str, extra: Sequence[str] = ()) -> pd.Da
     table = table.copy()
     for column in TEXT_COLUMNS:
         if column in table.columns:
-            table[column] = table[column].astype(str)
+            # A missing identifier (an empty CSV cell, NaN in memory) is the empty string.
+            table[column] = table[column].fillna("").astype(str)
     for column in NUMERIC_COLUMNS:
         if not pd.api.types.is_float_dtype(table[column]):
             table[column] = _to_float(table[column], where, column)
