@@ -117,14 +117,31 @@ def fetch_checkpoint(
             allow_patterns=allow_patterns,
         )
     except Exception as error:  # network, authentication, unknown revision: say which checkpoint
-        raise RuntimeError(
-            f"could not fetch {repo_id} at revision {revision} into {local_dir}: {type(error).__name__}: {error}"
-            + ("" if token else " (gated models need HF_TOKEN in the environment)")
-        ) from error
+        raise RuntimeError(_fetch_error(repo_id, revision, local_dir, error, has_token=bool(token))) from error
     record = {"repo_id": repo_id, "revision": revision, "allow_patterns": allow_patterns}
     (local_dir / FETCH_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     log.info("fetched %s into %s", repo_id, path)
     return local_dir
+
+
+def _fetch_error(repo_id: str, revision: str, local_dir: Path, error: Exception, *, has_token: bool) -> str:
+    """What went wrong, and what to do, for a failed fetch: gated repos get the steps to access them."""
+    from huggingface_hub.errors import GatedRepoError
+
+    where = f"could not fetch {repo_id} at revision {revision} into {local_dir}"
+    if isinstance(error, GatedRepoError):
+        token_step = (
+            "the token in HF_TOKEN has no access to it: accept the terms with the account the token belongs to"
+            if has_token
+            else "set HF_TOKEN in the environment to a token of an account that has accepted them"
+        )
+        return (
+            f"{where}: {repo_id} is a gated repository; request access at https://huggingface.co/{repo_id} "
+            f"(accept its terms), then {token_step}. Snakemake removes the incomplete checkpoint folder; "
+            "rerun to fetch it again."
+        )
+    hint = "" if has_token else " (gated models need HF_TOKEN in the environment)"
+    return f"{where}: {type(error).__name__}: {error}{hint}"
 
 
 def job_environment(environ: Mapping[str, str] | None = None) -> str:

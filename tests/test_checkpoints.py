@@ -59,6 +59,27 @@ def test_fetch_errors_name_the_checkpoint(monkeypatch, tmp_path):
         checkpoints.fetch_checkpoint("vinid/plip", "", tmp_path / "x", environ={})
 
 
+@pytest.mark.parametrize("token", [None, "hf_secret"])
+def test_a_gated_repo_says_where_to_request_access_and_what_to_set(monkeypatch, tmp_path, token):
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError
+
+    response = httpx2.Response(403, request=httpx2.Request("GET", "https://huggingface.co/api/models/google/medgemma"))
+
+    def gated(**kwargs):
+        raise GatedRepoError("403 Client Error: access to model google/medgemma is restricted", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    environ = {"HF_TOKEN": token} if token else {}
+    with pytest.raises(RuntimeError) as error:
+        checkpoints.fetch_checkpoint("google/medgemma", "main", tmp_path / "x", environ=environ)
+    message = str(error.value)
+    assert "google/medgemma is a gated repository" in message and "https://huggingface.co/google/medgemma" in message
+    assert ("HF_TOKEN has no access" in message) == bool(token) and ("set HF_TOKEN" in message) == (not token)
+    assert "hf_secret" not in message
+    assert not (tmp_path / "x" / checkpoints.FETCH_RECORD).exists()  # never marked as fetched
+
+
 def test_compute_config_loads_the_local_copy_and_drops_scheduling_keys():
     entry = {"adapter": "clip", "checkpoint": "vinid/plip", "revision": "main", "gpus": 1, "fetch": True,
              "resources": {"mem_mb": 1}}  # fmt: skip
