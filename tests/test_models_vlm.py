@@ -1,0 +1,143 @@
+"""The generic image-text-to-text adapter hf_vlm (medprobe.models.vlm) on tiny offline builds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medprobe.demo.vlm_models import VLM_NAMES, build_vlm
+from medprobe.models import load_adapter
+from medprobe.models.vlm import VLM_POOLINGS, VlmAdapter
+
+torch.set_num_threads(1)
+
+PROMPTS = ["What can you see on this knee radiograph?", "What type of tissue is shown?", "Describe this image."]
+# Different shapes: Idefics3 splits them into different numbers of tiles, so of image tokens.
+SIZES = [(96, 80), (40, 120), (64, 64)]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_vlms")
+    return {name: build_vlm(name, root / name, seed=0) for name in VLM_NAMES}
+
+
+@pytest.fixture(scope="module")
+def adapters(checkpoints) -> dict[tuple[str, str], VlmAdapter]:
+    return {
+        (name, pooling): load_adapter(
+            {"adapter": "hf_vlm", "checkpoint": str(checkpoints[name]), "pooling": pooling}, device="cpu"
+        )
+        for name in VLM_NAMES
+        for pooling in VLM_POOLINGS
+    }
+
+
+def make_images(seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
+
+
+def image_token_id(adapter: VlmAdapter) -> int:
+    return adapter.processor.tokenizer.convert_tokens_to_ids("<image>")
+
+
+def by_hand(adapter: VlmAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """transformers' own hidden_states of the language model, pooled here: (B, L, D)."""
+    with torch.inference_mode():
+        states = adapter.model.model(**batch, output_hidden_states=True, use_cache=False).hidden_states
+    if adapter.pooling == "last":
+        return torch.stack([state[:, -1] for state in states], dim=1)
+    mask = batch["attention_mask"].bool()
+    if adapter.pooling == "mean_image":
+        mask = mask & (batch["input_ids"] == image_token_id(adapter))
+    return torch.stack(
+        [torch.stack([state[b][mask[b]].mean(dim=0) for b in range(len(mask))]) for state in states], dim=1
+    )
+
+
+def test_loading_keeps_the_pooling_and_describes_the_language_model(adapters):
+    for (name, pooling), adapter in adapters.items():
+        assert type(adapter) is VlmAdapter and adapter.name == "hf_vlm" and adapter.pooling == pooling
+        assert adapter.layer_names == [f"hidden.{i}" for i in range(5)] and adapter.hidden_dim == 64, name
+        assert adapter.image_token_ids == [image_token_id(adapter)]
+
+
+def test_unknown_pooling_is_refused_before_loading():
+    with pytest.raises(ValueError, match="pooling.*'cls'.*hf_vlm.*last, mean, mean_image"):
+        load_adapter({"adapter": "hf_vlm", "checkpoint": "/nonexistent", "pooling": "cls"})
+
+
+@pytest.mark.parametrize("name", VLM_NAMES)
+def test_chat_prompt_is_the_processors_template(adapters, name):
+    adapter = adapters[name, "last"]
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPTS[0]}]}]
+    expected = adapter.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert adapter.prompt_text(PROMPTS[0]) == adapter.prompt_text(PROMPTS[0], "chat") == expected
+    assert "<image>" in expected and expected.rstrip().endswith(("Assistant:", "ASSISTANT:"))
+    batch = adapter.preprocess(make_images()[:1], PROMPTS[0])
+    direct = adapter.processor(text=[expected], images=[make_images()[:1]], return_tensors="pt")
+    assert torch.equal(batch["input_ids"], direct["input_ids"])
+
+
+@pytest.mark.parametrize("name", VLM_NAMES)
+def test_question_answer_prompt_is_the_papers(adapters, name):
+    adapter = adapters[name, "last"]
+    text = adapter.prompt_text("What is it?", "question_answer")
+    assert text == "<image>Question: What is it? Answer:"
+    batch = adapter.preprocess(make_images()[:1], "What is it?", prompt_format="question_answer")
+    decoded = adapter.processor.tokenizer.decode(batch["input_ids"][0])
+    assert "Question" in decoded and "Answer:" in decoded and "ssistant" not in decoded.lower()
+    assert (batch["input_ids"] == image_token_id(adapter)).any()
+
+
+@pytest.mark.parametrize("pooling", VLM_POOLINGS)
+@pytest.mark.parametrize("name", VLM_NAMES)
+def test_stored_states_are_transformers_hidden_states_pooled(adapters, name, pooling):
+    adapter = adapters[name, pooling]
+    for prompt_format in ("chat", "question_answer"):
+        batch = adapter.preprocess(make_images(), PROMPTS, prompt_format=prompt_format)
+        assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"].all()  # left-padded
+        activations, embeddings = adapter(batch)
+        assert embeddings is None and activations.shape == (3, 5, 64)
+        torch.testing.assert_close(activations, by_hand(adapter, batch), atol=1e-5, rtol=1e-5)
+        # A subset of layers is the same columns (the pass stops after the deepest one).
+        subset, _ = adapter(batch, layers=[2, 0])
+        torch.testing.assert_close(subset, activations[:, [2, 0]], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", VLM_POOLINGS)
+@pytest.mark.parametrize("name", VLM_NAMES)
+def test_batched_equals_one_at_a_time(adapters, name, pooling):
+    adapter = adapters[name, pooling]
+    images = make_images(seed=1)
+    batched, _ = adapter(adapter.preprocess(images, PROMPTS))
+    for i, (image, prompt) in enumerate(zip(images, PROMPTS)):
+        single, _ = adapter(adapter.preprocess([image], prompt))
+        torch.testing.assert_close(batched[i], single[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", VLM_NAMES)
+def test_mean_image_pools_exactly_the_images_tokens(adapters, name):
+    adapter = adapters[name, "mean_image"]
+    batch = adapter.preprocess(make_images(), PROMPTS)
+    weights = adapter.pool_weights(batch["input_ids"], batch["attention_mask"])
+    image_positions = batch["input_ids"] == image_token_id(adapter)
+    assert torch.equal(weights > 0, image_positions)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(3))
+    counts = image_positions.sum(dim=1).tolist()
+    if name == "tiny-idefics3":  # 4 tokens per 32-px tile: 2 x 2 tiles + the global one, 2 x 1 + 1, 2 x 2 + 1
+        assert counts == [4 * 5, 4 * 3, 4 * 5]
+    else:  # LLaVA: (32 / 8) ** 2 patches per image
+        assert counts == [16, 16, 16]
+    # Those positions are the image's: changing the pixels changes exactly them in the embedding output.
+    other = dict(batch, pixel_values=-batch["pixel_values"])  # padding tiles stay zero
+    with torch.inference_mode():
+        before = adapter.model.model(**batch, output_hidden_states=True).hidden_states[0]
+        after = adapter.model.model(**other, output_hidden_states=True).hidden_states[0]
+    changed = (before - after).abs().amax(dim=-1) > 0
+    assert torch.equal(changed, image_positions)
