@@ -174,3 +174,15 @@ def test_snakemake_stops_on_a_bad_config_before_any_job(repo, demo, tmp_path):
     assert result.returncode != 0
     assert "invalid config key efficiency.fractions.2: 2.0 is greater than the maximum of 1" in output, output[-2000:]
     assert "Job stats" not in output and not (tmp_path / "results").exists()
+
+
+def test_the_curated_model_list_lays_over_both_study_configs(repo):
+    extra = yaml.safe_load((repo / "config" / "models.yaml").read_text())
+    for study in ("paper.yaml", "rigorous.yaml"):
+        base = yaml.safe_load((repo / "config" / study).read_text())
+        merged = medprobe_config.merge(base, extra)
+        config = medprobe_config.validate(medprobe_config.resolve_extends(merged, repo))
+        for name, entry in extra["models"].items():
+            assert config["models"][name]["adapter"] in medprobe_config.known_adapters(), name
+        assert {"idefics_80b", "clip"} <= set(config["models"])  # the paper's models stay
+        assert medprobe_config.model_tasks(config, "phikon") == ["T1", "T2"]
