@@ -141,3 +141,41 @@ def test_mean_image_pools_exactly_the_images_tokens(adapters, name):
         after = adapter.model.model(**other, output_hidden_states=True).hidden_states[0]
     changed = (before - after).abs().amax(dim=-1) > 0
     assert torch.equal(changed, image_positions)
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "question_answer"])
+def test_extraction_stores_what_the_adapter_pools(checkpoints, tmp_path, prompt_format):
+    """Through the workflow's extraction (batches of 2, resumable file): the stored states, prompt and pooling."""
+    import csv
+    import dataclasses
+
+    import h5py
+
+    from medprobe.extract import extract_activations
+    from medprobe.gpu_job import GpuJob
+    from medprobe.settings import ExtractionSettings
+
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, image in enumerate(make_images(seed=5)):
+        image.save(tmp_path / "images" / f"img_{i}.png")
+        rows.append({"image_id": f"img_{i}", "path": f"images/img_{i}.png", "split": "train", "patient_id": f"p{i}",
+                     "label": "0", "labels": "", "source": "demo", "group": ""})  # fmt: skip
+    manifest = tmp_path / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    settings = ExtractionSettings(batch_size=2, num_workers=0, dtype="float32", prefetch_factor=2, shards=1,
+                                  compression="none", compression_level=4, prompt_format=prompt_format)  # fmt: skip
+    cfg = {"adapter": "hf_vlm", "checkpoint": str(checkpoints["tiny-idefics3"]), "pooling": "mean_image"}
+    prompt = "What can you see on this knee radiograph?"
+    out = extract_activations(manifest, tmp_path / "act.h5", settings=dataclasses.replace(settings), model_name="t",
+                              model=cfg, prompt=prompt, job=GpuJob.on("cpu"), root=tmp_path, progress=False)  # fmt: skip
+    adapter = load_adapter(cfg, device="cpu")
+    images = [Image.open(tmp_path / "images" / f"img_{i}.png").convert("RGB") for i in range(3)]
+    expected = torch.cat([adapter.forward(adapter.preprocess([im], prompt, prompt_format))[0] for im in images])
+    with h5py.File(out, "r") as handle:
+        np.testing.assert_allclose(handle["activations"][()], expected.numpy(), rtol=1e-4, atol=1e-4)
+        assert handle.attrs["pooling"] == "mean_image" and handle.attrs["prompt_format"] == prompt_format
+        assert handle.attrs["prompt"] == adapter.prompt_text(prompt, prompt_format)
