@@ -76,12 +76,29 @@ def test_unknown_pooling_is_refused_before_loading():
 def test_chat_prompt_is_the_processors_template(adapters, name):
     adapter = adapters[name, "last"]
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPTS[0]}]}]
-    expected = adapter.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    if name == "tiny-paligemma":  # no chat template: PaliGemma's own layout, the processor adds BOS and "\n"
+        assert not adapter.processor.chat_template
+        expected = f"<image>{PROMPTS[0]}"
+    else:
+        expected = adapter.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        assert expected.rstrip().endswith(("Assistant:", "ASSISTANT:"))
     assert adapter.prompt_text(PROMPTS[0]) == adapter.prompt_text(PROMPTS[0], "chat") == expected
-    assert "<image>" in expected and expected.rstrip().endswith(("Assistant:", "ASSISTANT:"))
+    assert "<image>" in expected
     batch = adapter.preprocess(make_images()[:1], PROMPTS[0])
     direct = adapter.processor(text=[expected], images=[make_images()[:1]], return_tensors="pt")
     assert torch.equal(batch["input_ids"], direct["input_ids"])
+    if name == "tiny-paligemma":  # <image> x 16, BOS, the prompt, "\n": the prefix PaliGemma was trained on
+        tokenizer = adapter.processor.tokenizer
+        ids = batch["input_ids"][0].tolist()
+        assert ids[:17] == [image_token_id(adapter)] * 16 + [tokenizer.bos_token_id]
+        assert tokenizer.decode(ids[17:]) == f"{PROMPTS[0]}\n" and "labels" not in batch
+
+
+def test_a_processor_without_chat_template_or_layout_is_refused(checkpoints):
+    adapter = load_adapter({"adapter": "hf_vlm", "checkpoint": str(checkpoints["tiny-llava"])}, device="cpu")
+    adapter.processor.chat_template = None
+    with pytest.raises(ValueError, match="no chat template.*prompt_format: question_answer"):
+        adapter.prompt_text("What is it?", "chat")
 
 
 @pytest.mark.parametrize("name", VLM_NAMES)
@@ -132,7 +149,7 @@ def test_mean_image_pools_exactly_the_images_tokens(adapters, name):
     counts = image_positions.sum(dim=1).tolist()
     if name == "tiny-idefics3":  # 4 tokens per 32-px tile: 2 x 2 tiles + the global one, 2 x 1 + 1, 2 x 2 + 1
         assert counts == [4 * 5, 4 * 3, 4 * 5]
-    else:  # LLaVA: (32 / 8) ** 2 patches per image
+    else:  # LLaVA, PaliGemma: (32 / 8) ** 2 patches per image
         assert counts == [16, 16, 16]
     # Those positions are the image's: changing the pixels changes exactly them in the embedding output.
     other = dict(batch, pixel_values=-batch["pixel_values"])  # padding tiles stay zero

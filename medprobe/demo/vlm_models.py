@@ -128,9 +128,34 @@ def _save_llava(out_dir: Path) -> None:
     processor.save_pretrained(out_dir)
 
 
+def _save_paligemma(out_dir: Path) -> None:
+    """PaliGemma: a SigLIP tower, a Gemma language model, no chat template (the processor lays out the prompt)."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tokenizer = _tokenizer([])
+    image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = (32 // 8) ** 2  # 16 <image> tokens per image, whatever its shape
+    # The processor adds the <image> token and PaliGemma's 1152 <locXXXX>/<segXXX> tokens to the tokenizer.
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    text = dict(_text_config(tokenizer), model_type="gemma", head_dim=16)
+    config = PaliGemmaConfig(
+        text_config=text,
+        vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=32, patch_size=8),
+        image_token_index=processor.image_token_id,
+        vocab_size=len(tokenizer),
+        projection_dim=_TEXT["hidden_size"],
+        hidden_size=_TEXT["hidden_size"],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    PaliGemmaForConditionalGeneration(config).eval().save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-idefics3": _save_idefics3,
     "tiny-llava": _save_llava,
+    "tiny-paligemma": _save_paligemma,
 }
 VLM_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 

@@ -8,7 +8,7 @@ A config entry names the adapter and a hub id (or local directory), nothing else
         checkpoint: HuggingFaceTB/SmolVLM-256M-Instruct
         pooling: mean_image      # last (default) | mean | mean_image
 
-Tested offline on tiny random builds of Idefics3 (SmolVLM) and LLaVA (:mod:`medprobe.demo.vlm_models`).
+Tested offline on tiny random builds of Idefics3 (SmolVLM), LLaVA and PaliGemma (:mod:`medprobe.demo.vlm_models`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ __all__ = ["VLM_POOLINGS", "VlmAdapter"]
 # ``mean``: the mean over all real (non-padding) tokens; ``mean_image``: the mean over the image's tokens.
 VLM_POOLINGS = ("last", "mean", "mean_image")
 
+# The ``chat`` prompt of processors that have no chat template but a prompt layout of their own, by class name.
+# PaliGemma's processor puts BOS after the image tokens and a newline after the text itself, giving the
+# model's own ``<image>...<image><bos>{prompt}\n`` prefix.
+_RAW_LAYOUTS = {"PaliGemmaProcessor": "{image}{prompt}"}
+
 
 @register("hf_vlm")
 class VlmAdapter(Adapter):
@@ -36,7 +41,9 @@ class VlmAdapter(Adapter):
     Prompt formats (``extraction.prompt_format``):
 
     * ``chat``: the processor's own chat template given one user turn holding an image part and a text
-      part, with the generation prompt added (``apply_chat_template(..., add_generation_prompt=True)``);
+      part, with the generation prompt added (``apply_chat_template(..., add_generation_prompt=True)``); for a
+      processor without a template but with a layout of its own (PaliGemma) that layout, ``{image}{prompt}``
+      (the processor adds BOS after the image tokens and the closing newline), and an error for any other;
     * ``question_answer``: the paper's raw ``{image}Question: {prompt} Answer:``, the image token first as
       the processor expects it (no turns, no template) - also the route for models without a template.
 
@@ -105,9 +112,13 @@ class VlmAdapter(Adapter):
             return f"{self._image_placeholder()}Question: {prompt} Answer:"
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         if not getattr(self.processor, "chat_template", None):
-            raise ValueError(
-                f"the processor of {self.checkpoint} has no chat template; use extraction.prompt_format: question_answer"
-            )
+            raw = _RAW_LAYOUTS.get(type(self.processor).__name__)
+            if raw is None:
+                raise ValueError(
+                    f"the processor of {self.checkpoint} has no chat template; "
+                    "use extraction.prompt_format: question_answer"
+                )
+            return raw.format(image=self._image_placeholder(), prompt=prompt)
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
     def preprocess(
@@ -124,7 +135,8 @@ class VlmAdapter(Adapter):
             )
         finally:
             tokenizer.padding_side = previous
-        return {key: value for key, value in encoded.items() if isinstance(value, torch.Tensor)}
+        # ``labels`` (PaliGemma's processor makes them for fine-tuning) are not an input of the forward pass.
+        return {key: value for key, value in encoded.items() if isinstance(value, torch.Tensor) and key != "labels"}
 
     # ------------------------------------------------------------------ running
     def pool_weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
