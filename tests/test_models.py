@@ -60,7 +60,7 @@ def clip(tiny_models) -> ClipAdapter:
 def test_build_rejects_unknown_name_listing_valid_ones(tmp_path):
     with pytest.raises(ValueError) as error:
         build("tiny-gpt", tmp_path / "x")
-    for name in ("tiny-gpt", "tiny-idefics-large", "tiny-idefics-small", "tiny-clip"):
+    for name in ("tiny-gpt", "tiny-idefics-large", "tiny-idefics-small", "tiny-clip", "tiny-dinov2"):
         assert name in str(error.value)
     assert not (tmp_path / "x").exists()
 
@@ -86,6 +86,9 @@ def test_build_is_seeded_and_replaces_atomically(tmp_path, tiny_models):
 def test_builds_are_the_hub_layout(tiny_models):
     for name, directory in tiny_models.items():
         files = {p.name for p in directory.iterdir()}
+        if name == "tiny-dinov2":  # a vision-only encoder: an image processor, no tokenizer
+            assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files, name
+            continue
         assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= files, name
 
 

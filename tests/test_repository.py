@@ -73,7 +73,7 @@ def test_demo_dry_run_plans_every_step(repo, tmp_path):
     result = run(SNAKEMAKE + ["-n", "--directory", str(tmp_path)], repo)
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout)
-    assert jobs["extract"] == jobs["probe"] == jobs["efficiency"] == jobs["evaluate"] == 24
+    assert jobs["extract"] == jobs["probe"] == jobs["efficiency"] == jobs["evaluate"] == 28  # 3 x 8 + DINOv2 on 4
     assert jobs["prepare"] == jobs["demo_data"] == 8 and jobs["figure"] == 7  # 3, 4, 5, 6, S5, S6 and NEJM 1d
 
 

@@ -1,7 +1,8 @@
-"""Tiny, randomly initialised IDEFICS (v1) and CLIP checkpoints, built offline.
+"""Tiny, randomly initialised IDEFICS (v1), CLIP and DINOv2 checkpoints, built offline.
 
-They stand in for ``HuggingFaceM4/idefics-80b-instruct``, ``HuggingFaceM4/idefics-9b-instruct`` and
-``openai/clip-vit-base-patch32`` in the demo and the tests.  Each build saves a model *and* its processor
+They stand in for ``HuggingFaceM4/idefics-80b-instruct``, ``HuggingFaceM4/idefics-9b-instruct``,
+``openai/clip-vit-base-patch32`` and ``facebook/dinov2-small`` (a plain vision encoder, loaded by the
+generic ``hf_vision`` adapter) in the demo and the tests.  Each build saves a model *and* its processor
 with ``save_pretrained`` so that exactly the adapter code that loads the real checkpoints from the hub
 (:mod:`medprobe.models`) loads these from a local directory.  Nothing here touches the network.
 
@@ -59,7 +60,8 @@ _IDEFICS_SHAPES = {
     "tiny-idefics-small": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
 }
 _CLIP_NAME = "tiny-clip"
-MODEL_NAMES: tuple[str, ...] = (*_IDEFICS_SHAPES, _CLIP_NAME)
+_DINOV2_NAME = "tiny-dinov2"
+MODEL_NAMES: tuple[str, ...] = (*_IDEFICS_SHAPES, _CLIP_NAME, _DINOV2_NAME)
 
 
 def _train_llama_like_tokenizer():
@@ -205,9 +207,32 @@ def _save_clip(name: str, out_dir: Path) -> None:
     processor.save_pretrained(out_dir)
 
 
+def _save_dinov2(name: str, out_dir: Path) -> None:
+    """A vision-only backbone (no text tower, no tokenizer): ``Dinov2Model`` with DINOv2's own image
+    processing (shortest edge to 256, centre crop to 224)."""
+    from transformers import Dinov2Config, Dinov2Model
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    config = Dinov2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=_IMAGE_SIZE,
+        patch_size=32,
+    )
+    model = Dinov2Model(config).eval()
+    processor = BitImageProcessorPil(
+        size={"shortest_edge": 256}, crop_size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
 _BUILDERS: dict[str, Callable[[str, Path], None]] = {
     **{name: _save_idefics for name in _IDEFICS_SHAPES},
     _CLIP_NAME: _save_clip,
+    _DINOV2_NAME: _save_dinov2,
 }
 
 
@@ -215,7 +240,8 @@ def build(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny model ``name`` and save model + processor into ``out_dir``.
 
     Args:
-        name: one of :data:`MODEL_NAMES` (``tiny-idefics-large``, ``tiny-idefics-small``, ``tiny-clip``).
+        name: one of :data:`MODEL_NAMES` (``tiny-idefics-large``, ``tiny-idefics-small``, ``tiny-clip``,
+            ``tiny-dinov2``).
         out_dir: the checkpoint directory to create; an existing one is replaced.
         seed: seeds the random weights; the same seed gives identical weights.
 

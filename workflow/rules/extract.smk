@@ -10,7 +10,7 @@ rule demo_model:
     log:
         "logs/demo_model/{build}.log",
     wildcard_constraints:
-        build="tiny-idefics-large|tiny-idefics-small|tiny-clip",
+        build="tiny-idefics-large|tiny-idefics-small|tiny-clip|tiny-dinov2",
     conda:
         ENV
     params:

@@ -1,4 +1,4 @@
-"""Build a tiny random demo model offline (stands in for IDEFICS-80B/9B or CLIP)."""
+"""Build a tiny random demo model offline (stands in for IDEFICS-80B/9B, CLIP or DINOv2)."""
 
 from medprobe.demo.models import build
 from medprobe.logs import rule_logging
