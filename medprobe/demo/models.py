@@ -254,6 +254,12 @@ def build(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown demo model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    return build_seeded(lambda folder: _BUILDERS[name](name, folder), out_dir, seed)
+
+
+def build_seeded(save: Callable[[Path], None], out_dir: str | Path, seed: int) -> Path:
+    """Run ``save(folder)`` under ``torch.manual_seed(seed)`` into a sibling temporary folder renamed to
+    ``out_dir`` once complete, so the directory never exists half-written; the caller's RNG is left alone."""
     import torch
 
     out_dir = Path(out_dir)
@@ -263,7 +269,7 @@ def build(name: str, out_dir: str | Path, seed: int = 0) -> Path:
         # fork_rng keeps the caller's global RNG state untouched by our seeding.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            _BUILDERS[name](name, tmp_dir)
+            save(tmp_dir)
         if out_dir.exists():
             shutil.rmtree(out_dir)  # os.replace cannot overwrite a non-empty directory
         os.replace(tmp_dir, out_dir)

@@ -10,13 +10,10 @@ torchvision is not installed next to torch.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from medprobe.demo.models import _TOKENIZER_CORPUS
+from medprobe.demo.models import _TOKENIZER_CORPUS, build_seeded
 
 __all__ = ["VLM_NAMES", "build_vlm"]
 
@@ -168,19 +165,4 @@ def build_vlm(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown tiny VLM {name!r}; valid names: {', '.join(VLM_NAMES)}")
-    import torch
-
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            _BUILDERS[name](tmp_dir)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return out_dir
+    return build_seeded(_BUILDERS[name], out_dir, seed)

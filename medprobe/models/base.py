@@ -330,3 +330,53 @@ class Adapter(abc.ABC):
             f"{type(self).__name__}(checkpoint={self.checkpoint!r}, revision={self.revision!r}, "
             f"layers={len(self.layer_names)}, hidden_dim={self.hidden_dim}, pooling={self.pooling!r})"
         )
+
+
+class _StopForward(Exception):
+    """Raised once the deepest kept hidden state is pooled: nothing after it is needed."""
+
+
+def pooled_decoder_states(
+    decoder: torch.nn.Module,
+    run: Callable[[], Any],
+    keep: Sequence[int],
+    pool_state: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``(B, len(keep), D)``: each kept hidden state of a decoder, pooled by ``pool_state`` as it is produced.
+
+    Hooks on ``decoder.layers`` see the states transformers records as ``hidden_states``: hidden.0 is the
+    input of layer 0, hidden.i (0 < i < n) the output of layer i - 1, hidden.n the decoder's final normed
+    output (``run()``'s ``last_hidden_state``). Full sequences are never collected, and the forward pass
+    ``run`` stops once the deepest kept state is pooled.
+    """
+    n_layers = len(decoder.layers)
+    deepest = max(keep)
+    pooled: dict[int, torch.Tensor] = {}
+
+    def pool(index: int, state: torch.Tensor) -> None:
+        pooled[index] = pool_state(state)
+        if index == deepest:
+            raise _StopForward
+
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        pool(0, args[0] if args else kwargs["hidden_states"])
+
+    def make_hook(index: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            pool(index, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    handles = [
+        decoder.layers[index - 1].register_forward_hook(make_hook(index)) for index in keep if 0 < index < n_layers
+    ]
+    if 0 in keep:
+        handles.append(decoder.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+    try:
+        pool(n_layers, run().last_hidden_state)  # reached only when the final state is kept
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([pooled[index] for index in keep], dim=1)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from medprobe.models.base import PROMPT_FORMATS, Adapter, register
+from medprobe.models.base import PROMPT_FORMATS, Adapter, pooled_decoder_states, register
 
 __all__ = ["IdeficsAdapter", "as_prompt_list"]
 
@@ -110,41 +110,16 @@ class IdeficsAdapter(Adapter):
         # gated cross-attention block), hidden.i (0 < i < num_hidden_layers) the output of decoder layer
         # i - 1, and hidden.{num_hidden_layers} the decoder's final normed output.
         decoder = self.model.model
-        n_layers = len(decoder.layers)
-        deepest = max(keep)
-        pooled: dict[int, torch.Tensor] = {}
 
-        def pool(index: int, state: torch.Tensor) -> None:
+        def last(state: torch.Tensor) -> torch.Tensor:
             if state.device != rows.device:  # device_map: this layer lives on another GPU
-                pooled[index] = state[rows.to(state.device), last_real.to(state.device)].to(self.device)
-            else:
-                pooled[index] = state[rows, last_real]
-            if index == deepest:
-                raise _StopForward
+                return state[rows.to(state.device), last_real.to(state.device)].to(self.device)
+            return state[rows, last_real]
 
-        def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            pool(0, args[0] if args else kwargs["hidden_states"])
+        def run() -> Any:
+            return decoder(**batch, use_cache=False, return_dict=True)
 
-        def make_hook(index: int) -> Any:
-            def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-                pool(index, output[0] if isinstance(output, tuple) else output)
-
-            return hook
-
-        handles = [
-            decoder.layers[index - 1].register_forward_hook(make_hook(index)) for index in keep if 0 < index < n_layers
-        ]
-        if 0 in keep:
-            handles.append(decoder.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-        try:
-            outputs = decoder(**batch, use_cache=False, return_dict=True)
-            pool(n_layers, outputs.last_hidden_state)  # reached only when the final state is kept
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        return torch.stack([pooled[index] for index in keep], dim=1), None
+        return pooled_decoder_states(decoder, run, keep, last), None
 
     # ------------------------------------------------------------------ answering (NEJM evaluation)
     # Conversations are processor lists: strings and PIL images interleaved in reading order, e.g.
@@ -271,7 +246,3 @@ class IdeficsAdapter(Adapter):
             scored = (mask[:, 1:] == 1) & (rank[:, 1:] >= first_scored.unsqueeze(1))
             sums = torch.where(scored, token_logprobs, torch.zeros_like(token_logprobs)).sum(dim=1)
         return [float(v) for v in sums.cpu()], n_tokens
-
-
-class _StopForward(Exception):
-    """Raised by the pre-hook of the deepest kept decoder layer: nothing after it is needed."""

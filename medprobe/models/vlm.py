@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from medprobe.models.base import PROMPT_FORMATS, Adapter, register
+from medprobe.models.base import PROMPT_FORMATS, Adapter, pooled_decoder_states, register
 from medprobe.models.idefics import as_prompt_list
 
 __all__ = ["VLM_POOLINGS", "VlmAdapter"]
@@ -170,42 +170,8 @@ class VlmAdapter(Adapter):
         return mean
 
     def _pooled_states(self, batch: dict[str, torch.Tensor], keep: Sequence[int]) -> tuple[torch.Tensor, None]:
-        pool_state = self._pooler(batch)
-        decoder = self.model.get_decoder()
-        n_layers = len(decoder.layers)
-        deepest = max(keep)
-        pooled: dict[int, torch.Tensor] = {}
+        # The model without its language-model head: the logits are not needed.
+        def run() -> Any:
+            return self.model.model(**batch, use_cache=False, return_dict=True)
 
-        def pool(index: int, state: torch.Tensor) -> None:
-            pooled[index] = pool_state(state)
-            if index == deepest:
-                raise _StopForward
-
-        def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            pool(0, args[0] if args else kwargs["hidden_states"])
-
-        def make_hook(index: int) -> Any:
-            def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-                pool(index, output[0] if isinstance(output, tuple) else output)
-
-            return hook
-
-        handles = [
-            decoder.layers[index - 1].register_forward_hook(make_hook(index)) for index in keep if 0 < index < n_layers
-        ]
-        if 0 in keep:
-            handles.append(decoder.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-        try:
-            # The model without its language-model head: the logits are not needed.
-            outputs = self.model.model(**batch, use_cache=False, return_dict=True)
-            pool(n_layers, outputs.last_hidden_state)  # reached only when the final state is kept
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        return torch.stack([pooled[index] for index in keep], dim=1), None
-
-
-class _StopForward(Exception):
-    """Raised once the deepest kept hidden state is pooled: nothing after it is needed."""
+        return pooled_decoder_states(self.model.get_decoder(), run, keep, self._pooler(batch)), None
