@@ -134,3 +134,31 @@ def test_one_figure_target(repo, tmp_path):
     jobs = dry_run_jobs(repo, tmp_path, "results/figures/figure3.pdf")
     figures = [wc["figure"] for rule, wc in jobs if rule == "figure"]
     assert figures == ["figure3"]
+
+
+def test_where_probes_run_never_reruns_them(repo, done, tmp_path):
+    """probe.gpus, probe.layer_batch, probe.resources and efficiency.gpus say where and how probes run, not
+    what they compute: changing them plans no job."""
+    workdir, _ = done
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["probe"].update(gpus=1, layer_batch=4, resources={"mem_mb": 1234, "runtime": 5, "gpu_model": "h200"})
+    config["efficiency"]["gpus"] = 2
+    path = tmp_path / "where.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert dry_run_jobs(repo, workdir, "--configfile", str(path)) == []
+
+
+def test_paper_config_plans_probes_on_a_gpu(repo, tmp_path):
+    """config/paper.yaml fits its probes on GPUs: the probe and efficiency jobs claim probe.gpus /
+    efficiency.gpus and probe.resources (the SLURM request)."""
+    out = subprocess.run(
+        SNAKEMAKE + ["results/probes/idefics_80b/T1/probe.json", "results/probes/idefics_80b/T1/efficiency.h5",
+                     "--dry-run", "--directory", str(tmp_path), "--configfile", str(repo / "config" / "paper.yaml")],
+        cwd=repo, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for rule in ("probe", "efficiency"):
+        block = re.search(rf"^rule {rule}:\n(?:    .*\n)+", out.stdout + out.stderr, flags=re.MULTILINE)
+        assert block, rule
+        resources = re.search(r"resources: (.*)", block.group(0)).group(1)
+        assert "gpu=1" in resources.split(", ") and "mem_mb=64000" in resources.split(", "), resources

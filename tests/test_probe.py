@@ -596,8 +596,10 @@ BINARY = TaskSettings(
 MULTILABEL = dataclasses.replace(BINARY, kind="multilabel", classes=tuple(FINDINGS))
 
 
-def run_probe(h5_path, manifest_path, out, *, task=BINARY, probe=PROBE, layer="validation", seed=0, protocol=None):
-    """probe_task writing its three files into ``out`` under the rule's names."""
+def run_probe(
+    h5_path, manifest_path, out, *, task=BINARY, probe=PROBE, layer="validation", seed=0, protocol=None, **options
+):
+    """probe_task writing its three files into ``out`` under the rule's names (``options``: device, layer_batch)."""
     return probe_task(
         h5_path,
         manifest_path,
@@ -609,6 +611,7 @@ def run_probe(h5_path, manifest_path, out, *, task=BINARY, probe=PROBE, layer="v
         layer=layer,
         seed=seed,
         protocol=protocol,
+        **options,
     )
 
 
@@ -968,3 +971,37 @@ def test_non_finite_activations_stop_the_probe_naming_the_images(tmp_path):
     with pytest.raises(ValueError, match=r"hidden\.2.*img007.*img011|img007.*img011.*hidden\.2"):
         run_probe(h5_path, manifest_path, tmp_path / "probes")
     assert not (tmp_path / "probes" / "predictions.h5").exists()
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+@pytest.mark.parametrize("refit", [False, True])
+def test_layers_fitted_together_get_the_result_each_gets_alone(tmp_path, multilabel, refit):
+    """probe.layer_batch (the GPU path: several layers' C searches in one lockstep solve, the next layers read
+    while these are fitted), run here on the CPU, gives every layer the C, scores and test probabilities that
+    layer-by-layer fitting gives; groups never mix the hidden states with the narrower image_embeds."""
+    h5_path, manifest_path, _ = write_task(tmp_path, with_embeddings=True, n_layers=5, multilabel=multilabel)
+    task = MULTILABEL if multilabel else BINARY
+    probe = dataclasses.replace(PROBE, refit=refit)
+    alone = run_probe(h5_path, manifest_path, tmp_path / "alone", task=task, probe=probe, layer_batch=1)
+    together = run_probe(h5_path, manifest_path, tmp_path / "together", task=task, probe=probe, layer_batch=3)
+    assert together["layer"] == alone["layer"]
+    for one, other in zip(alone["layers"], together["layers"], strict=True):
+        assert one["name"] == other["name"] and one["C"] == other["C"] and one["n_iter"] == other["n_iter"]
+        assert [c for c, _ in one["C_tried"]] == [c for c, _ in other["C_tried"]]
+        np.testing.assert_allclose([v for _, v in one["C_tried"]], [v for _, v in other["C_tried"]], rtol=1e-12)
+        assert one["val_score"] == pytest.approx(other["val_score"], rel=1e-12)
+    with h5py.File(tmp_path / "alone" / "layers.h5") as a, h5py.File(tmp_path / "together" / "layers.h5") as b:
+        np.testing.assert_allclose(a["probabilities"][:], b["probabilities"][:], rtol=0, atol=1e-6)
+
+
+def test_layer_batch_groups_and_sizes():
+    from medprobe.probe.task import _layer_groups, layer_batch_size
+
+    assert _layer_groups([6, 6, 6, 6, 6, 4], 2) == [[0, 1], [2, 3], [4], [5]]
+    assert _layer_groups([6, 6, 4], 1) == [[0], [1], [2]]
+    # auto is one layer at a time on the CPU; an integer is taken as it is; anything else is refused.
+    assert layer_batch_size("auto", None, None, PROBE, torch.device("cpu")) == 1
+    assert layer_batch_size(7, None, None, PROBE, torch.device("cpu")) == 7
+    for bad in (0, -1, "all", 2.5, True):
+        with pytest.raises(ValueError, match="probe.layer_batch must be a positive integer or 'auto'"):
+            layer_batch_size(bad, None, None, PROBE, torch.device("cpu"))

@@ -100,6 +100,12 @@ class Activations:
         """The stored layer name a config value means (:func:`medprobe.layers.resolve_layer`)."""
         return resolve_layer(layer, self.layer_names, os.fspath(self.path), self.num_hidden_states)
 
+    def width(self, name: str) -> int:
+        """The number of features of layer ``name``."""
+        if name == EMBEDDINGS_LAYER and "embeddings" in self.handle:
+            return int(self.handle["embeddings"].shape[1])
+        return int(self.handle["activations"].shape[2])
+
     def read(self, name: str) -> np.ndarray:
         """One layer's features ``(N, D)``, checked finite; never the whole activations array."""
         if name == EMBEDDINGS_LAYER and "embeddings" in self.handle:

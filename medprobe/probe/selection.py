@@ -107,36 +107,70 @@ def _search_C(
     options: FitOptions,
     refine_points: int = REFINE_POINTS,
 ) -> _Selection:
-    """C search on one layer's training ``problem`` (the arguments of :func:`select_C`). The grid's values are
-    fitted together, sharing their passes over the features (:func:`_drive`); the refinement's values
-    likewise, each warm-started from the fit at the nearest smaller grid value."""
+    """C search on one layer's training ``problem`` (the arguments of :func:`select_C`): :func:`_search_C_layers`
+    for a single layer."""
+    return _search_C_layers(problem, [X_val], y_val, grid, refine=refine, options=options, refine_points=refine_points)[
+        0
+    ]
+
+
+def _search_C_layers(
+    problem: _Problem,
+    X_vals: Sequence[ArrayLike],
+    y_val: ArrayLike,
+    grid: Sequence[float],
+    *,
+    refine: bool,
+    options: FitOptions,
+    refine_points: int = REFINE_POINTS,
+) -> list[_Selection]:
+    """C search on every layer of the training ``problem`` (``problem.Z`` is ``(L, n, d)``), each layer scored
+    on its own validation features ``X_vals[layer]``; one :class:`_Selection` per layer.
+
+    All layers' grid values are fitted in one lockstep solve (:func:`_drive`), sharing each layer's passes
+    over its features; then every layer's refinement values, each warm-started from that layer's fit at the
+    nearest smaller grid value. Each fit keeps its own L-BFGS state and stopping rule, so a layer's result
+    is the same whether it is searched alone or with others (the GPU path batches layers to fill the device).
+    """
     grid_values = _check_grid(grid)
+    n_layers = problem.Z.shape[0]
+    if len(X_vals) != n_layers:
+        raise ValueError(f"{len(X_vals)} validation feature sets for {n_layers} layers")
     y_val = y_val.cpu().numpy() if isinstance(y_val, torch.Tensor) else np.asarray(y_val)
-    tried: dict[float, tuple[float, LogisticProbe]] = {}
+    tried: list[dict[float, tuple[float, LogisticProbe]]] = [{} for _ in range(n_layers)]
 
-    def evaluate(Cs: Sequence[float], init: LogisticProbe | None) -> None:
-        fits = [(0, C, init) for C in Cs]
-        for C, probe in zip(Cs, _fit_prepared(problem, fits, max_iter=options.max_iter, tol=options.tol)):
-            tried[C] = (log_loss(probe, X_val, y_val, class_weight=options.class_weight), probe)
+    def evaluate(fits: Sequence[tuple[int, float, LogisticProbe | None]]) -> None:
+        probes = _fit_prepared(problem, fits, max_iter=options.max_iter, tol=options.tol)
+        for (layer, C, _), probe in zip(fits, probes):
+            loss = log_loss(probe, X_vals[layer], y_val, class_weight=options.class_weight)
+            tried[layer][C] = (loss, probe)
 
-    def best_of(candidates: Sequence[float]) -> float:
+    def best_of(layer: int, candidates: Sequence[float]) -> float:
         # Lowest validation log-loss; ties go to the smaller C (the more regularised model).
-        return min(candidates, key=lambda c: (tried[c][0], c))
+        return min(candidates, key=lambda c: (tried[layer][c][0], c))
 
-    evaluate([float(C) for C in grid_values], None)
-    best = best_of([float(c) for c in grid_values])
+    grid_list = [float(C) for C in grid_values]
+    evaluate([(layer, C, None) for layer in range(n_layers) for C in grid_list])
+    best = [best_of(layer, grid_list) for layer in range(n_layers)]
     if refine and refine_points > 0 and grid_values.size > 1:
-        position = int(np.searchsorted(grid_values, best))
-        low = grid_values[max(position - 1, 0)]
-        high = grid_values[min(position + 1, grid_values.size - 1)]
-        fine = [float(C) for C in np.geomspace(low, high, refine_points + 2)[1:-1]]
-        fine = [C for C in fine if not any(math.isclose(C, done, rel_tol=1e-9) for done in tried)]
-        if fine:
-            evaluate(fine, tried[float(low)][1])
-        best = best_of(list(tried))
-    loss, probe = tried[best]
-    auc = macro_auc(y_val, probe.predict_proba(X_val), probe.kind)
-    return _Selection(best, auc, loss, probe, [(c, tried[c][0]) for c in tried])
+        fine_fits = []
+        for layer in range(n_layers):
+            position = int(np.searchsorted(grid_values, best[layer]))
+            low = grid_values[max(position - 1, 0)]
+            high = grid_values[min(position + 1, grid_values.size - 1)]
+            fine = [float(C) for C in np.geomspace(low, high, refine_points + 2)[1:-1]]
+            fine = [C for C in fine if not any(math.isclose(C, done, rel_tol=1e-9) for done in tried[layer])]
+            fine_fits += [(layer, C, tried[layer][float(low)][1]) for C in fine]
+        if fine_fits:
+            evaluate(fine_fits)
+        best = [best_of(layer, list(tried[layer])) for layer in range(n_layers)]
+    selections = []
+    for layer, C in enumerate(best):
+        loss, probe = tried[layer][C]
+        auc = macro_auc(y_val, probe.predict_proba(X_vals[layer]), probe.kind)
+        table = [(c, tried[layer][c][0]) for c in tried[layer]]
+        selections.append(_Selection(C, auc, loss, probe, table))
+    return selections
 
 
 def select_C(

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from medprobe.labels import task_targets
 from medprobe.probe.files import Activations, write_json, write_probabilities
 from medprobe.probe.modes import _check_mode, _regularised_options, fit_mode
 from medprobe.probe.problem import FitOptions, _check_kind, _prepare, _resolve_dtype, _warn_absent
-from medprobe.probe.selection import _check_grid, _proba_log_loss, _search_C, macro_auc
+from medprobe.probe.selection import _check_grid, _proba_log_loss, _search_C_layers, macro_auc
 from medprobe.settings import ProbeSettings, TaskSettings
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def probe_task(
     seed: int,
     protocol: str | None,
     device: str | torch.device | None = None,
+    layer_batch: int | str = 1,
 ) -> dict:
     """Probe every layer of an activations file; write ``layers``, ``predictions`` and the ``summary``
     (probe.json) to the given paths (contract: docs/architecture.md, "Probes"). Returns the summary.
@@ -96,11 +98,18 @@ def probe_task(
     with ``layer="validation"`` a second one, on train, scores the val split. The headline layer is the best
     validation macro AUC (ties: the shallower layer) when ``layer == "validation"``, else the fixed layer
     (:func:`medprobe.layers.resolve_layer`). Targets: :func:`medprobe.labels.task_targets`.
+
+    ``device`` is where the probes are fitted (None: the CPU). ``layer_batch`` layers (``"auto"``: see
+    :func:`layer_batch_size`) have their C searches fitted together in one lockstep solve; each layer's result
+    does not depend on it. The next layers are read from the HDF5 while the current ones are fitted.
     """
     _check_settings(task, probe)
     with Activations(activations, manifest) as source:
         plan = _plan(source, task, probe, layer)
-        fitted = _probe_layers(source, plan, probe, seed=seed, device=device)
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        batch = layer_batch_size(layer_batch, source, plan, probe, target)
+        logger.info("%s: fitting %d layer(s) on %s, %d per solve", activations, len(source.layer_names), target, batch)
+        fitted = _probe_layers(source, plan, probe, seed=seed, device=target, layer_batch=batch)
     choice = _choose_layer(plan, fitted, activations)
     _write_probabilities(plan, fitted, choice, layers=layers, predictions=predictions)
     result = _summary(
@@ -164,37 +173,98 @@ def _plan(source: Activations, task: TaskSettings, probe: ProbeSettings, layer: 
     )
 
 
+def layer_batch_size(
+    layer_batch: int | str, source: Activations, plan: _Plan, probe: ProbeSettings, device: torch.device
+) -> int:
+    """How many layers are fitted together: ``layer_batch`` itself, or for ``"auto"`` 1 on the CPU (batching
+    layers gains nothing there and multiplies the memory) and on a CUDA device as many layers as half of its
+    free memory holds, each layer counted as its standardised training features plus its validation and test
+    rows. Only the regularised probe's C search batches layers."""
+    if layer_batch != "auto":
+        if isinstance(layer_batch, bool) or not isinstance(layer_batch, int) or layer_batch < 1:
+            raise ValueError(f"probe.layer_batch must be a positive integer or 'auto', got {layer_batch!r}")
+        return layer_batch
+    if device.type != "cuda" or probe.mode != "regularised":
+        return 1
+    n_rows = int(plan.masks["train"].sum() + plan.masks["val"].sum() + plan.masks["test"].sum())
+    width = int(source.handle["activations"].shape[2])
+    bytes_per_layer = n_rows * width * torch.tensor([], dtype=_resolve_dtype(probe.dtype)).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    batch = max(1, min(len(source.layer_names), int(0.5 * free // max(bytes_per_layer, 1))))
+    logger.info("probe.layer_batch auto: %d layer(s) per solve (%.1f GB free on %s)", batch, free / 1e9, device)
+    return batch
+
+
+def _layer_groups(widths: list[int], size: int) -> list[list[int]]:
+    """Consecutive layer indices in groups of at most ``size``, a group never mixing feature widths (the
+    projected ``image_embeds`` is narrower than the hidden states)."""
+    groups: list[list[int]] = []
+    for index, width in enumerate(widths):
+        if groups and len(groups[-1]) < size and widths[groups[-1][0]] == width:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+def _read_group(source: Activations, plan: _Plan, names: list[str], group: list[int]) -> list[dict[str, np.ndarray]]:
+    """The split rows (``plan.masks``) of each layer of ``group``."""
+    rows = []
+    for index in group:
+        features = source.read(names[index])
+        rows.append({split: features[mask] for split, mask in plan.masks.items()})
+    return rows
+
+
+def _prefetched_groups(source: Activations, plan: _Plan, names: list[str], groups: list[list[int]]):
+    """Yield ``(group, its layers' rows)``; the next group is read in a background thread meanwhile (h5py
+    reads while torch, which releases the GIL, fits)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medprobe-read") as pool:
+        pending = pool.submit(_read_group, source, plan, names, groups[0]) if groups else None
+        for position, group in enumerate(groups):
+            rows = pending.result()
+            pending = (
+                pool.submit(_read_group, source, plan, names, groups[position + 1])
+                if position + 1 < len(groups)
+                else None
+            )
+            yield group, rows
+
+
 def _probe_layers(
-    source: Activations, plan: _Plan, probe: ProbeSettings, *, seed: int, device: str | torch.device | None
-) -> _Layers:
-    target_device = torch.device(device) if device is not None else torch.device("cpu")
-    names = source.layer_names
-    probabilities = np.empty((len(names), len(plan.ids_test), len(plan.classes)), dtype=np.float32)
-    entries: list[dict] = []
-    for index, name in enumerate(names):
-        features = source.read(name)
-        X = {split: features[mask] for split, mask in plan.masks.items()}
-        del features
-        result = _probe_layer(X, plan, probe, seed=seed, device=target_device, warn_absent=index == 0)
-        probabilities[index] = result.final.predict_proba(X["test"])
-        entries.append(_layer_entry(name, result))
-        logger.info("layer %s: C=%g val macro AUC=%.4f", name, result.C, result.val_score)
-    absent = [plan.classes[k] for k in result.final.absent_classes]
-    return _Layers(names, probabilities, entries, absent)
-
-
-def _probe_layer(
-    X: dict[str, np.ndarray],
+    source: Activations,
     plan: _Plan,
     probe: ProbeSettings,
     *,
     seed: int,
     device: torch.device,
-    warn_absent: bool,
+    layer_batch: int = 1,
+) -> _Layers:
+    names = source.layer_names
+    probabilities = np.empty((len(names), len(plan.ids_test), len(plan.classes)), dtype=np.float32)
+    entries: list[dict] = []
+    absent: tuple[int, ...] = ()
+    for group, rows in _prefetched_groups(
+        source, plan, names, _layer_groups([source.width(name) for name in names], layer_batch)
+    ):
+        first = group[0] == 0
+        if probe.mode == "regularised":
+            results = _regularised_layers(rows, plan, probe, device=device, warn_absent=first)
+        else:
+            results = [_paper_layer(X, plan, probe, seed=seed, device=device) for X in rows]
+        for index, X, result in zip(group, rows, results):
+            probabilities[index] = result.final.predict_proba(X["test"])
+            entries.append(_layer_entry(names[index], result))
+            absent = result.final.absent_classes
+            logger.info("layer %s: C=%g val macro AUC=%.4f", names[index], result.C, result.val_score)
+    return _Layers(names, probabilities, entries, [plan.classes[k] for k in absent])
+
+
+def _paper_layer(
+    X: dict[str, np.ndarray], plan: _Plan, probe: ProbeSettings, *, seed: int, device: torch.device
 ) -> _LayerResult:
-    """Fit one layer: ``X`` holds the ``train``, ``val``, ``test`` and ``fit`` rows of its features."""
-    if probe.mode == "regularised":
-        return _regularised_layer(X, plan, probe, device=device, warn_absent=warn_absent)
+    """One layer's adam or sgd probe (``X``: the layer's ``train``, ``val``, ``test`` and ``fit`` rows); with a
+    layer chosen on validation, a second probe fitted on train scores the val split."""
     val_score = val_loss = math.nan
     if plan.need_val:
         trial = fit_mode(probe, X["train"], plan.y["train"], plan.kind, plan.classes, seed=seed, device=device)
@@ -205,20 +275,29 @@ def _probe_layer(
     return _LayerResult(math.inf, val_score, val_loss, [], final)
 
 
-def _regularised_layer(
-    X: dict[str, np.ndarray], plan: _Plan, probe: ProbeSettings, *, device: torch.device, warn_absent: bool
-) -> _LayerResult:
-    """C chosen on val by probes fitted on train; with ``refit`` the test probe is refitted on the fit rows."""
+def _regularised_layers(
+    rows: list[dict[str, np.ndarray]], plan: _Plan, probe: ProbeSettings, *, device: torch.device, warn_absent: bool
+) -> list[_LayerResult]:
+    """Layers fitted together: each layer's C chosen on val by probes fitted on train (one lockstep search over
+    all of them, :func:`medprobe.probe.selection._search_C_layers`); with ``refit`` each test probe is
+    refitted on the fit rows at its layer's C."""
     options = FitOptions(**_regularised_options(probe, plan.kind, plan.classes, device))
-    problem = _prepare(X["train"][None], plan.y["train"], plan.kind, options)
-    selection = _search_C(problem, X["val"], plan.y["val"], probe.C_grid, refine=probe.refine, options=options)
+    train = rows[0]["train"][None] if len(rows) == 1 else np.stack([X["train"] for X in rows])
+    problem = _prepare(train, plan.y["train"], plan.kind, options)
+    del train
+    selections = _search_C_layers(
+        problem, [X["val"] for X in rows], plan.y["val"], probe.C_grid, refine=probe.refine, options=options
+    )
     del problem
     if warn_absent:
-        _warn_absent(plan.kind, selection.probe.absent_classes, plan.classes)
-    final = selection.probe
-    if probe.refit:
-        final = fit_mode(probe, X["fit"], plan.y["fit"], plan.kind, plan.classes, C=selection.C, device=device)
-    return _LayerResult(selection.C, selection.val_auc, selection.val_log_loss, selection.table, final)
+        _warn_absent(plan.kind, selections[0].probe.absent_classes, plan.classes)
+    results = []
+    for X, selection in zip(rows, selections):
+        final = selection.probe
+        if probe.refit:
+            final = fit_mode(probe, X["fit"], plan.y["fit"], plan.kind, plan.classes, C=selection.C, device=device)
+        results.append(_LayerResult(selection.C, selection.val_auc, selection.val_log_loss, selection.table, final))
+    return results
 
 
 def _json_number(value: float) -> float | None:

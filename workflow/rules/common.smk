@@ -22,6 +22,14 @@ MODELS = list(config["models"])
 TABLES = ["metrics", "layers", "efficiency", "groups"]
 ENV = "../../envs/medprobe.yaml"
 ENV_FETCH = "../../envs/fetch.yaml"
+# What a probe's result depends on. probe.gpus, probe.layer_batch and probe.resources say only where and
+# how it runs (each layer's result does not depend on them), so they are no param: changing them never
+# reruns a probe. The scripts read probe.layer_batch from the config.
+PROBE_SETTINGS = {
+    key: value
+    for key, value in config["probe"].items()
+    if key not in ("gpus", "layer_batch", "resources")
+}
 
 
 wildcard_constraints:

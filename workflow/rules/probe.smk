@@ -14,9 +14,15 @@ rule probe:
     conda:
         ENV
     threads: config["threads"]["probe"]
+    resources:
+        gpu=lookup(dpath="probe/gpus", within=config),
+        mem_mb=lookup(dpath="probe/resources/mem_mb", within=config),
+        runtime=lookup(dpath="probe/resources/runtime", within=config),
+        cpus_per_gpu=lookup(dpath="probe/resources/cpus_per_gpu", within=config),
+        gpu_model=lookup(dpath="probe/resources/gpu_model", within=config),
     params:
         task=task_config,
-        probe=config["probe"],
+        probe=PROBE_SETTINGS,
         layer=lookup(dpath="models/{model}/layer", within=config),
         mode=model_probe_mode,
         protocol=config["protocol"],
@@ -37,9 +43,15 @@ rule efficiency:
     conda:
         ENV
     threads: config["threads"]["probe"]
+    resources:
+        gpu=lookup(dpath="efficiency/gpus", within=config),
+        mem_mb=lookup(dpath="probe/resources/mem_mb", within=config),
+        runtime=lookup(dpath="probe/resources/runtime", within=config),
+        cpus_per_gpu=lookup(dpath="probe/resources/cpus_per_gpu", within=config),
+        gpu_model=lookup(dpath="probe/resources/gpu_model", within=config),
     params:
         task=task_config,
-        probe=config["probe"],
+        probe=PROBE_SETTINGS,
         efficiency={
             key: config["efficiency"][key]
             for key in ("fractions", "seeds", "sampling")
