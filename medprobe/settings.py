@@ -139,6 +139,8 @@ class ExtractionSettings(_FromDict):
     compression: str
     compression_level: int
     prompt_format: str
+    # The layer selection of models without their own ``layers`` (all, every:<k> or indices).
+    layers: str | tuple[int, ...] = "all"
 
 
 @dataclasses.dataclass(frozen=True)

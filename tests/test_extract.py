@@ -652,3 +652,58 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_data(dataset, tmp_path, cl
     for key in reference:
         if key != "attr:software_version":
             np.testing.assert_array_equal(halved[key], reference[key], err_msg=key)
+
+
+def test_layer_selections_all_every_k_and_indices():
+    from medprobe.extract.plan import resolve_layers
+
+    assert resolve_layers("all", 4) == resolve_layers(None, 4) == [0, 1, 2, 3]
+    assert resolve_layers("every:3", 10) == [0, 3, 6, 9]
+    assert resolve_layers("every:3", 11) == [0, 3, 6, 9, 10]  # the last hidden state is always kept
+    assert resolve_layers("every:1", 3) == [0, 1, 2] and resolve_layers("every:50", 33) == [0, 32]
+    assert resolve_layers([-1, 0, 2], 5) == [0, 2, 4]
+    for bad in ("every:0", "every:", "every:x", "some", "every3"):
+        with pytest.raises(ValueError, match="valid: 'all', 'every:<k>'"):
+            resolve_layers(bad, 5)
+
+
+def test_int8_storage_is_per_channel_quantised_float16_and_sharding_does_not_change_it(dataset, tmp_path, clip_cfg):
+    """extraction.dtype int8: the jobs write float16, merge_shards stores round(x / s) with s = max|x| / 127 per
+    layer and channel over every image; readers get q * s back, within s / 2 of the float16 values; one job or
+    three shards give the same file contents; extraction.layers every:2 stores 0, 2, 4 of the 5 hidden states."""
+    from medprobe.extract import merge_shards
+
+    common = dict(model_name="clip", model=clip_cfg, prompt="", job=CPU, root=tmp_path, progress=False)
+    reference = extract_activations(dataset, tmp_path / "f16.h5", settings=settings(batch_size=2), **common)
+    int8 = settings(batch_size=2, dtype="int8", layers="every:2")
+    whole = extract_activations(dataset, tmp_path / "one.shards" / "0.h5", settings=int8, **common)
+    one = merge_shards(dataset, [whole], tmp_path / "one.h5")
+    shards = [
+        extract_activations(
+            dataset, tmp_path / "T.shards" / f"{i}.h5", settings=dataclasses.replace(int8, shards=3), shard=i, **common
+        )
+        for i in range(3)
+    ]
+    three = merge_shards(dataset, shards, tmp_path / "three.h5")
+    with h5py.File(whole) as shard:
+        assert shard["activations"].dtype == np.float16 and shard.attrs["dtype"] == "int8"
+    with h5py.File(reference) as f16, h5py.File(one) as q, h5py.File(three) as q3:
+        assert q["activations"].dtype == np.int8 and q["embeddings"].dtype == np.int8 and q.attrs["dtype"] == "int8"
+        assert list(q.attrs["layer_names"]) == ["hidden.0", "hidden.2", "hidden.4"]
+        assert q["scales"].shape == (3, 64) and q["embedding_scales"].shape == (q["embeddings"].shape[1],)
+        for name in ("activations", "embeddings", "scales", "embedding_scales"):
+            np.testing.assert_array_equal(q[name][()], q3[name][()], err_msg=name)
+        for stored, layer in enumerate([0, 2, 4]):
+            x = f16["activations"][:, layer, :].astype(np.float32)
+            scale = np.abs(x).max(axis=0) / 127
+            np.testing.assert_allclose(q["scales"][stored], np.where(scale > 0, scale, 1), rtol=1e-6)
+            expected = np.clip(np.rint(x / q["scales"][stored]), -127, 127).astype(np.int8)
+            np.testing.assert_array_equal(q["activations"][:, stored, :], expected)
+    for stored, name in enumerate(["hidden.0", "hidden.2", "hidden.4"]):
+        _, values = read_activations(one, name)
+        _, exact = read_activations(reference, ["hidden.0", "hidden.1", "hidden.2", "hidden.3", "hidden.4"].index(name))
+        with h5py.File(one) as q:
+            assert np.all(np.abs(values - exact) <= q["scales"][stored] / 2 + 1e-6), name
+    _, embeds = read_activations(one, "image_embeds")
+    _, exact = read_activations(reference, "image_embeds")
+    assert np.abs(embeds - exact).max() <= np.abs(exact).max() / 127

@@ -3,8 +3,9 @@
 The layout (``docs/architecture.md``)::
 
     ids           (N,)       UTF-8 image_id, manifest order
-    activations   (N, L, D)  float16 (or float32), chunks (min(N, 256), 1, D) so one layer reads fast
+    activations   (N, L, D)  float16 (or float32, or int8), chunks (min(N, 256), 1, D) so one layer reads fast
     embeddings    (N, E)     only for models with their own projected image embedding (CLIP)
+    scales        (L, D)     int8 files only: float32 per-channel scales (and embedding_scales (E,))
     attrs: layer_names, num_hidden_states, model, checkpoint, revision, prompt, prompt_format, pooling, dtype,
            software_version, manifest_sha256
 """
@@ -23,6 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from medprobe.extract.quantise import dequantise
 from medprobe.io import decode_strings, write_strings
 from medprobe.layers import EMBEDDINGS_LAYER
 
@@ -295,8 +297,20 @@ def read_activations(path: str | Path, layer: int | str) -> tuple[np.ndarray, np
         names = _stored_layer_names(handle)
         name = _layer_name(names, layer, path)
         ids = np.asarray(decode_strings(handle["ids"][()]), dtype=str)
-        if name == EMBEDDINGS_LAYER:
-            values = handle["embeddings"][()]
-        else:
-            values = handle["activations"][:, names.index(name), :]
+        values = read_layer(handle, names.index(name), name == EMBEDDINGS_LAYER)
     return ids, values.astype(np.float32, copy=False)
+
+
+def read_layer(handle: h5py.File, index: int, embeddings: bool = False) -> np.ndarray:
+    """Layer ``index`` of ``activations`` (or the ``embeddings``) of an open activations file, ``(N, D)``:
+    as stored for float16/float32 files, dequantised to float32 for int8 files (:mod:`medprobe.extract.quantise`)."""
+    if embeddings:
+        values, scales = handle["embeddings"][()], handle.get("embedding_scales")
+    else:
+        values, scales = handle["activations"][:, index, :], handle.get("scales")
+        scales = scales[index] if scales is not None else None
+    if values.dtype == np.int8:
+        if scales is None:
+            raise ValueError(f"activations file {handle.filename}: int8 values without their 'scales'")
+        return dequantise(values, scales[()])
+    return values

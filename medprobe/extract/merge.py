@@ -2,7 +2,9 @@
 
 A shard file is the activations file of consecutive, batch-aligned manifest rows, with the attributes
 ``shard_index``, ``shard_count``, ``row_start`` and ``row_stop`` added; the file of a job that was the whole
-manifest (one shard) has none of them and already is the activations file.
+manifest (one shard) has none of them and already is the activations file. Under ``extraction.dtype: int8``
+the shards hold float16 and the merge writes the int8 file with its per-channel scales
+(:mod:`medprobe.extract.quantise`), also for a single shard.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from medprobe.extract.files import CHUNK_ROWS, Layout, check_disk_space
 from medprobe.extract.plan import read_manifest
+from medprobe.extract.quantise import channel_scales, layer_absmax, quantise, row_blocks
 from medprobe.io import atomic_path, decode_strings, sha256_file
 
 __all__ = ["SHARD_ATTRS", "merge_shards"]
@@ -72,6 +75,10 @@ def merge_shards(manifest: str | Path, shard_paths: Sequence[str | Path], out_pa
         raise ValueError(f"the shards were extracted from another version of {manifest} (manifest_sha256 differs)")
     if shards[-1].rows[1] != len(manifest_ids):
         raise ValueError(f"the shards cover {shards[-1].rows[1]} rows but {manifest} has {len(manifest_ids)}")
+    if _decoded(shards[0].attrs.get("dtype")) == "int8":
+        _write_quantised(shards, manifest_ids, manifest, out_path)
+        logger.info("quantised %d shard(s) (%d images) to int8 into %s", len(shards), len(manifest_ids), out_path)
+        return out_path
     if len(shards) == 1:
         _check_ids(shards[0], manifest_ids, manifest)
         _link_or_copy(shards[0].path, out_path)
@@ -170,3 +177,57 @@ def _copy_rows(shard: _Shard, merged: h5py.File, embeddings: bool) -> None:
             merged["activations"][target] = source["activations"][block]
             if embeddings:
                 merged["embeddings"][target] = source["embeddings"][block]
+
+
+def _decoded(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _write_quantised(shards: list[_Shard], manifest_ids: list[str], manifest: Path, out_path: Path) -> None:
+    """The int8 activations file of the shards' float16 rows: every layer's per-channel scale from all rows
+    (first pass), then the rows quantised into place (second pass), in chunk-sized blocks."""
+    with h5py.File(shards[0].path, "r") as first:
+        layout = dataclasses.replace(Layout.of_file(first, manifest_ids), dtype=np.dtype(np.int8))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    what = f"{out_path.name} ({len(manifest_ids)} images, int8)"
+    check_disk_space(out_path.parent, layout.projected_size(), what)
+    handles = [h5py.File(shard.path, "r") for shard in shards]
+    try:
+        with atomic_path(out_path) as tmp, layout.open(tmp, "w") as merged:
+            layout.create_datasets(merged)
+            for key, value in shards[0].run_attrs.items():
+                merged.attrs[key] = value
+            for shard in shards:
+                _check_ids(shard, manifest_ids, manifest)
+            sources = [(handle["activations"], shard.rows[1] - shard.rows[0]) for shard, handle in zip(shards, handles)]
+            scales = np.stack(
+                [channel_scales(layer_absmax(sources, layer, CHUNK_ROWS)) for layer in range(layout.n_layers)]
+            )
+            merged.create_dataset("scales", data=scales)
+            for layer in range(layout.n_layers):
+                _quantise_rows(shards, handles, merged["activations"], scales[layer], layer)
+            if layout.embedding_dim is not None:
+                sources = [
+                    (handle["embeddings"], shard.rows[1] - shard.rows[0]) for shard, handle in zip(shards, handles)
+                ]
+                embedding_scales = channel_scales(layer_absmax(sources, None, CHUNK_ROWS))
+                merged.create_dataset("embedding_scales", data=embedding_scales)
+                _quantise_rows(shards, handles, merged["embeddings"], embedding_scales, None)
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+def _quantise_rows(
+    shards: list[_Shard], handles: list[h5py.File], target: h5py.Dataset, scales: np.ndarray, layer: int | None
+) -> None:
+    """One layer (``None``: the embeddings) of every shard, quantised with ``scales`` into ``target``."""
+    name = "embeddings" if layer is None else "activations"
+    for shard, handle in zip(shards, handles):
+        start, stop = shard.rows
+        for block in row_blocks(stop - start, CHUNK_ROWS):
+            rows = slice(start + block.start, start + block.stop)
+            if layer is None:
+                target[rows] = quantise(handle[name][block], scales)
+            else:
+                target[rows, layer, :] = quantise(handle[name][block, layer, :], scales)

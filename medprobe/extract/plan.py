@@ -19,7 +19,10 @@ from medprobe.settings import ExtractionSettings
 
 __all__ = ["ExtractionPlan", "ImageReadError", "plan_extraction", "read_manifest", "resolve_layers", "shard_rows"]
 
-STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+# ``int8``: the activations file holds int8 values with a float32 scale per layer and channel (the authors
+# stored uint8 per channel). The scale needs every row, so extraction jobs write float16 and merge_shards
+# quantises (:mod:`medprobe.extract.quantise`).
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.float16}
 COMPRESSIONS = ("none", "gzip", "lzf")
 
 
@@ -161,10 +164,19 @@ def read_manifest(manifest: Path, root: Path) -> list[tuple[str, Path]]:
     return entries
 
 
-def resolve_layers(layers: Sequence[int] | None, num_hidden_states: int) -> list[int]:
-    """Sorted, unique, non-negative hidden-state indices (negative ones count from the end); None: all."""
-    if layers is None:
+def resolve_layers(layers: str | Sequence[int] | None, num_hidden_states: int) -> list[int]:
+    """Sorted, unique, non-negative hidden-state indices of a layer selection (the config's ``layers``).
+
+    ``None`` or ``"all"``: every hidden state; ``"every:k"``: ``0, k, 2k, ...`` and always the last one (the
+    final, normed output); a list: those indices (negative ones count from the end).
+    """
+    if layers is None or layers == "all":
         return list(range(num_hidden_states))
+    if isinstance(layers, str):
+        step = layers.removeprefix("every:")
+        if step == layers or not step.isdigit() or int(step) < 1:
+            raise ValueError(f"layers is {layers!r}; valid: 'all', 'every:<k>' (k >= 1) or a list of indices")
+        return sorted(set(range(0, num_hidden_states, int(step))) | {num_hidden_states - 1})
     resolved = set()
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):

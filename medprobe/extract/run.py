@@ -50,8 +50,9 @@ def extract_activations(
         settings: the ``extraction`` settings with the model's own ``batch_size`` and ``shards`` laid over
             them; ``shards`` > 1 writes shard ``shard`` (:func:`shard_rows`) for :func:`merge_shards` to join.
         model_name: the config's model key, stored as the ``model`` attribute.
-        model: the model's config entry (:func:`medprobe.models.load_adapter`); its ``layers`` (hidden-state
-            indices, default all) are the layers stored.
+        model: the model's config entry (:func:`medprobe.models.load_adapter`); its ``layers`` (default
+            ``settings.layers``: ``all``, ``every:<k>`` or hidden-state indices, :func:`resolve_layers`) are the
+            layers stored.
         prompt: the task prompt; the adapter wraps it (attribute ``prompt`` holds the exact text).
         job: the job's devices, the model is loaded onto them (default: no claim, CUDA if any, else CPU).
         adapter: an already loaded adapter (benchmarks); ``model`` still names its checkpoint.
@@ -69,7 +70,7 @@ def extract_activations(
     if adapter is None:
         adapter = (job if job is not None else GpuJob.on(None)).load_adapter(model)
     adapter.check_prompt_format(settings.prompt_format)
-    layers = resolve_layers(model.get("layers"), adapter.num_hidden_states)
+    layers = resolve_layers(model.get("layers", settings.layers), adapter.num_hidden_states)
     started = time.perf_counter()
     with open_or_resume(plan, Path(out_path), adapter, layers, model_name, model, prompt) as writer:
         resumed_at = writer.rows_done

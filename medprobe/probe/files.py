@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from medprobe.checks import check_finite
+from medprobe.extract.files import read_layer
 from medprobe.io import atomic_path, decode_strings, sha256_file, write_strings, write_text_atomic
 from medprobe.labels import load_manifest
 from medprobe.layers import EMBEDDINGS_LAYER, resolve_layer
@@ -108,10 +109,7 @@ class Activations:
 
     def read(self, name: str) -> np.ndarray:
         """One layer's features ``(N, D)``, checked finite; never the whole activations array."""
-        if name == EMBEDDINGS_LAYER and "embeddings" in self.handle:
-            features = self.handle["embeddings"][:]
-        else:
-            features = self.handle["activations"][:, self.layer_names.index(name), :]
+        features = read_layer(self.handle, self.layer_names.index(name), name == EMBEDDINGS_LAYER)
         check_finite(features, self.manifest["image_id"].tolist(), f"{self.path} layer {name}", "activations")
         return features
 
