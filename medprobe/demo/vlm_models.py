@@ -1,11 +1,14 @@
-"""Tiny, randomly initialised image-text-to-text checkpoints (Idefics3, LLaVA), built offline.
+"""Tiny, randomly initialised image-text-to-text checkpoints, built offline.
 
-They stand in for the hub's current vision-language models (SmolVLM / Idefics3, LLaVA(-1.5))
-in the tests of the generic ``hf_vlm`` adapter (:mod:`medprobe.models.vlm`).  As in
-:mod:`medprobe.demo.models`, each build saves a model *and* its processor (tokenizer, image processor and
-a minimal chat template) with ``save_pretrained``, so the adapter loads them exactly as it loads a hub
-checkpoint.  Nothing here touches the network; the PIL image-processor classes are used because
-torchvision is not installed next to torch.
+They stand in for the hub's current vision-language models in the tests of the generic ``hf_vlm`` adapter
+(:mod:`medprobe.models.vlm`): Idefics3 (SmolVLM), LLaVA(-1.5), PaliGemma, Qwen2.5-VL (dynamic resolution,
+3-D M-RoPE positions) and Gemma 3 (MedGemma's class).  As in :mod:`medprobe.demo.models`, each build saves a
+model *and* its processor (tokenizer with the family's special tokens, image processor and a minimal chat
+template in the family's markup) with ``save_pretrained``, so the adapter loads them exactly as it loads a
+hub checkpoint.  Nothing here touches the network; the PIL image-processor classes are used because
+torchvision is not installed next to torch.  For the same reason the Qwen2.5-VL processor is built and
+saved without its video processor (every transformers video processor needs torchvision), as
+:func:`medprobe.models.vlm.without_video_processor`; the adapter loads it the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from medprobe.demo.models import _TOKENIZER_CORPUS, build_seeded
 
-__all__ = ["VLM_NAMES", "build_vlm"]
+__all__ = ["QWEN_MAX_PIXELS", "QWEN_MIN_PIXELS", "VLM_NAMES", "build_vlm"]
 
 _VOCAB_SIZE = 300
 # A small Llama-like language model shared by the families (4 decoder layers -> 5 hidden states).
@@ -37,9 +40,22 @@ _LLAVA_TEMPLATE = (
 )
 
 
-def _tokenizer(special_tokens: list[str]):
-    """A byte-level-free BPE tokenizer trained on the demo corpus, the family's special tokens appended."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _tokenizer(
+    special_tokens: list[str] | dict[str, str],
+    *,
+    base_tokens: tuple[str, ...] = ("<unk>", "<s>", "</s>"),
+    bos: str | None = "<s>",
+    eos: str = "</s>",
+    pad: str = "<unk>",
+    add_bos: bool = False,
+):
+    """A byte-level-free BPE tokenizer trained on the demo corpus, the family's special tokens appended.
+
+    ``base_tokens`` take the first ids (LLaMA's ``<unk> <s> </s>`` by default); ``special_tokens`` is a list, or
+    a dict naming them (``{"image_token": ...}`` gives ``tokenizer.image_token`` / ``image_token_id``).
+    ``add_bos`` puts ``bos`` in front of every encoded text, as Gemma's tokenizer does.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -47,17 +63,22 @@ def _tokenizer(special_tokens: list[str]):
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     trainer = trainers.BpeTrainer(
         vocab_size=_VOCAB_SIZE,
-        special_tokens=["<unk>", "<s>", "</s>"],
+        special_tokens=list(base_tokens),
         show_progress=False,
         initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!-'\n▁<>_|"),
     )
     tokenizer.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
+    if add_bos:
+        bos_id = tokenizer.token_to_id(bos)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
+        bos_token=bos,
+        eos_token=eos,
         unk_token="<unk>",
-        pad_token="<unk>",
+        pad_token=pad,
         extra_special_tokens=special_tokens,
         padding_side="left",
     )
@@ -149,10 +170,113 @@ def _save_paligemma(out_dir: Path) -> None:
     processor.save_pretrained(out_dir)
 
 
+# Qwen2.5-VL's template without its tools and video branches: the default system turn, then ChatML turns
+# with each image as <|vision_start|><|image_pad|><|vision_end|>.
+_QWEN2_5_VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Gemma 3's: BOS written by the template, <start_of_turn>user / model turns, <start_of_image> per image.
+_GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<start_of_image>"
+    "{% else %}{{ part['text'] | trim }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+# The tiny Qwen image processor's budget: 28 x 28 px (one merged token) to 56 x 56 px (four) per image.
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 28 * 28, 56 * 56
+
+
+def _save_qwen2_5_vl(out_dir: Path) -> None:
+    """Qwen2.5-VL: dynamic resolution (14-px patches merged 2 x 2 into one token), 3-D M-RoPE positions."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from medprobe.models.vlm import without_video_processor
+
+    tokenizer = _tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+         "<|video_pad|>"],
+        bos=None,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+    )  # fmt: skip
+    ids = tokenizer.convert_tokens_to_ids
+    # head_dim 16: the rotary half (8 frequencies) split over the temporal, height and width positions.
+    text = dict(_text_config(tokenizer), rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1], out_hidden_size=_TEXT["hidden_size"],
+    )  # fmt: skip
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS)
+    processor = without_video_processor(Qwen2_5_VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN2_5_VL_TEMPLATE
+    )
+    Qwen2_5_VLForConditionalGeneration(config).eval().save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def _save_gemma3(out_dir: Path) -> None:
+    """Gemma 3 (MedGemma): a SigLIP tower whose 4 x 4 patches are average-pooled into 4 soft tokens."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    # Gemma's ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3; BOS in front of every text.
+    tokenizer = _tokenizer(
+        {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
+         "start_of_turn": "<start_of_turn>", "end_of_turn": "<end_of_turn>"},
+        base_tokens=("<pad>", "<eos>", "<bos>", "<unk>"),
+        bos="<bos>",
+        eos="<eos>",
+        pad="<pad>",
+        add_bos=True,
+    )  # fmt: skip
+    text = dict(
+        _text_config(tokenizer),
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=32, patch_size=8),
+        mm_tokens_per_image=4,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id,
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=_GEMMA3_TEMPLATE, image_seq_length=4
+    )
+    model = Gemma3ForConditionalGeneration(config).eval()
+    # transformers initialises the image projection to zeros (the text states would ignore the image).
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.1)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-idefics3": _save_idefics3,
     "tiny-llava": _save_llava,
     "tiny-paligemma": _save_paligemma,
+    "tiny-qwen2_5_vl": _save_qwen2_5_vl,
+    "tiny-gemma3": _save_gemma3,
 }
 VLM_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
