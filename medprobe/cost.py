@@ -18,7 +18,7 @@ the schema's defaults). For every model x task the model computes
 * disk: images x (stored layers x width + embedding width) x bytes per value of the storage dtype;
 
 and "what if" rows for the storage dtypes (float32, float16, int8 with a scale per layer and channel) and layer
-selections (all, every k-th, one). :func:`render` writes the Markdown of docs/cost.md.
+selections (all, every:<k>, one). :func:`render` writes the Markdown of docs/cost.md.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ WEIGHT_BYTES = {"8bit": 1.0, "4bit": 0.5}
 WHAT_IF_DTYPES = ("float32", "float16", "int8")
 WHAT_IF_LAYERS: tuple[tuple[str, Any], ...] = (
     ("all", "all"),
-    ("every 2nd", {"every": 2}),
-    ("every 4th", {"every": 4}),
+    ("every:2", "every:2"),
+    ("every:4", "every:4"),
     ("one", "one"),
 )
 
@@ -545,31 +545,12 @@ def _manifest_images(entry: dict[str, Any], task: str, results: Path) -> Images 
 
 
 def stored_layers(selection: Any, n_hidden: int) -> list[int]:
-    """Hidden-state indices a layer selection stores: ``all`` (or None), a list of indices (negative count from
-    the end), or every k-th (``{every: k}`` or ``"every k"``: hidden states 0, k, 2k, ...)."""
-    if selection is None or selection == "all":
-        return list(range(n_hidden))
-    every = _every(selection)
-    if every is not None:
-        return list(range(0, n_hidden, every))
-    if isinstance(selection, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in selection):
-        for index in selection:
-            if not -n_hidden <= index < n_hidden:
-                raise ValueError(f"layer {index} is out of range: the model has {n_hidden} hidden states")
-        return sorted({index % n_hidden for index in selection})
-    raise ValueError(f"extraction.layers: {selection!r} is not all, a list of indices or every k-th ({{every: k}})")
+    """Hidden-state indices a layer selection stores, as extraction resolves it
+    (:func:`medprobe.extract.plan.resolve_layers`: ``all``, ``every:<k>`` = 0, k, 2k, ... and the last, or a
+    list of indices)."""
+    from medprobe.extract.plan import resolve_layers
 
-
-def _every(selection: Any) -> int | None:
-    if isinstance(selection, dict) and set(selection) == {"every"}:
-        every = selection["every"]
-    elif isinstance(selection, str) and re.fullmatch(r"every[ _:-]?\d+", selection.strip()):
-        every = re.search(r"\d+", selection).group()
-    else:
-        return None
-    if isinstance(every, bool) or int(every) < 1:
-        raise ValueError(f"extraction.layers: every {every!r}: k must be a positive integer")
-    return int(every)
+    return resolve_layers(selection, n_hidden)
 
 
 def configured_layers(entry: dict[str, Any], extraction: dict[str, Any], n_hidden: int) -> list[int]:
@@ -1183,8 +1164,8 @@ def _what_if_section(study: Study, what_if: Sequence[tuple[str, str, Study]]) ->
         "",
         f"The whole study under other storage dtypes and layer selections (configured: "
         f"`extraction.dtype: {configured}`, the layers of each model entry or `extraction.layers`; "
-        f"{_bytes(disk)}, {_num(held)} + {_num(probes)} GPU-hours). *every k-th* stores hidden states 0, k, 2k, ... "
-        "(and `image_embeds`); *one* stores the headline layer where the model entry fixes it (`layer`), else the "
+        f"{_bytes(disk)}, {_num(held)} + {_num(probes)} GPU-hours). `every:<k>` stores hidden states 0, k, 2k, ... "
+        "and the last (and `image_embeds`); *one* stores the headline layer where the model entry fixes it (`layer`), else the "
         f"last hidden state ({_one_layer_text(study)}), and a decoder's forward stops at that layer. int8 stores "
         "one byte per value and one float32 scale per layer and channel.",
         "",

@@ -181,9 +181,9 @@ def test_layer_selections():
     assert cost.stored_layers("all", 5) == [0, 1, 2, 3, 4]
     assert cost.stored_layers(None, 5) == [0, 1, 2, 3, 4]
     assert cost.stored_layers([0, -1, 4], 5) == [0, 4]
-    assert cost.stored_layers({"every": 2}, 5) == [0, 2, 4]
-    assert cost.stored_layers("every 4", 9) == [0, 4, 8]
-    for bad in ([7], {"every": 0}, "some", 3):
+    assert cost.stored_layers("every:2", 6) == [0, 2, 4, 5]  # and the last hidden state
+    assert cost.stored_layers("every:4", 9) == [0, 4, 8]
+    for bad in ([7], "every:0", "some"):
         with pytest.raises(ValueError):
             cost.stored_layers(bad, 5)
     idefics_80b = cost.ARCHITECTURES["HuggingFaceM4/idefics-80b-instruct"]
@@ -303,8 +303,14 @@ def test_what_if_rows_come_from_the_cost_model(repo, tmp_path):
     assert rows[("idefics_80b", "T1")].layout.hidden == (39,)  # authors:32
     assert rows[("clip", "T1")].layout == Layout((), True, "float16")  # image_embeds only
     assert rows[("idefics_80b", "T1")].extraction.flops < base.rows[0].extraction.flops  # stops at layer 39
-    every = cost.study_cost(config, results=tmp_path, layers={"every": 4})
-    assert {len(row.layout.hidden) for row in every.rows if row.model == "idefics_80b"} == {21}
+    every = cost.study_cost(config, results=tmp_path, layers="every:4")
+    assert {len(row.layout.hidden) for row in every.rows if row.model == "idefics_80b"} == {21}  # 0, 4, ..., 80
+    assert {row.layout.hidden for row in every.rows if row.model == "clip"} == {(0, 4, 8, 12)}
+    # extraction.layers and a model's own layers, as the workflow reads them
+    config["extraction"]["layers"] = "every:2"
+    config["models"]["clip"]["layers"] = [-1]
+    chosen = {(row.model, row.task): row.layout.hidden for row in cost.study_cost(config, results=tmp_path).rows}
+    assert chosen[("idefics_9b", "T1")] == tuple(range(0, 33, 2)) and chosen[("clip", "T1")] == (12,)
 
 
 def test_manifest_counts_replace_table1_for_the_same_dataset(repo, tmp_path):
