@@ -197,6 +197,9 @@ TABLES: dict[str, Callable[..., pd.DataFrame]] = {
     "groups": groups_table,
 }
 
+# The probe output each table scores (a probe rule's output: predictions.h5, layers.h5 or efficiency.h5).
+TABLE_SOURCES = {"metrics": "predictions", "groups": "predictions", "layers": "layers", "efficiency": "efficiency"}
+
 
 def evaluation_table(table: str, **arguments: Any) -> pd.DataFrame:
     """Write result table ``table`` (metrics, layers, efficiency or groups) of one model x task."""

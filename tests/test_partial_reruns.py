@@ -15,7 +15,16 @@ import yaml
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TASKS = ["T1", "T2"]
 MODELS = ["clip", "idefics_9b"]
-UPSTREAM = {"demo_data", "demo_model", "prepare", "extract", "raw_dataset", "fetch_model"}
+UPSTREAM = {
+    "demo_data",
+    "demo_model",
+    "prepare",
+    "extract",
+    "extract_whole",
+    "merge_shards",
+    "raw_dataset",
+    "fetch_model",
+}
 
 
 def snakemake(repo, workdir, *arguments):
@@ -110,7 +119,9 @@ def test_an_added_model_runs_only_its_jobs_and_the_shared_tables(repo, done, tmp
     jobs = dry_run_jobs(repo, workdir, "--configfile", str(configfile))
     per_model = [(rule, wc) for rule, wc in jobs if "model" in wc]
     assert {wc["model"] for _, wc in per_model} == {"idefics_80b"}
-    assert {(rule, wc["task"]) for rule, wc in per_model if rule == "extract"} == {("extract", t) for t in TASKS}
+    assert {(rule, wc["task"]) for rule, wc in per_model if rule.startswith("extract")} == {
+        ("extract_whole", t) for t in TASKS
+    }
     assert {rule for rule, _ in jobs} & {"prepare", "demo_data"} == set()
     assert [wc for rule, wc in jobs if rule == "demo_model"] == [{"build": "tiny-idefics-large"}]
     shared = {rule for rule, wc in jobs if "model" not in wc} - {"demo_model"}

@@ -73,7 +73,8 @@ def test_demo_dry_run_plans_every_step(repo, tmp_path):
     result = run(SNAKEMAKE + ["-n", "--directory", str(tmp_path)], repo)
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout)
-    assert jobs["extract"] == jobs["probe"] == jobs["efficiency"] == jobs["evaluate"] == 28  # 3 x 8 + DINOv2 on 4
+    assert jobs["extract_whole"] == jobs["probe"] == jobs["efficiency"] == jobs["evaluate"] == 28  # 3 x 8 + DINOv2 on 4
+    assert jobs["evaluate_efficiency"] == 28 and "merge_shards" not in jobs  # one extraction job per model x task
     assert jobs["prepare"] == jobs["demo_data"] == 8 and jobs["figure"] == 7  # 3, 4, 5, 6, S5, S6 and NEJM 1d
 
 
@@ -85,7 +86,7 @@ def test_paper_dry_run_plans_the_whole_study(repo, tmp_path, configfile):
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout)
     # 3 models x 8 tasks + PLIP on T1 and T2
-    assert jobs["extract"] == jobs["probe"] == jobs["efficiency"] == jobs["evaluate"] == 26
+    assert jobs["extract_whole"] == jobs["probe"] == jobs["efficiency"] == jobs["evaluate"] == 26
     assert jobs["raw_dataset"] == 8 and "demo_data" not in jobs and jobs["figure"] == 6
     assert jobs["compare"] == 8 and jobs["efficiency_retained"] == jobs["findings_table"] == 1
 

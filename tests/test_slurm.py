@@ -56,6 +56,7 @@ def reduced_config(repo, path):
     config["models"] = {name: config["models"][name] for name in MODELS}
     config["models"]["clip"]["resources"] = {"mem_mb": 1500, "runtime": 15}
     config["models"]["idefics_9b"]["resources"] = {"mem_mb": 2500, "runtime": 20}
+    config["models"]["clip"]["shards"] = 2  # two extraction jobs and merge_shards; IDEFICS runs as one job
     config["baseline_model"] = "clip"
     if "nejm" in config:  # the NEJM evaluation is not among the targets; keep its model list valid
         config["nejm"]["models"] = [name for name in config["nejm"]["models"] if name in MODELS]
@@ -90,7 +91,12 @@ def run(cluster, tmp_path_factory):
 def extract_logs(workdir):
     logs = {}
     for model in MODELS:
-        found = sorted((workdir / ".snakemake" / "slurm_logs" / "rule_extract").glob(f"*{model}*{TASK}*/*.log"))
+        logs_dir = workdir / ".snakemake" / "slurm_logs"
+        found = sorted(
+            path
+            for rule in ("rule_extract", "rule_extract_whole")
+            for path in (logs_dir / rule).glob(f"*{model}*{TASK}*/*.log")
+        )
         assert found, f"no SLURM log of extract {model}/{TASK} under {workdir}/.snakemake/slurm_logs"
         logs[model] = found[-1]
     return logs
@@ -110,7 +116,7 @@ def test_results_of_the_reduced_demo(run):
 def test_jobs_went_through_slurm(run):
     workdir, _, log = run
     # by_task/T2.csv needs the headline tables only: the label-efficiency sweep is no part of it.
-    for rule in ["prepare", "extract", "merge_shards", "probe", "evaluate"]:
+    for rule in ["prepare", "extract", "extract_whole", "merge_shards", "probe", "evaluate"]:
         assert list((workdir / ".snakemake" / "slurm_logs" / f"rule_{rule}").rglob("*.log")), rule
     assert "sbatch" in log or "SLURM" in log
 

@@ -118,11 +118,32 @@ def model_gpus(wildcards):
     return config["models"][wildcards.model]["gpus"]
 
 
-def model_extraction(wildcards):
-    """The extraction section with the model's own batch_size and shards (models.<model>) laid over it."""
-    entry = config["models"][wildcards.model]
-    own = {key: entry[key] for key in ("batch_size", "shards") if key in entry}
+def extraction_settings(model):
+    """The extraction section with the model's own batch_size, shards and layers (models.<model>) laid over it."""
+    entry = config["models"][model]
+    own = {
+        key: entry[key] for key in ("batch_size", "shards", "layers") if key in entry
+    }
     return config["extraction"] | own
+
+
+def model_extraction(wildcards):
+    return extraction_settings(wildcards.model)
+
+
+def models_matching(names):
+    """A wildcard constraint matching exactly ``names`` (none: a pattern that matches nothing)."""
+    return "|".join(names) or "(?!)"
+
+
+# Models whose activations file merge_shards writes: several extraction jobs per task, or int8 storage
+# (quantised with scales over every row). Any other model's single extraction job writes the file itself.
+MERGED_MODELS = [
+    model
+    for model in MODELS
+    if extraction_settings(model)["shards"] > 1
+    or extraction_settings(model)["dtype"] == "int8"
+]
 
 
 def shard_files(wildcards):
@@ -141,25 +162,6 @@ def task_predictions(wildcards):
         for model in medprobe_config.task_models(config, wildcards.task)
         if model in compared
     }
-
-
-# The probe output each evaluation table scores.
-EVALUATION_SOURCES = {
-    "metrics": "predictions.h5",
-    "groups": "predictions.h5",
-    "layers": "layers.h5",
-    "efficiency": "efficiency.h5",
-}
-
-
-def evaluation_table(wildcards):
-    """The table an evaluate job writes: rule evaluate's is metrics.csv, evaluate_table's its wildcard."""
-    return wildcards.get("table", "metrics")
-
-
-def evaluation_source(wildcards):
-    source = EVALUATION_SOURCES[evaluation_table(wildcards)]
-    return f"results/probes/{wildcards.model}/{wildcards.task}/{source}"
 
 
 def compare_inputs(wildcards):

@@ -1,21 +1,24 @@
 # Predictions -> metrics with bootstrap CIs, paired comparisons, and the collected result tables.
 
 
-# The headline table, and each other table in a job of its own that reads only the probe output it scores:
-# changing the label-efficiency settings rescores efficiency.csv alone.
+# The tables of one model x task in two jobs, by the probe output they score: the probe's predictions and
+# layers (metrics, groups, layers) and the label-efficiency sweep (efficiency), so that changing the
+# label-efficiency settings rescores efficiency.csv alone.
 rule evaluate:
     input:
         manifest="results/manifests/{task}.csv",
         summary="results/probes/{model}/{task}/probe.json",
-        source=evaluation_source,
+        predictions="results/probes/{model}/{task}/predictions.h5",
+        layers="results/probes/{model}/{task}/layers.h5",
     output:
-        "results/evaluation/{model}/{task}/metrics.csv",
+        metrics="results/evaluation/{model}/{task}/metrics.csv",
+        groups="results/evaluation/{model}/{task}/groups.csv",
+        layers="results/evaluation/{model}/{task}/layers.csv",
     log:
-        "logs/evaluate/{model}/{task}/metrics.log",
+        "logs/evaluate/{model}/{task}/probe_tables.log",
     conda:
         ENV
     params:
-        table=evaluation_table,
         task=task_config,
         evaluation=evaluation_settings,
         seed=config["seed"],
@@ -23,13 +26,15 @@ rule evaluate:
         "../scripts/evaluate.py"
 
 
-use rule evaluate as evaluate_table with:
+use rule evaluate as evaluate_efficiency with:
+    input:
+        manifest="results/manifests/{task}.csv",
+        summary="results/probes/{model}/{task}/probe.json",
+        efficiency="results/probes/{model}/{task}/efficiency.h5",
     output:
-        "results/evaluation/{model}/{task}/{table}.csv",
+        efficiency="results/evaluation/{model}/{task}/efficiency.csv",
     log:
-        "logs/evaluate/{model}/{task}/{table}.log",
-    wildcard_constraints:
-        table="layers|efficiency|groups",
+        "logs/evaluate/{model}/{task}/efficiency.log",
 
 
 rule compare:

@@ -1,7 +1,7 @@
 # Images + prompt through a model; the pooled state of every layer into the activations HDF5.
-# Every extraction is sharded: a model with `shards: n` (or extraction.shards) runs n jobs per task, each
-# over consecutive whole batches of the manifest, and merge_shards joins them. With one shard, the job's
-# file already is the activations file and merge_shards only gives it its name (a hard link, no copy).
+# A model with `shards: n` (or extraction.shards) runs n jobs per task, each over consecutive whole batches of
+# the manifest, and merge_shards joins them; so it does for int8 storage (extraction.dtype), whose scales need
+# every row. Any other model runs one job per task that writes the activations file itself (extract_whole).
 
 
 rule demo_model:
@@ -29,6 +29,7 @@ rule extract:
         "logs/extract/{model}/{task}.shards/{shard}.log",
     wildcard_constraints:
         shard=r"\d+",
+        model=models_matching(MERGED_MODELS),
     conda:
         ENV
     threads: config["threads"]["extract"]
@@ -48,6 +49,15 @@ rule extract:
         "../scripts/extract.py"
 
 
+use rule extract as extract_whole with:
+    output:
+        "results/activations/{model}/{task}.h5",
+    log:
+        "logs/extract/{model}/{task}.log",
+    wildcard_constraints:
+        model=models_matching(sorted(set(MODELS) - set(MERGED_MODELS))),
+
+
 rule merge_shards:
     input:
         manifest="results/manifests/{task}.csv",
@@ -56,6 +66,8 @@ rule merge_shards:
         "results/activations/{model}/{task}.h5",
     log:
         "logs/merge_shards/{model}/{task}.log",
+    wildcard_constraints:
+        model=models_matching(MERGED_MODELS),
     conda:
         ENV
     script:

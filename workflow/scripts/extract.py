@@ -1,4 +1,4 @@
-"""Images + prompt through the model; pooled per-layer states into one shard of the activations HDF5."""
+"""Images + prompt through the model; pooled per-layer states into the activations HDF5 or one shard of it."""
 
 from medprobe.gpu_job import GpuJob
 from medprobe.logs import rule_logging
@@ -15,7 +15,7 @@ with rule_logging(snakemake), GpuJob.claim_devices(snakemake.resources.gpu) as j
         model_name=snakemake.wildcards.model,
         model=snakemake.params.model,
         prompt=snakemake.params.prompt,
-        shard=int(snakemake.wildcards.shard),
+        shard=int(snakemake.wildcards.get("shard", 0)),  # extract_whole: the whole manifest
         job=job,
         progress="log",
     )
