@@ -26,7 +26,7 @@ __all__ = ["ADAPTERS", "ADAPTER_NAMES", "PROMPT_FORMATS", "load_adapter"]
 
 # The names a config may give as `adapter`. register() refuses any other name, and the tests check that
 # every name here is registered, so the two cannot drift apart.
-ADAPTER_NAMES = ("clip", "hf_vision", "hf_vlm", "idefics")
+ADAPTER_NAMES = ("clip", "hf_vision", "hf_vlm", "idefics", "open_clip", "timm")
 # How an instruct VLM is given the task prompt (the config's ``extraction.prompt_format``):
 # ``chat``            the instruct models' User/Assistant turns around the image and the prompt;
 # ``question_answer`` the authors' protocol: the image, then "Question: {prompt} Answer:", no turns.
