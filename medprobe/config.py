@@ -172,6 +172,9 @@ def _check_model_names(config: dict[str, Any]) -> None:
     for model_name in config.get("nejm", {}).get("models", []):
         if model_name not in models:
             raise _unknown_model("nejm.models", model_name, models)
+    for model_name in config.get("nejm", {}).get("max_images", {}):
+        if model_name not in models:
+            raise _unknown_model("nejm.max_images", model_name, models)
     for index, pair in enumerate(config.get("comparisons", [])):
         for name in pair:
             if name not in models:

@@ -160,6 +160,7 @@ class NejmSettings(_FromDict):
     template: str
     shots: int
     shot_ids: tuple[str, ...]
+    max_images: tuple[tuple[str, int], ...]
     top_k_samples: int
     temperature: float
     top_k: int

@@ -26,6 +26,7 @@ from PIL import Image
 
 from medprobe.models.base import PROMPT_FORMATS, Adapter, pooled_decoder_states, register
 from medprobe.models.idefics import as_prompt_list
+from medprobe.models.vlm_answering import VlmAnswering
 
 __all__ = [
     "PIXEL_BUDGET_KEYS",
@@ -104,7 +105,7 @@ def without_video_processor(processor_class: type) -> type:
 
 
 @register("hf_vlm")
-class VlmAdapter(Adapter):
+class VlmAdapter(VlmAnswering, Adapter):
     """Any image-text-to-text model: the processor lays out the prompt, the language model's states are pooled.
 
     Prompt formats (``extraction.prompt_format``):

@@ -18,8 +18,12 @@ The steps, one module each:
   choices by layered rules and says which rule decided.
 * :mod:`~medprobe.nejm.answering`: :func:`answer_cases` runs the three modes (greedy, sampled top-k,
   likelihood) and appends one JSON record per answer to a cache that makes reruns skip finished work.
+  The models are IDEFICS (``idefics``) and any image-text-to-text model (``hf_vlm``, which gets the prompt
+  through its chat template: :mod:`medprobe.models.vlm_answering`); a model trained with one image per
+  prompt is shown no shots (zero-shot, recorded as ``shots``).
 * :mod:`~medprobe.nejm.table`: :func:`accuracy_table` turns the answers into ``results/tables/nejm.csv``
-  (accuracy per difficulty stratum with bootstrap SD, the readers' own accuracy and chance).
+  (accuracy per difficulty stratum with bootstrap SD and each model's number of shots, the readers' own
+  accuracy and chance).
 """
 
 from medprobe.nejm.answering import MODES, answer_cases, load_answers

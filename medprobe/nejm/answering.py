@@ -36,8 +36,10 @@ __all__ = [
     "AnswerPlan",
     "answer_cases",
     "finish_answers",
+    "fit_shots",
     "load_answers",
     "plan_answers",
+    "prompt_image_limit",
 ]
 
 #: Answer modes: the greedy answer, sampled answers (top-k accuracy) and choice likelihoods.
@@ -123,6 +125,13 @@ class AnswerPlan:
     prompts: Mapping[str, list[str | Path]]
     hashes: Mapping[str, str]
     mode_settings: Mapping[str, dict[str, Any]]
+    #: The shots every prompt shows (fewer than configured where the model takes fewer images).
+    shot_ids: tuple[str, ...] = ()
+
+    @property
+    def shots(self) -> dict[str, Any]:
+        """What every record says of its prompt's shots: their number (0: zero-shot) and ids."""
+        return {"shots": len(self.shot_ids), "shot_ids": list(self.shot_ids)}
 
     def samples(self, mode: str) -> int:
         return self.settings.top_k_samples if mode == "sample" else 1
@@ -150,9 +159,12 @@ class AnswerPlan:
         }
 
     def current(self, done: Mapping[tuple, dict[str, Any]]) -> list[dict[str, Any]]:
-        """The records of this plan, by case, mode and sample."""
+        """The records of this plan, by case, mode and sample (copies).
+
+        A record's prompt hash fixes its shots, so :attr:`shots` also completes records cached before
+        records carried them."""
         return [
-            done[self.key(case, mode, s)]
+            {**done[self.key(case, mode, s)], **self.shots}
             for case in self.test_cases
             for mode in MODES
             for s in range(self.samples(mode))
@@ -172,6 +184,7 @@ class AnswerPlan:
             "correct": index == case.answer_index,
             "answer": case.answer_index + 1,
             "settings": self.mode_settings[mode],
+            **self.shots,
             **extra,
         }
 
@@ -213,13 +226,62 @@ def _log_shots(shot_cases: Sequence[Case], test_cases: Sequence[Case]) -> None:
             )
 
 
+def prompt_image_limit(model_cfg: Mapping[str, Any], adapter: Any = None, configured: int | None = None) -> int | None:
+    """Most images one prompt of the model may hold (``None``: no limit).
+
+    ``configured`` (the model's ``nejm.max_images``) when given; else the family's own (:attr:`max_images`
+    of a loaded adapter, ``max_images_of_config`` of its adapter class, which reads only the checkpoint's
+    config: 1 for the ``hf_vlm`` families trained with one image, see :mod:`medprobe.models.vlm_answering`);
+    else no limit (IDEFICS, adapters that say nothing).
+    """
+    if configured is not None:
+        if isinstance(configured, bool) or not isinstance(configured, int) or configured < 1:
+            raise ValueError(f"nejm.max_images values must be integers >= 1, got {configured!r}")
+        return configured
+    if adapter is not None:
+        return getattr(adapter, "max_images", None)
+    if not model_cfg.get("adapter"):
+        return None
+    from medprobe.models import ADAPTERS
+
+    of_config = getattr(ADAPTERS.get(model_cfg["adapter"]), "max_images_of_config", None)
+    return None if of_config is None else of_config(model_cfg)
+
+
+def fit_shots(shot_cases: Sequence[Case], max_images: int | None) -> list[Case]:
+    """The first shots that fit in a prompt of at most ``max_images`` images (one is the query's)."""
+    return list(shot_cases if max_images is None else shot_cases[: max(max_images - 1, 0)])
+
+
 def plan_answers(
-    cases_dir: str | Path, model_name: str, model_cfg: Mapping[str, Any], settings: NejmSettings, seed: int
+    cases_dir: str | Path,
+    model_name: str,
+    model_cfg: Mapping[str, Any],
+    settings: NejmSettings,
+    seed: int,
+    max_images: int | None = None,
 ) -> AnswerPlan:
-    """The shots and test cases of ``cases_dir`` and every test case's prompt in ``settings.template``."""
+    """The shots and test cases of ``cases_dir`` and every test case's prompt in ``settings.template``.
+
+    The prompts show the shots that fit in ``max_images`` images (:func:`fit_shots`; zero-shot for a
+    one-image model); the test cases are the same whatever fits, every configured shot left out, so that
+    all models answer the same cases.
+    """
     shot_cases, test_cases = split_shots(load_cases(cases_dir), settings.shots, settings.shot_ids)
     _log_shots(shot_cases, test_cases)
-    prompts = {case.id: prompt.build_prompt(shot_cases, case, settings.template) for case in test_cases}
+    shown = fit_shots(shot_cases, max_images)
+    if len(shown) < len(shot_cases):
+        logger.warning(
+            "model %s takes at most %d image(s) per prompt: its prompts show %d of the %d shots (%d-shot); "
+            "nejm.max_images.%s overrides this",
+            model_name,
+            max_images,
+            len(shown),
+            len(shot_cases),
+            len(shown),
+            model_name,
+        )
+    prompts = {case.id: prompt.build_prompt(shown, case, settings.template) for case in test_cases}
     if test_cases:
         logger.info("prompt of %s:\n%s", test_cases[0].id, prompt.prompt_text(prompts[test_cases[0].id]))
     return AnswerPlan(
@@ -229,6 +291,7 @@ def plan_answers(
         prompts=prompts,
         hashes={case_id: prompt.prompt_hash(items) for case_id, items in prompts.items()},
         mode_settings=_mode_settings(model_name, model_cfg, settings, seed),
+        shot_ids=tuple(case.id for case in shown),
     )
 
 
@@ -366,8 +429,13 @@ def answer_cases(
     Records (keys): ``case_id``, ``mode`` (``greedy`` | ``sample`` | ``likelihood``), ``sample`` (0 ...
     ``top_k_samples`` - 1 for sampled answers, else 0), ``prompt_hash``, ``raw_output``, ``parsed_choice``
     (1-5 or null), ``choice`` (its text), ``rule`` (see :data:`medprobe.nejm.choices.RULES`),
-    ``correct``, ``answer`` (1-5), ``settings``, and for likelihood mode ``scores_sum``, ``scores_mean``
-    and ``n_tokens`` per choice.
+    ``correct``, ``answer`` (1-5), ``settings``, ``shots`` (how many solved cases the prompt shows; 0:
+    zero-shot) and ``shot_ids``, and for likelihood mode ``scores_sum``, ``scores_mean`` and ``n_tokens``
+    per choice.
+
+    The prompts show ``settings.shots`` (or ``shot_ids``) solved cases, fewer where the model takes fewer
+    images in one prompt (:func:`prompt_image_limit`: the model's ``nejm.max_images`` or its family's;
+    a one-image model answers zero-shot). The test cases do not depend on it.
 
     ``settings.template`` writes the prompts, the likelihood continuations, the stop strings and the
     answer parsing alike.
@@ -375,14 +443,17 @@ def answer_cases(
     Every answer is appended to ``cache_path`` as soon as its batch is done. A rerun, also after
     Snakemake has removed ``out_path``, answers only what the cache lacks: a case whose prompt hash (its
     text, shots or images; another template gives other hashes) or answer settings changed is answered
-    again. ``out_path`` is written last, atomically, with the current records.
+    again (so is every case when the shots shown change). ``out_path`` is written last, atomically, with the
+    current records.
 
     The model is loaded onto ``job``'s devices (:class:`medprobe.gpu_job.GpuJob`; the default is the first
     CUDA device if any, else the CPU) only when something is left to answer. ``adapter`` (tests) replaces
-    it; it needs ``generate`` and ``choice_loglikelihoods`` (see :class:`medprobe.models.idefics.IdeficsAdapter`).
+    it; it needs ``generate`` and ``choice_loglikelihoods`` (:class:`medprobe.models.idefics.IdeficsAdapter`,
+    and the ``hf_vlm`` adapter through :class:`medprobe.models.vlm_answering.VlmAnswering`).
     """
     check_settings(settings)
-    plan = plan_answers(cases_dir, model_name, model_cfg, settings, seed)
+    max_images = prompt_image_limit(model_cfg, adapter, dict(settings.max_images).get(model_name))
+    plan = plan_answers(cases_dir, model_name, model_cfg, settings, seed, max_images)
     journal = AnswerJournal(Path(cache_path))
     todo = plan.missing(journal.records)
     n = len(plan.test_cases)
@@ -391,6 +462,11 @@ def answer_cases(
     try:
         if any(todo.values()):
             adapter = (job or GpuJob.on(None)).load_adapter(model_cfg) if adapter is None else adapter
+            if not all(callable(getattr(adapter, name, None)) for name in ("generate", "choice_loglikelihoods")):
+                raise ValueError(
+                    f"model {model_name!r} (adapter {model_cfg.get('adapter')!r}) cannot answer the NEJM cases: "
+                    "it does not generate text (nejm.models takes idefics and hf_vlm models)"
+                )
             images: dict[Path, Any] = {}
             answer_greedy(plan, adapter, journal, todo["greedy"], images)
             answer_sampled(plan, adapter, journal, todo["sample"], images)

@@ -43,6 +43,9 @@ turns::
     Assistant:
 
 The model continues after ``Assistant:``; likelihood mode scores `` Answer: {n}. {choice}``.
+
+Both are written in IDEFICS markup; an ``hf_vlm`` model gets the same text in its own chat template
+(:mod:`medprobe.models.vlm_answering`, docs/nejm.md).
 """
 
 from __future__ import annotations

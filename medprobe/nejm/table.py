@@ -31,6 +31,7 @@ __all__ = [
 TABLE_COLUMNS = (
     "model",
     "mode",
+    "shots",
     "stratum",
     "stratum_low",
     "stratum_high",
@@ -100,7 +101,7 @@ def _accuracy_row(values: np.ndarray, n_boot: int, seed: int) -> dict[str, float
     }
 
 
-def _strata_rows(model, mode, values, strata, unparsed, edges, n_boot, seed) -> list[dict[str, Any]]:
+def _strata_rows(model, mode, shots, values, strata, unparsed, edges, n_boot, seed) -> list[dict[str, Any]]:
     """One row for all cases and one per stratum; stratum ``index`` resamples with ``seed + index + 1``,
     so every model and mode gets the same resamples of a stratum."""
     rows = []
@@ -110,6 +111,7 @@ def _strata_rows(model, mode, values, strata, unparsed, edges, n_boot, seed) -> 
             {
                 "model": model,
                 "mode": mode,
+                "shots": shots,
                 "stratum": stratum,
                 "stratum_low": lo,
                 "stratum_high": hi,
@@ -126,6 +128,15 @@ def _model_records(model: str, source: Any, cases: Mapping[str, Case], cases_dir
     if unknown:
         raise ValueError(f"answers of model {model!r} name cases not in {cases_dir}: {unknown[:5]}")
     return records
+
+
+def _model_shots(model: str, records: Sequence[Mapping[str, Any]]) -> int | None:
+    """How many solved cases the model's prompts showed (``None``: answers that do not say)."""
+    shots = {r.get("shots") for r in records}
+    if len(shots) > 1:
+        raise ValueError(f"answers of model {model!r} mix prompts with different numbers of shots: {shots}")
+    value = next(iter(shots), None)
+    return None if value is None else int(value)
 
 
 def _correct_by_mode(
@@ -164,6 +175,7 @@ def _model_rows(model, records, cases, top_k_samples, edges, n_boot, seed) -> li
     ids = sorted({r["case_id"] for r in records}, key=lambda i: (cases[i].date, i))
     correct = _correct_by_mode(model, records, top_k_samples)
     n_unparseable = _unparseable_counts(records, ids, top_k_samples)
+    shots = _model_shots(model, records)
     rows: list[dict[str, Any]] = []
     for mode, by_case in correct.items():
         if not by_case:
@@ -172,7 +184,7 @@ def _model_rows(model, records, cases, top_k_samples, edges, n_boot, seed) -> li
         values = np.array([by_case[i] for i in mode_ids], dtype=float)
         strata = assign_strata([cases[i].reader_percent_correct for i in mode_ids], len(edges) - 1)
         unparsed = np.array([n_unparseable[mode][i] > 0 for i in mode_ids])
-        rows += _strata_rows(model, mode, values, strata, unparsed, edges, n_boot, seed)
+        rows += _strata_rows(model, mode, shots, values, strata, unparsed, edges, n_boot, seed)
     return rows
 
 
@@ -184,7 +196,7 @@ def _reader_rows(ids: Sequence[str], cases: Mapping[str, Case], edges, n_boot: i
     known = np.isfinite(percent)
     strata = assign_strata(percent[known], len(edges) - 1)
     return _strata_rows(
-        "readers", "readers", percent[known] / 100.0, strata, np.zeros(known.sum(), bool), edges, n_boot, seed
+        "readers", "readers", None, percent[known] / 100.0, strata, np.zeros(known.sum(), bool), edges, n_boot, seed
     )
 
 
@@ -193,6 +205,7 @@ def _chance_rows(edges: np.ndarray) -> list[dict[str, Any]]:
         {
             "model": "chance",
             "mode": "chance",
+            "shots": None,
             "stratum": stratum,
             "stratum_low": lo,
             "stratum_high": hi,
@@ -227,7 +240,8 @@ def accuracy_table(
         ``(table, unparseable)``. ``table`` has :data:`TABLE_COLUMNS`; ``mode`` is ``greedy``,
         ``top{k}`` (any of the k sampled answers right), ``likelihood``, ``readers`` (model
         ``readers``: the mean share of readers who picked the answer, on the first model's cases) or
-        ``chance`` (1/5); ``stratum`` is ``all`` or ``lo-hi%``. ``sd`` and the 95% CI come from
+        ``chance`` (1/5); ``shots`` is how many solved cases the model's prompts showed (0: zero-shot, a
+        model that takes one image; empty for readers and chance); ``stratum`` is ``all`` or ``lo-hi%``. ``sd`` and the 95% CI come from
         ``n_boot`` case resamples within the stratum (the same resamples for every model and mode).
         ``unparseable`` lists the greedy and sampled answers no rule could map to a choice
         (:data:`UNPARSEABLE_COLUMNS`).
@@ -249,7 +263,9 @@ def accuracy_table(
         rows += _model_rows(model, records, cases, top_k_samples, edges, n_boot, seed)
     rows += _reader_rows(reader_ids or [], cases, edges, n_boot, seed)
     rows += _chance_rows(edges)
-    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS)), pd.DataFrame(unparseable, columns=list(UNPARSEABLE_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    table["shots"] = table["shots"].astype("Int64")
+    return table, pd.DataFrame(unparseable, columns=list(UNPARSEABLE_COLUMNS))
 
 
 def write_table(
@@ -272,4 +288,11 @@ def write_table(
             frame.to_csv(tmp, index=False)
     overall = table[table["stratum"] == "all"]
     for row in overall.itertuples():
-        logger.info("%s %s: accuracy %.3f (n=%d)", row.model, row.mode, row.accuracy, row.n_cases)
+        shots = "" if pd.isna(row.shots) else f" ({row.shots}-shot)"
+        logger.info("%s %s%s: accuracy %.3f (n=%d)", row.model, row.mode, shots, row.accuracy, row.n_cases)
+    answered = overall.dropna(subset=["shots"]).drop_duplicates("model")
+    if answered["shots"].nunique() > 1:
+        logger.warning(
+            "the models' prompts show different numbers of shots (column shots): %s",
+            ", ".join(f"{row.model} {row.shots}" for row in answered.itertuples()),
+        )
