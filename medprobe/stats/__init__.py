@@ -24,7 +24,18 @@ Conventions (each mirrors scikit-learn, see the tests):
 
 from medprobe.stats._checks import _indicator, _indicator_and_scores, _positive_int  # noqa: F401
 from medprobe.stats.bootstrap import _BLOCK_ELEMENTS, _count_blocks, _group_codes, bootstrap_indices  # noqa: F401
-from medprobe.stats.compare import compare, delong_components, delong_rows, delong_test, holm  # noqa: F401
 from medprobe.stats.metrics import *  # noqa: F401,F403
 from medprobe.stats.metrics import _bootstrap_ranked, _f1_from_counts, _f1_with_replicates  # noqa: F401
 from medprobe.stats.scores import KINDS, Scores, score_predictions  # noqa: F401
+
+# The paired comparisons need scipy.stats (~0.5 s to import): loaded on first use, so that the probes, which
+# only score AUCs, start without it.
+_COMPARE = ("compare", "delong_components", "delong_rows", "delong_test", "holm")
+
+
+def __getattr__(name: str):
+    if name in _COMPARE:
+        import importlib
+
+        return getattr(importlib.import_module("medprobe.stats.comparisons"), name)
+    raise AttributeError(f"module 'medprobe.stats' has no attribute {name!r}")

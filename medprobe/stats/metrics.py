@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from medprobe.stats._checks import _indicator_and_scores
 from medprobe.stats.bootstrap import _BLOCK_ELEMENTS, _check_indices, _count_blocks
+
+
+def midranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks down each column, ties sharing their mean rank: ``scipy.stats.rankdata(values, axis=0)``
+    in numpy alone (the probes' validation AUC then needs no scipy.stats, ~0.5 s of every probe job's start)."""
+    values = np.asarray(values)
+    n = values.shape[0]
+    order = np.argsort(values, axis=0, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=0)
+    ranks = np.empty(values.shape, dtype=np.float64)
+    for column in range(values.shape[1]):
+        column_values = ordered[:, column]
+        starts = np.flatnonzero(np.r_[True, column_values[1:] != column_values[:-1]])
+        stops = np.r_[starts[1:], n]
+        ranks[order[:, column], column] = np.repeat((starts + stops + 1) / 2.0, stops - starts)
+    return ranks
 
 
 def auc_per_class(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -17,7 +32,7 @@ def auc_per_class(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
     without positives or without negatives.
     """
     targets, scores = _indicator_and_scores(targets, scores, "scores")
-    ranks = scipy_stats.rankdata(scores, axis=0)  # midranks for ties
+    ranks = midranks(scores)
     n_pos = targets.sum(axis=0)
     n_neg = targets.shape[0] - n_pos
     rank_sum = (ranks * targets).sum(axis=0)
