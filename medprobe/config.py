@@ -7,6 +7,8 @@ checks here cover what a schema cannot express (references between sections).
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +266,12 @@ def raw_dir(config: dict[str, Any], task: str) -> str:
     if entry["dataset"] == "demo":
         return f"resources/demo/raw/{task}"
     return f"resources/raw/{task}"
+
+
+def dry_run_requested(argv: Sequence[str]) -> bool:
+    """Whether a Snakemake command line asks for a dry run (``-n``, ``--dry-run``, ``--dryrun``, or ``n`` among
+    combined short flags such as ``-np``): the Snakefile cannot ask Snakemake itself while it is parsed."""
+    return any(
+        arg in ("--dry-run", "--dryrun") or (re.fullmatch(r"-[A-Za-z]+", arg) is not None and "n" in arg[1:])
+        for arg in argv
+    )

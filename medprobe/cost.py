@@ -355,10 +355,15 @@ def _demo_build(name: str) -> Path:
     return build(name, folder / name, seed=0)
 
 
-def model_architecture(model: str, entry: dict[str, Any], root: Path = ROOT) -> Architecture | str:
-    """The model's architecture, or a sentence saying why it is unknown offline."""
+def model_architecture(
+    model: str, entry: dict[str, Any], root: Path = ROOT, *, build_demo: bool = True
+) -> Architecture | str:
+    """The model's architecture, or a sentence saying why it is unknown offline (``build_demo=False``: a demo
+    model not built yet under ``root`` is unknown rather than built for the purpose)."""
     local = _local_dir(model, entry, root)
     where = f"config.json of {local.relative_to(root) if local and local.is_relative_to(root) else local}"
+    if local is None and "demo_build" in entry and not build_demo:
+        return f"demo model {entry['demo_build']} not built yet (rule demo_model)"
     if local is None and "demo_build" in entry:
         local = _demo_build(entry["demo_build"])
         where = f"config.json of the demo build {entry['demo_build']} (built offline for this table)"
@@ -1277,3 +1282,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def planned_activations(config: dict[str, Any], workdir: Path) -> str:
+    """What a dry run prints: the projected size of every activations file of ``config`` in ``workdir`` and their
+    total, from the architecture (a checkpoint folder's config.json, a demo model once rule demo_model has built
+    it, or the paper models' table) and the images (the prepared manifest, else the paper's or the demo's
+    counts); a file whose size is not known offline says why."""
+    lines, total = [], 0
+    for model, task in config_mod.model_task_pairs(config):
+        arch = model_architecture(model, config["models"][model], workdir, build_demo=False)
+        images = task_images(config, task, workdir / "results")
+        path = f"results/activations/{model}/{task}.h5"
+        if isinstance(arch, str) or isinstance(images, str):
+            lines.append(f"  {path}: unknown: {arch if isinstance(arch, str) else images}")
+            continue
+        layout = _layout(config, model, arch, None, None)
+        size = disk_bytes(images.total, layout, arch)
+        total += size
+        embeds = f" + image_embeds {arch.embedding}" if layout.embeddings and arch.embedding else ""
+        lines.append(
+            f"  {path}: {_bytes(size)} ({images.total:,} images x {len(layout.hidden)} layers x {arch.width}"
+            f"{embeds}, {layout.dtype})"
+        )
+    head = f"projected activations files: {_bytes(total)} in all (known sizes; docs/cost.md explains the model)"
+    return "\n".join([head, *lines])

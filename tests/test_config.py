@@ -187,3 +187,15 @@ def test_the_curated_model_list_lays_over_both_study_configs(repo):
             assert config["models"][name]["adapter"] in medprobe_config.known_adapters(), name
         assert {"idefics_80b", "clip"} <= set(config["models"])  # the paper's models stay
         assert medprobe_config.model_tasks(config, "phikon") == ["T1", "T2"]
+
+
+def test_dry_run_requested_reads_snakemakes_flags():
+    for argv in (["snakemake", "-n"], ["snakemake", "-np"], ["x", "--dry-run"], ["x", "--dryrun"], ["x", "-pn"]):
+        assert medprobe_config.dry_run_requested(argv), argv
+    for argv in (
+        ["snakemake", "--cores", "all"],
+        ["x", "-p", "-j2"],
+        ["x", "--configfile", "n.yaml"],
+        ["x", "-j", "n"],
+    ):
+        assert not medprobe_config.dry_run_requested(argv), argv

@@ -161,13 +161,18 @@ def test_where_probes_run_never_reruns_them(repo, done, tmp_path):
 
 def test_paper_config_plans_probes_on_a_gpu(repo, tmp_path):
     """config/paper.yaml fits its probes on GPUs: the probe and efficiency jobs claim probe.gpus /
-    efficiency.gpus and probe.resources (the SLURM request)."""
+    efficiency.gpus and probe.resources (the SLURM request); the plan prints each activations file's size."""
     out = subprocess.run(
         SNAKEMAKE + ["results/probes/idefics_80b/T1/probe.json", "results/probes/idefics_80b/T1/efficiency.h5",
                      "--dry-run", "--directory", str(tmp_path), "--configfile", str(repo / "config" / "paper.yaml")],
         cwd=repo, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # The plan states the disk the activations will take, file by file, before anything runs.
+    planned = re.search(r"projected activations files: ([\d.]+) (GB|TB) in all", out.stdout + out.stderr)
+    assert planned and planned.group(2) == "GB" and 500 < float(planned.group(1)) < 1000, planned
+    line = "results/activations/idefics_80b/T1.h5: 142 GB (107,180 images x 81 layers x 8192, float16)"
+    assert line in out.stdout + out.stderr
     for rule in ("probe", "efficiency"):
         block = re.search(rf"^rule {rule}:\n(?:    .*\n)+", out.stdout + out.stderr, flags=re.MULTILINE)
         assert block, rule

@@ -3,6 +3,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 
 from snakemake.logging import logger
 
@@ -12,6 +13,12 @@ import medprobe.figures as medprobe_figures
 
 medprobe_config.resolve_extends(config, workflow.basedir)
 medprobe_config.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+
+if workflow.is_main_process and medprobe_config.dry_run_requested(sys.argv):
+    # The plan says how much disk the activations will take before anything runs.
+    import medprobe.cost as medprobe_cost
+
+    logger.info(medprobe_cost.planned_activations(config, Path.cwd()))
 
 if not workflow.is_main_process:
     # A cluster job: offline hub when checkpoints were fetched; say which devices the scheduler gave it.
