@@ -1260,30 +1260,6 @@ def _display(path: str | Path, root: Path) -> str:
     return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configfile", action="append", required=True, help="config file (repeat to lay over)")
-    parser.add_argument("--out", help="write the Markdown here (default: standard output)")
-    parser.add_argument(
-        "--results", default=str(ROOT / "results"), help="results folder whose manifests give the image counts"
-    )
-    parser.add_argument("--utilisation", type=float, default=H200.utilisation, help="share of the roofline reached")
-    args = parser.parse_args(argv)
-    hardware = H200
-    if args.utilisation != H200.utilisation:
-        hardware = dataclasses.replace(H200, utilisation=args.utilisation, utilisation_source="given (--utilisation)")
-    text = generate(args.configfile, results=Path(args.results), hardware=hardware, out=args.out)
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def planned_activations(config: dict[str, Any], workdir: Path) -> str:
     """What a dry run prints: the projected size of every activations file of ``config`` in ``workdir`` and their
     total, from the architecture (a checkpoint folder's config.json, a demo model once rule demo_model has built
@@ -1307,3 +1283,27 @@ def planned_activations(config: dict[str, Any], workdir: Path) -> str:
         )
     head = f"projected activations files: {_bytes(total)} in all (known sizes; docs/cost.md explains the model)"
     return "\n".join([head, *lines])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configfile", action="append", required=True, help="config file (repeat to lay over)")
+    parser.add_argument("--out", help="write the Markdown here (default: standard output)")
+    parser.add_argument(
+        "--results", default=str(ROOT / "results"), help="results folder whose manifests give the image counts"
+    )
+    parser.add_argument("--utilisation", type=float, default=H200.utilisation, help="share of the roofline reached")
+    args = parser.parse_args(argv)
+    hardware = H200
+    if args.utilisation != H200.utilisation:
+        hardware = dataclasses.replace(H200, utilisation=args.utilisation, utilisation_source="given (--utilisation)")
+    text = generate(args.configfile, results=Path(args.results), hardware=hardware, out=args.out)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
