@@ -160,24 +160,29 @@ def _side(value: str) -> str:
 
 def read_landmarks(path: str | Path) -> pd.DataFrame:
     """A ``landmarks.csv`` (``file, side, x, y`` and optional extra columns such as ``landmark``), checked:
-    sides ``R``/``L`` and finite pixel coordinates. Raises ``ValueError`` naming the file, row and value."""
+    sides ``R``/``L`` and finite pixel coordinates. Read as every user table is
+    (:func:`medprobe.user_tables.read_csv`: UTF-8, file names stripped, indexed by line number; a header without
+    rows is allowed: ready-made crops need no landmarks). Raises ``ValueError`` naming the file, line, column and
+    value."""
+    from medprobe.user_tables import UserTableError, at, read_csv  # not importable in KNEEL's Python 3.7
+
     path = Path(path)
-    table = pd.read_csv(path, dtype={"file": str, "side": str}, keep_default_na=False)
-    missing = [column for column in LANDMARK_COLUMNS if column not in table.columns]
-    if missing:
-        raise ValueError(
-            f"{path}: missing column(s) {missing}; found {list(table.columns)} (expected file, side, x, y)"
-        )
-    table["side"] = table["side"].map(_side)
-    bad_side = table.index[~table["side"].isin(["R", "L"])]
+    table = read_csv(
+        path, LANDMARK_COLUMNS, files=["file"], identifiers=["side"], allow_no_rows=True, what="landmarks table"
+    )
+    sides = table["side"].map(_side)
+    bad_side = table.index[~sides.isin(["R", "L"])]
     if len(bad_side):
-        raise ValueError(f"{path}: row {bad_side[0] + 2}: side must be R or L, got {table['side'][bad_side[0]]!r}")
+        line = bad_side[0]
+        raise UserTableError(f"{at(path, line, 'side')}: side must be R or L, got {table.at[line, 'side']!r}")
+    table["side"] = sides
     for column in ("x", "y"):
-        values = pd.to_numeric(table[column], errors="coerce")
+        values = pd.to_numeric(table[column].map(str.strip), errors="coerce")
         bad = table.index[~np.isfinite(values.to_numpy(float))]
         if len(bad):
-            raise ValueError(
-                f"{path}: row {bad[0] + 2}: {column} must be a finite number of pixels, got {table[column][bad[0]]!r}"
+            value = table.at[bad[0], column]
+            raise UserTableError(
+                f"{at(path, bad[0], column)}: {column} must be a finite number of pixels, got {value!r}"
             )
         table[column] = values.astype(float)
     return table

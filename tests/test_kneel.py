@@ -280,7 +280,7 @@ def test_users_own_landmarks_are_checked_and_used(tmp_path, t8_data):
     assert table["file"][2].endswith("data/most/MB00001.png") and len(table) == 5
     assert np.asarray(Image.open(raw / table["file"][0])).shape == (280, 280)
     pd.DataFrame({"file": ["a"], "side": ["R"], "x": ["12"], "y": ["nan"]}).to_csv(given, index=False)
-    with pytest.raises(ValueError, match=r"mine.csv: row 2: y must be a finite number of pixels"):
+    with pytest.raises(ValueError, match=r"mine.csv, line 2, column y: y must be a finite number of pixels"):
         raw_table(raw, t8_data, landmarks=given)
     pd.DataFrame({"file": ["a"], "x": [1], "y": [2]}).to_csv(given, index=False)
     with pytest.raises(ValueError, match=r"missing column\(s\) \['side'\]"):

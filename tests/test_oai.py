@@ -409,11 +409,14 @@ def test_raw_table_crops_release_knees_and_prepare_keeps_patients_together(relea
         keep_default_na=False,
     )
     assert len(table) == 4 and json.loads((raw / "counts.json").read_text())["excluded"]["OAI: no landmarks"] == 1
-    # no partition: prepare holds whole patients out (both knees, every visit)
+    # no partition: prepare holds whole patients out (both knees, every visit); each extra patient has its own
+    # copy of a crop (one file named by two rows is refused: it could land in two splits)
+    crop = (raw / table["file"][2]).read_bytes()
     for patient in range(9000200, 9000230):
+        (raw / "images" / f"extra_{patient}.png").write_bytes(crop)
         table.loc[len(table)] = [
             f"oai_{patient}",
-            table["file"][2],
+            f"images/extra_{patient}.png",
             f"oai_{patient}",
             str(patient % 5),
             "",

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medprobe.user_tables import bad_characters, normalise_id, read_text
+
 __all__ = ["Case", "N_CHOICES", "load_case", "load_cases", "normalise", "split_shots"]
 
 N_CHOICES = 5
@@ -55,16 +57,35 @@ def _case_error(path: Path, message: str) -> ValueError:
 
 
 def _read_case_json(folder: Path) -> dict[str, Any]:
+    """``case.json`` as a dict: UTF-8 (:func:`medprobe.user_tables.read_text`), its strings stripped and in
+    Unicode NFC (:func:`_normalised`)."""
     path = folder / "case.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = read_text(path, "case.json")
     except FileNotFoundError:
         raise FileNotFoundError(f"case folder {folder} has no case.json") from None
+    if not text.strip():
+        raise _case_error(path, "the file is empty; it must hold a JSON object (docs/nejm.md)")
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as error:
         raise _case_error(path, f"not valid JSON ({error})") from None
     if not isinstance(data, dict):
         raise _case_error(path, "must hold a JSON object")
-    return data
+    return _normalised(data)
+
+
+def _normalised(data: dict[str, Any]) -> dict[str, Any]:
+    """The case's strings as they are compared (ids, answer and choices) and shown: surrounding whitespace
+    stripped and Unicode NFC (:func:`medprobe.user_tables.normalise_id`), so that an answer typed with a combining
+    accent is still its choice."""
+    out = dict(data)
+    for key in ("id", "date", "question", "answer", "context", "explanation"):
+        if isinstance(out.get(key), str):
+            out[key] = normalise_id(out[key])
+    if isinstance(out.get("choices"), list):
+        out["choices"] = [normalise_id(c) if isinstance(c, str) else c for c in out["choices"]]
+    return out
 
 
 def _check_fields(path: Path, data: dict[str, Any]) -> None:
@@ -74,6 +95,13 @@ def _check_fields(path: Path, data: dict[str, Any]) -> None:
     for key in ("id", "date", "question", "answer"):
         if not isinstance(data[key], str) or not data[key].strip():
             raise _case_error(path, f"key {key!r} must be a non-empty string, got {data[key]!r}")
+    for key in ("id", "answer"):
+        if bad_characters(data[key]):
+            raise _case_error(
+                path,
+                f"key {key!r}: {data[key]!r} contains the control or invisible character(s) "
+                f"{', '.join(dict.fromkeys(bad_characters(data[key])))}",
+            )
 
 
 def _check_choices(path: Path, data: dict[str, Any]) -> None:
@@ -169,6 +197,7 @@ def split_shots(cases: Sequence[Case], shots: int = 2, shot_ids: Sequence[str] =
     """
     cases = sorted(cases, key=lambda case: (case.date, case.id))
     by_id = {case.id: case for case in cases}
+    shot_ids = [normalise_id(i) for i in shot_ids]  # compared as the case ids are (stripped, NFC)
     if shot_ids:
         unknown = [i for i in shot_ids if i not in by_id]
         if unknown:

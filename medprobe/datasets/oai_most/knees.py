@@ -23,6 +23,7 @@ from medprobe.datasets.oai_most.layout import (
 from medprobe.datasets.oai_most.release import cell_text, find_release, kl_grade, leading_number, oai_knees
 from medprobe.download import MissingDataError, verify
 from medprobe.io import atomic_path, write_text_atomic
+from medprobe.user_tables import read_csv
 
 log = logging.getLogger("medprobe.datasets.oai_most")
 
@@ -52,10 +53,14 @@ def _user_knees(data_dir: Path) -> tuple[pd.DataFrame, dict[str, int]]:
     as the authors drop knees without a valid grade (``cat >= 5``), a missing grade or a code such as MOST's 8
     or 9 leaves the knee out."""
     path = data_dir / KNEES
-    knees = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [column for column in KNEE_COLUMNS if column not in knees.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(knees.columns)}")
+    knees = read_csv(
+        path,
+        KNEE_COLUMNS,
+        identifiers=["patient_id", "side", "source", "partition"],
+        files=["file"],
+        allow_no_rows=True,
+        what="knee table",
+    ).reset_index(drop=True)
     grades = knees["kl"].map(lambda value: kl_grade(cell_text(value)))
     valid = grades.map(lambda grade: isinstance(grade, str)).astype(bool)
     reasons = Counter(
