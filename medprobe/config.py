@@ -215,6 +215,107 @@ def _check_efficiency(efficiency: dict[str, Any], tasks: dict[str, Any]) -> None
         )
 
 
+# A Hugging Face hub id: "org/name" (what from_pretrained fetches when no such local folder exists).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_paths(config: dict[str, Any], root: str | Path = ".") -> None:
+    """Every file or folder the config names that no rule makes must exist under ``root`` (the working
+    directory): local checkpoints, a task's own ``raw_dir`` and ``landmarks`` file (the NEJM cases are optional:
+    common.smk skips the evaluation, saying so, when their folder is absent); and a fixed
+    ``layer`` must be one the model stores, where its config.json (or the paper models' table) says how many
+    hidden states it has. Run before any job, so that nothing is deleted or rerun for a typo; raises one
+    ConfigError naming every key and value at fault."""
+    root = Path(root)
+    problems = [
+        *_checkpoint_problems(config, root),
+        *_task_path_problems(config, root),
+        *_layer_problems(config, root),
+    ]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _checkpoint_problems(config: dict[str, Any], root: Path) -> list[str]:
+    problems = []
+    for name, entry in config["models"].items():
+        checkpoint = str(entry["checkpoint"])
+        if "demo_build" in entry or entry.get("fetch", False) or (root / checkpoint).exists():
+            continue  # built or fetched by a rule, or a local folder
+        if entry["adapter"] in ("timm", "open_clip") and checkpoint.startswith("hf-hub:"):
+            checkpoint = checkpoint.removeprefix("hf-hub:")
+        if _HUB_ID.fullmatch(checkpoint) is None and not (entry["adapter"] == "timm" and "/" not in checkpoint):
+            problems.append(
+                f"models.{name}.checkpoint: {entry['checkpoint']!r} is neither an existing folder (relative to "
+                f"{root.resolve()}) nor a hub id (org/name)"
+            )
+    return problems
+
+
+def _task_path_problems(config: dict[str, Any], root: Path) -> list[str]:
+    problems = []
+    for name, task in config["tasks"].items():
+        if "raw_dir" in task and not (root / task["raw_dir"] / "metadata.csv").is_file():
+            folder = root / task["raw_dir"]
+            what = "has no metadata.csv" if folder.is_dir() else "does not exist"
+            problems.append(f"tasks.{name}.raw_dir: {task['raw_dir']!r} {what} (relative to {root.resolve()})")
+        landmarks = task.get("landmarks")
+        if isinstance(landmarks, str) and landmarks != "kneel" and not (root / landmarks).is_file():
+            problems.append(f"tasks.{name}.landmarks: file {landmarks!r} does not exist (relative to {root.resolve()})")
+    return problems
+
+
+def _layer_problems(config: dict[str, Any], root: Path) -> list[str]:
+    from medprobe.extract.plan import resolve_layers
+    from medprobe.layers import EMBEDDINGS_LAYER, resolve_layer
+
+    problems = []
+    for name, entry in config["models"].items():
+        layer = entry.get("layer", "validation")
+        n_hidden = _hidden_states(entry, root)
+        if layer == "validation" or n_hidden is None:
+            continue
+        selection = entry.get("layers", config["extraction"].get("layers", "all"))
+        try:
+            stored = [f"hidden.{index}" for index in resolve_layers(selection, n_hidden)]
+        except ValueError as error:
+            problems.append(f"models.{name}.layers: {selection!r}: {error}")
+            continue
+        # Image encoders may store their projected embedding as well (the job checks that it has one).
+        names = stored + ([EMBEDDINGS_LAYER] if entry["adapter"] not in ("idefics", "hf_vlm") else [])
+        try:
+            resolve_layer(layer, names, "", n_hidden)
+        except ValueError:
+            shown = ", ".join(stored) if len(stored) <= 8 else f"{stored[0]}, {stored[1]}, ..., {stored[-1]}"
+            problems.append(
+                f"models.{name}.layer: {layer!r} is not among the {len(stored)} stored layers ({shown}) of a model "
+                f"with {n_hidden} hidden states (models.{name}.layers / extraction.layers: {selection!r})"
+            )
+    return problems
+
+
+def _hidden_states(entry: dict[str, Any], root: Path) -> int | None:
+    """The model's number of hidden states (layers + embedding output) from its local config.json, else the
+    paper models' table; None where neither is at hand offline (the job checks then)."""
+    import json
+
+    folder = root / str(entry["checkpoint"])
+    if (folder / "config.json").is_file():
+        model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        part = {
+            "idefics": model_config,
+            "clip": model_config.get("vision_config", {}),
+            "hf_vision": model_config.get("vision_config", model_config),
+            "hf_vlm": model_config.get("text_config", {}),
+        }.get(entry["adapter"], {})
+        layers = part.get("num_hidden_layers")
+        return int(layers) + 1 if isinstance(layers, int) else None
+    from medprobe.cost import ARCHITECTURES
+
+    known = ARCHITECTURES.get(str(entry["checkpoint"]))
+    return known.hidden_states if known is not None else None
+
+
 def probe_mode(config: dict[str, Any], model: str) -> str:
     """The probe a model gets: its own ``probe_mode`` or the config's ``probe.mode``."""
     return config["models"][model].get("probe_mode", config["probe"]["mode"])

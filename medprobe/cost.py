@@ -1267,9 +1267,13 @@ def planned_activations(config: dict[str, Any], workdir: Path) -> str:
     counts); a file whose size is not known offline says why."""
     lines, total = [], 0
     for model, task in config_mod.model_task_pairs(config):
-        arch = model_architecture(model, config["models"][model], workdir, build_demo=False)
-        images = task_images(config, task, workdir / "results")
         path = f"results/activations/{model}/{task}.h5"
+        try:
+            arch = model_architecture(model, config["models"][model], workdir, build_demo=False)
+            images = task_images(config, task, workdir / "results")
+        except (OSError, ValueError) as error:  # an unreadable manifest or config.json: the plan still prints
+            lines.append(f"  {path}: unknown: {error}")
+            continue
         if isinstance(arch, str) or isinstance(images, str):
             lines.append(f"  {path}: unknown: {arch if isinstance(arch, str) else images}")
             continue

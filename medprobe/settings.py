@@ -173,18 +173,19 @@ class NejmSettings(_FromDict):
 
 @dataclasses.dataclass(frozen=True)
 class TaskSettings(_FromDict):
-    """One ``tasks.<T>`` entry: what the probes and tables need of it."""
+    """One ``tasks.<T>`` entry, or the part of it a rule's params hold (medprobe.rule_params): the fields a
+    stage does not depend on are left out of its params and take the defaults below, which mean "not given"."""
 
     SECTION = "tasks.<task>"
-    name: str
-    discipline: str
-    dataset: str
     kind: str
-    metric: str
-    prompt: str
     classes: str | tuple[str, ...]
-    graded: bool
-    min_test_positives: int
+    min_test_positives: int = 0
+    name: str = ""
+    discipline: str = ""
+    dataset: str = ""
+    metric: str = ""
+    prompt: str = ""
+    graded: bool = False
     test_fraction: float | None = None
     label_rule: str | None = None
 

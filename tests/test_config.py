@@ -1,6 +1,7 @@
 """Config validation: defaults, messages that name the key, cross-references, paper config."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -199,3 +200,56 @@ def test_dry_run_requested_reads_snakemakes_flags():
         ["x", "-j", "n"],
     ):
         assert not medprobe_config.dry_run_requested(argv), argv
+
+
+def test_paths_the_config_names_are_checked_before_any_job(demo, tmp_path):
+    """check_paths (run by common.smk after validation): local checkpoints, a task's own raw_dir and landmarks
+    must exist; hub ids, demo builds and fetched checkpoints are made by rules; every fault named at once."""
+    config = medprobe_config.validate(copy.deepcopy(demo))
+    medprobe_config.check_paths(config, tmp_path)  # the demo's paths are all made by its rules
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "raw" / "T2").mkdir(parents=True)
+    config["models"]["clip"] = {**config["models"]["clip"], "checkpoint": "ckpt"}
+    del config["models"]["clip"]["demo_build"]
+    medprobe_config.check_paths(config, tmp_path)  # an existing folder
+    config["models"]["clip"]["checkpoint"] = "openai/clip-vit-base-patch32"
+    medprobe_config.check_paths(config, tmp_path)  # a hub id: fetched by from_pretrained
+    config["models"]["clip"]["checkpoint"] = "/nonexistent/clip"
+    config["tasks"]["T1"]["raw_dir"] = "data/typo"
+    config["tasks"]["T2"]["raw_dir"] = "raw/T2"  # exists, without metadata.csv
+    config["tasks"]["T8"]["landmarks"] = "mine/landmarks.csv"
+    with pytest.raises(medprobe_config.ConfigError) as caught:
+        medprobe_config.check_paths(config, tmp_path)
+    message = str(caught.value)
+    assert "models.clip.checkpoint: '/nonexistent/clip' is neither an existing folder" in message
+    assert "tasks.T1.raw_dir: 'data/typo' does not exist" in message
+    assert "tasks.T2.raw_dir: 'raw/T2' has no metadata.csv" in message
+    assert "tasks.T8.landmarks: file 'mine/landmarks.csv' does not exist" in message
+
+
+def test_a_fixed_layer_the_model_does_not_store_is_refused_before_any_job(demo, tmp_path):
+    import json
+
+    config = medprobe_config.validate(copy.deepcopy(demo))
+    folder = tmp_path / "resources" / "models" / "tiny-idefics-large"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 6}))  # 7 hidden states
+    entry = config["models"]["idefics_80b"]
+    for good in (6, "hidden.0", "authors:2", "validation"):
+        entry["layer"] = good
+        medprobe_config.check_paths(config, tmp_path)
+    entry["layer"] = 999
+    with pytest.raises(medprobe_config.ConfigError, match=r"models.idefics_80b.layer: 999 is not among the 7 stored"):
+        medprobe_config.check_paths(config, tmp_path)
+    entry["layer"], entry["layers"] = 3, "every:2"  # stores 0, 2, 4, 6
+    with pytest.raises(medprobe_config.ConfigError, match=r"layer: 3 is not among the 4 stored layers .*'every:2'"):
+        medprobe_config.check_paths(config, tmp_path)
+    # The paper's models are known without their files: IDEFICS-80B has 81 hidden states.
+    paper = medprobe_config.validate(
+        medprobe_config.resolve_extends(
+            yaml.safe_load((Path(__file__).parents[1] / "config" / "paper.yaml").read_text()), Path(__file__).parents[1]
+        )
+    )
+    paper["models"]["idefics_80b"]["layer"] = 81
+    with pytest.raises(medprobe_config.ConfigError, match="81 hidden states"):
+        medprobe_config.check_paths(paper, tmp_path)

@@ -178,3 +178,22 @@ def test_paper_config_plans_probes_on_a_gpu(repo, tmp_path):
         assert block, rule
         resources = re.search(r"resources: (.*)", block.group(0)).group(1)
         assert "gpu=1" in resources.split(", ") and "mem_mb=64000" in resources.split(", "), resources
+
+
+def test_a_label_rename_plans_nothing_and_a_layer_change_only_the_probes(repo, done, tmp_path):
+    """Renaming a model's label or a task's name reruns no computation (the tables and figures that show them
+    do rerun); a model's headline layer reruns its probes and what follows them, never its extraction."""
+    workdir, _ = done
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["models"]["clip"]["label"] = "Another name"
+    config["tasks"]["T1"]["name"] = "Another task name"
+    config["models"]["clip"]["resources"] = {"mem_mb": 999}
+    path = tmp_path / "renamed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    rules = {rule for rule, _ in dry_run_jobs(repo, workdir, "--configfile", str(path))}
+    assert not rules & (UPSTREAM | {"probe", "efficiency", "evaluate", "evaluate_efficiency", "compare"}), rules
+    config["models"]["clip"]["layer"] = 1
+    path.write_text(yaml.safe_dump(config))
+    jobs = dry_run_jobs(repo, workdir, "--configfile", str(path))
+    assert not {rule for rule, _ in jobs} & UPSTREAM
+    assert {(rule, wc.get("model")) for rule, wc in jobs if rule == "probe"} == {("probe", "clip")}

@@ -10,9 +10,12 @@ from snakemake.logging import logger
 import medprobe.checkpoints as medprobe_checkpoints
 import medprobe.config as medprobe_config
 import medprobe.figures as medprobe_figures
+import medprobe.rule_params as medprobe_rule_params
 
 medprobe_config.resolve_extends(config, workflow.basedir)
 medprobe_config.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+# Files the config names that no rule makes, and fixed layers, before any job runs (or deletes anything).
+medprobe_config.check_paths(config, Path.cwd())
 
 if workflow.is_main_process and medprobe_config.dry_run_requested(sys.argv):
     # The plan says how much disk the activations will take before anything runs.
@@ -29,14 +32,6 @@ MODELS = list(config["models"])
 TABLES = ["metrics", "layers", "efficiency", "groups"]
 ENV = "../../envs/medprobe.yaml"
 ENV_FETCH = "../../envs/fetch.yaml"
-# What a probe's result depends on. probe.gpus, probe.layer_batch and probe.resources say only where and
-# how it runs (each layer's result does not depend on them), so they are no param: changing them never
-# reruns a probe. The scripts read probe.layer_batch from the config.
-PROBE_SETTINGS = {
-    key: value
-    for key, value in config["probe"].items()
-    if key not in ("gpus", "layer_batch", "resources")
-}
 
 
 wildcard_constraints:
@@ -46,15 +41,19 @@ wildcard_constraints:
     figure="|".join(medprobe_figures.FIGURES),
 
 
-def task_config(wildcards):
-    return config["tasks"][wildcards.task]
+def rule_params(rule):
+    """The params of a computing rule, each a function of the job's wildcards: medprobe.rule_params.RULES, which
+    holds only what the rule's output depends on (labels and resources never rerun a computation).
+    """
+    return {
+        name: functools.partial(_rule_param, rule, name)
+        for name in medprobe_rule_params.RULES[rule]
+    }
 
 
-def model_config(wildcards):
-    """The entry a compute job loads: with `fetch: true` the checkpoint is the fetched local copy."""
-    return medprobe_checkpoints.compute_model_config(
-        wildcards.model, config["models"][wildcards.model]
-    )
+def _rule_param(rule, name, wildcards):
+    function = medprobe_rule_params.RULES[rule][name]
+    return function(config, wildcards.get("model"), wildcards.get("task"))
 
 
 def raw_metadata(wildcards):
@@ -109,33 +108,26 @@ def dataset_checksums(wildcards):
 
 
 def model_checkpoint(wildcards):
-    """The local checkpoint directory when the workflow builds it (demo); hub ids need no input."""
+    """The local checkpoint folder (built by rule demo_model, fetched, or the user's); hub ids need no input."""
     entry = config["models"][wildcards.model]
     if entry["fetch"]:
         return [medprobe_checkpoints.checkpoint_dir(wildcards.model)]
-    return [entry["checkpoint"]] if "demo_build" in entry else []
-
-
-def model_probe_mode(wildcards):
-    """The model's own probe (models.<model>.probe_mode) or probe.mode."""
-    return medprobe_config.probe_mode(config, wildcards.model)
+    if "demo_build" in entry or os.path.isdir(entry["checkpoint"]):
+        return [entry["checkpoint"]]  # a local folder is an input Snakemake sees
+    return []
 
 
 def model_gpus(wildcards):
     return config["models"][wildcards.model]["gpus"]
 
 
-def extraction_settings(model):
+def extraction_section(model):
     """The extraction section with the model's own batch_size, shards and layers (models.<model>) laid over it."""
     entry = config["models"][model]
     own = {
         key: entry[key] for key in ("batch_size", "shards", "layers") if key in entry
     }
     return config["extraction"] | own
-
-
-def model_extraction(wildcards):
-    return extraction_settings(wildcards.model)
 
 
 def models_matching(names):
@@ -148,8 +140,8 @@ def models_matching(names):
 MERGED_MODELS = [
     model
     for model in MODELS
-    if extraction_settings(model)["shards"] > 1
-    or extraction_settings(model)["dtype"] == "int8"
+    if extraction_section(model)["shards"] > 1
+    or extraction_section(model)["dtype"] == "int8"
 ]
 
 
@@ -157,7 +149,7 @@ def shard_files(wildcards):
     """The model's extraction jobs of one task (one shard each), which merge_shards joins."""
     return [
         f"results/activations/{wildcards.model}/{wildcards.task}.shards/{shard}.h5"
-        for shard in range(model_extraction(wildcards)["shards"])
+        for shard in range(extraction_section(wildcards.model)["shards"])
     ]
 
 
@@ -176,10 +168,6 @@ def compare_inputs(wildcards):
         "manifest": f"results/manifests/{wildcards.task}.csv",
         **task_predictions(wildcards),
     }
-
-
-def compared_models(wildcards):
-    return list(task_predictions(wildcards))
 
 
 def task_metrics(wildcards):
@@ -217,11 +205,6 @@ def all_tables():
 def comparison_pairs(wildcards):
     """[model, reference] pairs compared on this task (both models must run it)."""
     return medprobe_config.comparison_pairs(config, wildcards.task)
-
-
-def evaluation_settings(wildcards):
-    """What scoring needs of the evaluation section (thresholds of findings.csv excluded: they rerun nothing)."""
-    return {key: config["evaluation"][key] for key in ("bootstrap", "ci")}
 
 
 def all_figures():

@@ -10,9 +10,7 @@ rule demo_data:
     conda:
         ENV
     params:
-        task=task_config,
-        seed=lookup(dpath="seed", within=config),
-        images_per_patient=lookup(dpath="demo/images_per_patient", within=config),
+        **rule_params("demo_data"),
     script:
         "../scripts/demo_data.py"
 
@@ -44,10 +42,7 @@ rule prepare:
         ENV
     threads: config["threads"]["prepare"]
     params:
-        task=task_config,
-        split=lookup(dpath="split", within=config),
-        seed=lookup(dpath="seed", within=config),
-        on_bad_image=lookup(dpath="on_bad_image", within=config),
+        **rule_params("prepare"),
     script:
         "../scripts/prepare.py"
 
@@ -83,7 +78,7 @@ rule raw_dataset:
     conda:
         "../../envs/datasets.yaml"
     params:
-        task=task_config,
+        **rule_params("raw_dataset"),
         data_dir=dataset_folder,
     script:
         "../scripts/raw_dataset.py"

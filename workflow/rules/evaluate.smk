@@ -19,9 +19,7 @@ rule evaluate:
     conda:
         ENV
     params:
-        task=task_config,
-        evaluation=evaluation_settings,
-        seed=config["seed"],
+        **rule_params("evaluate"),
     script:
         "../scripts/evaluate.py"
 
@@ -47,11 +45,7 @@ rule compare:
     conda:
         ENV
     params:
-        task=task_config,
-        models=compared_models,
-        pairs=comparison_pairs,
-        evaluation=evaluation_settings,
-        seed=config["seed"],
+        **rule_params("compare"),
     script:
         "../scripts/compare.py"
 

@@ -42,9 +42,7 @@ rule extract:
         ),
         gpu_model=lookup(dpath="models/{model}/resources/gpu_model", within=config),
     params:
-        model=model_config,
-        prompt=lookup(dpath="tasks/{task}/prompt", within=config),
-        extraction=model_extraction,
+        **rule_params("extract"),
     script:
         "../scripts/extract.py"
 

@@ -16,11 +16,9 @@ rule nejm_answers:
     resources:
         gpu=model_gpus,
     params:
+        **rule_params("nejm_answers"),
         # Outlives the output (Snakemake removes that before a rerun), so that a rerun resumes.
         cache="results/nejm/{model}/answers.cache.jsonl",
-        model=model_config,
-        nejm=config["nejm"],
-        seed=config["seed"],
     script:
         "../scripts/nejm_answers.py"
 

@@ -21,12 +21,7 @@ rule probe:
         cpus_per_gpu=lookup(dpath="probe/resources/cpus_per_gpu", within=config),
         gpu_model=lookup(dpath="probe/resources/gpu_model", within=config),
     params:
-        task=task_config,
-        probe=PROBE_SETTINGS,
-        layer=lookup(dpath="models/{model}/layer", within=config),
-        mode=model_probe_mode,
-        protocol=config["protocol"],
-        seed=config["seed"],
+        **rule_params("probe"),
     script:
         "../scripts/probe.py"
 
@@ -50,13 +45,6 @@ rule efficiency:
         cpus_per_gpu=lookup(dpath="probe/resources/cpus_per_gpu", within=config),
         gpu_model=lookup(dpath="probe/resources/gpu_model", within=config),
     params:
-        task=task_config,
-        probe=PROBE_SETTINGS,
-        efficiency={
-            key: config["efficiency"][key]
-            for key in ("fractions", "seeds", "sampling")
-        },
-        mode=model_probe_mode,
-        seed=config["seed"],
+        **rule_params("efficiency"),
     script:
         "../scripts/efficiency.py"
