@@ -74,3 +74,27 @@ def write_strings(group: Any, name: str, values: Sequence[str] | Iterable[str]) 
     import h5py
 
     group.create_dataset(name, data=np.array(list(values), dtype=object), dtype=h5py.string_dtype("utf-8"))
+
+
+def listed_files_digest(table_csv: str | os.PathLike, base: str | os.PathLike, column: str = "file") -> str:
+    """SHA-256 of the name, size and modification time of every existing file that ``table_csv``'s ``column``
+    names (relative to ``base`` unless absolute): a rule param that changes when one of them is added, removed
+    or replaced, at the cost of one ``stat`` per file. A table that cannot be read gives a digest of its error
+    (its reader reports it properly)."""
+    import csv
+
+    digest = hashlib.sha256()
+    try:
+        with open(table_csv, newline="", encoding="utf-8-sig") as handle:
+            names = [row.get(column) or "" for row in csv.DictReader(handle)]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        return f"unreadable: {type(error).__name__}"
+    for name in sorted(set(names)):
+        path = Path(name) if os.path.isabs(name) else Path(base) / name
+        try:
+            stat = path.stat()
+        except OSError:
+            digest.update(f"{name}\0missing\n".encode())
+            continue
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()

@@ -61,11 +61,8 @@ def write_config(workdir, repo, change=None):
     return config
 
 
-@pytest.fixture(scope="module")
-def done(repo, tmp_path_factory):
-    """A working directory where every job of the reduced demo is complete."""
-    workdir = tmp_path_factory.mktemp("reruns")
-    config = write_config(workdir, repo)
+def complete(repo, workdir):
+    """Mark every job of ``workdir``'s config done: its outputs as empty files, recorded by ``--touch``."""
     summary = snakemake(repo, workdir, "--summary")
     for line in summary.splitlines()[1:]:
         path = workdir / line.split("\t")[0]
@@ -76,8 +73,17 @@ def done(repo, tmp_path_factory):
             path.touch()
         else:
             path.mkdir(parents=True, exist_ok=True)
-    snakemake(repo, workdir, "--touch", "--cores", "1")
+    # --forceall: every job is touched and its provenance (params, inputs) recorded, so later changes compare.
+    snakemake(repo, workdir, "--touch", "--forceall", "--cores", "1")
     assert dry_run_jobs(repo, workdir) == [], "the touched run should be complete"
+
+
+@pytest.fixture(scope="module")
+def done(repo, tmp_path_factory):
+    """A working directory where every job of the reduced demo is complete."""
+    workdir = tmp_path_factory.mktemp("reruns")
+    config = write_config(workdir, repo)
+    complete(repo, workdir)
     return workdir, config
 
 
@@ -197,3 +203,26 @@ def test_a_label_rename_plans_nothing_and_a_layer_change_only_the_probes(repo, d
     jobs = dry_run_jobs(repo, workdir, "--configfile", str(path))
     assert not {rule for rule, _ in jobs} & UPSTREAM
     assert {(rule, wc.get("model")) for rule, wc in jobs if rule == "probe"} == {("probe", "clip")}
+
+
+def test_a_replaced_added_or_removed_raw_image_reruns_prepare(repo, tmp_path):
+    """A user's own raw table (tasks.<T>.raw_dir): prepare sees the size and time of every image it names, so
+    replacing, adding (e.g. one skipped as missing) or removing one reruns it and what follows."""
+    workdir = tmp_path / "run"
+    raw = workdir / "mydata"
+    (raw / "images").mkdir(parents=True)
+    (raw / "metadata.csv").write_text("image_id,file\na,images/a.png\nb,images/b.png\n")
+    (raw / "images" / "a.png").write_bytes(b"first")
+    write_config(workdir, repo, change=lambda config: config["tasks"]["T1"].update(raw_dir="mydata"))
+    complete(repo, workdir)
+    for change in (
+        lambda: (raw / "images" / "a.png").write_bytes(b"replaced"),
+        lambda: (raw / "images" / "b.png").write_bytes(b"added"),
+        lambda: (raw / "images" / "a.png").unlink(),
+    ):
+        change()
+        jobs = dry_run_jobs(repo, workdir)
+        assert [wc for rule, wc in jobs if rule == "prepare"] == [{"task": "T1"}], jobs
+        assert "probe" in {rule for rule, _ in jobs}
+        snakemake(repo, workdir, "--touch", "--cores", "1")
+        assert dry_run_jobs(repo, workdir) == []

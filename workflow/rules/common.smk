@@ -10,6 +10,7 @@ from snakemake.logging import logger
 import medprobe.checkpoints as medprobe_checkpoints
 import medprobe.config as medprobe_config
 import medprobe.figures as medprobe_figures
+import medprobe.io as medprobe_io
 import medprobe.rule_params as medprobe_rule_params
 
 medprobe_config.resolve_extends(config, workflow.basedir)
@@ -63,6 +64,17 @@ def raw_metadata(wildcards):
     if entry["dataset"] == "demo" or "raw_dir" in entry:
         return {"metadata": f"{raw}/metadata.csv"}
     return {"metadata": f"{raw}/metadata.csv", "counts": f"{raw}/counts.json"}
+
+
+def raw_files(wildcards):
+    """The raw images a user's own raw table names, as the size and time of each (a digest): adding, removing or
+    replacing one reruns prepare. Tables the workflow makes (demo, dataset recipes) change through their rules.
+    """
+    entry = config["tasks"][wildcards.task]
+    if "raw_dir" not in entry:
+        return "made by the workflow"
+    raw = entry["raw_dir"]
+    return medprobe_io.listed_files_digest(f"{raw}/metadata.csv", raw)
 
 
 def dataset_download(wildcards):

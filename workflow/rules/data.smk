@@ -43,6 +43,7 @@ rule prepare:
     threads: config["threads"]["prepare"]
     params:
         **rule_params("prepare"),
+        raw_files=raw_files,
     script:
         "../scripts/prepare.py"
 
