@@ -17,6 +17,7 @@ include: "workflow/rules/probe.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/nejm.smk"
+include: "workflow/rules/verify.smk"
 
 
 report: "workflow/report/workflow.rst"

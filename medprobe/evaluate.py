@@ -10,16 +10,15 @@ entry point and input, so that changing the label-efficiency settings rescores o
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 
 from medprobe.checks import check_finite, coverage_warnings
+from medprobe.contracts import PROBE_OUTPUT, open_hdf5, open_probe_output, read_dataset, read_json
 from medprobe.io import decode_strings
 from medprobe.labels import load_manifest, task_targets
 from medprobe.layers import authors_labels
@@ -52,9 +51,10 @@ def test_set(
 
 
 def load_predictions(path: str | Path) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """(ids, probabilities, attrs) of a probe's ``predictions.h5``; NaN/Inf rows stop with their image ids."""
-    with h5py.File(path, "r") as handle:
-        ids, probabilities = decode_strings(handle["ids"][:]), handle["probabilities"][:].astype(np.float64)
+    """(ids, probabilities, attrs) of a probe's ``predictions.h5``; NaN/Inf rows stop with their image ids, a file
+    that breaks its contract with :class:`medprobe.contracts.DamagedFileError`."""
+    with open_probe_output(path, "predictions") as (handle, ids):
+        probabilities = read_dataset(handle, PROBE_OUTPUT, "probabilities").astype(np.float64)
         attrs = dict(handle.attrs)
     check_finite(probabilities, ids, str(path), "probabilities")
     return ids, probabilities, attrs
@@ -118,10 +118,12 @@ def test_scorer(
     ``summary`` (probe.json) gives the rows' layer and training size (comparisons need neither)."""
     config = task_settings.as_dict()
     classes = task_classes(manifest, config)
-    with h5py.File(source, "r") as handle:
+    with open_hdf5(source, PROBE_OUTPUT) as handle:
         _check_classes(Path(source), decode_strings(handle.attrs["classes"]), classes)
     targets, groups = test_set(manifest, config, ids)
-    probe = json.loads(Path(summary).read_text()) if summary is not None else {"layer": "", "n_train": 0}
+    probe = {"layer": "", "n_train": 0}
+    if summary is not None:
+        probe = read_json(summary, "probe summary", keys=("layer", "n_train"))
     return TestScorer(
         task, model, config, classes, targets, groups, evaluation, seed, probe["layer"], int(probe["n_train"])
     )
@@ -155,15 +157,14 @@ def groups_table(*, source: str | Path, out: str | Path, **context: Any) -> pd.D
 def layers_table(*, source: str | Path, out: str | Path, **context: Any) -> pd.DataFrame:
     """``layers.csv``: every layer's test predictions (``layers.h5``), with each layer's index in the authors'
     numbering (``authors_layer``)."""
-    with h5py.File(source, "r") as handle:
-        ids = decode_strings(handle["ids"][:])
+    with open_probe_output(source, "layers") as (handle, ids):
         names = decode_strings(handle.attrs["layer_names"])
         num_hidden_states = handle.attrs.get("num_hidden_states")
         authors = authors_labels(names, None if num_hidden_states is None else int(num_hidden_states))
         scorer = test_scorer(ids=ids, source=source, **context)
         rows = []
         for index, layer in enumerate(names):
-            probabilities = handle["probabilities"][index].astype(np.float64)
+            probabilities = read_dataset(handle, PROBE_OUTPUT, "probabilities", index).astype(np.float64)
             check_finite(probabilities, ids, f"{source} layer {layer}", "probabilities")
             rows += scorer.rows(scorer.score(probabilities), layer=layer, authors_layer=authors[index])
     table = _write(rows, TABLE_COLUMNS + ["authors_layer"], out, types={"authors_layer": "Int64"})
@@ -172,14 +173,14 @@ def layers_table(*, source: str | Path, out: str | Path, **context: Any) -> pd.D
 
 def efficiency_table(*, source: str | Path, out: str | Path, **context: Any) -> pd.DataFrame:
     """``efficiency.csv``: the label-efficiency refits (``efficiency.h5``), one block per fraction x seed."""
-    with h5py.File(source, "r") as handle:
-        ids = decode_strings(handle["ids"][:])
+    with open_probe_output(source, "efficiency") as (handle, ids):
         scorer = test_scorer(ids=ids, source=source, **context)
-        fractions, seeds, sizes = handle.attrs["fractions"], handle.attrs["seeds"], handle["n_train"][:]
+        fractions, seeds = handle.attrs["fractions"], handle.attrs["seeds"]
+        sizes = read_dataset(handle, PROBE_OUTPUT, "n_train")
         rows = []
         for f, fraction in enumerate(fractions):
             for s, subset_seed in enumerate(seeds):
-                probabilities = handle["probabilities"][f, s].astype(np.float64)
+                probabilities = read_dataset(handle, PROBE_OUTPUT, "probabilities", (f, s)).astype(np.float64)
                 check_finite(probabilities, ids, f"{source} fraction {fraction:g} seed {subset_seed}", "probabilities")
                 rows += scorer.rows(
                     scorer.score(probabilities),
@@ -258,7 +259,7 @@ def compare_models(
             source=predictions[compared[0]],
         )
         for model in compared[1:]:
-            with h5py.File(predictions[model], "r") as handle:
+            with open_hdf5(predictions[model], PROBE_OUTPUT) as handle:
                 _check_classes(Path(predictions[model]), decode_strings(handle.attrs["classes"]), scorer.classes)
         scored = {model: scorer.score(loaded[model][1]) for model in compared}
         rows = [

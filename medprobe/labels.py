@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from medprobe.contracts import DamagedFileError
+
 KINDS = ("binary", "multiclass", "multilabel")
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("image_id", "path", "split", "patient_id", "source")
@@ -34,27 +36,35 @@ def load_manifest(path: str | os.PathLike) -> pd.DataFrame:
 
     Checks: the columns ``image_id, path, split, patient_id, source`` and at least one of ``label`` /
     ``labels`` exist; ``image_id`` is unique; ``split`` only holds ``train``, ``val`` or ``test``.
-    Raises ``ValueError`` naming the file and the offending columns or values.
+    Raises :class:`medprobe.contracts.DamagedFileError` (a ``ValueError``) naming the file, the offending columns
+    or values, and the command that rebuilds it; a file that does not parse as CSV raises it too.
     """
     path = os.fspath(path)
-    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DamagedFileError(path, f"not a readable CSV table ({error})", what="manifest") from error
     missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
     if missing:
-        raise ValueError(
-            f"manifest {path}: missing required column(s) {_listing(missing)}; found columns {list(manifest.columns)}"
+        raise DamagedFileError(
+            path,
+            f"missing required column(s) {_listing(missing)}; found columns {list(manifest.columns)}",
+            what="manifest",
         )
     if "label" not in manifest.columns and "labels" not in manifest.columns:
-        raise ValueError(
-            f"manifest {path}: needs a 'label' column (binary/multiclass) or a 'labels' column "
-            f"(multilabel); found columns {list(manifest.columns)}"
+        raise DamagedFileError(
+            path,
+            "needs a 'label' column (binary/multiclass) or a 'labels' column (multilabel); found columns "
+            f"{list(manifest.columns)}",
+            what="manifest",
         )
     duplicated = manifest["image_id"][manifest["image_id"].duplicated()].unique().tolist()
     if duplicated:
-        raise ValueError(f"manifest {path}: duplicate image_id value(s) {_listing(duplicated)}")
+        raise DamagedFileError(path, f"duplicate image_id value(s) {_listing(duplicated)}", what="manifest")
     bad_splits = sorted(set(manifest["split"]) - set(SPLITS))
     if bad_splits:
-        raise ValueError(
-            f"manifest {path}: column 'split' holds {_listing(bad_splits)}; allowed values are {list(SPLITS)}"
+        raise DamagedFileError(
+            path, f"column 'split' holds {_listing(bad_splits)}; allowed values are {list(SPLITS)}", what="manifest"
         )
     return manifest
 

@@ -678,7 +678,7 @@ def test_probe_task_rejects_mismatched_ids_and_hash(tmp_path):
     reordered.to_csv(manifest_path, index=False)
     with h5py.File(h5_path, "a") as f:  # hash matches, order does not
         f.attrs["manifest_sha256"] = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
-    with pytest.raises(ValueError, match=r"acts\.h5 ids do not match manifest .*task\.csv"):
+    with pytest.raises(ValueError, match=r"acts\.h5: ids do not match manifest .*task\.csv"):
         run_probe(h5_path, manifest_path, tmp_path / "out")
     assert not (tmp_path / "out" / "probe.json").exists()
 

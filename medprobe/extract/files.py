@@ -24,15 +24,19 @@ from typing import Any
 import h5py
 import numpy as np
 
+from medprobe.contracts import DamagedFileError, check_shape, open_hdf5, read_dataset, require
 from medprobe.extract.quantise import dequantise
 from medprobe.io import decode_strings, write_strings
 from medprobe.layers import EMBEDDINGS_LAYER
 
 __all__ = [
     "ActivationsWriter",
+    "ACTIVATIONS",
     "InsufficientDiskSpaceError",
     "Layout",
     "check_disk_space",
+    "check_layout",
+    "check_manifest_match",
     "format_bytes",
     "layer_names",
     "projected_size",
@@ -40,6 +44,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("medprobe.extract")
+
+# What a damaged activations file is called in messages (medprobe.contracts.DamagedFileError).
+ACTIVATIONS = "activations file"
 
 CHUNK_ROWS = 256
 # Enough chunk cache to keep one row of chunks (all layers) in memory between batches, so that a
@@ -254,17 +261,59 @@ class ActivationsWriter:
         self.close()
 
 
-def _stored_layer_names(handle: h5py.File) -> list[str]:
-    names = [str(name) for name in handle.attrs["layer_names"]]
+def check_layout(handle: h5py.File, what: str = ACTIVATIONS, target: str | Path | None = None) -> list[str]:
+    """Check an open activations (or shard) file against the layout above: ``ids`` (N,), ``activations``
+    (N, L, D) for its L ``layer_names``, ``embeddings`` (N, E), and int8 values with their ``scales`` (L, D) and
+    ``embedding_scales`` (E,). Raises :class:`medprobe.contracts.DamagedFileError` (rebuilding ``target``, the file
+    itself by default); returns the layer names, plus ``image_embeds`` when the file has embeddings."""
+    require(handle, what, datasets=("ids", "activations"), attrs=("layer_names",), target=target)
+    n_ids = check_shape(handle, what, "ids", (None,), "one id per image", target=target)[0]
+    names = decode_strings(handle.attrs["layer_names"])
+    shape = check_shape(
+        handle, what, "activations", (n_ids, len(names), None), "ids x layer_names x width", target=target
+    )
+    if handle["activations"].dtype == np.int8:
+        require(handle, what, datasets=("scales",), target=target)
+        check_shape(handle, what, "scales", (len(names), shape[2]), "layer_names x width of int8 values", target=target)
     if "embeddings" in handle:
+        width = check_shape(handle, what, "embeddings", (n_ids, None), "ids x embedding width", target=target)[1]
+        if handle["embeddings"].dtype == np.int8:
+            require(handle, what, datasets=("embedding_scales",), target=target)
+            check_shape(handle, what, "embedding_scales", (width,), "embedding width of int8 values", target=target)
         names.append(EMBEDDINGS_LAYER)
     return names
 
 
+def check_manifest_match(
+    handle: h5py.File, manifest_ids: Sequence[str], manifest_csv: str | Path, manifest_sha256: str
+) -> None:
+    """The ids of an open activations file are the manifest's ``image_id`` in manifest order, and its
+    ``manifest_sha256`` is the manifest's SHA-256 (``manifest_sha256``); else
+    :class:`medprobe.contracts.DamagedFileError`."""
+    ids, expected = decode_strings(read_dataset(handle, ACTIVATIONS, "ids")), list(manifest_ids)
+    if ids != expected:
+        mismatch = next((i for i, (a, b) in enumerate(zip(ids, expected)) if a != b), min(len(ids), len(expected)))
+        raise DamagedFileError(
+            handle.filename,
+            f"ids do not match manifest {manifest_csv} image_id ({len(ids)} vs {len(expected)} rows; "
+            f"first difference at row {mismatch})",
+            what=ACTIVATIONS,
+        )
+    stored = handle.attrs.get("manifest_sha256")
+    stored = decode_strings(stored)[0] if stored is not None else None
+    if stored != manifest_sha256:
+        raise DamagedFileError(
+            handle.filename,
+            f"extracted from a different manifest: its manifest_sha256 is {stored!r} but {manifest_csv} hashes to "
+            f"{manifest_sha256!r}",
+            what=ACTIVATIONS,
+        )
+
+
 def layer_names(path: str | Path) -> list[str]:
     """Layer names of an activations file: its ``hidden.i`` layers, plus ``image_embeds`` when present."""
-    with h5py.File(path, "r") as handle:
-        return _stored_layer_names(handle)
+    with open_hdf5(path, ACTIVATIONS) as handle:
+        return check_layout(handle)
 
 
 def _layer_name(names: list[str], layer: int | str, path: Path) -> str:
@@ -291,26 +340,23 @@ def read_activations(path: str | Path, layer: int | str) -> tuple[np.ndarray, np
         ``(ids, X)``: ids (N,) str in manifest order, X (N, D) float32.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"activations file {path} does not exist")
-    with h5py.File(path, "r") as handle:
-        names = _stored_layer_names(handle)
+    with open_hdf5(path, ACTIVATIONS) as handle:
+        names = check_layout(handle)
         name = _layer_name(names, layer, path)
-        ids = np.asarray(decode_strings(handle["ids"][()]), dtype=str)
+        ids = np.asarray(decode_strings(read_dataset(handle, ACTIVATIONS, "ids")), dtype=str)
         values = read_layer(handle, names.index(name), name == EMBEDDINGS_LAYER)
     return ids, values.astype(np.float32, copy=False)
 
 
 def read_layer(handle: h5py.File, index: int, embeddings: bool = False) -> np.ndarray:
     """Layer ``index`` of ``activations`` (or the ``embeddings``) of an open activations file, ``(N, D)``:
-    as stored for float16/float32 files, dequantised to float32 for int8 files (:mod:`medprobe.extract.quantise`)."""
-    if embeddings:
-        values, scales = handle["embeddings"][()], handle.get("embedding_scales")
-    else:
-        values, scales = handle["activations"][:, index, :], handle.get("scales")
-        scales = scales[index] if scales is not None else None
-    if values.dtype == np.int8:
-        if scales is None:
-            raise ValueError(f"activations file {handle.filename}: int8 values without their 'scales'")
-        return dequantise(values, scales[()])
-    return values
+    as stored for float16/float32 files, dequantised to float32 for int8 files (:mod:`medprobe.extract.quantise`).
+    Data that cannot be read, or int8 values without their scales, raise :class:`medprobe.contracts.DamagedFileError`."""
+    name, scale_name = ("embeddings", "embedding_scales") if embeddings else ("activations", "scales")
+    values = read_dataset(handle, ACTIVATIONS, name, () if embeddings else np.s_[:, index, :])
+    if values.dtype != np.int8:
+        return values
+    if scale_name not in handle:
+        raise DamagedFileError(handle.filename, f"int8 values without their {scale_name!r}", what=ACTIVATIONS)
+    scales = read_dataset(handle, ACTIVATIONS, scale_name, () if embeddings else index)
+    return dequantise(values, scales)

@@ -20,16 +20,25 @@ from typing import Any
 import h5py
 import numpy as np
 
-from medprobe.extract.files import CHUNK_ROWS, Layout, check_disk_space
+from medprobe.contracts import DamagedFileError, open_hdf5, read_dataset
+from medprobe.extract.files import CHUNK_ROWS, Layout, check_disk_space, check_layout
 from medprobe.extract.plan import read_manifest
 from medprobe.extract.quantise import channel_scales, layer_absmax, quantise, row_blocks
 from medprobe.io import atomic_path, decode_strings, sha256_file
 
-__all__ = ["SHARD_ATTRS", "merge_shards"]
+__all__ = ["SHARD", "SHARD_ATTRS", "merge_shards", "merged_path"]
 
 logger = logging.getLogger("medprobe.extract")
 
 SHARD_ATTRS = ("shard_index", "shard_count", "row_start", "row_stop")
+# What a damaged shard is called in messages; it is rebuilt by asking for its activations file (merged_path).
+SHARD = "shard file"
+
+
+def merged_path(shard: str | Path) -> Path:
+    """The activations file a shard ``{task}.shards/{i}.h5`` is merged into: ``{task}.h5``."""
+    folder = Path(shard).parent
+    return folder.with_name(folder.name.removesuffix(".shards") + ".h5")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +99,16 @@ def merge_shards(manifest: str | Path, shard_paths: Sequence[str | Path], out_pa
 
 
 def _read_shard(path: Path) -> _Shard:
-    if not path.is_file():
-        raise FileNotFoundError(f"shard file {path} does not exist")
-    with h5py.File(path, "r") as handle:
+    with open_hdf5(path, SHARD, target=merged_path(path)) as handle:
+        check_layout(handle, SHARD, target=merged_path(path))
         attrs = dict(handle.attrs)
         shape = handle["activations"].shape
         has_embeddings = handle.get("embeddings") is not None
     missing = [key for key in SHARD_ATTRS if key not in attrs]
     if "rows_done" in attrs or missing and missing != list(SHARD_ATTRS):
-        raise ValueError(f"{path} is not a finished shard file (missing attributes {missing})")
+        raise DamagedFileError(
+            path, f"not a finished shard file (missing attributes {missing})", what=SHARD, target=merged_path(path)
+        )
     if missing:  # the whole manifest in one job
         attrs.update(shard_index=0, shard_count=1, row_start=0, row_stop=shape[0])
     return _Shard(path, attrs, shape[1:], has_embeddings)
@@ -138,8 +148,13 @@ def _check_one_run(shards: list[_Shard]) -> None:
 def _check_ids(shard: _Shard, manifest_ids: list[str], manifest: Path) -> None:
     start, stop = shard.rows
     with h5py.File(shard.path, "r") as handle:
-        if decode_strings(handle["ids"][()]) != manifest_ids[start:stop]:
-            raise ValueError(f"ids in {shard.path} are not rows {start}-{stop - 1} of {manifest} in manifest order")
+        if decode_strings(read_dataset(handle, SHARD, "ids")) != manifest_ids[start:stop]:
+            raise DamagedFileError(
+                shard.path,
+                f"ids are not rows {start}-{stop - 1} of {manifest} in manifest order",
+                what=SHARD,
+                target=merged_path(shard.path),
+            )
 
 
 def _link_or_copy(source: Path, out_path: Path) -> None:

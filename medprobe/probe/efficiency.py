@@ -7,11 +7,11 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from medprobe.contracts import read_json
 from medprobe.labels import task_targets
 from medprobe.probe.files import Activations, write_probabilities
 from medprobe.probe.modes import _check_mode, fit_mode
@@ -113,10 +113,7 @@ def efficiency_task(
 
 def _headline(summary: str | os.PathLike, mode: str) -> tuple[int | str, float]:
     """The headline probe's layer (as probe.json names it) and C (inf for the adam and sgd probes)."""
-    probe_info = json.loads(Path(summary).read_text())
-    for key in ("layer", "C"):
-        if key not in probe_info:
-            raise ValueError(f"probe file {summary} lacks key {key!r}")
+    probe_info = read_json(summary, "probe summary", keys=("layer", "C"))
     C = math.inf if probe_info["C"] is None else float(probe_info["C"])
     if mode == "regularised" and not math.isfinite(C):
         raise ValueError(

@@ -16,8 +16,9 @@ import h5py
 import numpy as np
 
 from medprobe.checks import check_finite
-from medprobe.extract.files import read_layer
-from medprobe.io import atomic_path, decode_strings, sha256_file, write_strings, write_text_atomic
+from medprobe.contracts import open_hdf5
+from medprobe.extract.files import ACTIVATIONS, check_layout, check_manifest_match, read_layer
+from medprobe.io import atomic_path, sha256_file, write_strings, write_text_atomic
 from medprobe.labels import load_manifest
 from medprobe.layers import EMBEDDINGS_LAYER, resolve_layer
 
@@ -26,7 +27,8 @@ SPLITS = ("train", "val", "test")
 
 class Activations:
     """An activations file open for reading, checked against the manifest it was extracted from: the same
-    image ids in the same order, the manifest's SHA-256, and arrays of matching shape.
+    image ids in the same order, the manifest's SHA-256, and arrays of matching shape; a file that breaks this raises
+    :class:`medprobe.contracts.DamagedFileError`, whose message says how to rebuild it.
 
     ``layer_names`` are the stored hidden layers followed by ``image_embeds`` when the file holds the
     projected image embeddings. Use as a context manager; layers are read one at a time (:meth:`read`).
@@ -36,7 +38,7 @@ class Activations:
         self.path, self.manifest_csv = path, manifest_csv
         self.manifest = load_manifest(manifest_csv)
         self.manifest_sha256 = sha256_file(manifest_csv)
-        self.handle = h5py.File(path, "r")
+        self.handle = open_hdf5(path, ACTIVATIONS)
         try:
             self.layer_names = self._checked_layer_names()
         except BaseException:
@@ -51,50 +53,8 @@ class Activations:
         self.handle.close()
 
     def _checked_layer_names(self) -> list[str]:
-        for key in ("ids", "activations"):
-            if key not in self.handle:
-                raise ValueError(f"activations file {self.path}: missing dataset {key!r}")
-        ids = decode_strings(self.handle["ids"][:])
-        self._check_ids(ids)
-        self._check_manifest_hash()
-        return self._check_shapes(len(ids))
-
-    def _check_ids(self, ids: list[str]) -> None:
-        expected = self.manifest["image_id"]
-        if ids != expected.tolist():
-            mismatch = next(
-                (i for i, (a, b) in enumerate(zip(ids, expected)) if a != b),
-                min(len(ids), len(self.manifest)),
-            )
-            raise ValueError(
-                f"activations file {self.path} ids do not match manifest {self.manifest_csv} image_id "
-                f"({len(ids)} vs {len(self.manifest)} rows; first difference at row {mismatch})"
-            )
-
-    def _check_manifest_hash(self) -> None:
-        stored = self.handle.attrs.get("manifest_sha256")
-        stored = decode_strings(stored)[0] if stored is not None else None
-        if stored != self.manifest_sha256:
-            raise ValueError(
-                f"activations file {self.path} was extracted from a different manifest: its "
-                f"manifest_sha256 is {stored!r} but {self.manifest_csv} hashes to {self.manifest_sha256!r}"
-            )
-
-    def _check_shapes(self, n_ids: int) -> list[str]:
-        shape = self.handle["activations"].shape
-        if "layer_names" not in self.handle.attrs:
-            raise ValueError(f"activations file {self.path}: missing attribute 'layer_names'")
-        layer_names = decode_strings(self.handle.attrs["layer_names"])
-        if len(shape) != 3 or shape[0] != n_ids or shape[1] != len(layer_names):
-            raise ValueError(
-                f"activations file {self.path}: 'activations' has shape {shape}, expected "
-                f"({n_ids}, {len(layer_names)}, D) for {len(layer_names)} layer_names"
-            )
-        if "embeddings" in self.handle:
-            rows = self.handle["embeddings"].shape[0]
-            if rows != n_ids:
-                raise ValueError(f"activations file {self.path}: 'embeddings' has {rows} rows, ids {n_ids}")
-            layer_names = layer_names + [EMBEDDINGS_LAYER]
+        layer_names = check_layout(self.handle)
+        check_manifest_match(self.handle, self.manifest["image_id"].tolist(), self.manifest_csv, self.manifest_sha256)
         return layer_names
 
     def resolve(self, layer: int | str) -> str:
