@@ -182,6 +182,93 @@ def test_clustered_bootstrap_treats_missing_patient_ids_as_singletons():
     assert len({codes[2], codes[3], codes[4], codes[0], codes[5]}) == 5
 
 
+def _reference_clustered_indices(n: int, n_boot: int, seed: int, groups: np.ndarray) -> np.ndarray:
+    """bootstrap_indices' specification as a plain loop: rounds of (n_boot, 1.2 K + 8) int64 patient draws until
+    every replicate has n rows, then each replicate's drawn patients' rows concatenated and cut to n."""
+    codes = stats._group_codes(groups, n)
+    rows_of = [np.flatnonzero(codes == k) for k in range(codes.max() + 1)]
+    rng = np.random.default_rng(seed)
+    size = int(np.ceil(1.2 * len(rows_of))) + 8
+    draws = rng.integers(0, len(rows_of), size=(n_boot, size))
+    while any(sum(len(rows_of[k]) for k in row) < n for row in draws):
+        draws = np.concatenate([draws, rng.integers(0, len(rows_of), size=(n_boot, size))], axis=1)
+    out = np.empty((n_boot, n), dtype=np.int64)
+    for b, row in enumerate(draws):
+        collected = []
+        for k in row:
+            collected.extend(rows_of[k])
+            if len(collected) >= n:
+                break
+        out[b] = collected[:n]
+    return out
+
+
+@pytest.mark.parametrize("block_elements", [None, 64])
+def test_clustered_bootstrap_indices_equal_the_plain_loop(monkeypatch, block_elements):
+    """The blockwise expansion (int32 draws, one block of replicates at a time) draws exactly the resamples of
+    the specification, whatever the block size: results stored from earlier runs stay valid."""
+    from medprobe.stats import bootstrap
+
+    if block_elements is not None:
+        monkeypatch.setattr(bootstrap, "_BLOCK_ELEMENTS", block_elements)
+    rng = np.random.default_rng(12)
+    sizes = rng.integers(1, 9, 30)  # uneven patients: replicates need more than one round of draws
+    patients = rng.permutation(np.repeat(np.arange(30), sizes)).astype(object)
+    patients[rng.random(len(patients)) < 0.1] = None  # missing ids: singletons
+    n = len(patients)
+    for seed, n_boot in ((0, 1), (1, 37), (2, 200)):
+        indices = stats.bootstrap_indices(n, n_boot, seed, patients)
+        assert indices.dtype == np.int64
+        np.testing.assert_array_equal(indices, _reference_clustered_indices(n, n_boot, seed, patients))
+    # one patient: one draw fills every replicate
+    np.testing.assert_array_equal(stats.bootstrap_indices(5, 3, 0, np.zeros(5)), np.tile(np.arange(5), (3, 1)))
+
+
+def test_bootstrap_auc_and_auprc_match_sklearn_per_replicate_on_clustered_resamples(monkeypatch):
+    """The packed, replicate-major engine against roc_auc_score / average_precision_score replicate by
+    replicate: heavy ties, patient-clustered resamples, a rare class (resamples without positives), resamples of
+    another length than the test set, and blocks so small that most hold one group of 4 replicates (the last
+    one padded); the results must not depend on the block size at all."""
+    from medprobe.stats import metrics
+
+    targets, probabilities = _multiclass_case(150, 4, seed=21, decimals=1)
+    truth = np.eye(4, dtype=int)[targets]
+    truth[:, 3] = 0
+    truth[[5, 77], 3] = 1  # rare class
+    patients = np.arange(150) // 4
+    indices = stats.bootstrap_indices(150, 45, seed=5, groups=patients)
+    for rows in (indices, indices[:, :97]):
+        auc, auprc = metrics._bootstrap_ranked(truth, probabilities, rows, want_auc=True, want_auprc=True)
+        expected_auprc = np.full(auprc.shape, np.nan)
+        for b, sample in enumerate(rows):
+            for c in range(4):
+                if truth[sample, c].any():
+                    expected_auprc[b, c] = average_precision_score(truth[sample, c], probabilities[sample, c])
+        np.testing.assert_allclose(auc, _loop_auc(truth, probabilities, rows), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(auprc, expected_auprc, rtol=0, atol=1e-12)
+        assert np.isnan(auc[:, 3]).any() and not np.isnan(auc[:, 3]).all()
+        np.testing.assert_array_equal(stats.bootstrap_auc(truth, probabilities, rows), auc)
+        np.testing.assert_array_equal(stats.bootstrap_auprc(truth, probabilities, rows), auprc)
+        monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 2 * 150)  # one group of 4 replicates per block
+        small = metrics._bootstrap_ranked(truth, probabilities, rows, want_auc=True, want_auprc=True)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(small[0], auc)
+        np.testing.assert_array_equal(small[1], auprc)
+
+
+def test_bootstrap_auc_with_two_lanes_per_word():
+    """Resamples of 2**16 draws or more count in uint32 lanes (2 replicates per word) instead of uint16 ones."""
+    rng = np.random.default_rng(4)
+    truth = np.eye(2, dtype=int)[rng.integers(0, 2, 40)]
+    scores = np.round(rng.random((40, 2)), 1)
+    indices = rng.integers(0, 40, size=(3, 1 << 16))
+    expected = [[average_precision_score(truth[rows, c], scores[rows, c]) for c in range(2)] for rows in indices]
+    np.testing.assert_allclose(
+        stats.bootstrap_auc(truth, scores, indices), _loop_auc(truth, scores, indices), atol=1e-12
+    )
+    np.testing.assert_allclose(stats.bootstrap_auprc(truth, scores, indices), expected, rtol=0, atol=1e-12)
+
+
 def test_percentile_ci_matches_numpy_and_skips_nan():
     values = np.random.default_rng(9).normal(size=500)
     values[::50] = np.nan

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from medprobe.stats._checks import _indicator_and_scores
-from medprobe.stats.bootstrap import _BLOCK_ELEMENTS, _check_indices, _count_blocks
+from medprobe.stats.bootstrap import _BLOCK_ELEMENTS, _check_indices, _count_blocks, _packed_count_blocks
 
 
 def midranks(values: np.ndarray) -> np.ndarray:
@@ -148,6 +148,14 @@ def _bootstrap_ranked(
       to AUPRC: w_i * precision at threshold s_i, with the positives and negatives scored >= s_i
     and the sums are divided by P * N (AUC) or P (AUPRC). ``lo_i``/``hi_i`` depend only on the scores, so each
     replicate costs a few gathers and one cumulative sum; nothing loops over replicates.
+
+    The counts come packed, 4 (or 2) replicates per uint64 word (:func:`_packed_count_blocks`), laid out one
+    row of n words per group of replicates: the permutations into score order are element gathers along a row
+    and the cumulative sums run along it, so the cost per sample is the same for any n (a block's rows are
+    never gathered one by one) and every word operation serves 4 replicates. Draw counts, their cumulative
+    sums and the AUPRC's flagged counts stay below a replicate's number of draws, so they are summed and
+    subtracted packed; products are taken lane by lane. The AUC's numerator is an exact integer; the AUPRC's
+    sum over positives runs in score order (one rounding per positive, as a sequential sum).
     """
     n, n_classes = targets.shape
     n_boot = indices.shape[0]
@@ -165,30 +173,64 @@ def _bootstrap_ranked(
         pos_below = np.searchsorted(pos_scores, pos_scores, side="left")
         plans.append((pos_columns, neg_columns, below, at_or_below, pos_below))
 
-    # Small blocks keep the int32 working set of one class in cache; the cumulative sum dominates the cost.
-    for rows, counts in _count_blocks(indices, n, by_sample=True, block_elements=_BLOCK_ELEMENTS // 4):
-        block = counts.shape[1]
+    for rows, packed, lane in _packed_count_blocks(indices, n, block_elements=_BLOCK_ELEMENTS // 2):
+        replicates, groups = rows.stop - rows.start, packed.shape[0]
         for c, (pos_columns, neg_columns, below, at_or_below, pos_below) in enumerate(plans):
-            pos = counts[pos_columns]
-            neg_cum = np.zeros((len(neg_columns) + 1, block), dtype=np.int32)
-            np.cumsum(counts[neg_columns], axis=0, dtype=np.int32, out=neg_cum[1:])
-            # totals and products in float64: sums over positives of count x count can exceed int32
-            pos_weight = pos.astype(np.float64)
-            n_pos = pos_weight.sum(axis=0)
-            n_neg = neg_cum[-1].astype(np.float64)
+            pos = np.take(packed, pos_columns, axis=1)
+            neg_cum = np.zeros((groups, len(neg_columns) + 1), dtype=np.uint64)
+            np.cumsum(np.take(packed, neg_columns, axis=1), axis=1, out=neg_cum[:, 1:])
+            pos_total, neg_total = pos.sum(axis=1), neg_cum[:, -1].copy()
+            n_pos, n_neg = _lanes(pos_total, lane).astype(np.float64), _lanes(neg_total, lane).astype(np.float64)
+            pos_weight = _lanes(pos, lane)
+            lo = np.take(neg_cum, below, axis=1)
             with np.errstate(divide="ignore", invalid="ignore"):
                 if want_auc:
-                    twice_below = (neg_cum[below] + neg_cum[at_or_below]).astype(np.float64)
-                    numerator = np.einsum("ib,ib->b", pos_weight, twice_below)
-                    auc[rows, c] = np.where((n_pos > 0) & (n_neg > 0), numerator / (2.0 * n_pos * n_neg), np.nan)
+                    # twice the Mann-Whitney numerator, an integer below draws**2 / 2: exact in the wider type
+                    twice_below = np.add(
+                        _lanes(lo, lane),
+                        _lanes(np.take(neg_cum, at_or_below, axis=1), lane),
+                        dtype=np.uint32 if lane is np.uint16 else np.uint64,
+                    )
+                    numerator = np.einsum("gil,gil->gl", pos_weight, twice_below)
+                    value = np.where((n_pos > 0) & (n_neg > 0), numerator / (2.0 * n_pos * n_neg), np.nan)
+                    auc[rows, c] = value.reshape(-1)[:replicates]
                 if want_auprc:
-                    pos_cum = np.zeros((len(pos_columns) + 1, block))
-                    np.cumsum(pos_weight, axis=0, out=pos_cum[1:])
-                    true_flagged = n_pos - pos_cum[pos_below]
-                    flagged = true_flagged + (n_neg - neg_cum[below])
-                    precision = np.divide(true_flagged, flagged, out=np.zeros_like(flagged), where=flagged > 0)
-                    auprc[rows, c] = np.where(n_pos > 0, np.einsum("ib,ib->b", pos_weight, precision) / n_pos, np.nan)
+                    pos_cum = np.zeros((groups, len(pos_columns) + 1), dtype=np.uint64)
+                    np.cumsum(pos, axis=1, out=pos_cum[:, 1:])
+                    # lane by lane: flagged positives <= P and flagged samples <= P + N, so nothing borrows or carries
+                    true_flagged = pos_total[:, None] - np.take(pos_cum, pos_below, axis=1)
+                    flagged = true_flagged + (neg_total[:, None] - lo)
+                    true_flagged, flagged = _lanes(true_flagged, lane), _lanes(flagged, lane)
+                    precision = np.divide(
+                        true_flagged, flagged, out=np.zeros(flagged.shape), where=flagged > 0, dtype=np.float64
+                    )
+                    value = np.where(
+                        n_pos > 0, _positive_sum(pos_weight, precision, single=n_boot == 1) / n_pos, np.nan
+                    )
+                    auprc[rows, c] = value.reshape(-1)[:replicates]
     return auc, auprc
+
+
+def _lanes(packed: np.ndarray, lane: type) -> np.ndarray:
+    """Unpack ``(..., k)`` uint64 words into ``(..., k, lanes)`` counts (a view when ``packed`` is contiguous)."""
+    packed = np.ascontiguousarray(packed)
+    return packed.view(lane).reshape(*packed.shape, 8 // np.dtype(lane).itemsize)
+
+
+def _positive_sum(weight: np.ndarray, precision: np.ndarray, *, single: bool) -> np.ndarray:
+    """``sum_i weight_i * precision_i`` over the positives (axis 1 of ``(groups, P, lanes)``), in score order.
+
+    A sequential sum, as numpy's ``einsum("ib,ib->b")`` over several replicates, so that no result depends on
+    how the replicates are blocked; a ``single`` replicate (the point estimate) is summed as ``einsum`` sums one
+    contiguous column, so that :func:`auprc_per_class` gives the very value it gave before the counts were packed.
+    """
+    if weight.shape[1] == 0:
+        return np.zeros((weight.shape[0], weight.shape[2]))
+    if single:
+        total = np.zeros((1, weight.shape[2]))
+        total[0, 0] = np.einsum("i,i->", weight[0, :, 0].astype(np.float64), np.ascontiguousarray(precision[0, :, 0]))
+        return total
+    return np.cumsum(weight * precision, axis=1)[:, -1]
 
 
 def bootstrap_f1(targets: np.ndarray, predicted: np.ndarray, indices: np.ndarray) -> np.ndarray:
