@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -503,3 +504,26 @@ def test_tokens_never_reach_logs_configs_or_results(reference):
                 leaks += [f"{path}: {name}" for name, token in FAKE_TOKENS.items() if token.encode() in content]
     assert not leaks, leaks
     assert any((reference / "logs").rglob("*.log"))  # there were logs to search
+
+
+@pytest.mark.slow
+def test_a_damaged_input_stops_the_run_before_any_output_is_deleted(repo, reference, tmp_path):
+    """A truncated activations file (or probe output) is found when the plan is made: the run stops naming it
+    and the command that rebuilds it, and the probe outputs a rerun would have replaced are still there."""
+    workdir = tmp_path / "damaged"
+    shutil.copytree(reference, workdir, symlinks=True)
+    activations = workdir / "results" / "activations" / "clip" / "T2.h5"
+    os.truncate(activations, activations.stat().st_size // 2)
+    probes = workdir / "results" / "probes" / "clip" / "T2"
+    before = tree_bytes(workdir, "results/probes")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["probe"]["C_grid"] = [0.1, 1.0, 10.0]  # the probes must rerun
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        snakemake_command(workdir, "results/tables/metrics.csv"), cwd=repo, capture_output=True, text=True, timeout=600
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "activations file results/activations/clip/T2.h5: not a readable HDF5 file" in output, output[-3000:]
+    assert "rm results/activations/clip/T2.h5 && snakemake --cores all results/activations/clip/T2.h5" in output
+    assert (probes / "predictions.h5").exists() and tree_bytes(workdir, "results/probes") == before

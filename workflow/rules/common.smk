@@ -9,6 +9,7 @@ from snakemake.logging import logger
 
 import medprobe.checkpoints as medprobe_checkpoints
 import medprobe.config as medprobe_config
+import medprobe.contracts as medprobe_contracts
 import medprobe.figures as medprobe_figures
 import medprobe.io as medprobe_io
 import medprobe.rule_params as medprobe_rule_params
@@ -17,6 +18,31 @@ medprobe_config.resolve_extends(config, workflow.basedir)
 medprobe_config.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 # Files the config names that no rule makes, and fixed layers, before any job runs (or deletes anything).
 medprobe_config.check_paths(config, Path.cwd())
+
+# Damaged intermediate files (an HDF5 that does not open or lacks a dataset of its contract) stop the run here,
+# naming the file and the command that rebuilds it: a job reading one would fail only after Snakemake had
+# deleted its outputs, and Snakemake counts the damaged file complete, so every rerun would fail the same way.
+# Empty files (e.g. from --touch) are left to the jobs that read them; `python -m medprobe.verify` checks all.
+if workflow.is_main_process:
+    for model, task in medprobe_config.model_task_pairs(config):
+        for path, what, datasets in [
+            (
+                f"results/activations/{model}/{task}.h5",
+                "activations file",
+                ("ids", "activations"),
+            ),
+            *[
+                (
+                    f"results/probes/{model}/{task}/{name}",
+                    "probe output",
+                    ("ids", "probabilities"),
+                )
+                for name in ("predictions.h5", "layers.h5", "efficiency.h5")
+            ],
+        ]:
+            if os.path.isfile(path) and os.path.getsize(path) > 0:
+                with medprobe_contracts.open_hdf5(path, what) as handle:
+                    medprobe_contracts.require(handle, what, datasets=datasets)
 
 if workflow.is_main_process and medprobe_config.dry_run_requested(sys.argv):
     # The plan says how much disk the activations will take before anything runs.
