@@ -506,24 +506,43 @@ def test_tokens_never_reach_logs_configs_or_results(reference):
     assert any((reference / "logs").rglob("*.log"))  # there were logs to search
 
 
-@pytest.mark.slow
-def test_a_damaged_input_stops_the_run_before_any_output_is_deleted(repo, reference, tmp_path):
-    """A truncated activations file (or probe output) is found when the plan is made: the run stops naming it
-    and the command that rebuilds it, and the probe outputs a rerun would have replaced are still there."""
-    workdir = tmp_path / "damaged"
-    shutil.copytree(reference, workdir, symlinks=True)
+def break_activations(workdir, config):
     activations = workdir / "results" / "activations" / "clip" / "T2.h5"
     os.truncate(activations, activations.stat().st_size // 2)
-    probes = workdir / "results" / "probes" / "clip" / "T2"
-    before = tree_bytes(workdir, "results/probes")
-    config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["probe"]["C_grid"] = [0.1, 1.0, 10.0]  # the probes must rerun
+    return "activations file results/activations/clip/T2.h5: not a readable HDF5 file", "results/probes"
+
+
+def break_predictions(workdir, config):
+    predictions = workdir / "results" / "probes" / "clip" / "T2" / "predictions.h5"
+    os.truncate(predictions, predictions.stat().st_size // 2)
+    config["evaluation"]["bootstrap"] = 60  # the evaluation must rerun
+    return "probe output results/probes/clip/T2/predictions.h5: not a readable HDF5 file", "results/evaluation"
+
+
+def break_checkpoint(workdir, config):
+    config["models"]["clip"].pop("demo_build")
+    config["models"]["clip"]["checkpoint"] = "/nonexistent/clip"  # extraction would rerun
+    return "models.clip.checkpoint: '/nonexistent/clip' is neither an existing folder", "results/activations"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [break_checkpoint, break_activations, break_predictions])
+def test_a_bad_input_stops_the_run_before_any_output_is_deleted(repo, reference, tmp_path, damage):
+    """A missing checkpoint, a truncated activations file or probe output is found when the plan is made: the
+    run stops naming it (and how to rebuild a damaged file), and the outputs of the extraction, probe or
+    evaluation that would have rerun are still there, byte for byte."""
+    workdir = tmp_path / "damaged"
+    shutil.copytree(reference, workdir, symlinks=True)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    message, outputs = damage(workdir, config)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    before = tree_bytes(workdir, outputs)
     result = subprocess.run(
         snakemake_command(workdir, "results/tables/metrics.csv"), cwd=repo, capture_output=True, text=True, timeout=600
     )
     output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "activations file results/activations/clip/T2.h5: not a readable HDF5 file" in output, output[-3000:]
-    assert "rm results/activations/clip/T2.h5 && snakemake --cores all results/activations/clip/T2.h5" in output
-    assert (probes / "predictions.h5").exists() and tree_bytes(workdir, "results/probes") == before
+    assert result.returncode != 0 and message in output, output[-3000:]
+    if damage is not break_checkpoint:
+        assert "delete it and rebuild it with `rm results/" in output
+    assert before and tree_bytes(workdir, outputs) == before
