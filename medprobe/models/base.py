@@ -380,3 +380,38 @@ def pooled_decoder_states(
         for handle in handles:
             handle.remove()
     return torch.stack([pooled[index] for index in keep], dim=1)
+
+
+def continuation_loglikelihoods(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], prompt_ids: Sequence[int]
+) -> tuple[list[float], list[int]]:
+    """``(sums, n_tokens)``: the summed natural-log probability of each row's continuation and its token count, in
+    one forward pass of ``model`` over ``batch`` (padded on either side).
+
+    A row's continuation is its real tokens after the longest common prefix with ``prompt_ids`` (the tokenised
+    prompt alone), so a token merged across the boundary counts as the continuation's.
+    """
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    n_tokens = []
+    for row, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+        real = [token for token, keep in zip(row, mask) if keep]
+        common = 0
+        for a, b in zip(prompt_ids, real):
+            if a != b:
+                break
+            common += 1
+        if common == len(real):
+            raise ValueError("a continuation added no tokens to the conversation")
+        n_tokens.append(len(real) - common)
+    with torch.inference_mode():
+        logits = model(**batch, use_cache=False, return_dict=True).logits
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        targets = input_ids[:, 1:].to(logprobs.device)
+        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        # A row's continuation is its last n real tokens (whichever side the padding is on).
+        mask = attention_mask.to(token_logprobs.device).long()
+        rank = mask.cumsum(dim=1)  # 1-based rank of each real token in its row
+        first_scored = mask.sum(dim=1) - torch.tensor(n_tokens, device=mask.device) + 1
+        scored = (mask[:, 1:] == 1) & (rank[:, 1:] >= first_scored.unsqueeze(1))
+        sums = torch.where(scored, token_logprobs, torch.zeros_like(token_logprobs)).sum(dim=1)
+    return [float(v) for v in sums.cpu()], n_tokens

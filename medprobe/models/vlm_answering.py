@@ -55,6 +55,8 @@ from typing import Any
 
 import torch
 
+from medprobe.models.base import continuation_loglikelihoods
+
 __all__ = [
     "ANSWER_LAYOUTS",
     "END_OF_UTTERANCE",
@@ -381,30 +383,7 @@ class VlmAnswering:
             self._drop_closing_eos(batch)
         else:
             batch = self._encode([text + t for t in texts], [images] * n, padding_side="right")
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        n_tokens = []
-        for row, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-            real = [token for token, keep in zip(row, mask) if keep]
-            common = 0
-            for a, b in zip(prompt_ids, real):
-                if a != b:
-                    break
-                common += 1
-            if common == len(real):
-                raise ValueError("a continuation added no tokens to the conversation")
-            n_tokens.append(len(real) - common)
-        with torch.inference_mode():
-            logits = self.model(**batch, use_cache=False, return_dict=True).logits
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            targets = input_ids[:, 1:].to(logprobs.device)
-            token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            # A row's continuation is its last n real tokens (whichever side the padding is on).
-            mask = attention_mask.to(token_logprobs.device).long()
-            rank = mask.cumsum(dim=1)  # 1-based rank of each real token in its row
-            first_scored = mask.sum(dim=1) - torch.tensor(n_tokens, device=mask.device) + 1
-            scored = (mask[:, 1:] == 1) & (rank[:, 1:] >= first_scored.unsqueeze(1))
-            sums = torch.where(scored, token_logprobs, torch.zeros_like(token_logprobs)).sum(dim=1)
-        return [float(v) for v in sums.cpu()], n_tokens
+        return continuation_loglikelihoods(self.model, batch, prompt_ids)
 
     def _drop_closing_eos(self, batch: dict[str, torch.Tensor]) -> None:
         """Mask out the EOS the processor closes every right-padded suffix with: it is not the choice's."""
