@@ -415,3 +415,25 @@ def continuation_loglikelihoods(
         scored = (mask[:, 1:] == 1) & (rank[:, 1:] >= first_scored.unsqueeze(1))
         sums = torch.where(scored, token_logprobs, torch.zeros_like(token_logprobs)).sum(dim=1)
     return [float(v) for v in sums.cpu()], n_tokens
+
+
+def generated_texts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    batch: Mapping[str, torch.Tensor],
+    options: Mapping[str, Any],
+    *,
+    seed: int | None,
+    device: torch.device,
+) -> list[list[str]]:
+    """``model.generate(**batch, **options)`` decoded: one list of ``options['num_return_sequences']`` texts per
+    row of ``batch``. With a ``seed`` the sampling is seeded without touching the caller's random state, so an
+    answer does not depend on what was generated before it."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        output = model.generate(**batch, **options)
+    texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    n = int(options["num_return_sequences"])
+    return [texts[i * n : (i + 1) * n] for i in range(batch["input_ids"].shape[0])]

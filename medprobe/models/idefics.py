@@ -12,7 +12,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from medprobe.models.base import PROMPT_FORMATS, Adapter, continuation_loglikelihoods, pooled_decoder_states, register
+from medprobe.models.base import (
+    PROMPT_FORMATS,
+    Adapter,
+    continuation_loglikelihoods,
+    generated_texts,
+    pooled_decoder_states,
+    register,
+)
 
 __all__ = ["IdeficsAdapter", "as_prompt_list"]
 
@@ -192,14 +199,7 @@ class IdeficsAdapter(Adapter):
             options.update(temperature=float(temperature), top_k=int(top_k), top_p=1.0)
         else:
             options.update(temperature=None, top_k=None, top_p=None)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            output = self.model.generate(**batch, **options)
-        texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        n = int(num_return_sequences)
-        return [texts[i * n : (i + 1) * n] for i in range(len(conversations))]
+        return generated_texts(self.model, tokenizer, batch, options, seed=seed, device=self.device)
 
     def choice_loglikelihoods(
         self, conversation: Sequence[Any], continuations: Sequence[str]

@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from medprobe.models.base import continuation_loglikelihoods
+from medprobe.models.base import continuation_loglikelihoods, generated_texts
 
 __all__ = [
     "ANSWER_LAYOUTS",
@@ -348,14 +348,7 @@ class VlmAnswering:
             options.update(temperature=float(temperature), top_k=int(top_k), top_p=1.0, typical_p=1.0)
         else:
             options.update(temperature=None, top_k=None, top_p=None)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            output = self.model.generate(**batch, **options)
-        texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        n = int(num_return_sequences)
-        return [texts[i * n : (i + 1) * n] for i in range(len(conversations))]
+        return generated_texts(self.model, tokenizer, batch, options, seed=seed, device=self.device)
 
     def choice_loglikelihoods(
         self, conversation: Sequence[Any], continuations: Sequence[str]
