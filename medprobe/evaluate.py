@@ -23,7 +23,7 @@ from medprobe.io import decode_strings
 from medprobe.labels import load_manifest, task_targets
 from medprobe.layers import authors_labels
 from medprobe.settings import EvaluationSettings, TaskSettings
-from medprobe.stats import Scores, compare, delong_rows, holm, score_predictions
+from medprobe.stats import Scores, score_predictions
 from medprobe.tables import COMPARISON_COLUMNS, TABLE_COLUMNS, write_table
 
 
@@ -234,6 +234,9 @@ def compare_models(
     """Paired comparisons on one task (shared bootstrap resamples): each ``(model, reference)`` of ``pairs``
     whose two models both have predictions, or, without ``pairs``, every model against ``baseline``. The
     reference model is the table's ``baseline`` column."""
+    # Here, not at the top: the paired tests need scipy.stats (~0.4 s to import), which evaluate jobs do not.
+    from medprobe.stats.comparisons import compare, delong_rows
+
     if pairs is None:
         pairs = [(model, baseline) for model in predictions if baseline is not None and model != baseline]
     pairs = [(model, reference) for model, reference in pairs if model in predictions and reference in predictions]
@@ -284,6 +287,8 @@ def add_holm(table: pd.DataFrame) -> pd.DataFrame:
     """Fill ``p_holm``: Holm-adjusted ``p_value`` across the classes of each (task, model, baseline, metric, test)
     family. ``macro`` rows summarise the classes rather than join them, so each is its own family
     (``p_holm = p_value``); NaN p-values stay NaN and do not count towards the family size."""
+    from medprobe.stats.comparisons import holm
+
     table = table.copy()
     table["p_holm"] = table["p_value"].astype(np.float64)
     per_class = table["class"].astype(str) != "macro"

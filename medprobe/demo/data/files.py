@@ -26,7 +26,7 @@ def save_image(pixels: np.ndarray, path: Path, extension: str, sixteen_bit: bool
             image.save(tmp, format="TIFF", compression="raw")
         elif extension == "png":
             # No pnginfo: Pillow then writes no tEXt/tIME chunks, so the bytes depend on the pixels only.
-            image.save(tmp, format="PNG", compress_level=6, optimize=False)
+            image.save(tmp, format="PNG", compress_level=1, optimize=False)  # as medprobe.images: fast, ~11% larger
         elif extension == "jpg":
             image.save(tmp, format="JPEG", quality=_JPEG_QUALITY, subsampling=2, optimize=False, progressive=False)
         else:  # pragma: no cover - the task specs use these three formats only
