@@ -376,3 +376,34 @@ def dry_run_requested(argv: Sequence[str]) -> bool:
         arg in ("--dry-run", "--dryrun") or (re.fullmatch(r"-[A-Za-z]+", arg) is not None and "n" in arg[1:])
         for arg in argv
     )
+
+
+# Snakemake commands that only inspect or tidy a run: a damaged result file must not stop them (``verify`` is
+# how a user finds every damaged file; ``--unlock``, ``--touch`` and ``--cleanup-metadata`` are how one recovers).
+_INSPECTING = {
+    "verify",
+    "--unlock",
+    "--touch",
+    "-t",
+    "--summary",
+    "-S",
+    "--detailed-summary",
+    "-D",
+    "--lint",
+    "--cleanup-metadata",
+    "--cm",
+    "--delete-all-output",
+    "--delete-temp-output",
+    "--list-rules",
+    "-l",
+    "--list-target-rules",
+    "--lt",
+    "--report",
+}
+
+
+def checks_result_files(argv: Sequence[str]) -> bool:
+    """Whether a Snakemake command line runs jobs, so that damaged result files must stop it before any job
+    deletes outputs; commands that only inspect or tidy a run (``verify``, ``--unlock``, ``--touch``, summaries,
+    ``--lint``, ``--report``) are not stopped by them."""
+    return not any(arg in _INSPECTING or arg.split("=", 1)[0] in _INSPECTING for arg in argv[1:])

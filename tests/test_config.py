@@ -253,3 +253,11 @@ def test_a_fixed_layer_the_model_does_not_store_is_refused_before_any_job(demo, 
     paper["models"]["idefics_80b"]["layer"] = 81
     with pytest.raises(medprobe_config.ConfigError, match="81 hidden states"):
         medprobe_config.check_paths(paper, tmp_path)
+
+
+def test_commands_that_inspect_or_tidy_a_run_are_not_stopped_by_damaged_files():
+    for argv in (["snakemake", "--cores", "all"], ["snakemake", "-n"], ["snakemake", "results/tables/metrics.csv"]):
+        assert medprobe_config.checks_result_files(argv), argv
+    for argv in (["snakemake", "verify"], ["snakemake", "--unlock"], ["snakemake", "--touch", "--cores", "1"],
+                 ["snakemake", "--summary"], ["snakemake", "--report=r.html"], ["snakemake", "--lint"]):  # fmt: skip
+        assert not medprobe_config.checks_result_files(argv), argv

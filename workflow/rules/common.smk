@@ -23,7 +23,8 @@ medprobe_config.check_paths(config, Path.cwd())
 # naming the file and the command that rebuilds it: a job reading one would fail only after Snakemake had
 # deleted its outputs, and Snakemake counts the damaged file complete, so every rerun would fail the same way.
 # Empty files (e.g. from --touch) are left to the jobs that read them; `python -m medprobe.verify` checks all.
-if workflow.is_main_process:
+# Commands that only inspect or tidy a run (verify, --unlock, --touch, summaries) are not stopped.
+if workflow.is_main_process and medprobe_config.checks_result_files(sys.argv):
     for model, task in medprobe_config.model_task_pairs(config):
         for path, what, datasets in [
             (
