@@ -28,6 +28,7 @@ import numpy as np
 from medprobe.io import decode_strings
 
 __all__ = [
+    "check_result_files",
     "PROBE_OUTPUT",
     "PROBE_OUTPUTS",
     "DamagedFileError",
@@ -211,3 +212,25 @@ def open_probe_output(path: str | os.PathLike, output: str) -> Iterator[tuple[h5
     its contract (:func:`check_probe_output`)."""
     with open_hdf5(path, PROBE_OUTPUT) as handle:
         yield handle, check_probe_output(handle, output)
+
+
+def check_result_files(pairs: Iterable[tuple[str, str]], root: str | os.PathLike = ".") -> None:
+    """Raise :class:`DamagedFileError` for the first existing activations file or probe output of the ``(model,
+    task)`` pairs under ``root`` that does not open as HDF5 or lacks a dataset of its contract.
+
+    The workflow calls it before any job (common.smk): a job reading such a file would fail only after Snakemake
+    had deleted its outputs, and Snakemake counts the damaged file complete, so every rerun would fail the same
+    way. Empty files (which ``snakemake --touch`` makes) are left to the jobs that read them;
+    ``python -m medprobe.verify`` checks every file, contents included.
+    """
+    for model, task in pairs:
+        contracts = [(f"results/activations/{model}/{task}.h5", "activations file", ("ids", "activations"))]
+        contracts += [
+            (f"results/probes/{model}/{task}/{name}", PROBE_OUTPUT, ("ids", "probabilities"))
+            for name in ("predictions.h5", "layers.h5", "efficiency.h5")
+        ]
+        for relative, what, datasets in contracts:
+            path = Path(root) / relative
+            if path.is_file() and path.stat().st_size > 0:
+                with open_hdf5(path, what) as handle:
+                    require(handle, what, datasets=datasets)

@@ -402,3 +402,24 @@ def test_the_verify_rule_passes_the_runs_directory_and_config_files(tmp_path):
         "--configfile",
         str(paper),
     ]
+
+
+def test_check_result_files_stops_at_a_damaged_file_and_leaves_empty_ones(tmp_path):
+    """What every run checks before any job (common.smk): the configured pairs' activations and probe outputs."""
+    import h5py
+
+    from medprobe.contracts import check_result_files
+
+    folder = tmp_path / "results" / "activations" / "m"
+    folder.mkdir(parents=True)
+    with h5py.File(folder / "T1.h5", "w") as handle:
+        handle["ids"], handle["activations"] = [b"a"], [[[0.0]]]
+    (folder / "T2.h5").touch()  # empty, as --touch leaves it: the job that reads it checks it
+    check_result_files([("m", "T1"), ("m", "T2"), ("m", "T3")], tmp_path)
+    with h5py.File(folder / "T3.h5", "w") as handle:
+        handle["ids"] = [b"a"]
+    with pytest.raises(DamagedFileError, match=r"T3.h5: missing dataset 'activations'"):
+        check_result_files([("m", "T3")], tmp_path)
+    os.truncate(folder / "T1.h5", (folder / "T1.h5").stat().st_size // 2)
+    with pytest.raises(DamagedFileError, match=r"T1.h5: not a readable HDF5 file"):
+        check_result_files([("m", "T1")], tmp_path)

@@ -19,31 +19,10 @@ medprobe_config.validate(config, workflow.source_path("../schemas/config.schema.
 # Files the config names that no rule makes, and fixed layers, before any job runs (or deletes anything).
 medprobe_config.check_paths(config, Path.cwd())
 
-# Damaged intermediate files (an HDF5 that does not open or lacks a dataset of its contract) stop the run here,
-# naming the file and the command that rebuilds it: a job reading one would fail only after Snakemake had
-# deleted its outputs, and Snakemake counts the damaged file complete, so every rerun would fail the same way.
-# Empty files (e.g. from --touch) are left to the jobs that read them; `python -m medprobe.verify` checks all.
-# Commands that only inspect or tidy a run (verify, --unlock, --touch, summaries) are not stopped.
+# Damaged activations and probe outputs stop a run that executes jobs before any job deletes outputs
+# (medprobe.contracts.check_result_files); commands that only find or tidy (verify, --unlock, --touch) run.
 if workflow.is_main_process and medprobe_config.checks_result_files(sys.argv):
-    for model, task in medprobe_config.model_task_pairs(config):
-        for path, what, datasets in [
-            (
-                f"results/activations/{model}/{task}.h5",
-                "activations file",
-                ("ids", "activations"),
-            ),
-            *[
-                (
-                    f"results/probes/{model}/{task}/{name}",
-                    "probe output",
-                    ("ids", "probabilities"),
-                )
-                for name in ("predictions.h5", "layers.h5", "efficiency.h5")
-            ],
-        ]:
-            if os.path.isfile(path) and os.path.getsize(path) > 0:
-                with medprobe_contracts.open_hdf5(path, what) as handle:
-                    medprobe_contracts.require(handle, what, datasets=datasets)
+    medprobe_contracts.check_result_files(medprobe_config.model_task_pairs(config))
 
 if workflow.is_main_process and medprobe_config.dry_run_requested(sys.argv):
     # The plan says how much disk the activations will take before anything runs.
