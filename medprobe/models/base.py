@@ -417,6 +417,44 @@ def continuation_loglikelihoods(
     return [float(v) for v in sums.cpu()], n_tokens
 
 
+def generation_options(
+    tokenizer: Any,
+    *,
+    stop: Sequence[int],
+    banned: Sequence[Sequence[int]],
+    pad_token_id: int | None,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int,
+    num_return_sequences: int,
+    stop_strings: Sequence[str] = (),
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``generate`` options of an NEJM answer: stop at the ``stop`` ids (and ``stop_strings``), never produce
+    the ``banned`` sequences, greedy argmax or plain top-k sampling at ``temperature``; ``overrides`` last."""
+    if max_new_tokens < 1 or num_return_sequences < 1:
+        raise ValueError(
+            f"max_new_tokens and num_return_sequences must be >= 1, got {max_new_tokens}, {num_return_sequences}"
+        )
+    options: dict[str, Any] = dict(
+        max_new_tokens=int(max_new_tokens),
+        eos_token_id=list(stop),
+        pad_token_id=pad_token_id,
+        num_return_sequences=int(num_return_sequences),
+        do_sample=bool(do_sample),
+    )
+    if banned:
+        options["bad_words_ids"] = [list(ids) for ids in banned]
+    if stop_strings:
+        options.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    if do_sample:
+        options.update(temperature=float(temperature), top_k=int(top_k), top_p=1.0)
+    else:
+        options.update(temperature=None, top_k=None, top_p=None)
+    return {**options, **(overrides or {})}
+
+
 def generated_texts(
     model: torch.nn.Module,
     tokenizer: Any,

@@ -17,6 +17,7 @@ from medprobe.models.base import (
     Adapter,
     continuation_loglikelihoods,
     generated_texts,
+    generation_options,
     pooled_decoder_states,
     register,
 )
@@ -177,28 +178,21 @@ class IdeficsAdapter(Adapter):
         Returns:
             One list of ``num_return_sequences`` strings per conversation.
         """
-        if max_new_tokens < 1 or num_return_sequences < 1:
-            raise ValueError(
-                f"max_new_tokens and num_return_sequences must be >= 1, got {max_new_tokens}, {num_return_sequences}"
-            )
         batch = self._encode_conversations(conversations)
         tokenizer = self.processor.tokenizer
         stop, banned = self._stop_and_banned_ids()
-        options: dict[str, Any] = dict(
-            max_new_tokens=int(max_new_tokens),
-            eos_token_id=stop,
+        options = generation_options(
+            tokenizer,
+            stop=stop,
+            banned=banned,
             pad_token_id=tokenizer.pad_token_id,
-            num_return_sequences=int(num_return_sequences),
-            do_sample=bool(do_sample),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            num_return_sequences=num_return_sequences,
+            stop_strings=stop_strings,
         )
-        if banned:
-            options["bad_words_ids"] = banned
-        if stop_strings:
-            options.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-        if do_sample:
-            options.update(temperature=float(temperature), top_k=int(top_k), top_p=1.0)
-        else:
-            options.update(temperature=None, top_k=None, top_p=None)
         return generated_texts(self.model, tokenizer, batch, options, seed=seed, device=self.device)
 
     def choice_loglikelihoods(

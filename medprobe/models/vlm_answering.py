@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from medprobe.models.base import continuation_loglikelihoods, generated_texts
+from medprobe.models.base import continuation_loglikelihoods, generated_texts, generation_options
 
 __all__ = [
     "ANSWER_LAYOUTS",
@@ -323,31 +323,24 @@ class VlmAnswering:
         Returns:
             One list of ``num_return_sequences`` strings per conversation.
         """
-        if max_new_tokens < 1 or num_return_sequences < 1:
-            raise ValueError(
-                f"max_new_tokens and num_return_sequences must be >= 1, got {max_new_tokens}, {num_return_sequences}"
-            )
         batch = self.encode_conversations(conversations)
         tokenizer = self.processor.tokenizer
         stop, banned = self.stop_and_banned_ids()
-        options: dict[str, Any] = dict(
-            max_new_tokens=int(max_new_tokens),
-            eos_token_id=stop,
+        # The checkpoint's own generation defaults (beams, penalties, typical-p) are switched off.
+        plain = dict(num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0)
+        options = generation_options(
+            tokenizer,
+            stop=stop,
+            banned=banned,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0],
-            num_return_sequences=int(num_return_sequences),
-            do_sample=bool(do_sample),
-            num_beams=1,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            num_return_sequences=num_return_sequences,
+            stop_strings=stop_strings,
+            overrides=plain | ({"typical_p": 1.0} if do_sample else {}),
         )
-        if banned:
-            options["bad_words_ids"] = banned
-        if stop_strings:
-            options.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-        if do_sample:
-            options.update(temperature=float(temperature), top_k=int(top_k), top_p=1.0, typical_p=1.0)
-        else:
-            options.update(temperature=None, top_k=None, top_p=None)
         return generated_texts(self.model, tokenizer, batch, options, seed=seed, device=self.device)
 
     def choice_loglikelihoods(
