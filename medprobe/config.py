@@ -140,6 +140,8 @@ def check_references(config: dict[str, Any]) -> None:
     _check_model_names(config)
     _check_tasks(config["tasks"])
     _check_efficiency(config.get("efficiency", {}), config["tasks"])
+    for model in config["models"]:
+        extraction_jobs(config, model)  # refuses group_tasks with shards or int8 storage
 
 
 def _unknown_model(key: str, name: str, models: dict[str, Any]) -> ConfigError:
@@ -337,6 +339,33 @@ def model_tasks(config: dict[str, Any], model: str) -> list[str]:
     """Tasks a model runs on, in config order."""
     selected = config["models"][model].get("tasks")
     return [task for task in config["tasks"] if selected is None or task in selected]
+
+
+def extraction_jobs(config: dict[str, Any], model: str) -> str:
+    """How the model's activations files are made: ``"merged"`` (``shards`` > 1 or ``dtype: int8``: one job
+    per shard, then merge_shards, which quantises), ``"grouped"`` (``group_tasks``: one job over all the
+    model's tasks) or ``"whole"`` (one job per task writes its file). The model's own ``shards`` and
+    ``group_tasks`` are laid over the extraction section's.
+
+    Raises:
+        ConfigError: ``group_tasks`` with ``shards`` > 1 or int8 storage (both keys named).
+    """
+    entry, section = config["models"][model], config.get("extraction", {})
+    shards = entry.get("shards", section.get("shards", 1))
+    int8 = section.get("dtype") == "int8"
+    if not entry.get("group_tasks", section.get("group_tasks", False)):
+        return "merged" if shards > 1 or int8 else "whole"
+    if shards > 1 or int8:
+        grouped_by = f"models.{model}.group_tasks" if "group_tasks" in entry else "extraction.group_tasks"
+        if shards > 1:
+            conflict = f"{'models.' + model if 'shards' in entry else 'extraction'}.shards: {shards}"
+        else:
+            conflict = "extraction.dtype: int8"
+        raise ConfigError(
+            f"{grouped_by}: one extraction job over all of {model}'s tasks cannot be combined with {conflict} "
+            f"(those need one job per shard and merge_shards); set models.{model}.group_tasks: false"
+        )
+    return "grouped"
 
 
 def model_task_pairs(config: dict[str, Any]) -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ __all__ = [
     "extraction_model",
     "extraction_run",
     "extraction_settings",
+    "grouped_extraction",
     "load_entry",
     "nejm_settings",
     "probe_settings",
@@ -101,6 +102,10 @@ RERUNS: dict[str, frozenset[str]] = {
     "models.<M>.probe_mode": _PROBES,
     **{f"models.<M>.{key}": _MODEL for key in _EXTRACTION_MODEL},
     "models.<M>.fetch": _MODEL,  # the fetched folder replaces the hub id as the checkpoint
+    # How the files are made, not what they hold (the grouped job's params are RULES["extract"]'s, by task);
+    # switching it makes another rule the files' maker, whose params Snakemake has not recorded: one rerun.
+    "models.<M>.group_tasks": _NONE,
+    "extraction.group_tasks": _NONE,
     "models.<M>.batch_size": frozenset({"extract"}),
     "models.<M>.layers": frozenset({"extract"}),
     **{f"extraction.{key}": frozenset({"extract"}) for key in _EXTRACTION},
@@ -119,6 +124,18 @@ RERUNS: dict[str, frozenset[str]] = {
     "nejm": frozenset({"nejm_answers"}),
     "nejm.models": _NONE,  # another model's answers are its own job
 }
+
+
+def grouped_extraction(config: Mapping[str, Any], model: str, tasks: list[str]) -> dict[str, Any]:
+    """The params of a model's one extraction job over ``tasks`` (``group_tasks``): rule extract's params of
+    each task, the model's and the extraction section's once, the prompts by task. A change that reruns one
+    task's extraction job reruns this one."""
+    extract = RULES["extract"]
+    return {
+        "model": extract["model"](config, model, None),
+        "extraction": extract["extraction"](config, model, None),
+        "prompts": {task: extract["prompt"](config, model, task) for task in tasks},
+    }
 
 
 def reruns(key: str) -> frozenset[str]:

@@ -119,6 +119,23 @@ def test_paper_config_states_the_paper(repo):
         (lambda c: c.update(on_bad_image="ignore"), "on_bad_image"),
         (lambda c: c["nejm"].update(models=["gpt4"]), "nejm.models: unknown model 'gpt4'"),
         (lambda c: c["models"]["clip"].update(adapter="gpt"), "models.clip.adapter: unknown adapter 'gpt'"),
+        (
+            lambda c: c["models"]["clip"].update(shards=2),
+            "extraction.group_tasks: one extraction job over all of clip's tasks cannot be combined with "
+            "models.clip.shards: 2",
+        ),
+        (
+            lambda c: c["extraction"].update(dtype="int8"),
+            "extraction.group_tasks: one extraction job over all of idefics_80b's tasks cannot be combined with "
+            "extraction.dtype: int8",
+        ),
+        (
+            lambda c: (
+                c["extraction"].update(group_tasks=False, shards=3) or c["models"]["clip"].update(group_tasks=True)
+            ),
+            "models.clip.group_tasks: one extraction job over all of clip's tasks cannot be combined with "
+            "extraction.shards: 3",
+        ),
     ],
 )
 def test_bad_values_name_the_key(demo, change, message):
@@ -126,6 +143,21 @@ def test_bad_values_name_the_key(demo, change, message):
     change(config)
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         medprobe_config.validate(config)
+
+
+def test_how_each_models_activations_files_are_made(demo):
+    """One job per model over its tasks (the demo's group_tasks), per task, or per shard and merged; a
+    model's own keys lay over the extraction section's."""
+    config = medprobe_config.validate(copy.deepcopy(demo))
+    assert {medprobe_config.extraction_jobs(config, model) for model in config["models"]} == {"grouped"}
+    config["models"]["clip"]["group_tasks"] = False
+    assert medprobe_config.extraction_jobs(config, "clip") == "whole"
+    config["models"]["clip"]["shards"] = 2
+    assert medprobe_config.extraction_jobs(config, "clip") == "merged"
+    config["extraction"].update(group_tasks=False, dtype="int8")
+    assert medprobe_config.extraction_jobs(config, "idefics_9b") == "merged"
+    config["extraction"]["dtype"] = "float16"
+    assert medprobe_config.extraction_jobs(config, "idefics_9b") == "whole"
 
 
 def test_empty_config_says_what_to_do():

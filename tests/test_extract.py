@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 import medprobe
 from medprobe.demo.models import build
-from medprobe.extract import ImageReadError, extract_activations, layer_names, read_activations
+from medprobe.extract import ImageReadError, extract_activations, extract_tasks, layer_names, read_activations
 from medprobe.gpu_job import GpuJob
 from medprobe.models import load_adapter
 from medprobe.models.base import Adapter
@@ -374,6 +374,58 @@ def test_a_partial_of_the_other_prompt_format_starts_over(dataset, tmp_path, ide
         assert rerun["attr:prompt_format"] == second
         np.testing.assert_array_equal(rerun["activations"], fresh["activations"])
         out.unlink()
+
+
+def subset_manifest(manifest: Path, out: Path, rows: int) -> Path:
+    """The manifest's first ``rows`` rows: another task over the same images."""
+    lines = manifest.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[: rows + 1]))
+    return out
+
+
+def test_one_job_over_several_tasks_writes_each_file_as_its_own_job(dataset, tmp_path, idefics_cfg, monkeypatch):
+    """group_tasks: the model loads once, and each task's file holds what extract_activations writes alone."""
+    manifests = {"T1": dataset, "T2": subset_manifest(dataset, tmp_path / "t2.csv", rows=7)}
+    prompts = {"T1": PROMPT, "T2": PAPER_PROMPT}
+    common = dict(settings=settings(batch_size=3), model_name="idefics_9b", model=idefics_cfg, root=tmp_path)
+    alone = {
+        task: read_all(extract_activations(manifests[task], tmp_path / f"alone_{task}.h5", prompt=prompts[task],
+                                           job=CPU, progress=False, **common))
+        for task in manifests
+    }  # fmt: skip
+    loads = []
+    load_adapter = GpuJob.load_adapter
+    monkeypatch.setattr(GpuJob, "load_adapter", lambda self, model: loads.append(model) or load_adapter(self, model))
+    outs = {task: tmp_path / "grouped" / f"{task}.h5" for task in manifests}
+    written = extract_tasks(manifests, outs, prompts=prompts, job=CPU, progress=False, **common)
+    assert written == [outs["T1"], outs["T2"]] and len(loads) == 1
+    for task in manifests:
+        grouped = read_all(outs[task])
+        assert grouped.keys() == alone[task].keys()
+        assert grouped["attr:prompt"] != alone["T2" if task == "T1" else "T1"]["attr:prompt"]
+        for key in alone[task]:
+            np.testing.assert_array_equal(grouped[key], alone[task][key], err_msg=f"{task} {key}")
+
+
+def test_one_job_over_several_tasks_checks_every_manifest_before_the_model_loads(
+    dataset, tmp_path, idefics_cfg, monkeypatch
+):
+    second = subset_manifest(dataset, tmp_path / "t2.csv", rows=7)
+    (tmp_path / "images" / "img_07.png").unlink()  # in T1's manifest only (T2 has the first 7 rows)
+    monkeypatch.setattr(GpuJob, "load_adapter", lambda *args: pytest.fail("model loaded before the checks"))
+    outs = {"T2": tmp_path / "T2.h5", "T1": tmp_path / "T1.h5"}
+    with pytest.raises(FileNotFoundError, match=r"'img_07'.*images/img_07\.png"):
+        extract_tasks(
+            {"T2": second, "T1": dataset}, outs, prompts={"T2": PROMPT, "T1": PROMPT}, settings=SETTINGS,
+            model_name="m", model=idefics_cfg, root=tmp_path, job=CPU, progress=False,
+        )  # fmt: skip
+    assert not any(path.exists() for path in tmp_path.glob("T*.h5*"))
+    with pytest.raises(ValueError, match="same tasks"):
+        extract_tasks({"T1": dataset}, outs, prompts={"T1": PROMPT}, settings=SETTINGS, model_name="m",
+                      model=idefics_cfg, root=tmp_path, job=CPU)  # fmt: skip
+    with pytest.raises(ValueError, match="shards=2"):
+        extract_tasks({"T1": dataset}, {"T1": outs["T1"]}, prompts={"T1": PROMPT}, settings=settings(shards=2),
+                      model_name="m", model=idefics_cfg, root=tmp_path, job=CPU)  # fmt: skip
 
 
 def test_missing_image_is_named_before_the_model_loads(dataset, tmp_path, idefics_cfg, monkeypatch):

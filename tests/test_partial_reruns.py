@@ -24,6 +24,7 @@ UPSTREAM = {
     "merge_shards",
     "raw_dataset",
     "fetch_model",
+    *(f"extract_tasks_{model}" for model in ("idefics_80b", "idefics_9b", "clip", "dinov2")),  # group_tasks
 }
 
 
@@ -54,6 +55,8 @@ def write_config(workdir, repo, change=None):
     config["tasks"] = {task: config["tasks"][task] for task in TASKS}
     config["models"] = {model: config["models"][model] for model in MODELS}
     config.pop("nejm", None)  # the NEJM evaluation is not part of these job lists
+    # One extraction job per model and task, as a study runs (the demo's group_tasks: test_grouped_extraction_*).
+    config["extraction"]["group_tasks"] = False
     if change:
         change(config)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +206,30 @@ def test_a_label_rename_plans_nothing_and_a_layer_change_only_the_probes(repo, d
     jobs = dry_run_jobs(repo, workdir, "--configfile", str(path))
     assert not {rule for rule, _ in jobs} & UPSTREAM
     assert {(rule, wc.get("model")) for rule, wc in jobs if rule == "probe"} == {("probe", "clip")}
+
+
+def test_grouped_extraction_reruns_all_of_a_models_tasks_and_only_for_what_reruns_one(repo, tmp_path):
+    """group_tasks (the demo's setting): one job per model makes its tasks' files; one task's prompt reruns
+    that job (every task of the model, and their probes); a label or a model's resources rerun nothing."""
+    workdir = tmp_path / "grouped"
+    write_config(workdir, repo, change=lambda config: config["extraction"].update(group_tasks=True))
+    complete(repo, workdir)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["models"]["clip"].update(label="Another name", resources={"mem_mb": 999})
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert {rule for rule, _ in dry_run_jobs(repo, workdir, "--configfile", str(path))} <= {
+        "collect_table",
+        "figure",
+        "all",
+    }
+    config["tasks"]["T2"]["prompt"] = "What is this?"
+    path.write_text(yaml.safe_dump(config))
+    jobs = dry_run_jobs(repo, workdir, "--configfile", str(path))
+    assert {rule for rule, _ in jobs} & UPSTREAM == {f"extract_tasks_{model}" for model in MODELS}
+    assert {(wc["model"], wc["task"]) for rule, wc in jobs if rule == "probe"} == {
+        (model, task) for model in MODELS for task in TASKS
+    }
 
 
 def test_a_replaced_added_or_removed_raw_image_reruns_prepare(repo, tmp_path):

@@ -110,3 +110,20 @@ def test_labels_and_resources_never_rerun_a_computation(keys):
         assert rule_params.reruns(key) == frozenset(), key
     assert all(not rule_params.reruns(key) for key in keys if ".resources." in key or key.startswith("threads."))
     assert rule_params.reruns("models.<M>.layer") == {"probe"}
+
+
+def test_a_grouped_extraction_job_holds_each_tasks_extract_params(demo):
+    """group_tasks: one job's params are rule extract's params of every task it runs, so a key that reruns
+    one task's extraction (RERUNS) reruns the grouped job."""
+    tasks = medprobe_config.model_tasks(demo, "dinov2")
+    grouped = rule_params.grouped_extraction(demo, "dinov2", tasks)
+    assert list(grouped["prompts"]) == tasks == ["T1", "T3", "T6", "T8"]
+    for task in tasks:
+        alone = {name: function(demo, "dinov2", task) for name, function in rule_params.RULES["extract"].items()}
+        assert alone == {
+            "model": grouped["model"],
+            "extraction": grouped["extraction"],
+            "prompt": grouped["prompts"][task],
+        }
+    changed = with_change(demo, "tasks.<T>.prompt")
+    assert rule_params.grouped_extraction(changed, "dinov2", tasks)["prompts"]["T1"] != grouped["prompts"]["T1"]

@@ -3,7 +3,8 @@
 * :mod:`~medprobe.extract.plan`: what a job computes (settings, the manifest rows of its shard), checked
   before the model loads;
 * :mod:`~medprobe.extract.run`: :func:`extract_activations`, the job itself (plan, load the model onto the
-  job's devices, open or resume the file, run the batches, finish);
+  job's devices, open or resume the file, run the batches, finish); :func:`extract_tasks`, one model loaded
+  once for several tasks (``group_tasks``);
 * :mod:`~medprobe.extract.files`: the file layout, the resumable :class:`ActivationsWriter`, reading a layer;
 * :mod:`~medprobe.extract.merge`: :func:`merge_shards`, the shard files of one extraction joined into one.
 
@@ -36,6 +37,7 @@ __all__ = [
     "InsufficientDiskSpaceError",
     "Layout",
     "extract_activations",
+    "extract_tasks",
     "layer_names",
     "merge_shards",
     "plan_extraction",
@@ -46,7 +48,7 @@ __all__ = [
 ]
 
 # Imported on first use: they need torch, which merging shards and reading files do not.
-_RUN = ("extract_activations", "software_version")
+_RUN = ("extract_activations", "extract_tasks", "software_version")
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,7 @@ from medprobe.gpu_job import GpuJob
 from medprobe.models.base import Adapter
 from medprobe.settings import ExtractionSettings
 
-__all__ = ["extract_activations", "software_version"]
+__all__ = ["extract_activations", "extract_tasks", "software_version"]
 
 logger = logging.getLogger("medprobe.extract")
 
@@ -78,6 +78,61 @@ def extract_activations(
         out_path = writer.finish()
     _log_finished(plan, adapter, model_name, len(plan.entries) - resumed_at, time.perf_counter() - started, out_path)
     return out_path
+
+
+def extract_tasks(
+    manifests: Mapping[str, str | Path],
+    out_paths: Mapping[str, str | Path],
+    *,
+    settings: ExtractionSettings,
+    model_name: str,
+    model: Mapping[str, Any],
+    prompts: Mapping[str, str],
+    root: str | Path = ".",
+    job: GpuJob | None = None,
+    progress: bool | str = True,
+) -> list[Path]:
+    """One model over several tasks (``group_tasks``): every task's manifest checked, the model loaded once,
+    then each task's activations file written exactly as :func:`extract_activations` writes it alone.
+
+    Args:
+        manifests, out_paths, prompts: by task name, the same keys in each.
+        settings, model_name, model, root, job, progress: as :func:`extract_activations` (one shard).
+
+    Raises:
+        ValueError: the three mappings name different tasks, or ``settings.shards`` > 1 (a grouped job
+            writes whole files).
+        The errors of :func:`extract_activations`; every task's manifest and images are checked before the
+        model loads.
+    """
+    if not set(manifests) == set(out_paths) == set(prompts):
+        raise ValueError(
+            f"extract_tasks: manifests {sorted(manifests)}, out_paths {sorted(out_paths)} and prompts "
+            f"{sorted(prompts)} must name the same tasks"
+        )
+    if settings.shards != 1:
+        raise ValueError(f"extract_tasks: one job per model writes whole files, got shards={settings.shards}")
+    for task, manifest in manifests.items():
+        logger.info("%s: checking %s", task, manifest)
+        plan_extraction(Path(manifest), settings, 0, Path(root))
+    adapter = (job if job is not None else GpuJob.on(None)).load_adapter(model)
+    written = []
+    for task, manifest in manifests.items():
+        logger.info("%s: %s", task, out_paths[task])
+        written.append(
+            extract_activations(
+                manifest,
+                out_paths[task],
+                settings=settings,
+                model_name=model_name,
+                model=model,
+                prompt=prompts[task],
+                root=root,
+                adapter=adapter,
+                progress=progress,
+            )
+        )
+    return written
 
 
 def _log_finished(

@@ -127,9 +127,13 @@ def dataset_checksums(wildcards):
 
 def model_checkpoint(wildcards):
     """The local checkpoint folder (built by rule demo_model, fetched, or the user's); hub ids need no input."""
-    entry = config["models"][wildcards.model]
+    return checkpoint_inputs(wildcards.model)
+
+
+def checkpoint_inputs(model):
+    entry = config["models"][model]
     if entry["fetch"]:
-        return [medprobe_checkpoints.checkpoint_dir(wildcards.model)]
+        return [medprobe_checkpoints.checkpoint_dir(model)]
     if "demo_build" in entry or os.path.isdir(entry["checkpoint"]):
         return [entry["checkpoint"]]  # a local folder is an input Snakemake sees
     return []
@@ -153,13 +157,18 @@ def models_matching(names):
     return "|".join(names) or "(?!)"
 
 
-# Models whose activations file merge_shards writes: several extraction jobs per task, or int8 storage
-# (quantised with scales over every row). Any other model's single extraction job writes the file itself.
+# How each model's activations files are made (medprobe.config.extraction_jobs): merge_shards writes them
+# (several extraction jobs per task, or int8 storage quantised with scales over every row), one job over all
+# the model's tasks writes them (group_tasks), or each task's one job writes its own.
 MERGED_MODELS = [
     model
     for model in MODELS
-    if extraction_section(model)["shards"] > 1
-    or extraction_section(model)["dtype"] == "int8"
+    if medprobe_config.extraction_jobs(config, model) == "merged"
+]
+GROUPED_MODELS = [
+    model
+    for model in MODELS
+    if medprobe_config.extraction_jobs(config, model) == "grouped"
 ]
 
 

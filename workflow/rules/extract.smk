@@ -1,7 +1,9 @@
 # Images + prompt through a model; the pooled state of every layer into the activations HDF5.
 # A model with `shards: n` (or extraction.shards) runs n jobs per task, each over consecutive whole batches of
 # the manifest, and merge_shards joins them; so it does for int8 storage (extraction.dtype), whose scales need
-# every row. Any other model runs one job per task that writes the activations file itself (extract_whole).
+# every row. A model with `group_tasks` runs one job over all its tasks (extract_tasks_<model>), which loads
+# the model once. Any other model runs one job per task that writes the activations file itself
+# (extract_whole).
 
 
 rule demo_model:
@@ -53,7 +55,54 @@ use rule extract as extract_whole with:
     log:
         "logs/extract/{model}/{task}.log",
     wildcard_constraints:
-        model=models_matching(sorted(set(MODELS) - set(MERGED_MODELS))),
+        model=models_matching(
+            sorted(set(MODELS) - set(MERGED_MODELS) - set(GROUPED_MODELS))
+        ),
+
+
+# One rule per grouped model: its outputs are the files of exactly the tasks it joins.
+for grouped_model in GROUPED_MODELS:
+    grouped_tasks = medprobe_config.model_tasks(config, grouped_model)
+
+    rule:
+        name:
+            f"extract_tasks_{grouped_model}"
+        input:
+            manifests=expand("results/manifests/{task}.csv", task=grouped_tasks),
+            checkpoint=checkpoint_inputs(grouped_model),
+        output:
+            activations=expand(
+                "results/activations/{model}/{task}.h5",
+                model=grouped_model,
+                task=grouped_tasks,
+            ),
+        log:
+            f"logs/extract/{grouped_model}/tasks.log",
+        conda:
+            ENV
+        threads: config["threads"]["extract"]
+        resources:
+            gpu=config["models"][grouped_model]["gpus"],
+            mem_mb=lookup(
+                dpath=f"models/{grouped_model}/resources/mem_mb", within=config
+            ),
+            runtime=lookup(
+                dpath=f"models/{grouped_model}/resources/runtime", within=config
+            ),
+            cpus_per_gpu=lookup(
+                dpath=f"models/{grouped_model}/resources/cpus_per_gpu", within=config
+            ),
+            gpu_model=lookup(
+                dpath=f"models/{grouped_model}/resources/gpu_model", within=config
+            ),
+        params:
+            **medprobe_rule_params.grouped_extraction(
+                config, grouped_model, grouped_tasks
+            ),
+            model_name=grouped_model,
+            tasks=grouped_tasks,
+        script:
+            "../scripts/extract_tasks.py"
 
 
 rule merge_shards:
