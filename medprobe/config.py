@@ -341,11 +341,17 @@ def model_tasks(config: dict[str, Any], model: str) -> list[str]:
     return [task for task in config["tasks"] if selected is None or task in selected]
 
 
+def groups_tasks(config: dict[str, Any], model: str) -> bool:
+    """Whether the model's extraction, probes and label-efficiency sweep run as one job each over all its
+    tasks (``models.<M>.group_tasks``, default the top-level ``group_tasks``)."""
+    return bool(config["models"][model].get("group_tasks", config.get("group_tasks", False)))
+
+
 def extraction_jobs(config: dict[str, Any], model: str) -> str:
     """How the model's activations files are made: ``"merged"`` (``shards`` > 1 or ``dtype: int8``: one job
     per shard, then merge_shards, which quantises), ``"grouped"`` (``group_tasks``: one job over all the
-    model's tasks) or ``"whole"`` (one job per task writes its file). The model's own ``shards`` and
-    ``group_tasks`` are laid over the extraction section's.
+    model's tasks) or ``"whole"`` (one job per task writes its file). The model's own ``shards`` is laid over
+    the extraction section's.
 
     Raises:
         ConfigError: ``group_tasks`` with ``shards`` > 1 or int8 storage (both keys named).
@@ -353,10 +359,10 @@ def extraction_jobs(config: dict[str, Any], model: str) -> str:
     entry, section = config["models"][model], config.get("extraction", {})
     shards = entry.get("shards", section.get("shards", 1))
     int8 = section.get("dtype") == "int8"
-    if not entry.get("group_tasks", section.get("group_tasks", False)):
+    if not groups_tasks(config, model):
         return "merged" if shards > 1 or int8 else "whole"
     if shards > 1 or int8:
-        grouped_by = f"models.{model}.group_tasks" if "group_tasks" in entry else "extraction.group_tasks"
+        grouped_by = f"models.{model}.group_tasks" if "group_tasks" in entry else "group_tasks"
         if shards > 1:
             conflict = f"{'models.' + model if 'shards' in entry else 'extraction'}.shards: {shards}"
         else:

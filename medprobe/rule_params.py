@@ -22,7 +22,8 @@ __all__ = [
     "extraction_model",
     "extraction_run",
     "extraction_settings",
-    "grouped_extraction",
+    "BY_TASK",
+    "grouped_params",
     "load_entry",
     "nejm_settings",
     "probe_settings",
@@ -102,10 +103,11 @@ RERUNS: dict[str, frozenset[str]] = {
     "models.<M>.probe_mode": _PROBES,
     **{f"models.<M>.{key}": _MODEL for key in _EXTRACTION_MODEL},
     "models.<M>.fetch": _MODEL,  # the fetched folder replaces the hub id as the checkpoint
-    # How the files are made, not what they hold (the grouped job's params are RULES["extract"]'s, by task);
-    # switching it makes another rule the files' maker, whose params Snakemake has not recorded: one rerun.
+    # How the jobs are cut, not what they compute (a grouped job's params are the rule's, by task: see
+    # grouped_params); switching it makes other rules the files' makers, whose params Snakemake has not
+    # recorded: one rerun of extraction, probes and sweeps.
     "models.<M>.group_tasks": _NONE,
-    "extraction.group_tasks": _NONE,
+    "group_tasks": _NONE,
     "models.<M>.batch_size": frozenset({"extract"}),
     "models.<M>.layers": frozenset({"extract"}),
     **{f"extraction.{key}": frozenset({"extract"}) for key in _EXTRACTION},
@@ -126,16 +128,18 @@ RERUNS: dict[str, frozenset[str]] = {
 }
 
 
-def grouped_extraction(config: Mapping[str, Any], model: str, tasks: list[str]) -> dict[str, Any]:
-    """The params of a model's one extraction job over ``tasks`` (``group_tasks``): rule extract's params of
-    each task, the model's and the extraction section's once, the prompts by task. A change that reruns one
-    task's extraction job reruns this one."""
-    extract = RULES["extract"]
-    return {
-        "model": extract["model"](config, model, None),
-        "extraction": extract["extraction"](config, model, None),
-        "prompts": {task: extract["prompt"](config, model, task) for task in tasks},
-    }
+# The params of each rule a model's group_tasks job can stand for, that differ from task to task.
+BY_TASK: dict[str, tuple[str, ...]] = {"extract": ("prompt",), "probe": ("task",), "efficiency": ("task",)}
+
+
+def grouped_params(rule: str, config: Mapping[str, Any], model: str, tasks: list[str]) -> dict[str, Any]:
+    """The params of a model's one job of ``rule`` over ``tasks`` (``group_tasks``): the rule's params
+    (:data:`RULES`) that every task shares once, and under ``by_task`` those in :data:`BY_TASK` as
+    ``{name: {task: value}}``. A change that reruns one task's job of ``rule`` reruns this one."""
+    params = RULES[rule]
+    shared = {name: function(config, model, None) for name, function in params.items() if name not in BY_TASK[rule]}
+    by_task = {name: {task: params[name](config, model, task) for task in tasks} for name in BY_TASK[rule]}
+    return {**shared, "by_task": by_task}
 
 
 def reruns(key: str) -> frozenset[str]:

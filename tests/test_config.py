@@ -121,17 +121,18 @@ def test_paper_config_states_the_paper(repo):
         (lambda c: c["models"]["clip"].update(adapter="gpt"), "models.clip.adapter: unknown adapter 'gpt'"),
         (
             lambda c: c["models"]["clip"].update(shards=2),
-            "extraction.group_tasks: one extraction job over all of clip's tasks cannot be combined with "
-            "models.clip.shards: 2",
+            "group_tasks: one extraction job over all of clip's tasks cannot be combined with models.clip.shards: 2",
         ),
         (
             lambda c: c["extraction"].update(dtype="int8"),
-            "extraction.group_tasks: one extraction job over all of idefics_80b's tasks cannot be combined with "
+            "group_tasks: one extraction job over all of idefics_80b's tasks cannot be combined with "
             "extraction.dtype: int8",
         ),
         (
             lambda c: (
-                c["extraction"].update(group_tasks=False, shards=3) or c["models"]["clip"].update(group_tasks=True)
+                c.update(group_tasks=False)
+                or c["extraction"].update(shards=3)
+                or c["models"]["clip"].update(group_tasks=True)
             ),
             "models.clip.group_tasks: one extraction job over all of clip's tasks cannot be combined with "
             "extraction.shards: 3",
@@ -154,7 +155,8 @@ def test_how_each_models_activations_files_are_made(demo):
     assert medprobe_config.extraction_jobs(config, "clip") == "whole"
     config["models"]["clip"]["shards"] = 2
     assert medprobe_config.extraction_jobs(config, "clip") == "merged"
-    config["extraction"].update(group_tasks=False, dtype="int8")
+    config["group_tasks"] = False
+    config["extraction"]["dtype"] = "int8"
     assert medprobe_config.extraction_jobs(config, "idefics_9b") == "merged"
     config["extraction"]["dtype"] = "float16"
     assert medprobe_config.extraction_jobs(config, "idefics_9b") == "whole"

@@ -55,8 +55,8 @@ def write_config(workdir, repo, change=None):
     config["tasks"] = {task: config["tasks"][task] for task in TASKS}
     config["models"] = {model: config["models"][model] for model in MODELS}
     config.pop("nejm", None)  # the NEJM evaluation is not part of these job lists
-    # One extraction job per model and task, as a study runs (the demo's group_tasks: test_grouped_extraction_*).
-    config["extraction"]["group_tasks"] = False
+    # One job per model and task, as a study runs (the demo's group_tasks: test_grouped_jobs_*).
+    config["group_tasks"] = False
     if change:
         change(config)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -208,11 +208,12 @@ def test_a_label_rename_plans_nothing_and_a_layer_change_only_the_probes(repo, d
     assert {(rule, wc.get("model")) for rule, wc in jobs if rule == "probe"} == {("probe", "clip")}
 
 
-def test_grouped_extraction_reruns_all_of_a_models_tasks_and_only_for_what_reruns_one(repo, tmp_path):
-    """group_tasks (the demo's setting): one job per model makes its tasks' files; one task's prompt reruns
-    that job (every task of the model, and their probes); a label or a model's resources rerun nothing."""
+def test_grouped_jobs_rerun_all_of_a_models_tasks_and_only_for_what_reruns_one(repo, tmp_path):
+    """group_tasks (the demo's setting): one extraction, probe and efficiency job per model makes its tasks'
+    files; one task's prompt reruns the model's jobs, a probe setting its probe and efficiency jobs, a label
+    or a model's resources no computation."""
     workdir = tmp_path / "grouped"
-    write_config(workdir, repo, change=lambda config: config["extraction"].update(group_tasks=True))
+    write_config(workdir, repo, change=lambda config: config.update(group_tasks=True))
     complete(repo, workdir)
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["models"]["clip"].update(label="Another name", resources={"mem_mb": 999})
@@ -223,11 +224,16 @@ def test_grouped_extraction_reruns_all_of_a_models_tasks_and_only_for_what_rerun
         "figure",
         "all",
     }
+    grouped = {f"{kind}_tasks_{model}" for kind in ("extract", "probe", "efficiency") for model in MODELS}
+    config["probe"]["C_grid"] = [0.1, 1.0]
+    path.write_text(yaml.safe_dump(config))
+    rules = {rule for rule, _ in dry_run_jobs(repo, workdir, "--configfile", str(path))}
+    assert rules & (UPSTREAM | grouped) == {rule for rule in grouped if not rule.startswith("extract")}, rules
     config["tasks"]["T2"]["prompt"] = "What is this?"
     path.write_text(yaml.safe_dump(config))
     jobs = dry_run_jobs(repo, workdir, "--configfile", str(path))
-    assert {rule for rule, _ in jobs} & UPSTREAM == {f"extract_tasks_{model}" for model in MODELS}
-    assert {(wc["model"], wc["task"]) for rule, wc in jobs if rule == "probe"} == {
+    assert {rule for rule, _ in jobs} & (UPSTREAM | grouped) == grouped
+    assert {(wc["model"], wc["task"]) for rule, wc in jobs if rule == "evaluate"} == {
         (model, task) for model in MODELS for task in TASKS
     }
 

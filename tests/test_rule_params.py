@@ -112,18 +112,27 @@ def test_labels_and_resources_never_rerun_a_computation(keys):
     assert rule_params.reruns("models.<M>.layer") == {"probe"}
 
 
-def test_a_grouped_extraction_job_holds_each_tasks_extract_params(demo):
-    """group_tasks: one job's params are rule extract's params of every task it runs, so a key that reruns
-    one task's extraction (RERUNS) reruns the grouped job."""
+@pytest.mark.parametrize("rule", sorted(rule_params.BY_TASK))
+def test_a_grouped_job_holds_each_tasks_params(demo, rule):
+    """group_tasks: one job's params are the rule's params of every task it runs (what differs by task under
+    by_task), so a key that reruns one task's job (RERUNS) reruns the grouped job."""
     tasks = medprobe_config.model_tasks(demo, "dinov2")
-    grouped = rule_params.grouped_extraction(demo, "dinov2", tasks)
-    assert list(grouped["prompts"]) == tasks == ["T1", "T3", "T6", "T8"]
+    grouped = rule_params.grouped_params(rule, demo, "dinov2", tasks)
     for task in tasks:
-        alone = {name: function(demo, "dinov2", task) for name, function in rule_params.RULES["extract"].items()}
-        assert alone == {
-            "model": grouped["model"],
-            "extraction": grouped["extraction"],
-            "prompt": grouped["prompts"][task],
-        }
-    changed = with_change(demo, "tasks.<T>.prompt")
-    assert rule_params.grouped_extraction(changed, "dinov2", tasks)["prompts"]["T1"] != grouped["prompts"]["T1"]
+        alone = {name: function(demo, "dinov2", task) for name, function in rule_params.RULES[rule].items()}
+        rebuilt = {name: value for name, value in grouped.items() if name != "by_task"}
+        rebuilt |= {name: values[task] for name, values in grouped["by_task"].items()}
+        assert rebuilt == alone
+    # What differs from task to task is exactly by_task's.
+    varies = {
+        name
+        for name, function in rule_params.RULES[rule].items()
+        if function(demo, "dinov2", "T1") != function(demo, "dinov2", "T8")
+    }
+    assert varies == set(rule_params.BY_TASK[rule]) == set(grouped["by_task"])
+    key = {
+        "extract": "tasks.<T>.prompt",
+        "probe": "tasks.<T>.min_test_positives",
+        "efficiency": "tasks.<T>.min_test_positives",
+    }[rule]
+    assert rule_params.grouped_params(rule, with_change(demo, key), "dinov2", tasks) != grouped

@@ -56,8 +56,8 @@ def reduced_config(repo, path):
     config["models"] = {name: config["models"][name] for name in MODELS}
     config["models"]["clip"]["resources"] = {"mem_mb": 1500, "runtime": 15}
     config["models"]["idefics_9b"]["resources"] = {"mem_mb": 2500, "runtime": 20}
-    # One extraction job per model and task, as a study on a cluster runs (not the demo's group_tasks):
-    config["extraction"]["group_tasks"] = False
+    # One job per model and task, as a study on a cluster runs (not the demo's group_tasks):
+    config["group_tasks"] = False
     config["models"]["clip"]["shards"] = 2  # two extraction jobs and merge_shards; IDEFICS runs as one job
     config["baseline_model"] = "clip"
     if "nejm" in config:  # the NEJM evaluation is not among the targets; keep its model list valid

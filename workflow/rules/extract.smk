@@ -60,7 +60,7 @@ use rule extract as extract_whole with:
         ),
 
 
-# One rule per grouped model: its outputs are the files of exactly the tasks it joins.
+# One rule per grouped model (group_tasks): its outputs are the files of exactly the tasks it joins.
 for grouped_model in GROUPED_MODELS:
     grouped_tasks = medprobe_config.model_tasks(config, grouped_model)
 
@@ -96,8 +96,8 @@ for grouped_model in GROUPED_MODELS:
                 dpath=f"models/{grouped_model}/resources/gpu_model", within=config
             ),
         params:
-            **medprobe_rule_params.grouped_extraction(
-                config, grouped_model, grouped_tasks
+            **medprobe_rule_params.grouped_params(
+                "extract", config, grouped_model, grouped_tasks
             ),
             model_name=grouped_model,
             tasks=grouped_tasks,

@@ -1,4 +1,6 @@
 # Linear probes on the activations: every layer, the headline layer, and the label-efficiency sweep.
+# One job per model and task, or with group_tasks one job per model over all its tasks (probe_tasks_<model>,
+# efficiency_tasks_<model>): torch loads once.
 
 
 rule probe:
@@ -11,6 +13,8 @@ rule probe:
         summary="results/probes/{model}/{task}/probe.json",
     log:
         "logs/probe/{model}/{task}.log",
+    wildcard_constraints:
+        model=models_matching(sorted(set(MODELS) - set(GROUPED_MODELS))),
     conda:
         ENV
     threads: config["threads"]["probe"]
@@ -35,6 +39,8 @@ rule efficiency:
         "results/probes/{model}/{task}/efficiency.h5",
     log:
         "logs/efficiency/{model}/{task}.log",
+    wildcard_constraints:
+        model=models_matching(sorted(set(MODELS) - set(GROUPED_MODELS))),
     conda:
         ENV
     threads: config["threads"]["probe"]
@@ -48,3 +54,92 @@ rule efficiency:
         **rule_params("efficiency"),
     script:
         "../scripts/efficiency.py"
+
+
+for grouped_model in GROUPED_MODELS:
+    grouped_tasks = medprobe_config.model_tasks(config, grouped_model)
+
+    rule:
+        name:
+            f"probe_tasks_{grouped_model}"
+        input:
+            activations=expand(
+                "results/activations/{model}/{task}.h5",
+                model=grouped_model,
+                task=grouped_tasks,
+            ),
+            manifests=expand("results/manifests/{task}.csv", task=grouped_tasks),
+        output:
+            predictions=expand(
+                "results/probes/{model}/{task}/predictions.h5",
+                model=grouped_model,
+                task=grouped_tasks,
+            ),
+            layers=expand(
+                "results/probes/{model}/{task}/layers.h5",
+                model=grouped_model,
+                task=grouped_tasks,
+            ),
+            summaries=expand(
+                "results/probes/{model}/{task}/probe.json",
+                model=grouped_model,
+                task=grouped_tasks,
+            ),
+        log:
+            f"logs/probe/{grouped_model}/tasks.log",
+        conda:
+            ENV
+        threads: config["threads"]["probe"]
+        resources:
+            gpu=config["probe"]["gpus"],
+            mem_mb=lookup(dpath="probe/resources/mem_mb", within=config),
+            runtime=lookup(dpath="probe/resources/runtime", within=config),
+            cpus_per_gpu=lookup(dpath="probe/resources/cpus_per_gpu", within=config),
+            gpu_model=lookup(dpath="probe/resources/gpu_model", within=config),
+        params:
+            **medprobe_rule_params.grouped_params(
+                "probe", config, grouped_model, grouped_tasks
+            ),
+            tasks=grouped_tasks,
+        script:
+            "../scripts/probe_tasks.py"
+
+    rule:
+        name:
+            f"efficiency_tasks_{grouped_model}"
+        input:
+            activations=expand(
+                "results/activations/{model}/{task}.h5",
+                model=grouped_model,
+                task=grouped_tasks,
+            ),
+            manifests=expand("results/manifests/{task}.csv", task=grouped_tasks),
+            summaries=expand(
+                "results/probes/{model}/{task}/probe.json",
+                model=grouped_model,
+                task=grouped_tasks,
+            ),
+        output:
+            expand(
+                "results/probes/{model}/{task}/efficiency.h5",
+                model=grouped_model,
+                task=grouped_tasks,
+            ),
+        log:
+            f"logs/efficiency/{grouped_model}/tasks.log",
+        conda:
+            ENV
+        threads: config["threads"]["probe"]
+        resources:
+            gpu=config["efficiency"]["gpus"],
+            mem_mb=lookup(dpath="probe/resources/mem_mb", within=config),
+            runtime=lookup(dpath="probe/resources/runtime", within=config),
+            cpus_per_gpu=lookup(dpath="probe/resources/cpus_per_gpu", within=config),
+            gpu_model=lookup(dpath="probe/resources/gpu_model", within=config),
+        params:
+            **medprobe_rule_params.grouped_params(
+                "efficiency", config, grouped_model, grouped_tasks
+            ),
+            tasks=grouped_tasks,
+        script:
+            "../scripts/efficiency_tasks.py"

@@ -17,7 +17,7 @@ with rule_logging(snakemake), GpuJob.claim_devices(snakemake.resources.gpu) as j
         ),
         model_name=model,
         model=load_entry(snakemake.params.model, snakemake.config, model),
-        prompts=snakemake.params.prompts,
+        prompts=snakemake.params.by_task["prompt"],
         job=job,
         progress="log",
     )
