@@ -76,6 +76,25 @@ def normalise(image: Image.Image) -> Image.Image:
     if image.mode not in ("L", "RGB", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         image = image.convert("RGB")
     array = np.asarray(image)
+    if array.dtype == np.uint8:
+        return _normalised_uint8(array)
+    return Image.fromarray(_scaled_by_maximum(array), mode="RGB" if array.ndim == 3 else "L")
+
+
+def _normalised_uint8(array: np.ndarray) -> Image.Image:
+    """:func:`_scaled_by_maximum` of an 8-bit image through a 256-entry table: each value maps as the float64
+    path maps it (the same expression per value; tested for every maximum), without float64 copies of the
+    image (a third of prepare's time on the demo's images)."""
+    mode = "RGB" if array.ndim == 3 else "L"
+    peak = int(array.max()) if array.size else 0
+    if peak in (0, 255):
+        return Image.fromarray(array, mode=mode)
+    table = _scaled_by_maximum(np.append(np.arange(peak + 1, dtype=np.uint8), np.zeros(255 - peak, np.uint8)))
+    return Image.fromarray(table[array], mode=mode)
+
+
+def _scaled_by_maximum(array: np.ndarray) -> np.ndarray:
+    """Intensities scaled so that the array's maximum becomes 255 (shifted to zero first if negative), as uint8."""
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("="))
     array = array.astype(np.float64)
@@ -86,8 +105,7 @@ def normalise(image: Image.Image) -> Image.Image:
         peak -= low
     if peak > 0:
         array = array * (255.0 / peak)
-    array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-    return Image.fromarray(array, mode="RGB" if array.ndim == 3 else "L")
+    return np.clip(np.rint(array), 0, 255).astype(np.uint8)
 
 
 def downsample(image: Image.Image, max_side: int = MAX_SIDE) -> Image.Image:

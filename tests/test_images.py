@@ -27,6 +27,24 @@ def test_rgb_is_scaled_by_its_overall_maximum():
     assert normalise(Image.fromarray(np.zeros((2, 2), np.uint8))).getextrema() == (0, 0)
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3)])
+def test_8bit_images_scale_exactly_as_the_float_path_for_every_maximum(shape):
+    """The 8-bit fast path (a 256-entry table) gives the bytes the float64 computation gives, for every
+    maximum, grey and RGB."""
+    from medprobe.images import _scaled_by_maximum
+
+    rng = np.random.default_rng(0)
+    for peak in range(256):
+        array = rng.integers(0, peak + 1, size=shape, dtype=np.uint8)
+        array.flat[0] = peak
+        expected = _scaled_by_maximum(array)
+        direct = np.clip(np.rint(array.astype(np.float64) * (255.0 / peak if peak else 1.0)), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(expected, direct)
+        out = normalise(Image.fromarray(array))
+        assert out.mode == ("RGB" if len(shape) == 3 else "L")
+        np.testing.assert_array_equal(np.asarray(out), expected, err_msg=f"maximum {peak}")
+
+
 @pytest.mark.parametrize("mode", ["P", "CMYK", "RGBA", "LA", "1", "F", "I"])
 def test_every_mode_becomes_l_or_rgb(mode):
     image = Image.new("RGB", (8, 8), (10, 200, 30)).convert(mode)
