@@ -129,7 +129,12 @@ RERUNS: dict[str, frozenset[str]] = {
 
 
 # The params of each rule a model's group_tasks job can stand for, that differ from task to task.
-BY_TASK: dict[str, tuple[str, ...]] = {"extract": ("prompt",), "probe": ("task",), "efficiency": ("task",)}
+BY_TASK: dict[str, tuple[str, ...]] = {
+    "extract": ("prompt",),
+    "probe": ("task",),
+    "efficiency": ("task",),
+    "evaluate": ("task",),
+}
 
 
 def grouped_params(rule: str, config: Mapping[str, Any], model: str, tasks: list[str]) -> dict[str, Any]:

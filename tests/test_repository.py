@@ -73,11 +73,11 @@ def test_demo_dry_run_plans_every_step(repo, tmp_path):
     result = run(SNAKEMAKE + ["-n", "--directory", str(tmp_path)], repo)
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout)
-    assert jobs["evaluate"] == jobs["evaluate_efficiency"] == 28  # 3 models x 8 tasks + DINOv2 on 4
-    # group_tasks: one extraction, probe and efficiency job per model over its tasks.
-    for kind in ("extract", "probe", "efficiency"):
+    # group_tasks: one extraction, probe, efficiency and two evaluation jobs per model over its tasks.
+    for kind in ("extract", "probe", "efficiency", "evaluate", "evaluate_efficiency"):
         assert [jobs[f"{kind}_tasks_{model}"] for model in ("idefics_80b", "idefics_9b", "clip", "dinov2")] == [1] * 4
-    assert not {"extract", "extract_whole", "merge_shards", "probe", "efficiency"} & set(jobs)
+    per_task = {"extract", "extract_whole", "merge_shards", "probe", "efficiency", "evaluate", "evaluate_efficiency"}
+    assert not per_task & set(jobs)
     assert jobs["prepare"] == jobs["demo_data"] == 8 and jobs["figure"] == 7  # 3, 4, 5, 6, S5, S6 and NEJM 1d
 
 

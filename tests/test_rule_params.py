@@ -134,5 +134,6 @@ def test_a_grouped_job_holds_each_tasks_params(demo, rule):
         "extract": "tasks.<T>.prompt",
         "probe": "tasks.<T>.min_test_positives",
         "efficiency": "tasks.<T>.min_test_positives",
+        "evaluate": "tasks.<T>.metric",
     }[rule]
     assert rule_params.grouped_params(rule, with_change(demo, key), "dinov2", tasks) != grouped

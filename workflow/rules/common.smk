@@ -172,6 +172,11 @@ GROUPED_MODELS = [
 ]
 
 
+def model_files(pattern, model):
+    """``pattern`` (with {model} and {task}) for each task the model joins: a group_tasks job's files."""
+    return expand(pattern, model=model, task=medprobe_config.model_tasks(config, model))
+
+
 def shard_files(wildcards):
     """The model's extraction jobs of one task (one shard each), which merge_shards joins."""
     return [

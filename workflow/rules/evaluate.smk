@@ -3,7 +3,8 @@
 
 # The tables of one model x task in two jobs, by the probe output they score: the probe's predictions and
 # layers (metrics, groups, layers) and the label-efficiency sweep (efficiency), so that changing the
-# label-efficiency settings rescores efficiency.csv alone.
+# label-efficiency settings rescores efficiency.csv alone. With group_tasks, the same two jobs per model over
+# all its tasks (evaluate_tasks_<model>, evaluate_efficiency_tasks_<model>).
 rule evaluate:
     input:
         manifest="results/manifests/{task}.csv",
@@ -16,6 +17,8 @@ rule evaluate:
         layers="results/evaluation/{model}/{task}/layers.csv",
     log:
         "logs/evaluate/{model}/{task}/probe_tables.log",
+    wildcard_constraints:
+        model=models_matching(sorted(set(MODELS) - set(GROUPED_MODELS))),
     conda:
         ENV
     params:
@@ -33,6 +36,78 @@ use rule evaluate as evaluate_efficiency with:
         efficiency="results/evaluation/{model}/{task}/efficiency.csv",
     log:
         "logs/evaluate/{model}/{task}/efficiency.log",
+
+
+for grouped_model in GROUPED_MODELS:
+
+    rule:
+        name:
+            f"evaluate_tasks_{grouped_model}"
+        input:
+            manifest=model_files("results/manifests/{task}.csv", grouped_model),
+            summary=model_files(
+                "results/probes/{model}/{task}/probe.json", grouped_model
+            ),
+            predictions=model_files(
+                "results/probes/{model}/{task}/predictions.h5", grouped_model
+            ),
+            layers=model_files("results/probes/{model}/{task}/layers.h5", grouped_model),
+        output:
+            metrics=model_files(
+                "results/evaluation/{model}/{task}/metrics.csv", grouped_model
+            ),
+            groups=model_files(
+                "results/evaluation/{model}/{task}/groups.csv", grouped_model
+            ),
+            layers=model_files(
+                "results/evaluation/{model}/{task}/layers.csv", grouped_model
+            ),
+        log:
+            f"logs/evaluate/{grouped_model}/probe_tables.log",
+        conda:
+            ENV
+        params:
+            **medprobe_rule_params.grouped_params(
+                "evaluate",
+                config,
+                grouped_model,
+                medprobe_config.model_tasks(config, grouped_model),
+            ),
+            model_name=grouped_model,
+            tasks=medprobe_config.model_tasks(config, grouped_model),
+        script:
+            "../scripts/evaluate_tasks.py"
+
+    rule:
+        name:
+            f"evaluate_efficiency_tasks_{grouped_model}"
+        input:
+            manifest=model_files("results/manifests/{task}.csv", grouped_model),
+            summary=model_files(
+                "results/probes/{model}/{task}/probe.json", grouped_model
+            ),
+            efficiency=model_files(
+                "results/probes/{model}/{task}/efficiency.h5", grouped_model
+            ),
+        output:
+            efficiency=model_files(
+                "results/evaluation/{model}/{task}/efficiency.csv", grouped_model
+            ),
+        log:
+            f"logs/evaluate/{grouped_model}/efficiency.log",
+        conda:
+            ENV
+        params:
+            **medprobe_rule_params.grouped_params(
+                "evaluate",
+                config,
+                grouped_model,
+                medprobe_config.model_tasks(config, grouped_model),
+            ),
+            model_name=grouped_model,
+            tasks=medprobe_config.model_tasks(config, grouped_model),
+        script:
+            "../scripts/evaluate_tasks.py"
 
 
 rule compare:

@@ -62,19 +62,16 @@ use rule extract as extract_whole with:
 
 # One rule per grouped model (group_tasks): its outputs are the files of exactly the tasks it joins.
 for grouped_model in GROUPED_MODELS:
-    grouped_tasks = medprobe_config.model_tasks(config, grouped_model)
 
     rule:
         name:
             f"extract_tasks_{grouped_model}"
         input:
-            manifests=expand("results/manifests/{task}.csv", task=grouped_tasks),
+            manifests=model_files("results/manifests/{task}.csv", grouped_model),
             checkpoint=checkpoint_inputs(grouped_model),
         output:
-            activations=expand(
-                "results/activations/{model}/{task}.h5",
-                model=grouped_model,
-                task=grouped_tasks,
+            activations=model_files(
+                "results/activations/{model}/{task}.h5", grouped_model
             ),
         log:
             f"logs/extract/{grouped_model}/tasks.log",
@@ -97,10 +94,13 @@ for grouped_model in GROUPED_MODELS:
             ),
         params:
             **medprobe_rule_params.grouped_params(
-                "extract", config, grouped_model, grouped_tasks
+                "extract",
+                config,
+                grouped_model,
+                medprobe_config.model_tasks(config, grouped_model),
             ),
             model_name=grouped_model,
-            tasks=grouped_tasks,
+            tasks=medprobe_config.model_tasks(config, grouped_model),
         script:
             "../scripts/extract_tasks.py"
 

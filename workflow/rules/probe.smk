@@ -57,33 +57,22 @@ rule efficiency:
 
 
 for grouped_model in GROUPED_MODELS:
-    grouped_tasks = medprobe_config.model_tasks(config, grouped_model)
 
     rule:
         name:
             f"probe_tasks_{grouped_model}"
         input:
-            activations=expand(
-                "results/activations/{model}/{task}.h5",
-                model=grouped_model,
-                task=grouped_tasks,
+            activations=model_files(
+                "results/activations/{model}/{task}.h5", grouped_model
             ),
-            manifests=expand("results/manifests/{task}.csv", task=grouped_tasks),
+            manifests=model_files("results/manifests/{task}.csv", grouped_model),
         output:
-            predictions=expand(
-                "results/probes/{model}/{task}/predictions.h5",
-                model=grouped_model,
-                task=grouped_tasks,
+            predictions=model_files(
+                "results/probes/{model}/{task}/predictions.h5", grouped_model
             ),
-            layers=expand(
-                "results/probes/{model}/{task}/layers.h5",
-                model=grouped_model,
-                task=grouped_tasks,
-            ),
-            summaries=expand(
-                "results/probes/{model}/{task}/probe.json",
-                model=grouped_model,
-                task=grouped_tasks,
+            layers=model_files("results/probes/{model}/{task}/layers.h5", grouped_model),
+            summaries=model_files(
+                "results/probes/{model}/{task}/probe.json", grouped_model
             ),
         log:
             f"logs/probe/{grouped_model}/tasks.log",
@@ -98,9 +87,12 @@ for grouped_model in GROUPED_MODELS:
             gpu_model=lookup(dpath="probe/resources/gpu_model", within=config),
         params:
             **medprobe_rule_params.grouped_params(
-                "probe", config, grouped_model, grouped_tasks
+                "probe",
+                config,
+                grouped_model,
+                medprobe_config.model_tasks(config, grouped_model),
             ),
-            tasks=grouped_tasks,
+            tasks=medprobe_config.model_tasks(config, grouped_model),
         script:
             "../scripts/probe_tasks.py"
 
@@ -108,23 +100,15 @@ for grouped_model in GROUPED_MODELS:
         name:
             f"efficiency_tasks_{grouped_model}"
         input:
-            activations=expand(
-                "results/activations/{model}/{task}.h5",
-                model=grouped_model,
-                task=grouped_tasks,
+            activations=model_files(
+                "results/activations/{model}/{task}.h5", grouped_model
             ),
-            manifests=expand("results/manifests/{task}.csv", task=grouped_tasks),
-            summaries=expand(
-                "results/probes/{model}/{task}/probe.json",
-                model=grouped_model,
-                task=grouped_tasks,
+            manifests=model_files("results/manifests/{task}.csv", grouped_model),
+            summaries=model_files(
+                "results/probes/{model}/{task}/probe.json", grouped_model
             ),
         output:
-            expand(
-                "results/probes/{model}/{task}/efficiency.h5",
-                model=grouped_model,
-                task=grouped_tasks,
-            ),
+            model_files("results/probes/{model}/{task}/efficiency.h5", grouped_model),
         log:
             f"logs/efficiency/{grouped_model}/tasks.log",
         conda:
@@ -138,8 +122,11 @@ for grouped_model in GROUPED_MODELS:
             gpu_model=lookup(dpath="probe/resources/gpu_model", within=config),
         params:
             **medprobe_rule_params.grouped_params(
-                "efficiency", config, grouped_model, grouped_tasks
+                "efficiency",
+                config,
+                grouped_model,
+                medprobe_config.model_tasks(config, grouped_model),
             ),
-            tasks=grouped_tasks,
+            tasks=medprobe_config.model_tasks(config, grouped_model),
         script:
             "../scripts/efficiency_tasks.py"
