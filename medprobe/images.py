@@ -89,7 +89,7 @@ def _normalised_uint8(array: np.ndarray) -> Image.Image:
     peak = int(array.max()) if array.size else 0
     if peak in (0, 255):
         return Image.fromarray(array, mode=mode)
-    table = _scaled_by_maximum(np.append(np.arange(peak + 1, dtype=np.uint8), np.zeros(255 - peak, np.uint8)))
+    table = _scaled_by_maximum(np.arange(peak + 1, dtype=np.uint8))  # every value 0..peak, maximum peak
     return Image.fromarray(table[array], mode=mode)
 
 

@@ -69,6 +69,20 @@ def extract_activations(
     plan = plan_extraction(Path(manifest), settings, shard, Path(root))
     if adapter is None:
         adapter = (job if job is not None else GpuJob.on(None)).load_adapter(model)
+    return _write_planned(plan, out_path, adapter, settings, model_name, model, prompt, progress)
+
+
+def _write_planned(
+    plan: ExtractionPlan,
+    out_path: str | Path,
+    adapter: Adapter,
+    settings: ExtractionSettings,
+    model_name: str,
+    model: Mapping[str, Any],
+    prompt: str,
+    progress: bool | str,
+) -> Path:
+    """The checked plan through the loaded model into its file: open or resume, run the batches, finish."""
     adapter.check_prompt_format(settings.prompt_format)
     layers = resolve_layers(model.get("layers", settings.layers), adapter.num_hidden_states)
     started = time.perf_counter()
@@ -112,25 +126,16 @@ def extract_tasks(
         )
     if settings.shards != 1:
         raise ValueError(f"extract_tasks: one job per model writes whole files, got shards={settings.shards}")
+    plans = {}
     for task, manifest in manifests.items():
         logger.info("%s: checking %s", task, manifest)
-        plan_extraction(Path(manifest), settings, 0, Path(root))
+        plans[task] = plan_extraction(Path(manifest), settings, 0, Path(root))
     adapter = (job if job is not None else GpuJob.on(None)).load_adapter(model)
     written = []
-    for task, manifest in manifests.items():
+    for task, plan in plans.items():
         logger.info("%s: %s", task, out_paths[task])
         written.append(
-            extract_activations(
-                manifest,
-                out_paths[task],
-                settings=settings,
-                model_name=model_name,
-                model=model,
-                prompt=prompts[task],
-                root=root,
-                adapter=adapter,
-                progress=progress,
-            )
+            _write_planned(plan, out_paths[task], adapter, settings, model_name, model, prompts[task], progress)
         )
     return written
 
